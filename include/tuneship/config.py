@@ -1,0 +1,74 @@
+"""Where Tuneship keeps its state and which loopback ports its local services use.
+
+One home for every path and port so the DAGs, the gateway, the trainer and the tests
+agree without passing them around. Everything is overridable by environment variable,
+which is how tests run a second, isolated stack next to a running demo.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def home() -> Path:
+    """TUNESHIP_HOME, default `<repo>/.tuneship` (git-ignored)."""
+    return Path(os.environ.get("TUNESHIP_HOME", REPO_ROOT / ".tuneship")).resolve()
+
+
+def artifacts() -> Path:
+    """Root of the artifact store (object storage in production)."""
+    return Path(os.environ.get("TUNESHIP_ARTIFACTS", home() / "artifacts"))
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(f"TUNESHIP_PORT_{name.upper()}", default))
+
+
+@dataclass(frozen=True)
+class Ports:
+    airflow: int
+    mlflow: int
+    triton_http: int
+    triton_grpc: int
+    triton_metrics: int
+    gateway: int
+
+    @classmethod
+    def from_env(cls) -> Ports:
+        return cls(
+            airflow=_port("airflow", 8080),
+            mlflow=_port("mlflow", 5000),
+            triton_http=_port("triton_http", 8000),
+            triton_grpc=_port("triton_grpc", 8001),
+            triton_metrics=_port("triton_metrics", 8002),
+            gateway=_port("gateway", 8100),
+        )
+
+
+def mlflow_tracking_uri() -> str:
+    """The MLflow server when one is configured, else the embedded SQLite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{home() / 'mlflow' / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    return os.environ.get("TUNESHIP_MLFLOW_ARTIFACTS", str(home() / "mlflow" / "artifacts"))
+
+
+def gateway_url() -> str:
+    return os.environ.get("TUNESHIP_GATEWAY_URL", f"http://127.0.0.1:{Ports.from_env().gateway}")
+
+
+def triton_url() -> str:
+    """host:port of Triton's HTTP endpoint (tritonclient style, no scheme)."""
+    return os.environ.get("TUNESHIP_TRITON_URL", f"127.0.0.1:{Ports.from_env().triton_http}")
+
+
+def triton_repository() -> Path:
+    return Path(os.environ.get("TUNESHIP_TRITON_REPOSITORY", home() / "triton" / "models"))
