@@ -1,0 +1,54 @@
+# Tuneship: the two commands are `make demo` and `make test`; both install what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.8
+# A local wheel directory (the CPU torch wheel on our build machines) is used when present.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+export TUNESHIP_HOME ?= $(CURDIR)/.tuneship
+export GX_ANALYTICS_ENABLED := False
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test up down status bench lock lint clean
+
+$(VENV)/.installed: requirements.txt serving/triton/requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(UV) || $(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(UV) pip install --quiet --python $(PY) $(FIND_LINKS) -r requirements.txt
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	$(PY) -m tuneship.tritonserver install
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m tuneship.demo
+
+test: install
+	@bash .ci/pytest.sh
+
+up: install
+	$(PY) -m tuneship.demo --up
+
+down:
+	@test -x $(PY) && $(PY) -m tuneship.services down || true
+
+status:
+	$(PY) -m tuneship.services status
+
+bench: install
+	$(PY) -m tuneship.bench
+
+# Regenerate the pins (transitive ones included) after editing requirements.in.
+lock:
+	$(UV) pip compile --quiet --python-version 3.11 $(FIND_LINKS) requirements.in -o requirements.txt
+	$(UV) pip compile --quiet --python-version 3.11 --no-header serving/triton/requirements.in -o serving/triton/requirements.txt
+
+lint: install
+	$(VENV)/bin/ruff check dags plugins include serving tests
+
+clean: down
+	rm -rf $(TUNESHIP_HOME)

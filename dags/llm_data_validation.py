@@ -1,0 +1,59 @@
+"""
+### llm_data_validation
+
+Validates and versions a batch of training data with Great Expectations before anything
+may be fine-tuned on it. Nightly it picks up the incoming location; trigger it from the UI
+with `dataset_uri` for an ad-hoc batch. Accepted data gets a content-addressed version and
+emits the `validated_dataset` Asset (extra: `version_id`, `manifest_uri`); rejected data fails
+the run with a message naming the file, lines and checks, and says so on Slack.
+Validating content that is already versioned is a no-op: no new event, no retrain.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag, task
+from tuneship_airflow.assets import validated_dataset
+
+
+@dag(
+    schedule="0 2 * * *",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    doc_md=__doc__,
+    tags=["tuneship", "data"],
+    default_args={"owner": "ml-platform", "retries": 1},
+    params={
+        "dataset_uri": Param(
+            "",
+            type="string",
+            title="Dataset URI",
+            description="Directory (local path or object-storage URI) with train.jsonl and eval.jsonl. "
+            "Empty: the incoming location.",
+        ),
+    },
+)
+def llm_data_validation():
+    @task(outlets=[validated_dataset])
+    def validate_and_version(params=None, run_id=None, outlet_events=None):
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from tuneship.stages import incoming_batch, validate_and_version as run
+
+        uri = params["dataset_uri"] or incoming_batch()
+        if uri is None:
+            raise AirflowSkipException("nothing has landed in the incoming location")
+        result = run(uri, run_id=run_id)
+        if not result["created"]:
+            raise AirflowSkipException(f"content already versioned as {result['version_id']}: nothing new")
+        outlet_events[validated_dataset].extra = {
+            "version_id": result["version_id"],
+            "manifest_uri": result["manifest_uri"],
+            "path": result["path"],
+        }
+        return result
+
+    validate_and_version()
+
+
+llm_data_validation()

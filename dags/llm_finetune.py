@@ -1,0 +1,118 @@
+"""
+### llm_finetune
+
+LoRA fine-tune → MLflow registration (`@challenger`) → evaluation gates → compile for Triton.
+
+Runs when `validated_dataset` (new accepted data) or `retrain_request` (the drift monitor)
+is updated, or from the UI form. The trainer is one entrypoint (`python -m tuneship.train`)
+with the same arguments on every runner: `local` (a worker subprocess, the embedded
+default), `docker` (DockerOperator with GPU device requests) or `kubernetes`
+(KubernetesPodOperator in deferrable mode from the pod template in `serving/k8s/`).
+A retried task reuses its MLflow run and model version; it never registers a second one.
+Emits `release_candidate` (extra: registry version, compiled package) when the gates pass.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import Param, dag, task
+from tuneship_airflow.assets import release_candidate, retrain_request, validated_dataset
+from tuneship_airflow.operators import LocalTrainerOperator
+from tuneship_airflow.runners import DockerTrainerOperator, KubernetesTrainerOperator
+
+# Rendered as native objects (render_template_as_native_obj): the plan's argv list.
+COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
+
+
+@dag(
+    schedule=(validated_dataset | retrain_request),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    doc_md=__doc__,
+    tags=["tuneship", "training"],
+    default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)},
+    params={
+        "base_model": Param("", type="string", title="Base model",
+                            description="HF model id or local path. Empty: the embedded tiny Llama."),
+        "lora_r": Param(8, type="integer", minimum=1, maximum=256, title="LoRA rank"),
+        "lora_alpha": Param(16, type="integer", minimum=1, maximum=512, title="LoRA alpha"),
+        "epochs": Param(3, type="integer", minimum=1, maximum=100, title="Epochs"),
+        "learning_rate": Param(0.003, type="number", exclusiveMinimum=0, maximum=1, title="Learning rate"),
+        "runner": Param("local", type="string", enum=["local", "docker", "kubernetes"], title="Runner",
+                        description="Where the trainer runs: worker subprocess, Docker GPU container, or K8s GPU pod."),
+        "trainer_image": Param("ghcr.io/tuneship/trainer:0.1.0", type="string", title="Trainer image"),
+    },
+)
+def llm_finetune():
+    @task
+    def plan(params=None, run_id=None, triggering_asset_events=None):
+        from tuneship.stages import StageFailed, finetune_plan, latest_dataset
+
+        trigger, dataset = "manual", None
+        for asset, events in (triggering_asset_events or {}).items():
+            if events and getattr(asset, "name", "") == "validated_dataset":
+                trigger, extra = "validated_dataset", dict(events[-1].extra or {})
+                dataset = {k: extra[k] for k in ("version_id", "manifest_uri", "path") if k in extra}
+            elif events and trigger == "manual":
+                trigger = getattr(asset, "name", "asset")
+        dataset = dataset or latest_dataset()
+        if not dataset:
+            raise StageFailed("no validated dataset yet: run llm_data_validation first")
+        return finetune_plan(dataset=dataset, params=dict(params), run_key=run_id, trigger=trigger)
+
+    @task.branch
+    def choose_runner(p: dict):
+        return f"train_{p['runner']}"
+
+    train_local = LocalTrainerOperator(
+        task_id="train_local",
+        arguments=COMMAND,
+        output_dir="{{ ti.xcom_pull(task_ids='plan')['output_dir'] }}",
+        execution_timeout=timedelta(hours=2),
+    )
+
+    train_docker = DockerTrainerOperator(task_id="train_docker", arguments=COMMAND, image="{{ params.trainer_image }}",
+                                         execution_timeout=timedelta(hours=12))
+    train_kubernetes = KubernetesTrainerOperator(task_id="train_kubernetes", arguments=COMMAND,
+                                                 image="{{ params.trainer_image }}",
+                                                 execution_timeout=timedelta(hours=12))
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def register(p: dict):
+        from tuneship.stages import register_training
+
+        return register_training(p)
+
+    @task
+    def evaluate(candidate: dict, p: dict):
+        from tuneship.stages import evaluate_candidate
+
+        return evaluate_candidate(candidate, p["dataset"])
+
+    @task(outlets=[release_candidate])
+    def compile_model(candidate: dict, gates: dict, outlet_events=None):
+        from tuneship.stages import compile_candidate
+
+        compiled = compile_candidate(candidate)
+        outlet_events[release_candidate].extra = {
+            "version": candidate["version"],
+            "package": compiled["package"],
+            "gates": gates["metrics"],
+        }
+        return compiled
+
+    p = plan()
+    branch = choose_runner(p)
+    trained = [train_local, train_docker, train_kubernetes]
+    branch >> trained
+    candidate = register(p)
+    trained >> candidate
+    gates = evaluate(candidate, p)
+    compile_model(candidate, gates)
+
+
+llm_finetune()

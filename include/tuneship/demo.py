@@ -1,0 +1,335 @@
+"""`make demo`: the whole loop on the embedded default, through Airflow's real scheduler.
+
+1. build the tiny base model, land a generated batch of support tickets in `incoming/`;
+2. start Airflow (api-server, scheduler, dag-processor, triggerer), MLflow, Triton, gateway;
+3. trigger `llm_data_validation`; Assets chain it to `llm_finetune` and `llm_release`
+   (validate → fine-tune → gates → compile → blue/green with shadow → promotion) while a
+   traffic generator replays tickets through the gateway;
+4. cycle two: the replayed traffic drifts, `llm_drift_monitor` fires `retrain_request`, the
+   retrain goes through to a new release decision;
+5. print a summary, write an HTML report, stop what it started; exit non-zero on failure.
+
+Only time (the shadow window) and traffic (the generator) are simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tuneship import config, services
+
+DAGS = ("llm_data_validation", "llm_finetune", "llm_release", "llm_drift_monitor")
+TERMINAL = {"success", "failed"}
+
+
+def say(msg: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass
+class Traffic:
+    """Replays support tickets through the gateway at a steady rate once it is ready."""
+
+    rps: float = 4.0
+    drift: float = 0.0
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    drifted_sent: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="traffic")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        from tuneship.datagen import traffic_prompts
+
+        url = config.gateway_url()
+        seed = 1000
+        with httpx.Client(base_url=url, timeout=30.0) as c:
+            while not self._stop.is_set():
+                try:
+                    ready = c.get("/health/ready").status_code == 200
+                except httpx.HTTPError:
+                    ready = False
+                if not ready:
+                    self._stop.wait(1.0)
+                    continue
+                seed += 1
+                drift = self.drift
+                prompt = traffic_prompts(1, seed=seed, drift=drift)[0]
+                try:
+                    r = c.post("/v1/completions", json={"model": "tuneship-triage", "prompt": prompt,
+                                                         "max_tokens": 12, "temperature": 0})
+                    self.ok += r.status_code == 200
+                    self.failed += r.status_code != 200
+                except httpx.HTTPError:
+                    self.failed += 1
+                self.sent += 1
+                self.drifted_sent += drift > 0
+                self._stop.wait(1.0 / self.rps)
+
+
+class Loop:
+    def __init__(self, api: Any, timeout: float) -> None:
+        self.api = api
+        self.deadline = time.monotonic() + timeout
+        self.seen: dict[tuple[str, str, str], str] = {}
+
+    def wait_parsed(self) -> None:
+        while True:
+            dags = self.api.dags()
+            if all(d in dags for d in DAGS):
+                return
+            errors = self.api.import_errors()
+            if errors:
+                raise RuntimeError("DAG import errors:\n" + "\n".join(f"{e['filename']}: {e['stack_trace']}" for e in errors))
+            self._tick("DAGs to be parsed")
+
+    def _tick(self, what: str) -> None:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(2.0)
+
+    def _report_tasks(self, dag_id: str, run_id: str) -> None:
+        for ti in self.api.task_instances(dag_id, run_id):
+            key = (dag_id, run_id, ti["task_id"])
+            state = ti.get("state") or "none"
+            if self.seen.get(key) != state and state not in ("none", "scheduled", "queued"):
+                self.seen[key] = state
+                say(f"  {dag_id}.{ti['task_id']}: {state}")
+
+    def wait_run(self, dag_id: str, run_id: str) -> dict:
+        while True:
+            run = self.api.run(dag_id, run_id)
+            self._report_tasks(dag_id, run_id)
+            if run["state"] in TERMINAL:
+                say(f"{dag_id} {run_id}: {run['state'].upper()}")
+                return run
+            self._tick(f"{dag_id} {run_id}")
+
+    def wait_new_run(self, dag_id: str, after: set[str], run_type: str | None = None) -> str:
+        while True:
+            for run in self.api.runs(dag_id):
+                if run["dag_run_id"] not in after and (run_type is None or run["run_type"] == run_type):
+                    say(f"{dag_id} started: {run['dag_run_id']} ({run['run_type']})")
+                    return run["dag_run_id"]
+            self._tick(f"a new {dag_id} run")
+
+
+def _run_ids(api: Any, dag_id: str) -> set[str]:
+    return {r["dag_run_id"] for r in api.runs(dag_id)}
+
+
+def prepare_inputs() -> Path:
+    from tuneship.datagen import write_dataset
+    from tuneship.stages import ensure_base_model, incoming_root
+
+    t = time.monotonic()
+    ensure_base_model()
+    say(f"base model ready ({time.monotonic() - t:.0f}s)")
+    batch = incoming_root() / "batch-0001"
+    if not (batch / "train.jsonl").exists():
+        write_dataset(batch, seed=0)
+    say(f"training data landed: {batch}")
+    return batch
+
+
+def start_services() -> None:
+    say("starting Airflow (api-server, scheduler, dag-processor, triggerer), MLflow, Triton, gateway")
+    t = time.monotonic()
+    services.start(services.ALL)
+    say(f"services up ({time.monotonic() - t:.0f}s)")
+
+
+def api_client() -> Any:
+    from tuneship.airflow_api import AirflowAPI
+
+    return AirflowAPI(f"http://127.0.0.1:{config.Ports.from_env().airflow}", services.ADMIN_USER,
+                      services.admin_password())
+
+
+def print_urls() -> None:
+    ports = config.Ports.from_env()
+    print(f"""
+  Airflow UI   http://127.0.0.1:{ports.airflow}   login: {services.ADMIN_USER} / {services.admin_password()}
+  MLflow UI    http://127.0.0.1:{ports.mlflow}
+  Gateway      http://127.0.0.1:{ports.gateway}/v1   (OpenAI-compatible; /version, /health/ready, /metrics)
+  Reports      http://127.0.0.1:{ports.airflow}/tuneship/reports/
+  Stop with:   make down
+""", flush=True)
+
+
+def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
+    started = time.monotonic()
+    summary: dict[str, Any] = {"cycles": []}
+    traffic = Traffic()
+    failed = False
+    try:
+        batch = prepare_inputs()
+        start_services()
+        api = api_client()
+        loop = Loop(api, timeout)
+        loop.wait_parsed()
+        api.set_variable("tuneship_shadow_hours_override", str(shadow_hours))
+        for dag_id in DAGS:
+            api.unpause(dag_id)
+        traffic.start()
+
+        # ---------------- cycle 1: new data -> release
+        say("cycle 1: validate -> fine-tune -> gates -> compile -> release (shadow) -> promote")
+        before = {d: _run_ids(api, d) for d in DAGS}
+        cycle = _cycle(api, loop, before, trigger=("llm_data_validation", {"dataset_uri": str(batch)}))
+        summary["cycles"].append(cycle)
+        if not cycle["ok"]:
+            failed = True
+            return 1
+
+        # ---------------- cycle 2: drift -> retrain -> release decision
+        say("cycle 2: traffic drifts; the drift monitor should request a retrain")
+        drift_from = time.time()
+        traffic.drift = 0.8
+        start_count = traffic.sent
+        while traffic.sent - start_count < 60:
+            loop._tick("drifted traffic")
+        window_h = max((time.time() - drift_from) / 3600, 0.001)
+        before = {d: _run_ids(api, d) for d in DAGS}
+        cycle = _cycle(api, loop, before, trigger=("llm_drift_monitor", {
+            "window_hours": window_h, "threshold": 0.2, "min_requests": 40, "debounce": 1, "cooldown_hours": 0}))
+        summary["cycles"].append(cycle)
+        failed = not cycle["ok"]
+        return 1 if failed else 0
+    except Exception as exc:  # noqa: BLE001 - the demo reports any failure and exits non-zero
+        say(f"FAILED: {exc}")
+        summary["error"] = str(exc)
+        failed = True
+        return 1
+    finally:
+        traffic.stop()
+        summary["traffic"] = {"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed}
+        summary["wall_s"] = round(time.monotonic() - started, 1)
+        try:
+            summary["live"] = httpx.get(f"{config.gateway_url()}/version", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            summary["live"] = None
+        from tuneship.report import write_demo_report
+
+        report = write_demo_report(summary)
+        _print_summary(summary, report, failed)
+        if keep:
+            print_urls()
+        else:
+            services.stop()
+
+
+def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict]) -> dict[str, Any]:
+    dag_id, conf = trigger
+    cycle: dict[str, Any] = {"trigger": dag_id, "ok": False}
+    run_id = api.trigger(dag_id, conf)
+    say(f"triggered {dag_id} ({run_id})")
+    run = loop.wait_run(dag_id, run_id)
+    first_task = "validate_and_version" if dag_id == "llm_data_validation" else "detect_drift"
+    cycle[dag_id] = {"run_id": run_id, "state": run["state"], "result": api.xcom(dag_id, run_id, first_task)}
+    if dag_id == "llm_drift_monitor":
+        cycle["drift"] = _latest_drift(run_id)
+        tis = {t["task_id"]: t["state"] for t in api.task_instances(dag_id, run_id)}
+        if tis.get("detect_drift") != "success":
+            say(f"drift monitor did not fire: {cycle['drift']}")
+            return cycle
+    if run["state"] != "success":
+        return cycle
+    ft = loop.wait_new_run("llm_finetune", before["llm_finetune"])
+    ft_run = loop.wait_run("llm_finetune", ft)
+    cycle["finetune"] = {"run_id": ft, "state": ft_run["state"],
+                         "model": api.xcom("llm_finetune", ft, "register"),
+                         "gates": api.xcom("llm_finetune", ft, "evaluate"),
+                         "compiled": api.xcom("llm_finetune", ft, "compile_model")}
+    if ft_run["state"] != "success":
+        return cycle
+    rel = loop.wait_new_run("llm_release", before["llm_release"])
+    rel_run = loop.wait_run("llm_release", rel)
+    cycle["release"] = {"run_id": rel, "state": rel_run["state"],
+                        "smoke": api.xcom("llm_release", rel, "smoke"),
+                        "verdict": api.xcom("llm_release", rel, "shadow_window"),
+                        "decision": api.xcom("llm_release", rel, "decide")}
+    cycle["ok"] = rel_run["state"] == "success"
+    return cycle
+
+
+def _latest_drift(run_id: str) -> dict | None:
+    from tuneship.stages import _slug
+
+    path = config.home() / "monitor" / f"drift-{_slug(run_id)}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
+    print("\n" + "=" * 72)
+    print(f"Tuneship demo {'FAILED' if failed else 'OK'} in {summary['wall_s']:.0f}s")
+    live = summary.get("live") or {}
+    print(f"live model: {live.get('model', '-')} v{live.get('version', '-')} on colour {live.get('colour', '-')}")
+    for i, cycle in enumerate(summary["cycles"], 1):
+        print(f"-- cycle {i} (trigger: {cycle['trigger']})")
+        if cycle.get("drift"):
+            d = cycle["drift"]
+            print(f"   drift score {d.get('score')} (threshold {d.get('threshold')}) over {d.get('requests')} requests: "
+                  f"{d.get('reason')}")
+        ft = cycle.get("finetune") or {}
+        gates = (ft.get("gates") or {})
+        if ft.get("model"):
+            print(f"   fine-tune {ft['state']}: registered v{ft['model']['version']} "
+                  f"(train loss {ft['model'].get('train_loss')})")
+        if gates:
+            ref = gates.get("reference_name")
+            for k, v in (gates.get("metrics") or {}).items():
+                print(f"   gate {k}: {v:.3f} vs {ref} {gates['reference'].get(k, float('nan')):.3f}")
+        rel = cycle.get("release") or {}
+        verdict = rel.get("verdict") or {}
+        if rel:
+            print(f"   release {rel['state']}: shadow verdict {verdict.get('verdict')} "
+                  f"({verdict.get('requests')} requests, error rate {verdict.get('error_rate')}, "
+                  f"p95 {verdict.get('p95_ms')} ms, slot {verdict.get('slot')})")
+    t = summary.get("traffic", {})
+    print(f"traffic: {t.get('sent')} sent, {t.get('ok')} ok, {t.get('failed')} failed")
+    if summary.get("error"):
+        print(f"error: {summary['error']}")
+    print(f"report: {report}")
+    print("=" * 72, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tuneship.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--up", action="store_true", help="start the services and leave them running (make up)")
+    parser.add_argument("--shadow-hours", type=float, default=0.01, help="shadow window (default 0.01 h = 36 s)")
+    parser.add_argument("--timeout", type=float, default=1500, help="give up after this many seconds")
+    parser.add_argument("--keep", action="store_true", help="leave the services running after the demo")
+    args = parser.parse_args(argv)
+    if args.up:
+        prepare_inputs()
+        start_services()
+        loop = Loop(api_client(), 300)
+        loop.wait_parsed()
+        print_urls()
+        return 0
+    return run_demo(args.shadow_hours, args.timeout, args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

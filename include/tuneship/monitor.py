@@ -1,0 +1,173 @@
+"""Production monitoring: the shadow verdict and drift detection, both read from the inference log.
+
+Shadow verdict: how did the candidate answer real (or replayed) traffic in the window —
+error rate, p95 latency, triage format rate, and agreement with live when live exists.
+Drift: the recent prompts' text profile against the reference profile stored in the
+training dataset's manifest (`tuneship.profile`), plus a retrain governor (cooldown and
+debounce) so a noisy hour does not launch a GPU job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneship import config
+
+
+def log_root() -> Path:
+    return config.home() / "inference_log"
+
+
+def _p95(values: list[float]) -> float | None:
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), 95))
+
+
+@dataclass
+class ShadowThresholds:
+    min_requests: int = 20
+    max_error_rate: float = 0.01
+    max_p95_ms: float = 2000.0
+    min_format_rate: float = 0.9
+    min_agreement: float = 0.0  # agreement with live is reported; gate it only if asked
+
+
+def candidate_responses(records: list[dict], version: str) -> list[dict]:
+    """The candidate's answers, whether it sat in the shadow slot or (bootstrap) in live."""
+    out = []
+    for rec in records:
+        for slot in ("shadow", "live"):
+            resp = rec.get(slot)
+            if resp and str(resp.get("version")) == str(version):
+                out.append({**resp, "slot": slot, "request": rec})
+                break
+    return out
+
+
+def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds) -> dict[str, Any]:
+    from tuneship.datagen import parse_triage
+
+    answers = candidate_responses(records, version)
+    n = len(answers)
+    errors = [a for a in answers if a.get("status") != "ok"]
+    ok = [a for a in answers if a.get("status") == "ok"]
+    parsed = [parse_triage(a.get("completion") or "") for a in ok]
+    format_rate = sum(p["category"] is not None and p["priority"] is not None for p in parsed) / max(len(ok), 1)
+    agree_pairs = [
+        (parse_triage(a.get("completion") or ""), parse_triage(a["request"]["live"].get("completion") or ""))
+        for a in ok
+        if a["slot"] == "shadow" and a["request"].get("live", {}).get("status") == "ok"
+    ]
+    agreement = (sum(s["category"] == lv["category"] for s, lv in agree_pairs) / len(agree_pairs)) if agree_pairs else None
+    p95 = _p95([float(a["latency_ms"]) for a in ok if a.get("latency_ms") is not None])
+    error_rate = len(errors) / n if n else 0.0
+    reasons = []
+    if n < th.min_requests:
+        reasons.append(f"only {n} candidate responses in the window (need {th.min_requests})")
+    if error_rate > th.max_error_rate:
+        reasons.append(f"error rate {error_rate:.3f} > {th.max_error_rate}")
+    if p95 is not None and p95 > th.max_p95_ms:
+        reasons.append(f"p95 latency {p95:.0f} ms > {th.max_p95_ms:.0f} ms")
+    if ok and format_rate < th.min_format_rate:
+        reasons.append(f"format rate {format_rate:.3f} < {th.min_format_rate}")
+    if agreement is not None and agreement < th.min_agreement:
+        reasons.append(f"agreement with live {agreement:.3f} < {th.min_agreement}")
+    return {
+        "verdict": "promote" if not reasons else "rollback",
+        "reasons": reasons,
+        "requests": n,
+        "errors": len(errors),
+        "error_rate": error_rate,
+        "p95_ms": p95,
+        "format_rate": format_rate,
+        "agreement_with_live": agreement,
+        "slot": answers[0]["slot"] if answers else None,
+    }
+
+
+# ---------------------------------------------------------------- drift
+
+
+def drift_report(reference: dict, prompts: list[str], *, threshold: float, min_requests: int = 30) -> dict[str, Any]:
+    from tuneship.profile import compare_profiles, text_profile
+
+    if len(prompts) < min_requests:
+        return {"status": "insufficient", "requests": len(prompts), "score": None, "drifted": False,
+                "threshold": threshold}
+    current = text_profile(prompts)
+    cmp = compare_profiles(reference, current)
+    score = float(cmp["score"])
+    return {"status": "ok", "requests": len(prompts), "score": score, "drifted": score >= threshold,
+            "threshold": threshold, "details": cmp, "current": current}
+
+
+def drift_chart(reference: dict, current: dict, out: Path, title: str) -> Path:
+    """Reference vs current prompt-length distribution, the picture people ask for first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref_h = reference["length_hist"]
+    cur_h = current["length_hist"]
+    edges = reference["length_bins"]
+    labels = [f"{int(edges[i])}-{int(edges[i + 1])}" if i + 1 < len(edges) else f"{int(edges[i])}+" for i in range(len(ref_h))]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = range(len(ref_h))
+    ax.bar([i - 0.2 for i in x], ref_h, width=0.4, label="training reference")
+    ax.bar([i + 0.2 for i in x], cur_h, width=0.4, label="recent traffic")
+    ax.set_xticks(list(x), labels, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("share of prompts")
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+@dataclass
+class GovernorState:
+    consecutive_drifted: int = 0
+    last_request_ts: float | None = None
+
+
+def governor_path() -> Path:
+    return config.home() / "monitor" / "governor.json"
+
+
+def load_governor() -> GovernorState:
+    path = governor_path()
+    return GovernorState(**json.loads(path.read_text())) if path.exists() else GovernorState()
+
+
+def save_governor(state: GovernorState) -> None:
+    path = governor_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state)))
+    tmp.replace(path)
+
+
+def governor_decide(state: GovernorState, drifted: bool, *, debounce: int, cooldown_s: float,
+                    now: float | None = None) -> tuple[bool, GovernorState, str]:
+    """Fire a retrain only after `debounce` drifted checks in a row and outside the cooldown."""
+    now = time.time() if now is None else now
+    if not drifted:
+        return False, GovernorState(0, state.last_request_ts), "no drift"
+    streak = state.consecutive_drifted + 1
+    if streak < debounce:
+        return False, GovernorState(streak, state.last_request_ts), f"drifted {streak}/{debounce} checks in a row"
+    if state.last_request_ts is not None and now - state.last_request_ts < cooldown_s:
+        left = cooldown_s - (now - state.last_request_ts)
+        return False, GovernorState(streak, state.last_request_ts), f"cooldown: {left / 3600:.1f} h left"
+    return True, GovernorState(0, now), "drift confirmed: retrain requested"

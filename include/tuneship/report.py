@@ -1,0 +1,91 @@
+"""The HTML report people read after a run: gates, loss curves, shadow verdicts, drift chart.
+
+Self-contained (images inlined) so it can be mailed, attached to a ticket, or served by
+the Airflow plugin's Reports page.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneship import config
+
+
+def _img(path: str | None, alt: str) -> str:
+    if not path or not Path(path).exists():
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:720px">'
+
+
+def _table(rows: list[list[Any]], head: list[str]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+
+def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
+    parts = [f"<h2>Cycle {i}: triggered by <code>{html.escape(cycle['trigger'])}</code></h2>"]
+    drift = cycle.get("drift")
+    if drift:
+        parts.append("<h3>Drift</h3>" + _table(
+            [[_fmt(drift.get("score")), drift.get("threshold"), drift.get("requests"), drift.get("reason")]],
+            ["score", "threshold", "requests", "governor"]))
+        parts.append(_img(drift.get("chart"), "drift chart"))
+    ft = cycle.get("finetune") or {}
+    model = ft.get("model") or {}
+    if model:
+        parts.append("<h3>Fine-tune</h3>" + _table(
+            [[f"v{model.get('version')}", _fmt(model.get("train_loss")), _fmt(model.get("eval_loss")),
+              _fmt(model.get("tokens_per_s")), (model.get("adapter_sha256") or "")[:16]]],
+            ["version", "train loss", "eval loss", "tokens/s", "adapter sha256"]))
+        parts.append(_img(model.get("loss_curve"), "loss curve"))
+    gates = ft.get("gates") or {}
+    if gates:
+        ref = gates.get("reference") or {}
+        rows = [[k, _fmt(v), _fmt(ref.get(k))] for k, v in (gates.get("metrics") or {}).items()]
+        parts.append(f"<h3>Evaluation gates (reference: {html.escape(str(gates.get('reference_name')))})</h3>"
+                     + _table(rows, ["metric", "candidate", "reference"]))
+    rel = cycle.get("release") or {}
+    if rel:
+        v = rel.get("verdict") or {}
+        parts.append("<h3>Release</h3>" + _table(
+            [[rel.get("state"), v.get("verdict"), v.get("slot"), v.get("requests"), _fmt(v.get("error_rate")),
+              _fmt(v.get("p95_ms")), _fmt(v.get("format_rate")), _fmt(v.get("agreement_with_live"))]],
+            ["run", "verdict", "slot", "requests", "error rate", "p95 ms", "format rate", "agreement"]))
+        smoke = rel.get("smoke") or {}
+        if smoke:
+            parts.append(f"<p>Smoke through the gateway: {html.escape(json.dumps(smoke.get('metrics')))}</p>")
+    return "\n".join(parts)
+
+
+def write_demo_report(summary: dict[str, Any]) -> Path:
+    out = config.home() / "reports" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    live = summary.get("live") or {}
+    t = summary.get("traffic") or {}
+    body = [
+        "<h1>Tuneship demo report</h1>",
+        f"<p>Wall time {summary.get('wall_s')} s. Live: <b>{html.escape(str(live.get('model', '-')))} "
+        f"v{html.escape(str(live.get('version', '-')))}</b> on colour <b>{html.escape(str(live.get('colour', '-')))}</b>. "
+        f"Traffic: {t.get('sent')} requests, {t.get('ok')} ok, {t.get('failed')} failed.</p>",
+    ]
+    if summary.get("error"):
+        body.append(f"<p style='color:#b00'>Error: {html.escape(summary['error'])}</p>")
+    body += [_cycle_html(i, c) for i, c in enumerate(summary.get("cycles", []), 1)]
+    style = ("body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "font-size:14px}th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}")
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Tuneship demo</title>"
+                   f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    (out.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return out

@@ -1,0 +1,421 @@
+"""The loop's stages as plain functions: what each Airflow task does, minus Airflow.
+
+Every function takes and returns references (paths, version ids, run ids) and is
+idempotent for the same inputs, so a retried task never registers a second model version
+or trains twice. The DAG files only wire these together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneship import config
+from tuneship.notify import notify
+
+COLOURS = ("blue", "green")
+DEFAULT_RECIPE = Path(__file__).parent / "train" / "recipes" / "tiny-lora.yaml"
+
+
+class StageFailed(RuntimeError):
+    """A stage refused its input; the message is written for the person who reads the alert."""
+
+
+def default_base_model() -> str:
+    return os.environ.get("TUNESHIP_BASE_MODEL", str(config.home() / "models" / "tiny-llama"))
+
+
+def ensure_base_model(ref: str | None = None) -> str:
+    """A local tiny base model is built on first use; a real HF id/path is used as given."""
+    ref = ref or default_base_model()
+    if ref == default_base_model() and not (Path(ref) / "base_model.json").exists():
+        from tuneship.basemodel import build_base_model
+
+        build_base_model(Path(ref))
+    return ref
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------ data
+
+
+def datasets_root() -> Path:
+    return config.artifacts() / "datasets"
+
+
+def latest_dataset() -> dict[str, str] | None:
+    pointer = datasets_root() / "LATEST"
+    if not pointer.exists():
+        return None
+    vid = pointer.read_text().strip()
+    return {"version_id": vid, "path": str(datasets_root() / vid),
+            "manifest_uri": str(datasets_root() / vid / "manifest.json")}
+
+
+def incoming_root() -> Path:
+    return Path(os.environ.get("TUNESHIP_INCOMING", config.home() / "incoming"))
+
+
+def incoming_batch() -> str | None:
+    """The newest batch directory that landed in the incoming location, if any."""
+    root = incoming_root()
+    batches = [p for p in root.iterdir() if p.is_dir() and any(p.glob("train.*"))] if root.exists() else []
+    return str(max(batches, key=lambda p: p.stat().st_mtime)) if batches else None
+
+
+def validate_and_version(dataset_uri: str, *, run_id: str) -> dict[str, Any]:
+    """Validate with Great Expectations, version what is accepted, explain what is not."""
+    from tuneship.data import validate_dataset, version_dataset
+
+    workdir = config.home() / "validation" / _slug(run_id)
+    previous = latest_dataset()
+    prev_manifest = json.loads(Path(previous["manifest_uri"]).read_text()) if previous else None
+    report = validate_dataset(dataset_uri, previous_manifest=prev_manifest, workdir=workdir)
+    if not report.accepted:
+        message = report.summary()
+        notify(f"Dataset rejected: {dataset_uri}\n{message}", level="error", dataset_uri=dataset_uri)
+        raise StageFailed(message)
+    version = version_dataset(dataset_uri, report, artifacts_root=config.artifacts())
+    pointer = datasets_root() / "LATEST"
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(version.version_id)
+    tmp.replace(pointer)
+    result = {"version_id": version.version_id, "manifest_uri": str(version.manifest_uri),
+              "path": str(version.path), "created": bool(version.created),
+              "data_docs": str(report.data_docs) if getattr(report, "data_docs", None) else None}
+    if version.created:
+        notify(f"Dataset {version.version_id} accepted from {dataset_uri}", level="success", **result)
+    return result
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
+
+
+# ------------------------------------------------------------------ fine-tune
+
+
+def finetune_plan(*, dataset: dict[str, str], params: dict[str, Any], run_key: str,
+                  trigger: str) -> dict[str, Any]:
+    """Everything the trainer needs, as references; identical for every runner."""
+    from tuneship.runners import trainer_command
+
+    base = ensure_base_model(params.get("base_model") or None)
+    overrides = {
+        "lora.r": params["lora_r"],
+        "lora.alpha": params["lora_alpha"],
+        "epochs": params["epochs"],
+        "learning_rate": params["learning_rate"],
+    }
+    if params.get("seed") is not None:
+        overrides["seed"] = params["seed"]
+    out = config.artifacts() / "runs" / _slug(run_key) / "train"
+    recipe = params.get("recipe") or str(DEFAULT_RECIPE)
+    return {
+        "run_key": run_key,
+        "trigger": trigger,
+        "dataset": dataset,
+        "base_model": base,
+        "recipe": recipe,
+        "overrides": overrides,
+        "output_dir": str(out),
+        "command": trainer_command(recipe, dataset["path"], base, str(out), overrides),
+        "runner": params["runner"],
+    }
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=config.REPO_ROOT, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def register_training(plan: dict[str, Any]) -> dict[str, Any]:
+    """One MLflow run, one model version (@challenger) per DAG run, however often retried."""
+    from tuneship import registry
+    from tuneship.train.recipe import load_recipe, recipe_hash
+
+    out = Path(plan["output_dir"])
+    if not (out / "manifest.json").exists():
+        raise StageFailed(f"training output {out} is incomplete (no manifest.json): the trainer did not finish")
+    recipe = load_recipe(plan["recipe"], plan["overrides"])
+    rhash = recipe_hash(recipe)
+    run_id = registry.start_run(plan["run_key"], run_name=f"finetune {plan['dataset']['version_id']}",
+                                tags={"runner": plan["runner"], "trigger": plan["trigger"]})
+    params = {"base_model": plan["base_model"], "recipe": Path(plan["recipe"]).name, "recipe_hash": rhash,
+              "runner": plan["runner"], **{k: v for k, v in plan["overrides"].items()}}
+    registry.log_training(run_id, params=params, train_out=out, dataset=plan["dataset"])
+    adapter_sha = _sha256(out / "adapter" / "adapter_model.safetensors")
+    mv = registry.register(run_id, plan["run_key"], tags={
+        "base_model": plan["base_model"],
+        "dataset_version": plan["dataset"]["version_id"],
+        "dataset_manifest": plan["dataset"]["manifest_uri"],
+        "recipe_hash": rhash,
+        "git_commit": git_commit(),
+        "runner": plan["runner"],
+        "dag_run_id": plan["run_key"],
+        "adapter_sha256": adapter_sha,
+    })
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"name": mv.name, "version": mv.version, "run_id": run_id, "adapter_sha256": adapter_sha,
+            "train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
+            "tokens_per_s": metrics.get("tokens_per_s"), "loss_curve": str(out / "loss_curve.png")}
+
+
+def _adapter_dir(version: str) -> Path:
+    """A local copy of a registered version's adapter (downloaded once)."""
+    from tuneship import registry
+
+    dest = config.artifacts() / "registry-cache" / f"v{version}"
+    adapter = dest / "adapter"
+    if not (adapter / "adapter_model.safetensors").exists():
+        registry.download_adapter(registry.get_version(version), dest)
+    return adapter
+
+
+def _generator(base_ref: str, adapter_dir: Path | None):
+    from tuneship.basemodel import load_base
+    from tuneship.generate import generate
+
+    model, tokenizer = load_base(base_ref)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model.eval()
+    return lambda prompts, max_new: generate(model, tokenizer, prompts, max_new_tokens=max_new)
+
+
+def evaluate_candidate(candidate: dict[str, Any], dataset: dict[str, str], suite_name: str = "triage") -> dict[str, Any]:
+    """Score candidate and reference (champion, else base model) on the same cases; apply gates."""
+    from tuneship import registry
+    from tuneship.evaluate import apply_gates, load_cases, load_suite, run_suite
+
+    suite = load_suite(suite_name)
+    cases = load_cases(suite, Path(dataset["path"]))
+    mv = registry.get_version(candidate["version"])
+    base = mv.tags["base_model"]
+    cand = run_suite(suite, _generator(base, _adapter_dir(candidate["version"])), cases)
+    champion = registry.by_alias("champion")
+    if champion and champion.version != candidate["version"]:
+        ref_name = f"champion v{champion.version}"
+        ref = run_suite(suite, _generator(champion.tags["base_model"], _adapter_dir(champion.version)), cases)
+    else:
+        ref_name = "base model"
+        ref = run_suite(suite, _generator(base, None), cases)
+    gates = apply_gates(suite, cand, ref, ref_name)
+    registry.log_metrics(mv.run_id, {f"eval_{k}": v for k, v in cand.metrics.items()})
+    registry.set_version_tags(candidate["version"], {"gates": "passed" if gates.passed else "failed",
+                                                     **{f"eval_{k}": f"{v:.4f}" for k, v in cand.metrics.items()}})
+    result = {"suite": f"{suite.name}@v{suite.version}", "candidate": cand.to_dict(), "reference": ref.to_dict(),
+              "reference_name": ref_name, "gates": gates.to_dict(), "passed": gates.passed}
+    out = config.artifacts() / "evals" / f"v{candidate['version']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    registry.log_artifact(mv.run_id, out, "evaluation")
+    if not gates.passed:
+        notify(f"Model v{candidate['version']} failed its gates against {ref_name}:\n{gates.summary()}",
+               level="error", version=candidate["version"])
+        raise StageFailed(f"gates failed against {ref_name}:\n{gates.summary()}")
+    return {"passed": True, "metrics": cand.metrics, "reference": ref.metrics, "reference_name": ref_name,
+            "report": str(out)}
+
+
+def compile_candidate(candidate: dict[str, Any]) -> dict[str, Any]:
+    """ONNX export + ONNX Runtime parity (TensorRT where installed): a Triton-ready package."""
+    from tuneship import registry
+    from tuneship.compile import compile_for_triton
+
+    version = candidate["version"]
+    package = config.artifacts() / "compiled" / f"v{version}"
+    marker = package / "COMPILED.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    mv = registry.get_version(version)
+    deployment = {"model": mv.name, "version": version, "adapter_sha256": mv.tags.get("adapter_sha256"),
+                  "base_model": mv.tags.get("base_model"), "dataset_version": mv.tags.get("dataset_version")}
+    info = compile_for_triton(mv.tags["base_model"], _adapter_dir(version), package, "llm", deployment=deployment)
+    result = {"version": version, "package": str(package / "llm"), **{k: v for k, v in info.items() if _jsonable(v)}}
+    marker.write_text(json.dumps(result, indent=2, default=str))
+    registry.set_version_tags(version, {"compiled": "onnx", "onnx_sha256": str(info.get("sha256", ""))})
+    return result
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, default=str)
+        return True
+    except TypeError:
+        return False
+
+
+# ------------------------------------------------------------------ release
+
+
+def idle_colour(routes: dict[str, Any]) -> str:
+    live = (routes.get("live") or {}).get("colour")
+    return "green" if live == "blue" else "blue"
+
+
+def stage_into_repository(package: str, colour: str) -> str:
+    """Copy the compiled package into Triton's repository as `llm_<colour>`, atomically."""
+    name = f"llm_{colour}"
+    repo = config.triton_repository()
+    repo.mkdir(parents=True, exist_ok=True)
+    tmp = repo / f".{name}.staging"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(package, tmp)
+    cfg = tmp / "config.pbtxt"
+    text = cfg.read_text()
+    lines = [f'name: "{name}"' if line.startswith("name:") else line for line in text.splitlines()]
+    cfg.write_text("\n".join(lines) + "\n")
+    final = repo / name
+    old = repo / f".{name}.old"
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+    return name
+
+
+def smoke_through_gateway(colour_model: str, *, token: str, suite_name: str = "smoke") -> dict[str, Any]:
+    """Smoke cases through the gateway, addressed to the candidate colour only."""
+    import httpx
+
+    from tuneship.evaluate import load_cases, load_suite, score
+
+    suite = load_suite(suite_name)
+    cases = load_cases(suite)
+    outs = []
+    with httpx.Client(base_url=config.gateway_url(), timeout=60.0,
+                      headers={"Authorization": f"Bearer {token}"}) as c:
+        for case in cases:
+            r = c.post("/v1/completions", json={"model": colour_model, "prompt": case.prompt,
+                                                 "max_tokens": suite.generation.max_new_tokens, "temperature": 0})
+            if r.status_code != 200:
+                raise StageFailed(f"smoke request to {colour_model} failed: HTTP {r.status_code} {r.text[:300]}")
+            outs.append(r.json()["choices"][0]["text"])
+    result = score(suite, cases, outs)
+    failed = [g for g in suite.gates if result.metrics[g.metric] < (g.min or 0)]
+    return {"metrics": result.metrics, "passed": not failed, "samples": result.samples[:3],
+            "failed": [g.metric for g in failed]}
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise StageFailed(f"{what} did not happen within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def release_plan(candidate: dict[str, Any] | None, version: str | None, routes: dict[str, Any]) -> dict[str, Any] | None:
+    """Which version to release and from which compiled package."""
+    from tuneship import registry
+
+    if version:
+        compiled = compile_candidate({"version": version})
+        candidate = {"version": version, "package": compiled["package"]}
+    if not candidate:
+        return None
+    mv = registry.get_version(candidate["version"])
+    live = routes.get("live") or {}
+    return {"version": str(candidate["version"]), "package": candidate["package"],
+            "adapter_sha256": mv.tags.get("adapter_sha256"), "dataset_version": mv.tags.get("dataset_version"),
+            "previous_version": live.get("version"), "previous_colour": live.get("colour")}
+
+
+def route_for(plan: dict[str, Any], model: str) -> dict[str, Any]:
+    """The gateway route for a loaded colour (what /version reports)."""
+    return {"colour": plan["colour"], "model": model, "version": str(plan["version"]),
+            "adapter_sha256": plan.get("adapter_sha256"), "dataset_version": plan.get("dataset_version"),
+            "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:
+    """Promote (switch + @champion) or roll back (live untouched), and say so on Slack.
+
+    `gateway` and `triton` are the Airflow hooks (anything with the same methods)."""
+    from tuneship import registry
+
+    version, model = plan["version"], f"llm_{plan['colour']}"
+    if verdict["verdict"] == "promote":
+        if slot == "shadow":
+            gateway.switch()
+        registry.set_alias("champion", version)
+        registry.set_version_tags(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                            "colour": plan["colour"]})
+        notify(f"v{version} is live on {plan['colour']} (shadow: {verdict['requests']} requests, "
+               f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms)",
+               level="success", version=version, verdict=verdict)
+        return {"decision": "promoted", "version": version, "colour": plan["colour"], "verdict": verdict}
+    routes = gateway.routes()
+    if slot == "shadow":
+        gateway.put_routes({**routes, "shadow": None})
+    else:
+        gateway.put_routes({**routes, "live": None, "shadow": None})
+    if triton.is_ready(model):
+        triton.unload(model)
+    why = "; ".join(verdict.get("reasons") or ["verdict was rollback"])
+    notify(f"v{version} rolled back after the shadow window: {why}. Live traffic stays on "
+           f"{plan.get('previous_colour') or 'nothing'} v{plan.get('previous_version')}.",
+           level="error", version=version, verdict=verdict)
+    raise StageFailed(f"release of v{version} rolled back: {why}")
+
+
+# ------------------------------------------------------------------ drift
+
+
+def check_drift(*, window_hours: float, threshold: float, min_requests: int, debounce: int,
+                cooldown_hours: float, run_id: str) -> dict[str, Any]:
+    """Recent live prompts vs the champion's training reference; the governor decides."""
+    from tuneship import monitor, registry
+    from tuneship.inference_log import read_inference_log
+
+    champion = registry.by_alias("champion")
+    if champion is None:
+        return {"status": "no_champion", "fire": False, "reason": "no model in production yet"}
+    manifest = json.loads(Path(champion.tags["dataset_manifest"]).read_text())
+    since = time.time() - window_hours * 3600
+    records = read_inference_log(monitor.log_root(), since=since)
+    prompts = [r["prompt"] for r in records if (r.get("live") or {}).get("status") == "ok"]
+    report = monitor.drift_report(manifest["reference"], prompts, threshold=threshold, min_requests=min_requests)
+    state = monitor.load_governor()
+    fire, new_state, reason = monitor.governor_decide(state, report["drifted"], debounce=debounce,
+                                                      cooldown_s=cooldown_hours * 3600)
+    monitor.save_governor(new_state)
+    out = {k: v for k, v in report.items() if k not in ("current", "details")}
+    out.update({"fire": fire, "reason": reason, "champion": champion.version,
+                "dataset_version": champion.tags.get("dataset_version")})
+    if report["status"] == "ok":
+        chart = config.home() / "reports" / f"drift-{_slug(run_id)}.png"
+        monitor.drift_chart(manifest["reference"], report["current"], chart,
+                            f"drift score {report['score']:.3f} (threshold {threshold})")
+        out["chart"] = str(chart)
+        out["details"] = {k: v for k, v in report["details"].items() if isinstance(v, (int, float, str))}
+        path = config.home() / "monitor" / f"drift-{_slug(run_id)}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2, default=str))
+    if fire:
+        notify(f"Drift on champion v{champion.version}: score {report['score']:.3f} >= {threshold}; "
+               "retrain requested", level="warning", **{k: out[k] for k in ("score", "requests")})
+    return out

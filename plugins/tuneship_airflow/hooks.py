@@ -1,0 +1,120 @@
+"""Hooks for the two serving endpoints Airflow drives: Triton's model control and the gateway.
+
+Connections are optional on the embedded default: without one, the hook falls back to the
+loopback addresses in `tuneship.config`. In production, `triton_default` and
+`tuneship_gateway_default` point at the cluster services and carry the admin token.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+
+def _conn_or_none(conn_id: str):
+    try:
+        return BaseHook.get_connection(conn_id)
+    except Exception:  # noqa: BLE001 - AirflowNotFoundException; the default is loopback
+        return None
+
+
+class TritonHook(BaseHook):
+    """Model control (load / unload / readiness) on Triton in explicit mode."""
+
+    conn_name_attr = "triton_conn_id"
+    default_conn_name = "triton_default"
+    conn_type = "http"
+    hook_name = "Triton Inference Server"
+
+    def __init__(self, triton_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.triton_conn_id = triton_conn_id
+
+    @property
+    def url(self) -> str:
+        conn = _conn_or_none(self.triton_conn_id)
+        if conn and conn.host:
+            return f"{conn.host}:{conn.port or 8000}"
+        from tuneship import config
+
+        return config.triton_url()
+
+    def get_conn(self):
+        import tritonclient.http as httpclient
+
+        return httpclient.InferenceServerClient(self.url, connection_timeout=10.0, network_timeout=300.0)
+
+    def load(self, model: str, timeout: float = 180.0) -> None:
+        client = self.get_conn()
+        client.load_model(model)
+        deadline = time.monotonic() + timeout
+        while not client.is_model_ready(model):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Triton model {model!r} not ready after {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def unload(self, model: str) -> None:
+        self.get_conn().unload_model(model)
+
+    def is_ready(self, model: str) -> bool:
+        try:
+            return bool(self.get_conn().is_model_ready(model))
+        except Exception:  # noqa: BLE001 - unknown model is "not ready"
+            return False
+
+    def index(self) -> list[dict[str, Any]]:
+        return list(self.get_conn().get_model_repository_index())
+
+
+class GatewayHook(BaseHook):
+    """The gateway's admin API: routes, switch, rollback; plus completions for smoke tests."""
+
+    conn_name_attr = "gateway_conn_id"
+    default_conn_name = "tuneship_gateway_default"
+    conn_type = "http"
+    hook_name = "Tuneship gateway"
+
+    def __init__(self, gateway_conn_id: str = default_conn_name) -> None:
+        super().__init__()
+        self.gateway_conn_id = gateway_conn_id
+
+    def _base_and_token(self) -> tuple[str, str]:
+        from tuneship import config, gateway_admin
+
+        conn = _conn_or_none(self.gateway_conn_id)
+        if conn and conn.host:
+            scheme = conn.schema or "http"
+            return f"{scheme}://{conn.host}:{conn.port or 8100}", conn.password or ""
+        return config.gateway_url(), gateway_admin.admin_token()
+
+    def get_conn(self):
+        import httpx
+
+        base, token = self._base_and_token()
+        return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
+
+    def routes(self) -> dict[str, Any]:
+        with self.get_conn() as c:
+            r = c.get("/admin/routes")
+            r.raise_for_status()
+            return r.json()
+
+    def put_routes(self, routes: dict[str, Any]) -> dict[str, Any]:
+        with self.get_conn() as c:
+            r = c.put("/admin/routes", json=routes)
+            r.raise_for_status()
+            return r.json()
+
+    def switch(self) -> dict[str, Any]:
+        with self.get_conn() as c:
+            r = c.post("/admin/switch")
+            r.raise_for_status()
+            return r.json()
+
+    def rollback(self) -> dict[str, Any]:
+        with self.get_conn() as c:
+            r = c.post("/admin/rollback")
+            r.raise_for_status()
+            return r.json()

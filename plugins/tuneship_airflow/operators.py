@@ -1,0 +1,114 @@
+"""Operators: the deferrable shadow window and the local fine-tune runner.
+
+The Kubernetes and Docker runners use the providers' own KubernetesPodOperator and
+DockerOperator (see dags/llm_finetune.py); the local runner below runs exactly the same
+entrypoint and arguments as the pod, as a subprocess of the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from tuneship_airflow.triggers import ShadowWindowTrigger
+
+
+class ShadowWindowOperator(BaseOperator):
+    """Wait out the shadow window on the triggerer, then return the verdict.
+
+    The verdict is computed from the inference log by `tuneship.monitor.shadow_verdict`.
+    """
+
+    template_fields: Sequence[str] = ("candidate_version", "window_hours")
+    ui_color = "#e8dff5"
+
+    def __init__(self, *, candidate_version: str, window_hours: float | str = 72.0,
+                 poll_interval: float = 10.0, thresholds: dict[str, float] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.candidate_version = candidate_version
+        self.window_hours = window_hours
+        self.poll_interval = poll_interval
+        self.thresholds = thresholds or {}
+
+    def execute(self, context: Any) -> None:
+        hours = float(self.window_hours)
+        if hours <= 0:
+            raise ValueError(f"window_hours must be > 0, got {hours}")
+        now = time.time()
+        self.log.info("shadow window for version %s: %.3f h", self.candidate_version, hours)
+        self.defer(
+            trigger=ShadowWindowTrigger(
+                candidate_version=str(self.candidate_version),
+                ends_at=now + hours * 3600,
+                since=now,
+                poll_interval=self.poll_interval,
+                max_error_rate=float(self.thresholds.get("max_error_rate", 0.01)),
+                min_requests=int(self.thresholds.get("min_requests", 20)),
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        from tuneship.inference_log import read_inference_log
+        from tuneship.monitor import ShadowThresholds, log_root, shadow_verdict
+
+        if not event or event.get("status") not in {"complete", "breach"}:
+            raise RuntimeError(f"shadow window ended without a usable event: {event!r}")
+        th = ShadowThresholds(**{k: v for k, v in self.thresholds.items() if k in ShadowThresholds.__annotations__})
+        since = float(event["at"]) - float(self.window_hours) * 3600
+        verdict = shadow_verdict(read_inference_log(log_root(), since=since), str(self.candidate_version), th)
+        if event["status"] == "breach" and verdict["verdict"] == "promote":
+            verdict = {**verdict, "verdict": "rollback", "reasons": ["error budget breached during the window"]}
+        verdict["window_event"] = event
+        self.log.info("shadow verdict: %s", verdict)
+        return verdict
+
+
+class LocalTrainerOperator(BaseOperator):
+    """The embedded default's "GPU pod": the trainer entrypoint as a worker subprocess.
+
+    Idempotent: a complete output (manifest.json present) for this run is reused; an
+    interrupted one resumes from its last checkpoint (the trainer does that itself).
+    `on_kill` terminates the subprocess group so no orphan keeps training.
+    """
+
+    template_fields: Sequence[str] = ("arguments", "output_dir")
+
+    def __init__(self, *, arguments: list[str] | str, output_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.arguments = arguments
+        self.output_dir = output_dir
+        self._proc: subprocess.Popen | None = None
+
+    def execute(self, context: Any) -> str:
+        args = self.arguments
+        if isinstance(args, str):  # rendered from an XCom as a string
+            import ast
+
+            args = ast.literal_eval(args)
+        manifest = os.path.join(self.output_dir, "manifest.json")
+        if os.path.exists(manifest):
+            self.log.info("training output already complete at %s; reusing it", self.output_dir)
+            return self.output_dir
+        cmd = [sys.executable, *args[1:]] if args and args[0] == "python" else list(args)
+        self.log.info("running: %s", " ".join(cmd))
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            self.log.info("%s", line.rstrip())
+        code = self._proc.wait()
+        if code != 0:
+            raise RuntimeError(f"trainer exited with {code} (2 means a recipe/argument error; see the log above)")
+        return self.output_dir
+
+    def on_kill(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)

@@ -1,0 +1,74 @@
+"""The shadow window's wait, off the worker: a trigger that watches the inference log.
+
+`serialize()` holds ids and timings only (no secrets, no payloads). `run()` never blocks
+the triggerer's loop: log reads go to a thread. It fires once: when the window ends, or
+early when the candidate breaches the error budget (no point watching a broken model for
+72 hours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+
+class ShadowWindowTrigger(BaseTrigger):
+    def __init__(
+        self,
+        *,
+        candidate_version: str,
+        ends_at: float,
+        since: float,
+        poll_interval: float = 15.0,
+        max_error_rate: float = 0.01,
+        min_requests: int = 20,
+    ) -> None:
+        super().__init__()
+        self.candidate_version = str(candidate_version)
+        self.ends_at = float(ends_at)
+        self.since = float(since)
+        self.poll_interval = float(poll_interval)
+        self.max_error_rate = float(max_error_rate)
+        self.min_requests = int(min_requests)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "tuneship_airflow.triggers.ShadowWindowTrigger",
+            {
+                "candidate_version": self.candidate_version,
+                "ends_at": self.ends_at,
+                "since": self.since,
+                "poll_interval": self.poll_interval,
+                "max_error_rate": self.max_error_rate,
+                "min_requests": self.min_requests,
+            },
+        )
+
+    def _count(self) -> tuple[int, int]:
+        from tuneship.inference_log import read_inference_log
+        from tuneship.monitor import candidate_responses, log_root
+
+        answers = candidate_responses(read_inference_log(log_root(), since=self.since), self.candidate_version)
+        return len(answers), sum(a.get("status") != "ok" for a in answers)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            while True:
+                now = time.time()
+                n, errors = await asyncio.to_thread(self._count)
+                if n >= self.min_requests and errors / n > self.max_error_rate:
+                    self.log.warning("candidate %s breached the error budget: %d/%d", self.candidate_version, errors, n)
+                    yield TriggerEvent({"status": "breach", "requests": n, "errors": errors, "at": now})
+                    return
+                if now >= self.ends_at:
+                    yield TriggerEvent({"status": "complete", "requests": n, "errors": errors, "at": now})
+                    return
+                self.log.info("shadow window: %d candidate responses, %d errors, %.0fs left",
+                              n, errors, self.ends_at - now)
+                await asyncio.sleep(min(self.poll_interval, max(self.ends_at - now, 0.1)))
+        except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides
+            yield TriggerEvent({"status": "error", "message": str(exc)})

@@ -1,0 +1,24 @@
+"""Shared test set-up: every test session gets its own TUNESHIP_HOME, never the user's."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# The gateway lives in serving/ and the Airflow layer in plugins/: both importable in tests.
+for p in (REPO, REPO / "plugins"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+if "TUNESHIP_TEST_HOME" in os.environ:
+    os.environ["TUNESHIP_HOME"] = os.environ["TUNESHIP_TEST_HOME"]
+else:
+    os.environ["TUNESHIP_HOME"] = tempfile.mkdtemp(prefix="tuneship-test-")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("SLACK_BOT_TOKEN", None)
