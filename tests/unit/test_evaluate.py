@@ -1,0 +1,71 @@
+"""Eval suites: declarative files validated on load; scores from outputs; gates that bite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuneship.evaluate import SuiteError, apply_gates, load_cases, load_suite, score
+
+
+def test_shipped_suites_load():
+    for name in ("triage", "smoke"):
+        suite = load_suite(name)
+        assert suite.version >= 1 and suite.metrics and suite.gates
+
+
+def test_suite_errors_name_file_and_field(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nversion: 1\nparser: tuneship.datagen:parse_triage\n"
+                   "cases: {source: inline}\nmetrics: [{name: m, kind: parse_rate}]\n"
+                   "gates: [{metric: nope, min: 0.5}]\nsurprise: 1\n")
+    with pytest.raises(SuiteError) as err:
+        load_suite(bad)
+    msg = str(err.value)
+    assert str(bad) in msg and "surprise" in msg and "cases" in msg
+    bad.write_text("name: x\nversion: 1\nparser: tuneship.datagen:parse_triage\n"
+                   "cases: {source: dataset_eval_split}\nmetrics: [{name: m, kind: parse_rate}]\n"
+                   "gates: [{metric: nope, min: 0.5}]\n")
+    with pytest.raises(SuiteError, match="unknown metric 'nope'"):
+        load_suite(bad)
+    with pytest.raises(SuiteError, match="no such eval suite"):
+        load_suite("does-not-exist")
+
+
+def test_scores_come_from_completions():
+    suite = load_suite("smoke")
+    cases = load_cases(suite)
+    perfect = [f" category={c.expected['category']} priority=normal" for c in cases]
+    res = score(suite, cases, perfect)
+    assert res.metrics == {"format_rate": 1.0, "category_accuracy": 1.0}
+    garbage = ["hello"] * len(cases)
+    res = score(suite, cases, garbage)
+    assert res.metrics["format_rate"] == 0.0 and res.metrics["category_accuracy"] == 0.0
+
+
+def test_gates_absolute_and_regression():
+    suite = load_suite("triage")
+    from tuneship.evaluate import SuiteResult
+
+    good = SuiteResult("triage", 1, {"category_accuracy": 0.9, "priority_accuracy": 0.8, "format_rate": 1.0}, 10)
+    ref = SuiteResult("triage", 1, {"category_accuracy": 0.95, "priority_accuracy": 0.8, "format_rate": 1.0}, 10)
+    report = apply_gates(suite, good, ref, "champion v1")
+    failed = [g for g in report.gates if not g.passed]
+    assert not report.passed
+    assert [g.metric for g in failed] == ["category_accuracy"] and failed[0].reference == 0.95
+    ok = apply_gates(suite, good, None)
+    assert ok.passed and all(g.reference is None for g in ok.gates)
+    low = SuiteResult("triage", 1, {"category_accuracy": 0.5, "priority_accuracy": 0.8, "format_rate": 1.0}, 10)
+    assert not apply_gates(suite, low, None).passed
+    assert "FAIL category_accuracy" in apply_gates(suite, low, None).summary()
+
+
+def test_dataset_cases_read_eval_split(tmp_path: Path):
+    from tuneship.datagen import write_dataset
+
+    write_dataset(tmp_path, n_train=20, n_eval=15, seed=3)
+    suite = load_suite("triage")
+    cases = load_cases(suite, tmp_path)
+    assert len(cases) == 15
+    assert all(c.prompt.startswith("Ticket:") and c.expected["category"] for c in cases)
