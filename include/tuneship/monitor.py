@@ -115,10 +115,14 @@ def drift_chart(reference: dict, current: dict, out: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref_h = reference["length_hist"]
-    cur_h = current["length_hist"]
-    edges = reference["length_bins"]
-    labels = [f"{int(edges[i])}-{int(edges[i + 1])}" if i + 1 < len(edges) else f"{int(edges[i])}+" for i in range(len(ref_h))]
+    def shares(profile: dict) -> list[float]:
+        counts = profile["length"]["counts"]
+        total = sum(counts) or 1
+        return [c / total for c in counts]
+
+    ref_h, cur_h = shares(reference), shares(current)
+    edges = reference["length"]["bin_edges"]
+    labels = [f"{edges[i]}-{edges[i + 1] - 1}" if i + 1 < len(edges) else f"{edges[i]}+" for i in range(len(ref_h))]
     fig, ax = plt.subplots(figsize=(8, 3.5))
     x = range(len(ref_h))
     ax.bar([i - 0.2 for i in x], ref_h, width=0.4, label="training reference")

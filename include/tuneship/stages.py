@@ -95,7 +95,8 @@ def validate_and_version(dataset_uri: str, *, run_id: str) -> dict[str, Any]:
     tmp.replace(pointer)
     result = {"version_id": version.version_id, "manifest_uri": str(version.manifest_uri),
               "path": str(version.path), "created": bool(version.created),
-              "data_docs": str(report.data_docs) if getattr(report, "data_docs", None) else None}
+              "data_docs": str(report.data_docs_path) if report.data_docs_path else None,
+              "quarantined": report.quarantine_count}
     if version.created:
         notify(f"Dataset {version.version_id} accepted from {dataset_uri}", level="success", **result)
     return result

@@ -1,0 +1,30 @@
+"""Training-data validation and versioning (the `llm_data_validation` stage).
+
+    report = validate_dataset("path/to/dataset_dir")      # GE checks, quarantine, Data Docs
+    if report.accepted:
+        version = version_dataset("path/to/dataset_dir", report)
+    else:
+        raise SomeFailure(report.summary())
+
+Importing this package is cheap: Great Expectations and pandas load only inside
+`validate_dataset`.
+"""
+
+from __future__ import annotations
+
+from tuneship.data.checks import SuiteConfig, load_config
+from tuneship.data.reader import DatasetError
+from tuneship.data.validate import CheckResult, ValidationReport, validate_dataset
+from tuneship.data.version import DatasetVersion, load_manifest, version_dataset
+
+__all__ = [
+    "CheckResult",
+    "DatasetError",
+    "DatasetVersion",
+    "SuiteConfig",
+    "ValidationReport",
+    "load_config",
+    "load_manifest",
+    "validate_dataset",
+    "version_dataset",
+]

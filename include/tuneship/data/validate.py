@@ -1,0 +1,356 @@
+"""`validate_dataset`: read, inspect, assert with Great Expectations, quarantine, report.
+
+One streaming pass per split computes a small feature row per record (and writes rows
+failing an error check straight to the quarantine file), then GE validates the feature
+frames against the suite from the YAML config and renders Data Docs. The report says
+whether the batch is accepted and, when not, which file/lines and checks to look at.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneship import config
+from tuneship.data.checks import ROW_CHECKS, RowInspector, Tokenizer, load_config
+from tuneship.data.reader import (
+    SPLITS,
+    DatasetError,
+    detect_shape,
+    file_sha256,
+    iter_rows,
+    resolve_dataset,
+)
+from tuneship.profile import TextProfiler, compare_profiles
+
+SAMPLE_LINES = 10
+REPORT_FILE = "report.json"
+QUARANTINE_FILE = "quarantine.jsonl"
+
+
+@dataclass
+class CheckResult:
+    """One check across both splits: blocking when severity is error and passed is False."""
+
+    name: str
+    severity: str
+    passed: bool
+    figures: dict[str, Any] = field(default_factory=dict)
+    sample_lines: dict[str, list[int]] = field(default_factory=dict)  # file name -> lines
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of `validate_dataset`; JSON-round-trippable so tasks pass its path, not it."""
+
+    dataset_uri: str
+    accepted: bool
+    schema: str
+    checks: list[CheckResult]
+    rows: dict[str, int]
+    accepted_rows: dict[str, int]
+    files: dict[str, dict[str, str]]  # split -> {name, format, sha256}
+    quarantine_path: str | None
+    quarantine_count: int
+    quarantined_lines: dict[str, list[int]]
+    data_docs_path: str | None
+    workdir: str
+    config: dict[str, Any]
+    created_at: str
+    reference: dict[str, Any] | None = None  # profile of accepted train prompts
+
+    @property
+    def failed_checks(self) -> list[CheckResult]:
+        return [c for c in self.checks if not c.passed and c.severity == "error"]
+
+    @property
+    def warnings(self) -> list[CheckResult]:
+        return [c for c in self.checks if not c.passed and c.severity != "error"]
+
+    def check(self, name: str) -> CheckResult:
+        return next(c for c in self.checks if c.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path | None = None) -> Path:
+        p = Path(path) if path else Path(self.workdir) / REPORT_FILE
+        p.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> ValidationReport:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw["checks"] = [CheckResult(**c) for c in raw["checks"]]
+        return cls(**raw)
+
+    def summary(self) -> str:
+        """A message a person can act on: verdict, files, failing lines/checks, where to look."""
+        names = {s: f["name"] for s, f in self.files.items()}
+        head = "ACCEPTED" if self.accepted else "REJECTED"
+        sizes = ", ".join(
+            f"{names[s]}: {self.rows[s]} rows, {self.accepted_rows[s]} accepted" for s in self.rows
+        )
+        lines = [f"Dataset {self.dataset_uri} {head} (schema {self.schema}; {sizes})."]
+
+        def describe(c: CheckResult) -> str:
+            figs = ", ".join(f"{k}={_fmt(v)}" for k, v in c.figures.items() if k != "by_split")
+            where = "; ".join(
+                f"{f}:{','.join(map(str, ls))}" for f, ls in c.sample_lines.items() if ls
+            )
+            return f"  - {c.name} [{c.severity}]: {figs}" + (
+                f"; first lines {where}" if where else ""
+            )
+
+        if self.failed_checks:
+            lines.append("Failing checks (block the batch):")
+            lines += [describe(c) for c in self.failed_checks]
+        if self.warnings:
+            lines.append("Warnings (reported, not blocking):")
+            lines += [describe(c) for c in self.warnings]
+        quarantined = [
+            c
+            for c in self.checks
+            if c.passed and c.name != "quarantine" and c.figures.get("quarantined_rows")
+        ]
+        if quarantined:
+            lines.append("Rows quarantined by passing checks:")
+            lines += [describe(c) for c in quarantined]
+        if self.quarantine_count:
+            lines.append(
+                f"Quarantined {self.quarantine_count} row(s) -> {self.quarantine_path} "
+                "(each with its file, line number and reasons)"
+                + ("; they are excluded from the version." if self.accepted else ".")
+            )
+        if self.data_docs_path:
+            lines.append(f"Data Docs: {self.data_docs_path}")
+        if not self.accepted:
+            lines.append(
+                "Fix the listed lines in the source files (or, if the rule is wrong, change "
+                f"its threshold in {self.config.get('path')}) and re-run the validation."
+            )
+        return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _default_workdir() -> Path:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return config.home() / "data_validation" / f"{stamp}-{uuid.uuid4().hex[:8]}"
+
+
+def _load_manifest(previous: str | Path | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(previous, Mapping):
+        return previous
+    import fsspec
+
+    with fsspec.open(str(previous), "r", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def validate_dataset(
+    dataset_uri: str | Path,
+    *,
+    config_path: str | Path | None = None,
+    tokenizer: Tokenizer | None = None,
+    previous_manifest: str | Path | Mapping[str, Any] | None = None,
+    workdir: str | Path | None = None,
+) -> ValidationReport:
+    """Validate a dataset directory against the check suite; never modifies the source.
+
+    Raises `DatasetError` when a file cannot be read as training data at all (missing,
+    undecodable, truncated, empty, unknown row shape). Data-quality findings do not raise:
+    they are in the returned report (`accepted`, `checks`, quarantine, Data Docs).
+    `tokenizer` maps text to a token list or count (default: whitespace tokens).
+    `previous_manifest` (path/URI or dict) enables the drift_vs_previous check.
+    The report is also saved as `<workdir>/report.json`.
+    """
+    import pandas as pd
+
+    from tuneship.data.gx import run_expectations
+
+    cfg = load_config(config_path)
+    source = resolve_dataset(dataset_uri)
+    wd = Path(workdir) if workdir else _default_workdir()
+    wd.mkdir(parents=True, exist_ok=True)
+    qpath = wd / QUARANTINE_FILE
+
+    # Hash first: a file changing while we read it would make the report lie.
+    fingerprints = {s: file_sha256(source, s) for s in SPLITS}
+
+    shape = None
+    inspector: RowInspector | None = None
+    frames: dict[str, pd.DataFrame] = {}
+    failing: dict[str, dict[str, list[int]]] = {c: {s: [] for s in SPLITS} for c in ROW_CHECKS}
+    quarantined_lines: dict[str, list[int]] = {s: [] for s in SPLITS}
+    profiler = TextProfiler()
+    with qpath.open("w", encoding="utf-8") as qf:
+        for split in SPLITS:
+            name = source.files[split].name
+            columns: dict[str, list[Any]] = {}
+            for line, record in iter_rows(source, split):
+                row_shape = detect_shape(record)
+                if row_shape is None:
+                    raise DatasetError(
+                        f"{source.uri}/{name} line {line}: unknown row schema (keys: "
+                        f"{', '.join(sorted(map(str, record))) or 'none'}). Rows must be "
+                        '{"prompt": ..., "completion": ...} or '
+                        '{"messages": [{"role": ..., "content": ...}, ...]}.',
+                        file=name,
+                        line=line,
+                    )
+                if inspector is None:
+                    shape = row_shape
+                    inspector = RowInspector(cfg, shape, tokenizer)
+                res = inspector.inspect(split, line, record)
+                for k, v in res.features.items():
+                    columns.setdefault(k, []).append(v)
+                for check in res.reasons:
+                    failing[check][split].append(line)
+                if res.features["quarantined"]:
+                    quarantined_lines[split].append(line)
+                    qf.write(
+                        json.dumps(
+                            {
+                                "split": split,
+                                "file": name,
+                                "line": line,
+                                "reasons": res.reasons,
+                                "row": record,
+                            },
+                            sort_keys=True,
+                            default=str,
+                        )
+                        + "\n"
+                    )
+                elif split == "train":
+                    profiler.add(res.prompt)
+            frame = pd.DataFrame(columns)
+            for col in ("empty_fields", "prompt_tokens", "completion_tokens"):
+                frame[col] = frame[col].astype("Int64")
+            frames[split] = frame
+    assert shape is not None
+
+    outcomes = run_expectations(frames, cfg, shape, wd / "data_docs")
+    reference = profiler.result()
+
+    rows = {s: len(frames[s]) for s in SPLITS}
+    accepted_rows = {s: rows[s] - len(quarantined_lines[s]) for s in SPLITS}
+    names = {s: source.files[s].name for s in SPLITS}
+    checks: list[CheckResult] = []
+
+    def samples(lines_by_split: Mapping[str, list[int]]) -> dict[str, list[int]]:
+        return {names[s]: ls[:SAMPLE_LINES] for s, ls in lines_by_split.items() if ls}
+
+    for check in (*ROW_CHECKS, "quarantine", "min_rows"):
+        if not cfg.enabled(check):
+            continue
+        mine = [o for o in outcomes if o.check == check]
+        if not mine:
+            continue
+        figures: dict[str, Any] = {}
+        sample: dict[str, list[int]] = {}
+        if check in ROW_CHECKS:
+            by = failing[check]
+            n_fail = sum(len(v) for v in by.values())
+            figures["failing_rows"] = n_fail
+            denominators = {s: rows[s] for s in SPLITS if not (check == "leakage" and s == "train")}
+            figures["failing_fraction"] = max(
+                (len(by[s]) / rows[s] for s in denominators), default=0.0
+            )
+            figures["max_fraction"] = cfg.checks.get(check).max_fraction
+            if cfg.severity(check) == "error":
+                figures["quarantined_rows"] = n_fail
+            sample = samples(by)
+        elif check == "quarantine":
+            figures["quarantined_rows"] = sum(len(v) for v in quarantined_lines.values())
+            figures["quarantined_fraction"] = max(
+                len(quarantined_lines[s]) / rows[s] for s in SPLITS
+            )
+            figures["max_fraction"] = cfg.quarantine.max_fraction
+            sample = samples(quarantined_lines)
+        elif check == "min_rows":
+            figures["accepted_rows"] = dict(accepted_rows)
+            figures["min_rows"] = {s: getattr(cfg.checks.min_rows, s) for s in SPLITS}
+        figures["by_split"] = {
+            o.split: {
+                "expectation": o.expectation,
+                "column": o.column,
+                "success": o.success,
+                **o.figures,
+            }
+            for o in mine
+        }
+        if check == "length":  # two expectations per split: keep both
+            figures["by_split"] = {
+                f"{o.split}.{o.column}": {
+                    "expectation": o.expectation,
+                    "success": o.success,
+                    **o.figures,
+                }
+                for o in mine
+            }
+        checks.append(
+            CheckResult(
+                name=check,
+                severity=cfg.severity(check),
+                passed=all(o.success for o in mine),
+                figures=figures,
+                sample_lines=sample,
+            )
+        )
+
+    if previous_manifest is not None and cfg.checks.drift_vs_previous.enabled:
+        prev = _load_manifest(previous_manifest)
+        d = cfg.checks.drift_vs_previous
+        if prev.get("reference"):
+            cmp = compare_profiles(prev["reference"], reference)
+            figures = {
+                "score": cmp["score"],
+                "max_score": d.max_score,
+                "length_psi": cmp["length_psi"],
+                "token_psi": cmp["token_psi"],
+                "token_js_divergence": cmp["token_js_divergence"],
+                "previous_version": prev.get("version_id"),
+            }
+            passed = cmp["score"] <= d.max_score
+        else:
+            figures = {"note": "previous manifest has no reference profile"}
+            passed = True
+        checks.append(CheckResult("drift_vs_previous", d.severity, passed, figures, {}))
+
+    n_quarantined = sum(len(v) for v in quarantined_lines.values())
+    if not n_quarantined:
+        qpath.unlink(missing_ok=True)
+    docs_index = wd / "data_docs" / "index.html"
+    report = ValidationReport(
+        dataset_uri=source.uri,
+        accepted=all(c.passed for c in checks if c.severity == "error"),
+        schema=str(shape),
+        checks=checks,
+        rows=rows,
+        accepted_rows=accepted_rows,
+        files={
+            s: {"name": names[s], "format": source.files[s].format, "sha256": fingerprints[s]}
+            for s in SPLITS
+        },
+        quarantine_path=str(qpath) if n_quarantined else None,
+        quarantine_count=n_quarantined,
+        quarantined_lines=quarantined_lines,
+        data_docs_path=str(docs_index) if docs_index.exists() else None,
+        workdir=str(wd),
+        config={"name": cfg.name, "version": cfg.version, "path": cfg.path, "sha256": cfg.sha256},
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        reference=reference,
+    )
+    report.save()
+    return report
