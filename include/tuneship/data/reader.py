@@ -229,9 +229,14 @@ def detect_shape(record: dict[str, Any]) -> Shape | None:
 def file_sha256(source: DatasetSource, split: str, chunk: int = 1 << 20) -> str:
     """sha256 of a split's raw bytes, read in chunks, to notice a file changing under us."""
     h = hashlib.sha256()
-    with source.fs.open(source.files[split].path, "rb") as handle:
-        while block := handle.read(chunk):
-            h.update(block)
+    path = source.files[split].path
+    try:
+        with source.fs.open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                h.update(block)
+    except OSError as exc:
+        raise DatasetError(f"{path} cannot be read ({exc.strerror or exc}); check that it is a "
+                           "readable regular file.", file=source.files[split].name) from exc
     return h.hexdigest()
 
 
