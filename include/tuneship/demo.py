@@ -62,6 +62,7 @@ class Traffic:
 
         url = config.gateway_url()
         seed = 1000
+        served: str | None = None
         with httpx.Client(base_url=url, timeout=30.0) as c:
             while not self._stop.is_set():
                 try:
@@ -71,11 +72,13 @@ class Traffic:
                 if not ready:
                     self._stop.wait(1.0)
                     continue
+                if served is None:
+                    served = c.get("/v1/models").json()["data"][0]["id"]
                 seed += 1
                 drift = self.drift
                 prompt = traffic_prompts(1, seed=seed, drift=drift)[0]
                 try:
-                    r = c.post("/v1/completions", json={"model": "tuneship-triage", "prompt": prompt,
+                    r = c.post("/v1/completions", json={"model": served, "prompt": prompt,
                                                          "max_tokens": 12, "temperature": 0})
                     self.ok += r.status_code == 200
                     self.failed += r.status_code != 200

@@ -39,13 +39,20 @@ class ShadowThresholds:
     min_agreement: float = 0.0  # agreement with live is reported; gate it only if asked
 
 
+def is_ok(resp: dict) -> bool:
+    """The gateway logs the HTTP status it answered (or would have, for a shadow)."""
+    return resp.get("status") == 200
+
+
 def candidate_responses(records: list[dict], version: str) -> list[dict]:
-    """The candidate's answers, whether it sat in the shadow slot or (bootstrap) in live."""
+    """The candidate's answers, whether it sat in the shadow slot or (bootstrap) in live.
+
+    Mirror copies still `pending` or `dropped` (queue full) are not the candidate's answers."""
     out = []
     for rec in records:
         for slot in ("shadow", "live"):
             resp = rec.get(slot)
-            if resp and str(resp.get("version")) == str(version):
+            if resp and str(resp.get("version")) == str(version) and resp.get("status") not in ("pending", "dropped"):
                 out.append({**resp, "slot": slot, "request": rec})
                 break
     return out
@@ -56,14 +63,14 @@ def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds) -> d
 
     answers = candidate_responses(records, version)
     n = len(answers)
-    errors = [a for a in answers if a.get("status") != "ok"]
-    ok = [a for a in answers if a.get("status") == "ok"]
+    errors = [a for a in answers if not is_ok(a)]
+    ok = [a for a in answers if is_ok(a)]
     parsed = [parse_triage(a.get("completion") or "") for a in ok]
     format_rate = sum(p["category"] is not None and p["priority"] is not None for p in parsed) / max(len(ok), 1)
     agree_pairs = [
         (parse_triage(a.get("completion") or ""), parse_triage(a["request"]["live"].get("completion") or ""))
         for a in ok
-        if a["slot"] == "shadow" and a["request"].get("live", {}).get("status") == "ok"
+        if a["slot"] == "shadow" and is_ok(a["request"].get("live") or {})
     ]
     agreement = (sum(s["category"] == lv["category"] for s, lv in agree_pairs) / len(agree_pairs)) if agree_pairs else None
     p95 = _p95([float(a["latency_ms"]) for a in ok if a.get("latency_ms") is not None])

@@ -307,10 +307,12 @@ def smoke_through_gateway(colour_model: str, *, token: str, suite_name: str = "s
     suite = load_suite(suite_name)
     cases = load_cases(suite)
     outs = []
+    colour = colour_model.removeprefix("llm_")
     with httpx.Client(base_url=config.gateway_url(), timeout=60.0,
-                      headers={"Authorization": f"Bearer {token}"}) as c:
+                      headers={"Authorization": f"Bearer {token}", "X-Tuneship-Target": colour}) as c:
+        served = c.get("/admin/routes").json()["served_model"]
         for case in cases:
-            r = c.post("/v1/completions", json={"model": colour_model, "prompt": case.prompt,
+            r = c.post("/v1/completions", json={"model": served, "prompt": case.prompt,
                                                  "max_tokens": suite.generation.max_new_tokens, "temperature": 0})
             if r.status_code != 200:
                 raise StageFailed(f"smoke request to {colour_model} failed: HTTP {r.status_code} {r.text[:300]}")
@@ -347,9 +349,12 @@ def release_plan(candidate: dict[str, Any] | None, version: str | None, routes: 
 
 def route_for(plan: dict[str, Any], model: str) -> dict[str, Any]:
     """The gateway route for a loaded colour (what /version reports)."""
+    from tuneship import registry
+
     return {"colour": plan["colour"], "model": model, "version": str(plan["version"]),
-            "adapter_sha256": plan.get("adapter_sha256"), "dataset_version": plan.get("dataset_version"),
-            "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "registered_model": registry.MODEL_NAME, "adapter_sha256": plan.get("adapter_sha256"),
+            "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "metadata": {"dataset_version": plan.get("dataset_version")}}
 
 
 def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:
@@ -398,7 +403,7 @@ def check_drift(*, window_hours: float, threshold: float, min_requests: int, deb
     manifest = json.loads(Path(champion.tags["dataset_manifest"]).read_text())
     since = time.time() - window_hours * 3600
     records = read_inference_log(monitor.log_root(), since=since)
-    prompts = [r["prompt"] for r in records if (r.get("live") or {}).get("status") == "ok"]
+    prompts = [r["prompt"] for r in records if monitor.is_ok(r.get("live") or {})]
     report = monitor.drift_report(manifest["reference"], prompts, threshold=threshold, min_requests=min_requests)
     state = monitor.load_governor()
     fire, new_state, reason = monitor.governor_decide(state, report["drifted"], debounce=debounce,

@@ -50,10 +50,10 @@ class ShadowWindowTrigger(BaseTrigger):
 
     def _count(self) -> tuple[int, int]:
         from tuneship.inference_log import read_inference_log
-        from tuneship.monitor import candidate_responses, log_root
+        from tuneship.monitor import candidate_responses, is_ok, log_root
 
         answers = candidate_responses(read_inference_log(log_root(), since=self.since), self.candidate_version)
-        return len(answers), sum(a.get("status") != "ok" for a in answers)
+        return len(answers), sum(not is_ok(a) for a in answers)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from tuneship.monitor import GovernorState, ShadowThresholds, governor_decide, shadow_verdict
 
 
-def rec(live_v, live_text, shadow_v=None, shadow_text=None, shadow_status="ok", latency=20.0):
+def rec(live_v, live_text, shadow_v=None, shadow_text=None, shadow_status=200, latency=20.0):
     r = {"prompt": "Ticket: x\nTriage:",
-         "live": {"version": live_v, "completion": live_text, "status": "ok", "latency_ms": 10.0}}
+         "live": {"version": live_v, "completion": live_text, "status": 200, "latency_ms": 10.0}}
     r["shadow"] = ({"version": shadow_v, "completion": shadow_text, "status": shadow_status,
                     "latency_ms": latency} if shadow_v else None)
     return r
@@ -24,7 +24,7 @@ def test_promote_when_shadow_healthy():
 
 
 def test_rollback_on_errors_latency_format_and_too_few():
-    errs = [rec("1", GOOD, "2", None, shadow_status="error") for _ in range(3)] + [rec("1", GOOD, "2", GOOD)] * 27
+    errs = [rec("1", GOOD, "2", None, shadow_status=502) for _ in range(3)] + [rec("1", GOOD, "2", GOOD)] * 27
     v = shadow_verdict(errs, "2", ShadowThresholds(min_requests=20, max_error_rate=0.05))
     assert v["verdict"] == "rollback" and any("error rate" in r for r in v["reasons"])
     slow = [rec("1", GOOD, "2", GOOD, latency=5000.0)] * 30
@@ -33,6 +33,13 @@ def test_rollback_on_errors_latency_format_and_too_few():
     assert any("format" in r for r in shadow_verdict(junk, "2", ShadowThresholds())["reasons"])
     few = [rec("1", GOOD, "2", GOOD)] * 5
     assert any("only 5" in r for r in shadow_verdict(few, "2", ShadowThresholds())["reasons"])
+
+
+def test_pending_and_dropped_copies_are_not_answers():
+    records = [rec("1", GOOD, "2", None, shadow_status="pending"), rec("1", GOOD, "2", None, shadow_status="dropped")]
+    records += [rec("1", GOOD, "2", GOOD)] * 20
+    v = shadow_verdict(records, "2", ShadowThresholds())
+    assert v["requests"] == 20 and v["errors"] == 0 and v["verdict"] == "promote"
 
 
 def test_bootstrap_candidate_in_live_slot():

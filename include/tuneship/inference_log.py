@@ -1,0 +1,134 @@
+"""The inference log: layout, record shapes and the reader that joins live and shadow answers.
+
+Layout (docs/CONTRACTS.md): ``<root>/dt=YYYY-MM-DD/hour=HH/<replica>.jsonl`` (UTC), one JSON
+object per line, appended by the gateway's background writer. Pure Python, no FastAPI, so
+the shadow verdict and the drift monitor can import it anywhere.
+
+Two kinds of line, joined by `request_id`:
+
+* ``"kind": "request"`` -- written when the live answer is done:
+  ts, request_id, replica, endpoint, model, prompt, max_tokens,
+  live: {colour, version, model, completion, latency_ms, status[, error]},
+  shadow: null                                  (no shadow colour, or not sampled)
+        | {colour, version, model, status: "pending"}  (copied; result follows)
+        | {colour, version, model, status: "dropped"}  (mirror queue full, never sent),
+  prompt_tokens, completion_tokens.
+* ``"kind": "shadow"`` -- written when the mirrored call finishes (the live response never
+  waits for it): ts (the *request's* ts, so it lands in the same partition file as its
+  request line), request_id, replica, completed_at,
+  shadow: {colour, version, model, completion, latency_ms, status[, error]}.
+
+`status` is the HTTP status the gateway answered (live) or would have (shadow): 200 ok,
+502/503/504 upstream failures. A "pending" shadow that never gets its second line means the
+replica stopped before the shadow answered.
+
+`read_inference_log` returns one merged dict per request in the contract's shape
+(the shadow line's object replaces the request's "pending" placeholder).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+_PART = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
+_HOUR = re.compile(r"^hour=(\d{2})$")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_ts(ts: datetime) -> str:
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parse_ts(value: str | datetime) -> datetime:
+    ts = value if isinstance(value, datetime) else datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def partition_dir(root: Path | str, ts: datetime) -> Path:
+    ts = ts.astimezone(UTC)
+    return Path(root) / f"dt={ts:%Y-%m-%d}" / f"hour={ts:%H}"
+
+
+def partition_file(root: Path | str, ts: datetime, replica: str) -> Path:
+    return partition_dir(root, ts) / f"{replica}.jsonl"
+
+
+def _files(root: Path, since: datetime | None, until: datetime | None) -> Iterator[Path]:
+    if not root.is_dir():
+        return
+    for day in sorted(root.iterdir()):
+        m = _PART.match(day.name)
+        if not m or not day.is_dir():
+            continue
+        for hour in sorted(day.iterdir()):
+            h = _HOUR.match(hour.name)
+            if not h or not hour.is_dir():
+                continue
+            start = datetime.fromisoformat(f"{m.group(1)}T{h.group(1)}:00:00+00:00")
+            if since is not None and start + timedelta(hours=1) <= since:
+                continue
+            if until is not None and start > until:
+                continue
+            yield from sorted(hour.glob("*.jsonl"))
+
+
+def iter_lines(root: Path | str, since: datetime | None = None, until: datetime | None = None) -> Iterator[dict[str, Any]]:
+    """Raw lines (both kinds), skipping partial/corrupt lines (e.g. a torn last line)."""
+    for path in _files(Path(root), since, until):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(obj, dict) and "request_id" in obj:
+                    yield obj
+
+
+def read_inference_log(
+    root: Path | str,
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+) -> list[dict[str, Any]]:
+    """Joined records (one per request, contract shape), oldest first.
+
+    `since`/`until` (datetime or ISO string; naive = UTC) bound the request's ts, inclusive
+    of `since`, exclusive of `until`.
+    """
+    lo = parse_ts(since) if since is not None else None
+    hi = parse_ts(until) if until is not None else None
+    requests: dict[str, dict[str, Any]] = {}
+    shadows: dict[str, dict[str, Any]] = {}
+    for obj in iter_lines(root, lo, hi):
+        kind = obj.get("kind", "request")
+        if kind == "shadow":
+            shadows[obj["request_id"]] = obj
+        elif kind == "request":
+            requests[obj["request_id"]] = obj
+    out = []
+    for rid, rec in requests.items():
+        try:
+            ts = parse_ts(rec["ts"])
+        except (KeyError, ValueError, TypeError):
+            continue
+        if (lo is not None and ts < lo) or (hi is not None and ts >= hi):
+            continue
+        rec = dict(rec)
+        rec.pop("kind", None)
+        sh = shadows.get(rid)
+        if sh is not None and isinstance(sh.get("shadow"), dict):
+            rec["shadow"] = {**sh["shadow"], "completed_at": sh.get("completed_at")}
+        out.append((ts, rec))
+    out.sort(key=lambda p: p[0])
+    return [rec for _, rec in out]

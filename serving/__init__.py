@@ -1,0 +1,1 @@
+"""Serving side of Tuneship: the inference gateway and the Triton model-repository templates."""

@@ -1,0 +1,61 @@
+"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}``.
+
+Everything the gateway answers with a non-2xx status goes through `OpenAIError` (or the
+exception handlers in `app` that convert FastAPI/Starlette errors into it), so the official
+`openai` client raises its usual typed exceptions (BadRequestError, NotFoundError, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+
+class OpenAIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", code=code, param=param)
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404, f"The model `{model}` does not exist or you do not have access to it.",
+        "invalid_request_error", code="model_not_found", param="model",
+    )
+
+
+def no_live_route() -> OpenAIError:
+    return OpenAIError(503, "No live model is routed yet; try again later.", "server_error", code="no_live_route")
+
+
+def unauthorized(message: str = "Missing or invalid bearer token.") -> OpenAIError:
+    return OpenAIError(401, message, "authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+def conflict(message: str, code: str = "conflict") -> OpenAIError:
+    return OpenAIError(409, message, "invalid_request_error", code=code)

@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per app (so tests can build several apps in a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "tuneship_gateway_requests_total", "Inference requests answered by the gateway.",
+            ["endpoint", "colour", "model", "status"], registry=r,
+        )
+        self.latency = Histogram(
+            "tuneship_gateway_request_latency_seconds", "End-to-end latency of inference requests.",
+            ["colour", "model", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "tuneship_gateway_upstream_latency_seconds", "Latency of Triton infer calls.",
+            ["role", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.shadow_sent = Counter(
+            "tuneship_gateway_shadow_sent_total", "Requests copied to the shadow colour.",
+            ["colour", "model"], registry=r,
+        )
+        self.shadow_dropped = Counter(
+            "tuneship_gateway_shadow_dropped_total", "Shadow copies dropped because the mirror queue was full.",
+            ["colour", "model"], registry=r,
+        )
+        self.shadow_failed = Counter(
+            "tuneship_gateway_shadow_failed_total", "Shadow copies whose upstream call failed.",
+            ["colour", "model"], registry=r,
+        )
+        self.shadow_queue_depth = Gauge(
+            "tuneship_gateway_shadow_queue_depth", "Shadow copies waiting in the mirror queue.", registry=r,
+        )
+        self.log_dropped = Counter(
+            "tuneship_gateway_inference_log_dropped_total", "Inference-log records dropped (writer queue full).",
+            registry=r,
+        )
+        self.log_written = Counter(
+            "tuneship_gateway_inference_log_written_total", "Inference-log records written.", registry=r,
+        )
+        self.route_generation = Gauge(
+            "tuneship_gateway_route_generation", "Generation of the routing state this replica serves.",
+            registry=r,
+        )

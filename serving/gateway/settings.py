@@ -1,0 +1,73 @@
+"""Gateway settings, from the environment (prefix ``TUNESHIP_GATEWAY_``).
+
+Paths and the Triton address default to `tuneship.config`, so the gateway, the DAGs and the
+tests agree on them without passing them around.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tuneship import config
+from tuneship.gateway_admin import token_path
+
+
+def _default_replica_id() -> str:
+    host = socket.gethostname().split(".")[0] or "gw"
+    return f"{host}-{os.getpid()}"
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNESHIP_GATEWAY_", extra="ignore")
+
+    # Upstream
+    triton_url: str = Field(default_factory=config.triton_url)  # host:port, no scheme
+    triton_timeout_s: float = 30.0  # one inference call, live path
+    triton_connect_timeout_s: float = 2.0
+    triton_max_connections: int = 64
+    ready_timeout_s: float = 2.0  # Triton readiness probes
+
+    # Mirroring to the shadow colour
+    shadow_queue_size: int = 256
+    shadow_workers: int = 2
+    shadow_timeout_s: float = 30.0
+    shadow_drain_s: float = 5.0  # on shutdown, wait this long for queued shadow calls
+    mirror_sample: float = Field(default=1.0, ge=0.0, le=1.0)  # until routes.json says otherwise
+
+    # Inference log
+    replica_id: str = Field(default_factory=_default_replica_id)
+    log_root: Path = Field(default_factory=lambda: config.home() / "inference_log")
+    log_queue_size: int = 10_000
+
+    # Routing state
+    routes_path: Path = Field(default_factory=lambda: config.home() / "gateway" / "routes.json")
+    default_served_model: str = "tuneship"
+
+    # Request limits
+    max_prompt_chars: int = 32_768
+    default_max_tokens: int = 16  # OpenAI's default for /v1/completions
+    max_tokens_limit: int = 4096
+
+    # Admin credential; when unset a random token is kept 0600 at home/gateway/admin_token.
+    admin_token: str | None = Field(default=None, repr=False)
+    admin_token_path: Path = Field(default_factory=token_path)
+
+    @field_validator("replica_id")
+    @classmethod
+    def _safe_replica(cls, v: str) -> str:
+        # It becomes a file name in the inference log.
+        v = re.sub(r"[^A-Za-z0-9_.-]", "_", v)[:64]
+        if not v or v.startswith("."):
+            raise ValueError("replica_id must contain [A-Za-z0-9_.-] and not start with '.'")
+        return v
+
+    @field_validator("triton_url")
+    @classmethod
+    def _strip_scheme(cls, v: str) -> str:
+        return re.sub(r"^https?://", "", v).rstrip("/")

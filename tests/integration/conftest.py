@@ -1,0 +1,230 @@
+"""Fixtures for integration tests: the real tritonserver and real gateway processes on loopback.
+
+* `triton` (session): tritonserver on free ports with a tmp model repository holding copies
+  of tests/fixtures/triton_models/echo_llm as llm_blue, llm_green and llm_slow (1 s delay),
+  all loaded. The binary is installed once into a shared, git-ignored home
+  (env TUNESHIP_TEST_TRITON_HOME, default <repo>/.tuneship/test-home) -- the first run
+  downloads it (~55 MB), later runs reuse it.
+* `start_gateway` (function): starts `python -m serving.gateway` subprocesses on free ports,
+  each with its own (or a shared) TUNESHIP_HOME, and stops them (SIGTERM, so the inference
+  log is flushed) at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `serving` lives at the repo root (not an installed package)
+    sys.path.insert(0, str(REPO))
+
+from tuneship import tritonserver  # noqa: E402
+
+ECHO_MODEL = REPO / "tests" / "fixtures" / "triton_models" / "echo_llm"
+MODELS = {"llm_blue": 0, "llm_green": 0, "llm_slow": 1000}  # name -> delay_ms
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def copy_echo_model(repository: Path, name: str, delay_ms: int = 0) -> Path:
+    dest = repository / name
+    shutil.copytree(ECHO_MODEL, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    if delay_ms:
+        cfg = dest / "config.pbtxt"
+        cfg.write_text(cfg.read_text().replace('string_value: "0"', f'string_value: "{delay_ms}"'))
+    return dest
+
+
+@dataclass
+class Triton:
+    server: tritonserver.TritonServer
+
+    @property
+    def url(self) -> str:  # host:port
+        return self.server.url
+
+    def load(self, model: str) -> None:
+        r = httpx.post(f"http://{self.url}/v2/repository/models/{model}/load", timeout=120)
+        assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    install_home = Path(os.environ.get("TUNESHIP_TEST_TRITON_HOME", REPO / ".tuneship" / "test-home"))
+    repo = tmp_path_factory.mktemp("triton_repo")
+    for name, delay in MODELS.items():
+        copy_echo_model(repo, name, delay)
+    with _env(TUNESHIP_HOME=str(install_home)):
+        tritonserver.install()
+        server = tritonserver.TritonServer(
+            repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+            log_path=tmp_path_factory.mktemp("triton_log") / "triton.log",
+        )
+        server.start(timeout=60)
+    t = Triton(server)
+    try:
+        threads = [threading.Thread(target=t.load, args=(m,)) for m in MODELS]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        for m in MODELS:
+            assert httpx.get(f"http://{t.url}/v2/models/{m}/ready").status_code == 200, m
+        yield t
+    finally:
+        server.stop()
+
+
+@dataclass
+class Gateway:
+    url: str
+    home: Path
+    port: int
+    replica: str
+    proc: subprocess.Popen
+    log_path: Path
+    env: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def admin_token(self) -> str:
+        return self.env.get("TUNESHIP_GATEWAY_ADMIN_TOKEN") or (self.home / "gateway" / "admin_token").read_text().strip()
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    @property
+    def log_root(self) -> Path:
+        return self.home / "inference_log"
+
+    def client(self, **kw: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kw)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> int:
+        """SIGTERM (graceful: mirror drained, inference log flushed), then wait. uvicorn
+        re-raises the signal after a clean shutdown, so the return code is -SIGTERM (or 0)."""
+        if self.proc.poll() is None:
+            self.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def wait_live(self, timeout: float = 60) -> Gateway:
+        return wait_live(self, timeout)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def spawn_gateway(triton: Triton, home: Path, log_dir: Path, replica: str, **env: str) -> Gateway:
+    """Start `python -m serving.gateway` on a free port; returns before it is live."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = log_dir / f"gateway-{replica}-{port}.log"
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNESHIP_", "OPENAI_"))}
+    extra = {
+        "TUNESHIP_HOME": str(home),
+        "TUNESHIP_TRITON_URL": triton.url,
+        "TUNESHIP_GATEWAY_REPLICA_ID": replica,
+        "TUNESHIP_GATEWAY_SHADOW_DRAIN_S": "3",
+        **env,
+    }
+    child_env.update(extra)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving.gateway", "--port", str(port), "--log-level", os.environ.get("TUNESHIP_TEST_GATEWAY_LOG_LEVEL", "warning")],
+            cwd=REPO, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    return Gateway(f"http://127.0.0.1:{port}", home, port, replica, proc, log_path, extra)
+
+
+def wait_live(gw: Gateway, timeout: float = 60) -> Gateway:
+    """Block until the gateway answers /health/live (fails fast if the process exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gw.proc.poll() is not None:
+            raise RuntimeError(f"gateway exited with {gw.proc.returncode}:\n{gw.logs()}")
+        try:
+            if httpx.get(f"{gw.url}/health/live", timeout=1).status_code == 200:
+                return gw
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"gateway not live on {gw.url}:\n{gw.logs()}")
+
+
+def _stop_all(gateways: list[Gateway]) -> None:
+    for gw in gateways:
+        gw.terminate()
+    for gw in gateways:
+        gw.stop()
+
+
+@pytest.fixture
+def start_gateway(triton: Triton, tmp_path: Path) -> Iterator:
+    """Factory: start_gateway(home=None, replica=None, wait=True, **env) -> Gateway.
+    With wait=False, call `gw.wait_live()` yourself (lets several start in parallel)."""
+    started: list[Gateway] = []
+
+    def start(home: Path | None = None, replica: str | None = None, wait: bool = True, **env: str) -> Gateway:
+        gw = spawn_gateway(triton, home or tmp_path / "home", tmp_path, replica or f"gw{len(started)}", **env)
+        started.append(gw)
+        return wait_live(gw) if wait else gw
+
+    yield start
+    _stop_all(started)
+
+
+@pytest.fixture
+def gateway(start_gateway) -> Gateway:
+    """A fresh gateway with a fresh home (no routes yet)."""
+    return start_gateway()
+
+
+@pytest.fixture(scope="module")
+def shared_gateway(triton: Triton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One gateway for the tests that set the whole routing state themselves and look only at
+    their own requests (metric deltas, log records by request id): saves process starts."""
+    d = tmp_path_factory.mktemp("shared_gw")
+    gw = wait_live(spawn_gateway(triton, d / "home", d, "shared"))
+    yield gw
+    _stop_all([gw])
