@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, task
+
 from tuneship_airflow.assets import validated_dataset
 
 
@@ -38,7 +39,8 @@ def llm_data_validation():
     def validate_and_version(params=None, run_id=None, outlet_events=None):
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from tuneship.stages import incoming_batch, validate_and_version as run
+        from tuneship.stages import incoming_batch
+        from tuneship.stages import validate_and_version as run
 
         uri = params["dataset_uri"] or incoming_batch()
         if uri is None:

@@ -18,6 +18,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
+
 from tuneship_airflow.assets import release_candidate, retrain_request, validated_dataset
 from tuneship_airflow.operators import LocalTrainerOperator
 from tuneship_airflow.runners import DockerTrainerOperator, KubernetesTrainerOperator
@@ -38,13 +39,21 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
     params={
         "base_model": Param("", type="string", title="Base model",
                             description="HF model id or local path. Empty: the embedded tiny Llama."),
-        "lora_r": Param(8, type="integer", minimum=1, maximum=256, title="LoRA rank"),
-        "lora_alpha": Param(16, type="integer", minimum=1, maximum=512, title="LoRA alpha"),
-        "epochs": Param(3, type="integer", minimum=1, maximum=100, title="Epochs"),
-        "learning_rate": Param(0.003, type="number", exclusiveMinimum=0, maximum=1, title="Learning rate"),
+        "recipe": Param("tiny-lora", type="string", title="Recipe",
+                        description="A recipe under include/tuneship/train/recipes (name) or a YAML path. "
+                        "The fields below override it; leave them empty to keep the recipe's value."),
+        "lora_r": Param(None, type=["null", "integer"], minimum=1, maximum=256, title="LoRA rank",
+                        description="Adapter rank r (capacity of the update). Empty: the recipe's."),
+        "lora_alpha": Param(None, type=["null", "integer"], minimum=1, maximum=512, title="LoRA alpha",
+                            description="LoRA scaling alpha (update scale = alpha / r). Empty: the recipe's."),
+        "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=100, title="Epochs",
+                        description="Passes over the training split. Empty: the recipe's."),
+        "learning_rate": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1, title="Learning rate",
+                               description="Peak learning rate of the schedule. Empty: the recipe's."),
         "runner": Param("local", type="string", enum=["local", "docker", "kubernetes"], title="Runner",
                         description="Where the trainer runs: worker subprocess, Docker GPU container, or K8s GPU pod."),
-        "trainer_image": Param("ghcr.io/tuneship/trainer:0.1.0", type="string", title="Trainer image"),
+        "trainer_image": Param("ghcr.io/tuneship/trainer:0.1.0", type="string", title="Trainer image",
+                               description="Image for the docker and kubernetes runners (serving/docker/Dockerfile.trainer)."),
     },
 )
 def llm_finetune():

@@ -18,6 +18,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, task
+
 from tuneship_airflow.assets import model_promoted, release_candidate
 from tuneship_airflow.operators import ShadowWindowOperator
 
@@ -44,9 +45,9 @@ def llm_release():
     @task
     def plan(params=None, triggering_asset_events=None):
         from airflow.sdk import Variable
-        from tuneship_airflow.hooks import GatewayHook
 
         from tuneship.stages import StageFailed, idle_colour, release_plan
+        from tuneship_airflow.hooks import GatewayHook
 
         candidate = None
         for asset, events in (triggering_asset_events or {}).items():
@@ -63,9 +64,8 @@ def llm_release():
 
     @task
     def load_candidate(p: dict):
-        from tuneship_airflow.hooks import TritonHook
-
         from tuneship.stages import stage_into_repository
+        from tuneship_airflow.hooks import TritonHook
 
         model = stage_into_repository(p["package"], p["colour"])
         TritonHook().load(model)
@@ -73,10 +73,9 @@ def llm_release():
 
     @task
     def smoke(model: str, p: dict):
-        from tuneship_airflow.hooks import GatewayHook
-
         from tuneship.notify import notify
         from tuneship.stages import StageFailed, smoke_through_gateway
+        from tuneship_airflow.hooks import GatewayHook
 
         _, token = GatewayHook()._base_and_token()
         result = smoke_through_gateway(model, token=token)
@@ -88,9 +87,8 @@ def llm_release():
 
     @task
     def start_shadow(model: str, p: dict, smoke_result: dict):
-        from tuneship_airflow.hooks import GatewayHook
-
         from tuneship.stages import route_for
+        from tuneship_airflow.hooks import GatewayHook
 
         hook = GatewayHook()
         routes = hook.routes()
@@ -112,9 +110,8 @@ def llm_release():
 
     @task(outlets=[model_promoted])
     def decide(p: dict, slot: str, outlet_events=None, ti=None):
-        from tuneship_airflow.hooks import GatewayHook, TritonHook
-
         from tuneship.stages import finish_release
+        from tuneship_airflow.hooks import GatewayHook, TritonHook
 
         verdict = ti.xcom_pull(task_ids="shadow_window")
         result = finish_release(p, slot, verdict, gateway=GatewayHook(), triton=TritonHook())

@@ -13,6 +13,10 @@ for p in (REPO, REPO / "plugins"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+# Triton is installed once per checkout (make install puts it in <repo>/.tuneship/triton);
+# tests reuse that install instead of downloading the server again.
+os.environ.setdefault("TUNESHIP_TEST_TRITON_HOME", os.environ.get("TUNESHIP_HOME", str(REPO / ".tuneship")))
+
 if "TUNESHIP_TEST_HOME" in os.environ:
     os.environ["TUNESHIP_HOME"] = os.environ["TUNESHIP_TEST_HOME"]
 else:

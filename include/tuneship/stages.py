@@ -20,7 +20,6 @@ from tuneship import config
 from tuneship.notify import notify
 
 COLOURS = ("blue", "green")
-DEFAULT_RECIPE = Path(__file__).parent / "train" / "recipes" / "tiny-lora.yaml"
 
 
 class StageFailed(RuntimeError):
@@ -115,16 +114,14 @@ def finetune_plan(*, dataset: dict[str, str], params: dict[str, Any], run_key: s
     from tuneship.runners import trainer_command
 
     base = ensure_base_model(params.get("base_model") or None)
-    overrides = {
-        "lora.r": params["lora_r"],
-        "lora.alpha": params["lora_alpha"],
-        "epochs": params["epochs"],
-        "learning_rate": params["learning_rate"],
-    }
-    if params.get("seed") is not None:
-        overrides["seed"] = params["seed"]
+    fields = {"lora.r": "lora_r", "lora.alpha": "lora_alpha", "epochs": "epochs",
+              "learning_rate": "learning_rate", "seed": "seed"}
+    overrides = {key: params[name] for key, name in fields.items() if params.get(name) is not None}
     out = config.artifacts() / "runs" / _slug(run_key) / "train"
-    recipe = params.get("recipe") or str(DEFAULT_RECIPE)
+    from tuneship.train.recipe import default_recipe_path
+
+    recipe = params.get("recipe") or "tiny-lora"
+    recipe = recipe if recipe.endswith((".yaml", ".yml")) else str(default_recipe_path(recipe))
     return {
         "run_key": run_key,
         "trigger": trigger,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +52,7 @@ def test_finetune_form(dagbag):
     for name in ("base_model", "lora_r", "lora_alpha", "epochs", "learning_rate", "runner"):
         assert name in params, name
         assert params.get_param(name).schema.get("type"), name
+        assert params.get_param(name).schema.get("description"), name
         assert params.get_param(name).schema.get("title"), name
     assert params.get_param("runner").schema["enum"] == ["local", "docker", "kubernetes"]
     assert params["runner"] == "local"

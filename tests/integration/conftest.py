@@ -3,8 +3,8 @@
 * `triton` (session): tritonserver on free ports with a tmp model repository holding copies
   of tests/fixtures/triton_models/echo_llm as llm_blue, llm_green and llm_slow (1 s delay),
   all loaded. The binary is installed once into a shared, git-ignored home
-  (env TUNESHIP_TEST_TRITON_HOME, default <repo>/.tuneship/test-home) -- the first run
-  downloads it (~55 MB), later runs reuse it.
+  (env TUNESHIP_TEST_TRITON_HOME, set by tests/conftest.py to the checkout's home, where
+  `make install` already put it) -- only a bare checkout downloads it (~55 MB) here.
 * `start_gateway` (function): starts `python -m serving.gateway` subprocesses on free ports,
   each with its own (or a shared) TUNESHIP_HOME, and stops them (SIGTERM, so the inference
   log is flushed) at teardown.
@@ -82,7 +82,7 @@ class Triton:
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
-    install_home = Path(os.environ.get("TUNESHIP_TEST_TRITON_HOME", REPO / ".tuneship" / "test-home"))
+    install_home = Path(os.environ["TUNESHIP_TEST_TRITON_HOME"])
     repo = tmp_path_factory.mktemp("triton_repo")
     for name, delay in MODELS.items():
         copy_echo_model(repo, name, delay)
