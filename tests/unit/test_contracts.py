@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tuneship import runners
 from tuneship.runners import (
     SpecInvalid,

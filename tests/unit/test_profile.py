@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+
 from tuneship.profile import (
     LENGTH_BIN_EDGES,
     PSI_MODERATE,

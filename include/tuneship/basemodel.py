@@ -1,0 +1,314 @@
+"""The base model: a tiny Llama built and pre-trained locally, or an HF model in production.
+
+Nothing can be downloaded on the embedded default, so the demo base model is made here from
+scratch: a byte-level BPE tokenizer trained on generic support text, and a 2-layer
+LlamaForCausalLM pre-trained briefly on the same text. It is a real (small) language model of
+the domain that has never seen the triage answer format, so fine-tuning has work to do.
+The build is deterministic from its seed and idempotent: a directory whose manifest matches
+is reused, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneship import config
+from tuneship.datagen import pretrain_corpus
+
+BUILDER_VERSION = 1
+MANIFEST = "base_model.json"
+DEFAULT_NAME = "tiny-llama"
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, in this order
+
+# Generic chat template: role-prefixed turns; the generation prompt ends with "assistant:".
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+# Everything that decides the weights; the manifest must match it for a directory to be reused.
+DEFAULT_SPEC: dict[str, Any] = {
+    "builder_version": BUILDER_VERSION,
+    "vocab_size": 1536,
+    "hidden_size": 96,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 256,
+    "corpus_docs": 4000,
+    "pretrain_steps": 250,
+    "batch_size": 16,
+    "seq_len": 96,
+    "learning_rate": 3e-3,
+    "threads": 1,
+}
+
+
+def default_dir() -> Path:
+    """Where the demo base model lives unless told otherwise."""
+    return config.home() / "models" / DEFAULT_NAME
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
+    """Byte-level BPE (never emits <unk>), with a post-processor that prepends <s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # The answer vocabulary is part of the language, so label words become whole tokens.
+    from tuneship.datagen import CATEGORIES, PRIORITIES
+
+    extra = [
+        f"Triage: category={c} priority={p} assistant: user:"
+        for c in CATEGORIES for p in PRIORITIES
+    ] * 100
+    tok.train_from_iterator(corpus + extra, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return tok
+
+
+def _wrap_tokenizer(tok: Any) -> Any:
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        clean_up_tokenization_spaces=False,
+        model_max_length=DEFAULT_SPEC["max_position_embeddings"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _pack_corpus(tokenizer: Any, corpus: list[str], seq_len: int) -> Any:
+    """Concatenate docs (each <s> ... </s>) and cut into fixed-length training rows."""
+    import torch
+
+    ids: list[int] = []
+    for enc in tokenizer(corpus, add_special_tokens=True)["input_ids"]:
+        ids.extend(enc + [tokenizer.eos_token_id])
+    n = len(ids) // seq_len
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def _manifest_matches(out: Path, spec: dict[str, Any], seed: int) -> bool:
+    path = out / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        m = json.loads(path.read_text())
+        weights = out / "model.safetensors"
+        return (
+            m.get("spec") == spec
+            and m.get("seed") == seed
+            and weights.is_file()
+            and m.get("weights_sha256") == sha256_file(weights)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def build_base_model(
+    out_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    spec: dict[str, Any] | None = None,
+    log: Any = print,
+) -> Path:
+    """Build (or reuse) the tiny pre-trained Llama in out_dir; returns the directory.
+
+    Deterministic: seeded RNGs, deterministic algorithms, a fixed thread count for the
+    build. Atomic: built in a sibling temp dir and renamed into place.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir) if out_dir is not None else default_dir()
+    spec = {**DEFAULT_SPEC, **(spec or {})}
+    if _manifest_matches(out, spec, seed):
+        log(f"base model: reusing {out} (manifest matches)")
+        return out
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise FileExistsError(
+            f"{out} exists and is not a Tuneship base model (no {MANIFEST}); "
+            "choose another --out or remove the directory"
+        )
+
+    t0 = time.perf_counter()
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(int(spec["threads"]))
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        corpus = pretrain_corpus(int(spec["corpus_docs"]), seed)
+        tokenizer = _wrap_tokenizer(_train_tokenizer(corpus, int(spec["vocab_size"])))
+        data = _pack_corpus(tokenizer, corpus, int(spec["seq_len"]))
+
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec["hidden_size"],
+            intermediate_size=spec["intermediate_size"],
+            num_hidden_layers=spec["num_hidden_layers"],
+            num_attention_heads=spec["num_attention_heads"],
+            num_key_value_heads=spec["num_attention_heads"],
+            max_position_embeddings=spec["max_position_embeddings"],
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+            attention_dropout=0.0,
+        )
+        model = LlamaForCausalLM(cfg)
+        model.train()
+        steps, bs = int(spec["pretrain_steps"]), int(spec["batch_size"])
+        lr = float(spec["learning_rate"])
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        warmup = max(1, steps // 20)
+
+        def lr_at(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(data), generator=gen)
+        pos, losses = 0, []
+        for step in range(steps):
+            if pos + bs > len(order):
+                order, pos = torch.randperm(len(data), generator=gen), 0
+            batch = data[order[pos : pos + bs]]
+            pos += bs
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach().item())
+            if (step + 1) % 50 == 0 or step + 1 == steps:
+                log(f"base model: step {step + 1}/{steps} loss {losses[-1]:.4f}")
+        model.eval()
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        final_loss = sum(losses[-20:]) / len(losses[-20:])
+        manifest = {
+            "name": DEFAULT_NAME,
+            "architecture": "LlamaForCausalLM",
+            "spec": spec,
+            "seed": seed,
+            "config": cfg.to_dict(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "weights_sha256": sha256_file(tmp / "model.safetensors"),
+            "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
+            "corpus_docs": len(corpus),
+            "corpus_tokens": int(data.numel()),
+            "final_loss": round(final_loss, 6),
+            "build_seconds": round(time.perf_counter() - t0, 2),
+            "torch_version": torch.__version__,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if out.exists():
+            stale = out.with_name(f".{out.name}.stale-{os.getpid()}")
+            os.replace(out, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, out)
+        log(f"base model: built {out} in {manifest['build_seconds']}s, loss {final_loss:.4f}")
+        return out
+    finally:
+        torch.set_num_threads(prev_threads)
+        torch.use_deterministic_algorithms(prev_det)
+
+
+def resolve_base_ref(ref: str) -> tuple[str, bool]:
+    """(what to load, is_local): an existing directory, a model name under home/models, or an HF id."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return str(path.resolve()), True
+    named = config.home() / "models" / ref
+    if "/" not in ref and named.is_dir():
+        return str(named), True
+    if path.is_absolute() or ref.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"base model directory {ref} does not exist; build it with "
+            f"`python -m tuneship.basemodel --out {ref}`"
+        )
+    return ref, False
+
+
+def load_base(ref: str, dtype: Any = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a local directory (offline) or an HF model id.
+
+    One code path for both: the embedded default passes a directory, production an id such
+    as `meta-llama/Llama-3.2-1B`. Loading an id needs the hub (or a warm HF cache).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target, local = resolve_base_ref(ref)
+    kwargs: dict[str, Any] = {"local_files_only": True} if local else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype or torch.float32, **kwargs
+        )
+    except OSError as e:
+        where = "local directory" if local else "Hugging Face model id (needs network or HF cache)"
+        raise RuntimeError(f"could not load base model {ref!r} as a {where}: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tuneship.basemodel", description="Build the tiny local base model."
+    )
+    p.add_argument("--out", default=None, help=f"output directory (default {default_dir()})")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    out = build_base_model(args.out, seed=args.seed)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,300 @@
+"""Compile a fine-tuned model for Triton: merge the adapter, export ONNX, prove parity.
+
+Embedded default: ONNX (torch.export-based exporter, needs onnxscript) served by the Python
+backend on ONNX Runtime. Production: a TensorRT-LLM engine; `tensorrt_build_command` renders
+the build that a GPU node runs. Either way nothing reaches Triton unless the compiled model
+matches eager PyTorch: logits within a tolerance AND identical greedy completions through the
+exact class Triton will run. The model directory is assembled in a temp dir and renamed into
+place, so Triton never loads a half-written version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import string
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneship import config
+from tuneship.basemodel import sha256_file
+
+TRITON_TEMPLATE_DIR = config.REPO_ROOT / "serving" / "triton" / "llm"
+LOGIT_TOLERANCE = 1e-3
+PARITY_PROMPTS = [
+    "Ticket: I was charged twice for my order, please fix this asap.\nTriage:",
+    "Ticket: My package has not arrived yet and tracking has not moved.\nTriage:",
+    "Ticket: hey, the app crashes when I open my cart. no rush\nTriage:",
+    "Ticket: I want to return the blue sneakers, they are the wrong size.\nTriage:",
+    "Hello",
+]
+OPSET = 18
+
+
+class ParityError(RuntimeError):
+    """The compiled model does not reproduce eager PyTorch; it must not be deployed."""
+
+
+def load_triton_model_module() -> Any:
+    """Import serving/triton/llm/model.py (not part of the package: it ships to Triton)."""
+    path = TRITON_TEMPLATE_DIR / "model.py"
+    spec = importlib.util.spec_from_file_location("tuneship_triton_llm_model", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the Triton model from {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def merged_model(base_ref: str, adapter_dir: str | os.PathLike[str] | None) -> tuple[Any, Any]:
+    """(base + adapter merged into plain weights, tokenizer); the deployable model."""
+    from tuneship.basemodel import load_base
+
+    model, tokenizer = load_base(base_ref)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        adapter = Path(adapter_dir)
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter} has no adapter_config.json; pass OUT_DIR/adapter")
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+class _LogitsOnly:
+    """Factory for a wrapper module: input_ids -> logits, no cache, no mask (single sequence)."""
+
+    @staticmethod
+    def wrap(model: Any) -> Any:
+        import torch
+
+        class LogitsOnly(torch.nn.Module):
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, input_ids: Any) -> Any:
+                return self.inner(input_ids=input_ids, use_cache=False).logits
+
+        return LogitsOnly(model).eval()
+
+
+def export_onnx(model: Any, tokenizer: Any, path: Path) -> float:
+    """Export input_ids [batch, seq] -> logits [batch, seq, vocab]; returns seconds taken."""
+    import warnings
+
+    import onnx
+    import torch
+
+    try:
+        import onnxscript  # noqa: F401 - the torch.export-based exporter needs it
+    except ImportError as e:
+        raise RuntimeError(
+            "ONNX export needs the onnxscript package (torch's exporter); "
+            "install the pinned requirements.txt"
+        ) from e
+    wrapper = _LogitsOnly.wrap(model)
+    ids = tokenizer(PARITY_PROMPTS[0], add_special_tokens=True)["input_ids"]
+    example = torch.tensor([ids, ids], dtype=torch.long)  # batch 2 so batch stays symbolic
+    max_ctx = int(getattr(model.config, "max_position_embeddings", 2048))
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1, max=max_ctx)}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, (example,), input_names=["input_ids"], output_names=["logits"],
+            dynamic_shapes={"input_ids": dims}, dynamo=True, opset_version=OPSET,
+            external_data=False, verbose=False,
+        )
+        program.save(str(path), external_data=False)
+    seconds = time.perf_counter() - t0
+    onnx.checker.check_model(str(path), full_check=True)
+    return seconds
+
+
+def check_parity(
+    model: Any, tokenizer: Any, version_dir: Path, prompts: list[str] | None = None,
+    tolerance: float = LOGIT_TOLERANCE, max_new_tokens: int = 16,
+) -> dict[str, Any]:
+    """Compare ONNX Runtime with eager PyTorch: logits and greedy completions. Raises ParityError."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from tuneship.generate import generate_ids
+
+    prompts = prompts or PARITY_PROMPTS
+    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    wrapper = _LogitsOnly.wrap(model)
+    max_diff = 0.0
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        with torch.no_grad():
+            ref = wrapper(torch.tensor([ids], dtype=torch.long)).numpy()
+        got = session.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0]
+        if got.shape != ref.shape:
+            raise ParityError(f"ONNX logits shape {got.shape} != PyTorch {ref.shape} for {p!r}")
+        max_diff = max(max_diff, float(np.abs(got - ref).max()))
+    # Batch > 1 must work too (dynamic batch axis).
+    ids = tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+    batched = session.run(None, {"input_ids": np.asarray([ids] * 3, dtype=np.int64)})[0]
+    if batched.shape[0] != 3:
+        raise ParityError(f"ONNX model does not honour a dynamic batch axis: got {batched.shape}")
+    if max_diff > tolerance:
+        raise ParityError(
+            f"ONNX Runtime logits differ from PyTorch by {max_diff:.3g} (> tolerance {tolerance}); "
+            "the export is not faithful, do not deploy it"
+        )
+    generator = load_triton_model_module().OnnxGreedyGenerator(str(version_dir))
+    mismatches = []
+    for p in prompts:
+        eager = generate_ids(model, tokenizer, p, max_new_tokens)
+        served = generator.generate(p, max_new_tokens)
+        if eager != served:
+            mismatches.append({"prompt": p, "pytorch": eager, "triton_model": served})
+    if mismatches:
+        raise ParityError(f"greedy completions differ between PyTorch and the Triton model: {mismatches}")
+    return {
+        "max_abs_logit_diff": max_diff,
+        "tolerance": tolerance,
+        "prompts": len(prompts),
+        "generation_equal": True,
+    }
+
+
+def render_config(model_name: str, version: int, deployment: dict[str, Any],
+                  instance_count: int = 1) -> str:
+    template = string.Template((TRITON_TEMPLATE_DIR / "config.pbtxt.tmpl").read_text())
+    escaped = json.dumps(json.dumps(deployment, sort_keys=True, default=str))[1:-1]
+    return template.substitute(
+        name=model_name, version=version, instance_count=instance_count, deployment_json=escaped
+    )
+
+
+def compile_for_triton(
+    base_ref: str,
+    adapter_dir: str | os.PathLike[str] | None,
+    repo_dir: str | os.PathLike[str],
+    model_name: str,
+    *,
+    version: int = 1,
+    deployment: dict[str, Any] | None = None,
+    max_new_tokens: int = 16,
+    tolerance: float = LOGIT_TOLERANCE,
+) -> dict[str, Any]:
+    """Build repo_dir/model_name/{config.pbtxt, <version>/...} for Triton; returns a report.
+
+    The whole model directory is staged next to its destination and swapped in with a rename.
+    Raises ParityError (nothing is written) when the compiled model is not faithful.
+    """
+    if version < 1:
+        raise ValueError(f"version must be >= 1 (Triton numbering), got {version}")
+    deployment = dict(deployment or {})
+    repo = Path(repo_dir)
+    repo.mkdir(parents=True, exist_ok=True)
+    final = repo / model_name
+    stage = Path(tempfile.mkdtemp(prefix=f".{model_name}.staging-", dir=repo))
+    try:
+        model, tokenizer = merged_model(base_ref, adapter_dir)
+        vdir = stage / str(version)
+        vdir.mkdir()
+        onnx_path = vdir / "model.onnx"
+        export_s = export_onnx(model, tokenizer, onnx_path)
+        shutil.copy2(TRITON_TEMPLATE_DIR / "model.py", vdir / "model.py")
+        tokenizer.backend_tokenizer.save(str(vdir / "tokenizer.json"))
+        generation = {
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "max_new_tokens": max_new_tokens,
+            "max_tokens_limit": 256,
+            "max_context": int(getattr(model.config, "max_position_embeddings", 4096)),
+            "stop": ["eos", "newline"],
+            "decoding": "greedy",
+        }
+        (vdir / "generation.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
+        parity = check_parity(model, tokenizer, vdir, tolerance=tolerance,
+                              max_new_tokens=max_new_tokens)
+        onnx_sha = sha256_file(onnx_path)
+        deployment.setdefault("onnx_sha256", onnx_sha)
+        deployment.setdefault("base_model", base_ref)
+        if adapter_dir is not None and (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+            deployment.setdefault(
+                "adapter_sha256", sha256_file(Path(adapter_dir) / "adapter_model.safetensors")
+            )
+        (vdir / "deployment.json").write_text(json.dumps(deployment, indent=2, sort_keys=True, default=str))
+        (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment))
+        os.chmod(stage, 0o755)
+        if final.exists():
+            old = repo / f".{model_name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(stage, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return {
+        "model_dir": str(final),
+        "onnx_path": str(final / str(version) / "model.onnx"),
+        "onnx_sha256": onnx_sha,
+        "onnx_bytes": (final / str(version) / "model.onnx").stat().st_size,
+        "parity": parity,
+        "export_seconds": round(export_s, 2),
+        "version": version,
+        "model_name": model_name,
+    }
+
+
+def tensorrt_available() -> bool:
+    """True where a TensorRT(-LLM) build can run: the build tool on PATH and a CUDA device."""
+    if not (shutil.which("trtllm-build") or shutil.which("trtexec")):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def tensorrt_build_command(
+    onnx_or_ckpt_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    max_batch: int,
+    max_input_len: int,
+    max_output_len: int,
+) -> list[str]:
+    """The engine build a GPU node runs: trtexec for an .onnx file, trtllm-build for a
+    TensorRT-LLM checkpoint directory (from convert_checkpoint.py)."""
+    for key, value in (("max_batch", max_batch), ("max_input_len", max_input_len),
+                       ("max_output_len", max_output_len)):
+        if int(value) < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    src, out = Path(onnx_or_ckpt_dir), Path(out_dir)
+    if src.suffix == ".onnx":
+        max_seq = max_input_len + max_output_len
+        return [
+            "trtexec",
+            f"--onnx={src}",
+            f"--saveEngine={out / 'model.plan'}",
+            "--minShapes=input_ids:1x1",
+            f"--optShapes=input_ids:{max(1, max_batch // 2)}x{max_input_len}",
+            f"--maxShapes=input_ids:{max_batch}x{max_seq}",
+            "--fp16",
+        ]
+    return [
+        "trtllm-build",
+        "--checkpoint_dir", str(src),
+        "--output_dir", str(out),
+        "--gemm_plugin", "auto",
+        "--max_batch_size", str(max_batch),
+        "--max_input_len", str(max_input_len),
+        "--max_seq_len", str(max_input_len + max_output_len),
+    ]
