@@ -140,6 +140,24 @@ def _run_ids(api: Any, dag_id: str) -> set[str]:
     return {r["dag_run_id"] for r in api.runs(dag_id)}
 
 
+RESET = ("airflow", "mlflow", "artifacts", "gateway", "inference_log", "monitor", "incoming", "validation",
+         "data_validation", "triton/models", "notifications.jsonl", "run", "logs")
+
+
+def reset_state() -> None:
+    """A demo starts from a clean slate; the base model, Triton install and reports stay."""
+    import shutil
+
+    services.stop()
+    for rel in RESET:
+        path = config.home() / rel
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    say(f"reset the embedded state under {config.home()} (kept: models, triton install, reports)")
+
+
 def prepare_inputs() -> Path:
     from tuneship.datagen import write_dataset
     from tuneship.stages import ensure_base_model, incoming_root
@@ -185,6 +203,7 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
     traffic = Traffic()
     failed = False
     try:
+        reset_state()
         batch = prepare_inputs()
         start_services()
         api = api_client()

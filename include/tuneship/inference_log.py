@@ -47,7 +47,10 @@ def format_ts(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def parse_ts(value: str | datetime) -> datetime:
+def parse_ts(value: str | datetime | float) -> datetime:
+    """ISO string, datetime (naive = UTC) or Unix epoch seconds -> aware UTC datetime."""
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=UTC)
     ts = value if isinstance(value, datetime) else datetime.fromisoformat(value.replace("Z", "+00:00"))
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
@@ -98,12 +101,12 @@ def iter_lines(root: Path | str, since: datetime | None = None, until: datetime 
 
 def read_inference_log(
     root: Path | str,
-    since: datetime | str | None = None,
-    until: datetime | str | None = None,
+    since: datetime | str | float | None = None,
+    until: datetime | str | float | None = None,
 ) -> list[dict[str, Any]]:
     """Joined records (one per request, contract shape), oldest first.
 
-    `since`/`until` (datetime or ISO string; naive = UTC) bound the request's ts, inclusive
+    `since`/`until` (datetime, ISO string or epoch seconds; naive = UTC) bound the request's ts, inclusive
     of `since`, exclusive of `until`.
     """
     lo = parse_ts(since) if since is not None else None
