@@ -4,7 +4,8 @@
 LoRA fine-tune → MLflow registration (`@challenger`) → evaluation gates → compile for Triton.
 
 Runs when `validated_dataset` (new accepted data) or `retrain_request` (the drift monitor)
-is updated, or from the UI form. The trainer is one entrypoint (`python -m tuneship.train`)
+is updated, or from the UI form. A drift-triggered retrain first validates and versions any
+labelled data that landed since the last accepted version, then trains on the newest. The trainer is one entrypoint (`python -m tuneship.train`)
 with the same arguments on every runner: `local` (a worker subprocess, the embedded
 default), `docker` (DockerOperator with GPU device requests) or `kubernetes`
 (KubernetesPodOperator in deferrable mode from the pod template in `serving/k8s/`).
@@ -59,7 +60,7 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
 def llm_finetune():
     @task
     def plan(params=None, run_id=None, triggering_asset_events=None):
-        from tuneship.stages import StageFailed, finetune_plan, latest_dataset
+        from tuneship.stages import StageFailed, dataset_for_retrain, finetune_plan, latest_dataset
 
         trigger, dataset = "manual", None
         for asset, events in (triggering_asset_events or {}).items():
@@ -68,6 +69,8 @@ def llm_finetune():
                 dataset = {k: extra[k] for k in ("version_id", "manifest_uri", "path") if k in extra}
             elif events and trigger == "manual":
                 trigger = getattr(asset, "name", "asset")
+        if trigger == "retrain_request":
+            dataset = dataset_for_retrain(run_id)
         dataset = dataset or latest_dataset()
         if not dataset:
             raise StageFailed("no validated dataset yet: run llm_data_validation first")

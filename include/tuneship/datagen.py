@@ -115,15 +115,15 @@ _NAMES = ["Anna", "Ben", "Carla", "Dev", "Elif", "Femi", "Greta", "Hiro", "Ines"
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "the weekend"]
 
 # Drifted traffic: topics and style the training data never covered.
-_DRIFT_TOPICS = [
-    "my subscription renewed without asking and the monthly plan price went up",
-    "the gift card balance shows zero even though I never redeemed the code",
-    "loyalty points from my last three purchases vanished from the rewards page",
-    "i want to pause my membership plan for the summer months",
-    "the e-gift voucher my aunt bought me is rejected at checkout as expired",
-    "the referral bonus credit was never added to my wallet",
-    "my premium membership perks like free express stopped showing up",
-    "the annual subscription auto-renew toggle is greyed out",
+_DRIFT_TOPICS = [  # (text, category): the labels a support team would give them
+    ("my subscription renewed without asking and the monthly plan price went up", "billing"),
+    ("the gift card balance shows zero even though I never redeemed the code", "billing"),
+    ("loyalty points from my last three purchases vanished from the rewards page", "account"),
+    ("i want to pause my membership plan for the summer months", "account"),
+    ("the e-gift voucher my aunt bought me is rejected at checkout as expired", "billing"),
+    ("the referral bonus credit was never added to my wallet", "account"),
+    ("my premium membership perks like free express stopped showing up", "account"),
+    ("the annual subscription auto-renew toggle is greyed out", "technical"),
 ]
 _DRIFT_OPENERS = ["hey team!!", "yo,", "so basically", "ok so", "quick q:", "hiya"]
 _DRIFT_FILLERS = [
@@ -250,12 +250,22 @@ def write_dataset(
     n_eval: int = 120,
     seed: int = 0,
     chat: bool = False,
+    drift: float = 0.0,
 ) -> dict[str, Path]:
-    """Write train.jsonl and eval.jsonl; eval prompts never appear in train (held out)."""
+    """Write train.jsonl and eval.jsonl; eval prompts never appear in train (held out).
+
+    `drift` > 0 mixes that share of labelled drifted tickets into both splits (a later batch,
+    after production traffic shifted)."""
     if n_train <= 0 or n_eval < 0:
         raise ValueError(f"n_train must be > 0 and n_eval >= 0 (got {n_train}, {n_eval})")
-    rows = examples(n_train + n_eval, seed)
-    train, evals = rows[:n_train], rows[n_train:]
+    if not 0.0 <= drift <= 1.0:
+        raise ValueError(f"drift must be within [0, 1], got {drift}")
+    n_drift_train, n_drift_eval = round(n_train * drift), round(n_eval * drift)
+    rows = examples(n_train + n_eval - n_drift_train - n_drift_eval, seed)
+    drifted = drifted_examples(n_drift_train + n_drift_eval, seed)
+    train = rows[: n_train - n_drift_train] + drifted[:n_drift_train]
+    evals = rows[n_train - n_drift_train:] + drifted[n_drift_train:]
+    random.Random(seed).shuffle(train)
     if chat:
         train, evals = [to_chat(r) for r in train], [to_chat(r) for r in evals]
     out = Path(out_dir)
@@ -265,12 +275,35 @@ def write_dataset(
     return paths
 
 
-def _drifted_text(rng: random.Random) -> str:
-    parts = [rng.choice(_DRIFT_OPENERS), rng.choice(_DRIFT_TOPICS) + "."]
+def _drifted_ticket(rng: random.Random) -> tuple[str, str, str]:
+    topic, category = rng.choice(_DRIFT_TOPICS)
+    parts = [rng.choice(_DRIFT_OPENERS), topic + "."]
     for filler in rng.sample(_DRIFT_FILLERS, k=rng.randint(2, 4)):
         parts.append(filler + ".")
+    urgent = rng.random() < 0.25
+    if urgent:
+        parts.append("need this fixed asap!!")
     parts.append(rng.choice(_DRIFT_CLOSERS))
-    return " ".join(parts)
+    return " ".join(parts), category, "high" if urgent else "normal"
+
+
+def _drifted_text(rng: random.Random) -> str:
+    return _drifted_ticket(rng)[0]
+
+
+def drifted_examples(n: int, seed: int) -> list[dict[str, str]]:
+    """Labelled tickets from the drifted distribution: what a labelling team sends back
+    once the new kinds of ticket show up in production."""
+    rng = random.Random(f"drift-labels-{seed}")
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        text, category, priority = _drifted_ticket(rng)
+        prompt = make_prompt(text)
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "completion": make_completion(category, priority)})
+    return rows
 
 
 def traffic_prompts(n: int, seed: int, drift: float = 0.0) -> list[str]:

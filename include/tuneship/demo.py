@@ -227,6 +227,11 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         say("cycle 2: traffic drifts; the drift monitor should request a retrain")
         drift_from = time.time()
         traffic.drift = 0.8
+        from tuneship.datagen import write_dataset
+        from tuneship.stages import incoming_root
+
+        write_dataset(incoming_root() / "batch-0002", seed=1, drift=0.3)
+        say("labelled examples of the new kinds of ticket landed: incoming/batch-0002")
         start_count = traffic.sent
         while traffic.sent - start_count < 60:
             loop._tick("drifted traffic")

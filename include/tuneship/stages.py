@@ -101,6 +101,17 @@ def validate_and_version(dataset_uri: str, *, run_id: str) -> dict[str, Any]:
     return result
 
 
+def dataset_for_retrain(run_id: str) -> dict[str, str] | None:
+    """A drift-triggered retrain first takes in labelled data that landed since the last
+    accepted version (the same GE checks and versioning as llm_data_validation; already
+    versioned content is a no-op), then trains on the newest accepted version."""
+    batch = incoming_batch()
+    if batch is not None:
+        result = validate_and_version(batch, run_id=run_id)
+        return {k: result[k] for k in ("version_id", "manifest_uri", "path")}
+    return latest_dataset()
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
 
