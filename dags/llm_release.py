@@ -110,11 +110,16 @@ def llm_release():
 
     @task(outlets=[model_promoted])
     def decide(p: dict, slot: str, outlet_events=None, ti=None):
-        from tuneship.stages import finish_release
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from tuneship.stages import StageFailed, finish_release
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
         verdict = ti.xcom_pull(task_ids="shadow_window")
-        result = finish_release(p, slot, verdict, gateway=GatewayHook(), triton=TritonHook())
+        try:
+            result = finish_release(p, slot, verdict, gateway=GatewayHook(), triton=TritonHook())
+        except StageFailed as exc:  # a rollback is a decision: fail loudly, never retry it
+            raise AirflowFailException(str(exc)) from exc
         outlet_events[model_promoted].extra = {"version": p["version"], "colour": p["colour"]}
         return result
 
