@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test up down status bench lock lint clean
+.PHONY: install demo test up down status lock lint clean
 
 $(VENV)/.installed: requirements.txt serving/triton/requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,9 +38,6 @@ down:
 
 status:
 	$(PY) -m tuneship.services status
-
-bench: install
-	$(PY) -m tuneship.bench
 
 # Regenerate the pins (transitive ones included) after editing requirements.in.
 lock:

@@ -7,7 +7,6 @@ or trains twice. The DAG files only wire these together.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,14 +37,6 @@ def ensure_base_model(ref: str | None = None) -> str:
 
         build_base_model(Path(ref))
     return ref
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------ data
@@ -169,7 +160,9 @@ def register_training(plan: dict[str, Any]) -> dict[str, Any]:
     params = {"base_model": plan["base_model"], "recipe": Path(plan["recipe"]).name, "recipe_hash": rhash,
               "runner": plan["runner"], **{k: v for k, v in plan["overrides"].items()}}
     registry.log_training(run_id, params=params, train_out=out, dataset=plan["dataset"])
-    adapter_sha = _sha256(out / "adapter" / "adapter_model.safetensors")
+    from tuneship.basemodel import sha256_file
+
+    adapter_sha = sha256_file(out / "adapter" / "adapter_model.safetensors")
     mv = registry.register(run_id, plan["run_key"], tags={
         "base_model": plan["base_model"],
         "dataset_version": plan["dataset"]["version_id"],
