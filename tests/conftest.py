@@ -8,8 +8,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# The gateway lives in serving/ and the Airflow layer in plugins/: both importable in tests.
-for p in (REPO, REPO / "plugins"):
+# The gateway lives in serving/, the Airflow layer in plugins/, shared ML fixtures in tests/.
+for p in (REPO, REPO / "plugins", REPO / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 

@@ -52,7 +52,7 @@ def test_finetune_form(dagbag):
     for name in ("base_model", "lora_r", "lora_alpha", "epochs", "learning_rate", "runner"):
         assert name in params, name
         assert params.get_param(name).schema.get("type"), name
-        assert params.get_param(name).schema.get("description"), name
+        assert params.get_param(name).description, name
         assert params.get_param(name).schema.get("title"), name
     assert params.get_param("runner").schema["enum"] == ["local", "docker", "kubernetes"]
     assert params["runner"] == "local"

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import string
-import sys
-import types
 
-import numpy as np
 import pytest
 from ml_fixtures import base_model, dataset, finetuned, read_jsonl
 
@@ -92,50 +89,6 @@ def test_triton_generator_matches_eager_generate(compiled, tmp_path_factory):
     assert n_completion == 2 and n_prompt == len(tok(rows[0]["prompt"])["input_ids"])
     with pytest.raises(ValueError, match="MAX_TOKENS"):
         gen.generate("hi", 0)
-
-
-def test_triton_python_model_execute_with_fake_pb_utils(compiled, monkeypatch):
-    """execute() answers every request; a bad one becomes a TritonError response, not a crash."""
-    _, repo = compiled
-
-    class Tensor:
-        def __init__(self, name, array):
-            self.name, self._a = name, array
-
-        def as_numpy(self):
-            return self._a
-
-    class Response:
-        def __init__(self, output_tensors, error=None):
-            self.output_tensors, self.error = output_tensors, error
-
-    class TritonError(Exception):
-        pass
-
-    fake = types.SimpleNamespace(
-        Tensor=Tensor, InferenceResponse=Response, TritonError=TritonError,
-        get_input_tensor_by_name=lambda req, name: req.get(name),
-    )
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    module = load_triton_model_module()
-    m = module.TritonPythonModel()
-    m.initialize({"model_repository": str(repo / "llm_blue"), "model_version": "3"})
-    prompt = ("Ticket: There is a charge on my statement from your store that I do not "
-              "recognise. This is urgent.\nTriage:")
-    ok = {"PROMPT": Tensor("PROMPT", np.array([prompt.encode()], dtype=np.object_)),
-          "MAX_TOKENS": Tensor("MAX_TOKENS", np.array([8], dtype=np.int32))}
-    default = {"PROMPT": Tensor("PROMPT", np.array([prompt.encode()], dtype=np.object_))}
-    bad = {"PROMPT": Tensor("PROMPT", np.array([b"x"], dtype=np.object_)),
-           "MAX_TOKENS": Tensor("MAX_TOKENS", np.array([-1], dtype=np.int32))}
-    r_ok, r_bad, r_default = m.execute([ok, bad, default])
-    assert r_ok.error is None and r_default.error is None
-    outs = {t.name: t.as_numpy() for t in r_ok.output_tensors}
-    assert outs["COMPLETION"].dtype == object and outs["COMPLETION"].shape == (1,)
-    assert outs["PROMPT_TOKENS"].dtype == np.int32 and outs["COMPLETION_TOKENS"][0] <= 8
-    assert "category=billing" in outs["COMPLETION"][0].decode()
-    assert isinstance(r_bad.error, TritonError) and "MAX_TOKENS" in str(r_bad.error)
-    assert r_bad.output_tensors == []
-    m.finalize()
 
 
 def test_failed_parity_leaves_nothing_behind(tmp_path, tmp_path_factory, monkeypatch):
