@@ -351,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.up:
         prepare_inputs()
         start_services()
+        from tuneship.stages import reconcile_serving
+
+        loaded = reconcile_serving()
+        if loaded:
+            say(f"re-loaded into Triton what the gateway routes to: {', '.join(loaded)}")
         loop = Loop(api_client(), 300)
         loop.wait_parsed()
         print_urls()

@@ -426,3 +426,25 @@ def check_drift(*, window_hours: float, threshold: float, min_requests: int, deb
         notify(f"Drift on champion v{champion.version}: score {report['score']:.3f} >= {threshold}; "
                "retrain requested", level="warning", **{k: out[k] for k in ("score", "requests")})
     return out
+
+
+# ------------------------------------------------------------------ serving state
+
+
+def reconcile_serving() -> list[str]:
+    """After a restart, load into Triton what the gateway's routes point at (explicit model
+    control starts empty), so a persisted live colour is served again. Returns what it loaded."""
+    import tritonclient.http as httpclient
+
+    routes_path = config.home() / "gateway" / "routes.json"
+    if not routes_path.exists():
+        return []
+    routes = json.loads(routes_path.read_text())
+    client = httpclient.InferenceServerClient(config.triton_url(), network_timeout=300.0)
+    loaded = []
+    for slot in ("live", "shadow", "previous"):
+        model = (routes.get(slot) or {}).get("model")
+        if model and (config.triton_repository() / model).exists() and not client.is_model_ready(model):
+            client.load_model(model)
+            loaded.append(model)
+    return loaded
