@@ -179,6 +179,17 @@ def start_services() -> None:
     say(f"services up ({time.monotonic() - t:.0f}s)")
 
 
+def _prepare_while_services_start() -> Path:
+    """Building the base model is CPU work and Airflow's start is mostly waiting: overlap them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        starting = pool.submit(start_services)
+        batch = prepare_inputs()
+        starting.result()
+    return batch
+
+
 def api_client() -> Any:
     from tuneship.airflow_api import AirflowAPI
 
@@ -204,8 +215,7 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
     failed = False
     try:
         reset_state()
-        batch = prepare_inputs()
-        start_services()
+        batch = _prepare_while_services_start()
         api = api_client()
         loop = Loop(api, timeout)
         loop.wait_parsed()
@@ -300,9 +310,9 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
 
 
 def _latest_drift(run_id: str) -> dict | None:
-    from tuneship.stages import _slug
+    from tuneship.stages import slug
 
-    path = config.home() / "monitor" / f"drift-{_slug(run_id)}.json"
+    path = config.home() / "monitor" / f"drift-{slug(run_id)}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -344,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneship.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--up", action="store_true", help="start the services and leave them running (make up)")
-    parser.add_argument("--shadow-hours", type=float, default=0.01, help="shadow window (default 0.01 h = 36 s)")
+    parser.add_argument("--shadow-hours", type=float, default=0.007, help="shadow window (default 0.007 h = 25 s)")
     parser.add_argument("--timeout", type=float, default=1500, help="give up after this many seconds")
     parser.add_argument("--keep", action="store_true", help="leave the services running after the demo")
     args = parser.parse_args(argv)

@@ -70,7 +70,7 @@ def validate_and_version(dataset_uri: str, *, run_id: str) -> dict[str, Any]:
     """Validate with Great Expectations, version what is accepted, explain what is not."""
     from tuneship.data import validate_dataset, version_dataset
 
-    workdir = config.home() / "validation" / _slug(run_id)
+    workdir = config.home() / "validation" / slug(run_id)
     previous = latest_dataset()
     prev_manifest = json.loads(Path(previous["manifest_uri"]).read_text()) if previous else None
     report = validate_dataset(dataset_uri, previous_manifest=prev_manifest, workdir=workdir)
@@ -103,7 +103,7 @@ def dataset_for_retrain(run_id: str) -> dict[str, str] | None:
     return latest_dataset()
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120]
 
 
@@ -119,7 +119,7 @@ def finetune_plan(*, dataset: dict[str, str], params: dict[str, Any], run_key: s
     fields = {"lora.r": "lora_r", "lora.alpha": "lora_alpha", "epochs": "epochs",
               "learning_rate": "learning_rate", "seed": "seed"}
     overrides = {key: params[name] for key, name in fields.items() if params.get(name) is not None}
-    out = config.artifacts() / "runs" / _slug(run_key) / "train"
+    out = config.artifacts() / "runs" / slug(run_key) / "train"
     from tuneship.train.recipe import default_recipe_path
 
     recipe = params.get("recipe") or "tiny-lora"
@@ -414,12 +414,12 @@ def check_drift(*, window_hours: float, threshold: float, min_requests: int, deb
     out.update({"fire": fire, "reason": reason, "champion": champion.version,
                 "dataset_version": champion.tags.get("dataset_version")})
     if report["status"] == "ok":
-        chart = config.home() / "reports" / f"drift-{_slug(run_id)}.png"
+        chart = config.home() / "reports" / f"drift-{slug(run_id)}.png"
         monitor.drift_chart(manifest["reference"], report["current"], chart,
                             f"drift score {report['score']:.3f} (threshold {threshold})")
         out["chart"] = str(chart)
         out["details"] = {k: v for k, v in report["details"].items() if isinstance(v, (int, float, str))}
-        path = config.home() / "monitor" / f"drift-{_slug(run_id)}.json"
+        path = config.home() / "monitor" / f"drift-{slug(run_id)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2, default=str))
     if fire:
