@@ -44,7 +44,6 @@ class Traffic:
     sent: int = 0
     ok: int = 0
     failed: int = 0
-    drifted_sent: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -85,7 +84,6 @@ class Traffic:
                 except httpx.HTTPError:
                     self.failed += 1
                 self.sent += 1
-                self.drifted_sent += drift > 0
                 self._stop.wait(1.0 / self.rps)
 
 

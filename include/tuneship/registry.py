@@ -160,9 +160,3 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
 
 def log_artifact(run_id: str, path: Path, artifact_path: str) -> None:
     client().log_artifact(run_id, str(path), artifact_path=artifact_path)
-
-
-def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
-    c = client()
-    for key, value in tags.items():
-        c.set_tag(run_id, key, str(value))

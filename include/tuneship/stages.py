@@ -324,14 +324,6 @@ def smoke_through_gateway(colour_model: str, *, token: str, suite_name: str = "s
             "failed": [g.metric for g in failed]}
 
 
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise StageFailed(f"{what} did not happen within {timeout:.0f}s")
-        time.sleep(0.5)
-
-
 def release_plan(candidate: dict[str, Any] | None, version: str | None, routes: dict[str, Any]) -> dict[str, Any] | None:
     """Which version to release and from which compiled package."""
     from tuneship import registry
