@@ -77,8 +77,8 @@ def llm_release():
         from tuneship.stages import StageFailed, smoke_through_gateway
         from tuneship_airflow.hooks import GatewayHook
 
-        _, token = GatewayHook()._base_and_token()
-        result = smoke_through_gateway(model, token=token)
+        base_url, token = GatewayHook().endpoint()
+        result = smoke_through_gateway(model, base_url=base_url, token=token)
         if not result["passed"]:
             notify(f"v{p['version']} failed smoke on {model}: {result['failed']}; live traffic untouched",
                    level="error")

@@ -252,18 +252,11 @@ def compile_candidate(candidate: dict[str, Any]) -> dict[str, Any]:
     deployment = {"model": mv.name, "version": version, "adapter_sha256": mv.tags.get("adapter_sha256"),
                   "base_model": mv.tags.get("base_model"), "dataset_version": mv.tags.get("dataset_version")}
     info = compile_for_triton(mv.tags["base_model"], _adapter_dir(version), package, "llm", deployment=deployment)
-    result = {"version": version, "package": str(package / "llm"), **{k: v for k, v in info.items() if _jsonable(v)}}
-    marker.write_text(json.dumps(result, indent=2, default=str))
+    # Round-trip through JSON so the XCom holds plain values (paths become strings).
+    result = json.loads(json.dumps({"version": version, "package": str(package / "llm"), **info}, default=str))
+    marker.write_text(json.dumps(result, indent=2))
     registry.set_version_tags(version, {"compiled": "onnx", "onnx_sha256": str(info.get("sha256", ""))})
     return result
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value, default=str)
-        return True
-    except TypeError:
-        return False
 
 
 # ------------------------------------------------------------------ release
@@ -299,7 +292,7 @@ def stage_into_repository(package: str, colour: str) -> str:
     return name
 
 
-def smoke_through_gateway(colour_model: str, *, token: str, suite_name: str = "smoke") -> dict[str, Any]:
+def smoke_through_gateway(colour_model: str, *, base_url: str, token: str, suite_name: str = "smoke") -> dict[str, Any]:
     """Smoke cases through the gateway, addressed to the candidate colour only."""
     import httpx
 
@@ -309,7 +302,7 @@ def smoke_through_gateway(colour_model: str, *, token: str, suite_name: str = "s
     cases = load_cases(suite)
     outs = []
     colour = colour_model.removeprefix("llm_")
-    with httpx.Client(base_url=config.gateway_url(), timeout=60.0,
+    with httpx.Client(base_url=base_url, timeout=60.0,
                       headers={"Authorization": f"Bearer {token}", "X-Tuneship-Target": colour}) as c:
         served = c.get("/admin/routes").json()["served_model"]
         for case in cases:

@@ -80,7 +80,8 @@ class GatewayHook(BaseHook):
         super().__init__()
         self.gateway_conn_id = gateway_conn_id
 
-    def _base_and_token(self) -> tuple[str, str]:
+    def endpoint(self) -> tuple[str, str]:
+        """(base URL, admin token) of the gateway this hook drives."""
         from tuneship import config, gateway_admin
 
         conn = _conn_or_none(self.gateway_conn_id)
@@ -92,7 +93,7 @@ class GatewayHook(BaseHook):
     def get_conn(self):
         import httpx
 
-        base, token = self._base_and_token()
+        base, token = self.endpoint()
         return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
 
     def routes(self) -> dict[str, Any]:
