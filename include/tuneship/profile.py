@@ -14,11 +14,9 @@ Conventions (so reference and current are always comparable):
 
 from __future__ import annotations
 
-import bisect
 import math
-import re
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -34,49 +32,131 @@ COMPARE_TOP_K = 100  # tokens compared bin by bin (the rest share one bucket)
 PSI_MODERATE = 0.1
 PSI_SIGNIFICANT = 0.25
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+# RE2 spelling of what separates \w+ runs (Python's \w: Unicode letters, digits, underscore)
+_WORD_SEPARATOR_RE2 = r"[^\p{L}\p{N}_]+"
+
+
+def length_bins(n_tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Index of the fixed length bin each length (in whitespace tokens) falls in."""
+    return np.searchsorted(LENGTH_BIN_EDGES, np.asarray(n_tokens), side="right") - 1
 
 
 def length_bin(n_tokens: int) -> int:
-    """Index of the fixed length bin that a prompt of `n_tokens` whitespace tokens falls in."""
-    # bisect, not numpy: called once per row, where numpy's call overhead dominates
-    return max(0, bisect.bisect_right(LENGTH_BIN_EDGES, n_tokens) - 1)
+    return int(length_bins([n_tokens])[0])
+
+
+def token_counts(tokens: Iterable[str]) -> Any:
+    """Vocabulary counts of lower-cased whitespace tokens: an Arrow table (`word`, `counts`)
+    of their `\\w+` runs, counted in C++ and cheap to pickle from a worker process.
+
+    Each distinct token is expanded into its runs once, weighted by its count; that is
+    exactly the count of `\\w+` runs in the text, since a run never spans whitespace. Most
+    tokens are one run already (alphanumeric); only the rest are split.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    items = list(tokens)
+    try:
+        arr = pa.array(items, pa.string())
+    except UnicodeEncodeError:  # lone surrogates cannot be UTF-8: count them as U+FFFD
+        arr = pa.array([t.encode("utf-8", "replace").decode("utf-8") for t in items], pa.string())
+    vc = pc.value_counts(arr)
+    values, counts = vc.field("values"), pc.cast(vc.field("counts"), pa.int64())
+    plain = pc.utf8_is_alnum(values)
+    rest = pc.invert(plain)
+    runs = pc.split_pattern_regex(pc.filter(values, rest), _WORD_SEPARATOR_RE2)
+    words = pa.concat_tables(
+        [
+            pa.table({"word": pc.filter(values, plain), "counts": pc.filter(counts, plain)}),
+            pa.table(
+                {
+                    "word": pc.list_flatten(runs),
+                    "counts": pc.filter(counts, rest).take(pc.list_parent_indices(runs)),
+                }
+            ),
+        ]
+    ).filter(pc.not_equal(pc.field("word"), ""))
+    return _sum_counts([words])
+
+
+def _sum_counts(parts: list[Any]) -> Any:
+    import pyarrow as pa
+
+    if not parts:
+        return pa.table({"word": pa.array([], pa.string()), "counts": pa.array([], pa.int64())})
+    table = pa.concat_tables(parts).group_by("word").aggregate([("counts", "sum")])
+    return table.rename_columns(["word", "counts"])
 
 
 class TextProfiler:
-    """Incremental `text_profile`: feed texts one at a time (streaming, one pass).
+    """Incremental `text_profile`: feed texts one at a time or pre-split in bulk (streaming).
 
-    Memory grows with the number of distinct tokens, not with the number of texts.
-    `vocabulary` restricts counting to given tokens (exact counts for a reference's
-    vocabulary when profiling the current side); everything else still counts as tokens.
+    Each batch is reduced to `token_counts` (Arrow, C++), and batches are summed by
+    group-bys (every `_COMPACT_EVERY` batches, then once at the end). Memory grows with the
+    number of distinct tokens, not with the number of texts. `vocabulary` restricts the stored counts to given tokens
+    (exact counts for a reference's vocabulary when profiling the current side); every
+    token still counts in the total.
     """
+
+    _COMPACT_EVERY = 32  # this many new batches are summed into one part (never regrouping
+    # the parts already summed: re-aggregating a growing table each time costs O(n^2))
 
     def __init__(self, *, top_k: int = DEFAULT_TOP_K, vocabulary: Iterable[str] | None = None):
         self.top_k = top_k
         self._vocab_filter = frozenset(vocabulary) if vocabulary is not None else None
         self._hist = np.zeros(len(LENGTH_BIN_EDGES), dtype=np.int64)
-        self._tokens: Counter[str] = Counter()
-        self._total_tokens = 0
+        self._parts: list[Any] = []  # Arrow tables (word, counts), one per batch
+        self._summed_parts: list[Any] = []  # each the sum of _COMPACT_EVERY batches
         self._rows = 0
         self._length_sum = 0
 
     def add(self, text: str) -> None:
-        n = len(text.split())
-        self._rows += 1
-        self._length_sum += n
-        self._hist[length_bin(n)] += 1
-        words = _WORD.findall(text.lower())
-        self._total_tokens += len(words)
-        if self._vocab_filter is None:
-            self._tokens.update(words)
-        else:
-            self._tokens.update(w for w in words if w in self._vocab_filter)
+        self.add_lower_tokens([text.lower().split()])
+
+    def add_lower_tokens(self, token_lists: Sequence[Sequence[str]]) -> None:
+        """Add texts given as their lower-cased whitespace tokens (`text.lower().split()`)."""
+        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+        self.add_counts(token_counts(chain.from_iterable(token_lists)), lengths)
+
+    def add_counts(self, counts: Any, lengths: np.ndarray, *, sign: int = 1) -> None:
+        """Add (or with sign=-1 take out) texts already reduced to `token_counts` and
+        per-text lengths in whitespace tokens: how worker processes hand them over."""
+        import pyarrow.compute as pc
+
+        if not len(lengths):
+            return
+        self._rows += sign * len(lengths)
+        self._length_sum += sign * int(lengths.sum())
+        self._hist += sign * np.bincount(length_bins(lengths), minlength=len(LENGTH_BIN_EDGES))
+        if sign < 0:
+            counts = counts.set_column(1, "counts", pc.negate(counts.column("counts")))
+        self._parts.append(counts)
+        if len(self._parts) >= self._COMPACT_EVERY:
+            self._summed_parts.append(_sum_counts(self._parts))
+            self._parts = []
 
     def result(self) -> dict[str, Any]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        words = _sum_counts(self._summed_parts + self._parts)
+        words = words.filter(pc.greater(pc.field("counts"), 0))
+        total = int(pc.sum(words.column("counts")).as_py() or 0)
+        if self._vocab_filter is not None:
+            words = words.filter(pc.is_in(pc.field("word"), pa.array(sorted(self._vocab_filter))))
+        elif words.num_rows > self.top_k:  # keep the top_k, and every word tied with the last
+            kth = pc.select_k_unstable(words, self.top_k, [("counts", "descending")])
+            floor = words.column("counts").take(kth[-1:])[0]
+            words = words.filter(pc.greater_equal(pc.field("counts"), floor))
+        # ties broken by the word, so the same data always gives the same profile
+        order = pc.sort_indices(words, [("counts", "descending"), ("word", "ascending")])
         if self._vocab_filter is None:
-            vocab = dict(self._tokens.most_common(self.top_k))
-        else:
-            vocab = dict(self._tokens)
+            order = order[: self.top_k]
+        words = words.take(order)
+        vocab = dict(
+            zip(words.column("word").to_pylist(), words.column("counts").to_pylist(), strict=True)
+        )
         return {
             "profile_version": PROFILE_VERSION,
             "row_count": self._rows,
@@ -88,7 +168,7 @@ class TextProfiler:
             },
             "vocabulary": {
                 "top_k": len(vocab),
-                "total_tokens": int(self._total_tokens),
+                "total_tokens": int(total),
                 "counts": vocab,
             },
         }

@@ -14,14 +14,16 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tuneship.data.reader import CHAT_ROLES, Shape, canonical_json, detect_shape
+from tuneship.data.reader import CHAT_ROLES, DatasetError, Shape, canonical_json, detect_shape
+from tuneship.profile import token_counts
 
 DEFAULT_CONFIG = Path(__file__).with_name("suites") / "training_data.yaml"
 
@@ -32,6 +34,7 @@ Tokenizer = Callable[[str], "int | Sized"]
 ROW_CHECKS: tuple[str, ...] = (
     "schema",
     "required_fields",
+    "role_order",
     "text_encoding",
     "length",
     "duplicates",
@@ -98,6 +101,7 @@ class DriftCheck(_Strict):
 class Checks(_Strict):
     schema_: RowCheck = Field(alias="schema")
     required_fields: RowCheck
+    role_order: RowCheck = RowCheck(severity="error", max_fraction=0.05)
     text_encoding: RowCheck
     length: LengthCheck
     duplicates: RowCheck
@@ -240,6 +244,31 @@ def find_pii(text: str, kinds: list[str]) -> list[str]:
     return found
 
 
+def redact(text: str, kinds: list[str]) -> tuple[str, list[str]]:
+    """(text with each PII span replaced by `[KIND]`, kinds found), by `find_pii`'s detectors
+    and acceptance rules (9-15 digits for a phone, 13-19 Luhn-valid digits for a card)."""
+    found = find_pii(text, kinds)
+    if not found:
+        return text, []
+    if "secret" in found:
+        text = _SECRET_ASSIGN.sub("[SECRET]", _SECRET_TOKEN.sub("[SECRET]", text))
+    if "email" in found:
+        text = _EMAIL.sub("[EMAIL]", text)
+    if "credit_card" in found:  # before phones: a card number can hold a phone-shaped run
+
+        def card(m: re.Match[str]) -> str:
+            d = re.sub(r"\D", "", m.group())
+            return "[CREDIT_CARD]" if 13 <= len(d) <= 19 and luhn_valid(d) else m.group()
+
+        text = _CARD.sub(card, text)
+    if "phone" in found:
+        text = _PHONE.sub(
+            lambda m: "[PHONE]" if 9 <= sum(ch.isdigit() for ch in m.group()) <= 15 else m.group(),
+            text,
+        )
+    return text, found
+
+
 def whitespace_tokens(text: str) -> int:
     """Default tokenizer: whitespace-separated tokens (no model dependency)."""
     return len(text.split())
@@ -250,27 +279,97 @@ def _count_tokens(tokenizer: Tokenizer, text: str) -> int:
     return n if isinstance(n, int) else len(n)
 
 
-def _fold(text: str) -> str:
-    """Case- and whitespace-insensitive form used for duplicate and leakage keys."""
-    return " ".join(text.casefold().split())
+# --------------------------------------------------------------------------- RE2 prefilters
+# Rows are screened in bulk with RE2 (pyarrow.compute, C++), and only the rows a prefilter
+# flags go through the Python detectors above, which stay the definition of each check.
+# Every prefilter is a superset of its detector: RE2's \s, \d, \w and \b are ASCII-only,
+# so the Unicode classes Python's `re` uses are spelled out, and zero-width assertions are
+# dropped (dropping one can only widen a match).
+
+_WS = r"\s\p{Z}\x0b\x1c-\x1f\x{85}"  # Python's Unicode \s (str.isspace) as an RE2 class body
+_RE2_CLASS = {"s": _WS, "d": r"\p{Nd}", "w": r"\p{L}\p{N}_"}
+_BAD_CHARS_RE2 = (
+    r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x{9f}\x{fffd}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
+)
+_EMAIL_RE2 = "@"
+_DIGIT_RUN_RE2 = r"\p{Nd}(?:[" + _WS + r"().+-]{0,3}\p{Nd}){8,}"
+_SECRET_RE2 = r"AKIA|sk-|gh[pousr]_|xox[abprs]-|AIza|-----BEGIN |(?i:key|secret|token|passw)"
 
 
-def _key(*parts: str) -> str:
-    return hashlib.blake2b(
-        "\x1f".join(parts).encode("utf-8", "surrogatepass"), digest_size=12
-    ).hexdigest()
+def re2_superset(pattern: str) -> str | None:
+    """An RE2 pattern matching at least wherever Python's `re` matches `pattern`, or None
+    when there is no safe translation (lookarounds, backreferences, a negated class holding
+    \\s/\\d/\\w, ...): such patterns are then run with Python on every row."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    in_class = negated = False
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\" and i + 1 < n:
+            nxt = pattern[i + 1]
+            if nxt in _RE2_CLASS:
+                if in_class and negated:
+                    return None
+                body = _RE2_CLASS[nxt]
+                out.append(body if in_class else f"[{body}]")
+            elif nxt == "b" and in_class:
+                out.append(r"\x08")
+            elif nxt in "bB":
+                pass  # word boundary: dropped
+            elif nxt == "Z":
+                return None
+            else:
+                out.append(ch + nxt)
+            i += 2
+            continue
+        if not in_class and ch == "[":
+            j = i + 1
+            negated = j < n and pattern[j] == "^"
+            j += negated
+            out.append(pattern[i:j])
+            i, in_class = j, True
+            if i < n and pattern[i] == "]":  # a leading ']' is a literal
+                out.append(r"\]")
+                i += 1
+            continue
+        if in_class and ch == "]":
+            in_class = False
+        elif not in_class and ch in "^$":
+            i += 1  # anchors: dropped
+            continue
+        out.append(ch)
+        i += 1
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    translated = "".join(out)
+    try:
+        pc.match_substring_regex(pa.array([""]), translated)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    return translated
+
+
+def _to_arrow(texts: list[str]) -> tuple[Any, dict[int, int]]:
+    """Arrow strings for RE2, and {row: bad-char count} for rows holding lone surrogates
+    (not encodable as UTF-8: counted in Python, replaced by '?' for the Arrow copy)."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(texts, pa.string()), {}
+    except UnicodeEncodeError:
+        fixed: dict[int, int] = {}
+        safe = list(texts)
+        for i, t in enumerate(texts):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                fixed[i] = len(_BAD_CHARS.findall(t))
+                safe[i] = t.encode("utf-8", "replace").decode("utf-8")
+        return pa.array(safe, pa.string()), fixed
 
 
 # --------------------------------------------------------------------------- inspection
-
-
-@dataclass
-class RowResult:
-    """Features for the GE frame, reasons per failing check, and the prompt text."""
-
-    features: dict[str, Any]
-    reasons: dict[str, str] = field(default_factory=dict)
-    prompt: str = ""
 
 
 def split_texts(
@@ -338,105 +437,377 @@ def split_texts(
     return prompt, contents[last], contents, None, empty
 
 
-class RowInspector:
-    """Stateful per-row checks; call with all train rows before any eval row.
 
-    State is one small hash per row (duplicates) and per train prompt (leakage), so
-    memory grows with row count, not text size.
+
+def unknown_schema(where: str, line: int, record: dict[str, Any]) -> DatasetError:
+    return DatasetError(
+        f"{where} line {line}: unknown row schema (keys: "
+        f"{', '.join(sorted(map(str, record))) or 'none'}). Rows must be "
+        '{"prompt": ..., "completion": ...} or '
+        '{"messages": [{"role": ..., "content": ...}, ...]}.',
+        file=where.rsplit("/", 1)[-1],
+        line=line,
+    )
+
+
+def role_problem(messages: list[dict[str, Any]]) -> str | None:
+    """Turn order of a chat row with valid roles: optional system messages first, then user
+    and assistant strictly alternating from a user turn (tool results only right after an
+    assistant turn and before the next assistant turn), ending on the assistant's answer."""
+    roles = [m["role"] for m in messages]
+    prev = None
+    for i, role in enumerate(roles):
+        if role == "system":
+            if prev not in (None, "system"):
+                return f"messages[{i}] is system after {prev}: system messages must come first"
+        elif role == "user":
+            if prev == "user":
+                return f"messages[{i}] is user after user: turns must alternate user/assistant"
+            if prev == "tool":
+                return f"messages[{i}] is user after tool: a tool result must go back to the assistant"
+        elif role == "assistant":
+            if prev in (None, "system"):
+                return f"messages[{i}] is assistant before any user turn"
+            if prev == "assistant":
+                return f"messages[{i}] is assistant after assistant: turns must alternate user/assistant"
+        elif role == "tool" and prev not in ("assistant", "tool"):
+            return f"messages[{i}] is tool after {prev or 'nothing'}: tool results follow an assistant turn"
+        prev = role
+    if prev != "assistant":
+        return f"the last message is {prev}, not assistant: nothing after the last answer is learned"
+    return None
+
+
+@dataclass
+class Screened:
+    """What one chunk's rows show on their own (everything but duplicates and leakage,
+    which need every earlier row): picklable, so worker processes can compute it."""
+
+    split: str
+    lines: list[int]
+    features: dict[str, Any]  # GE feature columns known row-locally
+    reasons: dict[int, dict[str, str]]  # index in the chunk -> {check: reason}
+    local_error: Any  # bool array: failing an error-severity row-local check
+    row_texts: list[str]  # folded "prompt\0completion" (canonical JSON if invalid): dedup key
+    prompt_folds: list[str | None]  # lower-cased, whitespace-folded prompt (None if invalid)
+    profile_counts: Any  # profile.token_counts of the prompt tokens of locally kept train rows
+    profile_lengths: Any  # int array: their prompt lengths in whitespace tokens
+
+
+class RowScreen:
+    """The row-local checks of a suite for one dataset shape; holds no per-dataset state.
+
+    Per row, one Python pass splits the texts (lower-cased whitespace tokens give the token
+    counts, the duplicate/leakage keys and the profile); RE2 prefilters screen the chunk in
+    bulk; the Python detectors confirm the few rows a prefilter flags.
     """
 
     def __init__(self, cfg: SuiteConfig, shape: Shape, tokenizer: Tokenizer | None = None):
         self.cfg = cfg
         self.shape = shape
-        self.tokenizer = tokenizer or whitespace_tokens
-        self._seen: dict[str, dict[str, int]] = {}
-        self._train_prompts: dict[str, int] = {}
-        # separate patterns, not one alternation: Python's re scans them faster one by one
-        self._injection = [
-            re.compile(p, re.IGNORECASE) for p in cfg.checks.prompt_injection.patterns
-        ]
+        self.tokenizer = tokenizer
+        patterns = cfg.checks.prompt_injection.patterns
+        self._injection = [re.compile(p, re.IGNORECASE) for p in patterns]
+        supersets = [re2_superset(p) for p in patterns]
+        wide = [f"(?:{t})" for t in supersets if t is not None]
+        self._injection_re2 = "(?i)" + "|".join(wide) if wide else None
+        self._injection_everywhere = any(t is None for t in supersets)
+        self.enabled = [k for k in ROW_CHECKS if cfg.enabled(k)]
+        self.error_checks = [k for k in self.enabled if cfg.severity(k) == "error"]
 
-    def inspect(self, split: str, line: int, record: dict[str, Any]) -> RowResult:
+    def screen(
+        self, split: str, lines: list[int], records: list[dict[str, Any]], where: str = ""
+    ) -> Screened:
+        """Check one chunk; `where` (the file) names it in a `DatasetError` for a row whose
+        keys fit neither shape."""
+        import numpy as np
+        import pyarrow.compute as pc
+
         c = self.cfg.checks
-        reasons: dict[str, str] = {}
-        row_shape = detect_shape(record)
-        prompt, completion, texts, problem, empty = split_texts(record, row_shape or self.shape)
-        if row_shape != self.shape:
-            problem = f"row is {row_shape or 'unknown'} but the dataset is {self.shape}"
-        valid = problem is None
-        if problem:
-            reasons["schema"] = problem
+        n = len(records)
+        shape = self.shape
+        problems: dict[int, str] = {}
+        roles: dict[int, str] = {}
+        joined: list[str] = []
+        ptoks: list[list[str]] = []
+        prompts: list[str] = []
+        completions: list[str] = []
+        folds: list[str | None] = []
+        row_texts: list[str] = []
+        clen = [0] * n
+        empty = np.zeros(n, dtype=np.int64)
+        fast = shape == "prompt_completion"
+        for i, rec in enumerate(records):
+            if fast and "messages" not in rec:
+                p, comp = rec.get("prompt"), rec.get("completion")
+                if type(p) is str and type(comp) is str:
+                    pw, cw = p.lower().split(), comp.lower().split()
+                    pf = " ".join(pw)
+                    row_texts.append(f"{pf}\x00{' '.join(cw)}")
+                    empty[i] = (not pw) + (not cw)
+                    clen[i] = len(cw)
+                    joined.append(f"{p}\n{comp}")
+                    ptoks.append(pw)
+                    folds.append(pf)
+                    prompts.append(p)
+                    completions.append(comp)
+                    continue
+            row_shape = detect_shape(rec)
+            if row_shape is None:
+                raise unknown_schema(where, lines[i], rec)
+            prompt, completion, texts, problem, e = split_texts(rec, row_shape)
+            if row_shape != shape:
+                problem = f"row is {row_shape} but the dataset is {shape}"
+            joined.append("\n".join(texts))
+            prompts.append(prompt)
+            completions.append(completion)
+            if problem is None:
+                pw, cw = prompt.lower().split(), completion.lower().split()
+                pf = " ".join(pw)
+                row_texts.append(f"{pf}\x00{' '.join(cw)}")
+                empty[i] = e
+                clen[i] = len(cw)
+                ptoks.append(pw)
+                folds.append(pf)
+                if shape == "chat" and (rp := role_problem(rec["messages"])):
+                    roles[i] = rp
+            else:
+                problems[i] = problem
+                row_texts.append(canonical_json(rec))
+                ptoks.append([])
+                folds.append(None)
+        valid = np.ones(n, dtype=bool)
+        valid[list(problems)] = False
 
-        f: dict[str, Any] = {
-            "line": line,
-            "schema": self.shape if valid else f"invalid:{row_shape or 'unknown'}",
-            "empty_fields": empty if valid else None,
-            "prompt_tokens": None,
-            "completion_tokens": None,
-            "duplicate": False,
-            "leaked": False,
+        # token counts (whitespace by default: the split above already has them)
+        if self.tokenizer is None:
+            pt = np.fromiter(map(len, ptoks), dtype=np.int64, count=n)
+            ct = np.asarray(clen, dtype=np.int64)
+        else:
+            tok = self.tokenizer
+            pt = np.array([_count_tokens(tok, x) for x in prompts], dtype=np.int64)
+            ct = np.array([_count_tokens(tok, x) for x in completions], dtype=np.int64)
+        lb = c.length
+        big = np.iinfo(np.int64).max
+        p_hi = big if lb.prompt_tokens.max is None else lb.prompt_tokens.max
+        c_hi = big if lb.completion_tokens.max is None else lb.completion_tokens.max
+        length_bad = valid & (
+            (pt < lb.prompt_tokens.min) | (pt > p_hi) | (ct < lb.completion_tokens.min) | (ct > c_hi)
+        )
+
+        # bulk screens
+        arr, surrogate_rows = _to_arrow(joined)
+        bad = pc.count_substring_regex(arr, _BAD_CHARS_RE2).to_numpy(zero_copy_only=False)
+        bad = bad.astype(np.int64)
+        for i, count in surrogate_rows.items():
+            bad[i] = count
+        kinds = list(c.pii.kinds)
+        pii_rows = np.zeros(n, dtype=bool)
+        if "email" in kinds:
+            pii_rows |= pc.match_substring(arr, _EMAIL_RE2).to_numpy(zero_copy_only=False)
+        if "phone" in kinds or "credit_card" in kinds:
+            pii_rows |= pc.match_substring_regex(arr, _DIGIT_RUN_RE2).to_numpy(zero_copy_only=False)
+        if "secret" in kinds:
+            pii_rows |= pc.match_substring_regex(arr, _SECRET_RE2).to_numpy(zero_copy_only=False)
+        pii: dict[int, list[str]] = {}
+        for i in np.flatnonzero(pii_rows).tolist():
+            if found := find_pii(joined[i], kinds):
+                pii[i] = found
+        if self._injection_everywhere:
+            inj_rows = np.ones(n, dtype=bool)
+        elif self._injection_re2 is not None:
+            inj_rows = pc.match_substring_regex(arr, self._injection_re2).to_numpy(
+                zero_copy_only=False
+            )
+        else:
+            inj_rows = np.zeros(n, dtype=bool)
+        injection: dict[int, list[re.Match[str]]] = {}
+        for i in np.flatnonzero(inj_rows).tolist():
+            if matches := [m for pat in self._injection if (m := pat.search(joined[i]))]:
+                injection[i] = matches
+
+        flags = {
+            "schema": ~valid,
+            "required_fields": valid & (empty > 0),
+            "role_order": _mask(n, roles),
+            "text_encoding": bad > 0,
+            "length": length_bad,
+            "pii": _mask(n, pii),
+            "prompt_injection": _mask(n, injection),
         }
-        if valid and empty:
-            reasons["required_fields"] = (
-                f"{empty} empty field(s): prompt={'empty' if not prompt.strip() else 'ok'}, "
-                f"completion={'empty' if not completion.strip() else 'ok'}"
-            )
+        local = [k for k in self.enabled if k in flags]
+        local_error = np.zeros(n, dtype=bool)
+        for k in self.error_checks:
+            if k in flags:
+                local_error |= flags[k]
+        any_flag = np.zeros(n, dtype=bool)
+        for k in local:
+            any_flag |= flags[k]
+        reasons: dict[int, dict[str, str]] = {}
+        for i in np.flatnonzero(any_flag).tolist():
+            r: dict[str, str] = {}
+            for k in local:
+                if not flags[k][i]:
+                    continue
+                if k == "schema":
+                    r[k] = problems[i]
+                elif k == "required_fields":
+                    r[k] = (
+                        f"{empty[i]} empty field(s): "
+                        f"prompt={'empty' if not prompts[i].strip() else 'ok'}, "
+                        f"completion={'empty' if not completions[i].strip() else 'ok'}"
+                    )
+                elif k == "role_order":
+                    r[k] = roles[i]
+                elif k == "text_encoding":
+                    first_bad = _BAD_CHARS.search(joined[i])
+                    code = f"U+{ord(first_bad.group()):04X}" if first_bad else "?"
+                    r[k] = f"{bad[i]} control/invalid character(s), first {code}"
+                elif k == "length":
+                    r[k] = _length_reason(int(pt[i]), int(ct[i]), lb)
+                elif k == "pii":
+                    r[k] = ", ".join(pii[i])
+                elif k == "prompt_injection":
+                    r[k] = f"matches {injection[i][0].group()!r}"
+            reasons[i] = r
 
-        bad = sum(len(_BAD_CHARS.findall(t)) for t in texts)
-        f["bad_chars"] = bad
-        if bad:
-            first = next(m.group() for t in texts for m in [_BAD_CHARS.search(t)] if m)
-            reasons["text_encoding"] = (
-                f"{bad} control/invalid character(s), first U+{ord(first):04X}"
-            )
+        schema = np.where(valid, shape, "").astype(object)
+        for i in problems:
+            schema[i] = f"invalid:{detect_shape(records[i])}"
+        features = {
+            "line": np.asarray(lines, dtype=np.int64),
+            "schema": schema,
+            "empty_fields": _nullable(empty, valid),
+            "bad_chars": bad,
+            "prompt_tokens": _nullable(pt, valid),
+            "completion_tokens": _nullable(ct, valid),
+            "role_problems": flags["role_order"].astype(np.int64),
+            "pii_hits": np.fromiter((len(pii.get(i, ())) for i in range(n)), np.int64, count=n),
+            "injection_hits": np.fromiter(
+                (len(injection.get(i, ())) for i in range(n)), np.int64, count=n
+            ),
+        }
+        counts = None
+        lengths = np.zeros(0, dtype=np.int64)
+        if split == "train":
+            kept = [ptoks[i] for i in np.flatnonzero(~local_error).tolist()]
+            counts = token_counts(chain.from_iterable(kept))
+            lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+        return Screened(
+            split, lines, features, reasons, local_error, row_texts, folds, counts, lengths,
+        )
 
-        if valid:
-            pt = _count_tokens(self.tokenizer, prompt)
-            ct = _count_tokens(self.tokenizer, completion)
-            f["prompt_tokens"], f["completion_tokens"] = pt, ct
-            out = []
-            for name, n, b in (
-                ("prompt", pt, c.length.prompt_tokens),
-                ("completion", ct, c.length.completion_tokens),
-            ):
-                if n < b.min:
-                    out.append(f"{name} has {n} tokens < min {b.min}")
-                elif b.max is not None and n > b.max:
-                    out.append(f"{name} has {n} tokens > max {b.max}")
-            if out:
-                reasons["length"] = "; ".join(out)
-            row_key = _key(_fold(prompt), _fold(completion))
+
+@dataclass
+class ChunkResult:
+    """A chunk's complete GE feature columns and reasons per failing row."""
+
+    lines: list[int]
+    features: dict[str, Any]
+    reasons: dict[int, dict[str, str]]  # index in the chunk -> {check: reason}
+
+
+class ChunkInspector:
+    """Duplicates, leakage and the quarantine decision, in row order across chunks; feed all
+    train chunks before any eval chunk. State is one 64-bit key per row (duplicates) and per
+    train prompt (leakage), so memory grows with the row count, not the text size; keys are
+    this process's (randomly seeded) 64-bit SipHash of the case- and whitespace-folded text,
+    so a collision needs ~2^32 rows to become likely and cannot be crafted in advance. Adds
+    the kept train prompts to `profiler`.
+    """
+
+    def __init__(self, screen: RowScreen, profiler: Any):
+        self.screen = screen
+        self.profiler = profiler
+        self._seen: dict[str, dict[int, int]] = {}
+        self._train_prompts: dict[int, int] = {}
+
+    def done(self, split: str) -> None:
+        """No more rows of `split`: its duplicate keys are not needed any more."""
+        self._seen.pop(split, None)
+
+    def finish(self, s: Screened) -> ChunkResult:
+        import numpy as np
+
+        n = len(s.lines)
+        lines = s.lines
+        seen = self._seen.setdefault(s.split, {})
+        row_keys = list(map(hash, s.row_texts))
+        prompt_keys = [None if f is None else hash(f) for f in s.prompt_folds]
+        first = [seen.setdefault(k, ln) for k, ln in zip(row_keys, lines, strict=True)]
+        duplicate = np.fromiter((f != ln for f, ln in zip(first, lines, strict=True)), bool, count=n)
+        leaked_from: dict[int, int] = {}
+        tp = self._train_prompts
+        if s.split == "train":
+            for k, ln in zip(prompt_keys, lines, strict=True):
+                if k is not None:
+                    tp.setdefault(k, ln)
         else:
-            row_key = _key(canonical_json(record))
-        f["row_key"] = row_key
+            for i, k in enumerate(prompt_keys):
+                if k is not None and k in tp:
+                    leaked_from[i] = tp[k]
+        leaked = _mask(n, leaked_from)
+        cfg = self.screen.cfg
+        quarantined = s.local_error.copy()
+        reasons = s.reasons
+        for name, mask in (("duplicates", duplicate), ("leakage", leaked)):
+            if not cfg.enabled(name):
+                continue
+            if cfg.severity(name) == "error":
+                quarantined |= mask
+            for i in np.flatnonzero(mask).tolist():
+                reasons.setdefault(i, {})[name] = (
+                    f"duplicate of line {first[i]}"
+                    if name == "duplicates"
+                    else f"prompt also in train line {leaked_from[i]}"
+                )
+        if s.split == "train":
+            self.profiler.add_counts(s.profile_counts, s.profile_lengths)
+            # rows quarantined only now (duplicates) were counted by the screen: take them out
+            late = np.flatnonzero(quarantined & ~s.local_error).tolist()
+            if late:
+                gone = [(s.prompt_folds[i] or "").split() for i in late]
+                self.profiler.add_counts(
+                    token_counts(chain.from_iterable(gone)),
+                    np.fromiter(map(len, gone), np.int64, count=len(gone)),
+                    sign=-1,
+                )
+        # reasons in the suite's order
+        order = {k: j for j, k in enumerate(ROW_CHECKS)}
+        reasons = {i: dict(sorted(r.items(), key=lambda kv: order[kv[0]])) for i, r in reasons.items()}
+        features = dict(s.features)
+        features.update(
+            row_key=np.asarray(row_keys, dtype=np.int64),
+            duplicate=duplicate,
+            leaked=leaked,
+            quarantined=quarantined,
+            accepted=(~quarantined).astype(np.int64),
+        )
+        return ChunkResult(lines, features, reasons)
 
-        seen = self._seen.setdefault(split, {})
-        if row_key in seen:
-            f["duplicate"] = True
-            reasons["duplicates"] = f"duplicate of line {seen[row_key]}"
-        else:
-            seen[row_key] = line
 
-        if valid:
-            pkey = _key(_fold(prompt))
-            if split == "train":
-                self._train_prompts.setdefault(pkey, line)
-            elif pkey in self._train_prompts:
-                f["leaked"] = True
-                reasons["leakage"] = f"prompt also in train line {self._train_prompts[pkey]}"
+def _mask(n: int, rows: dict[int, Any]) -> Any:
+    import numpy as np
 
-        joined = "\n".join(texts)
-        pii = find_pii(joined, list(c.pii.kinds))
-        f["pii_hits"] = len(pii)
-        if pii:
-            reasons["pii"] = ", ".join(pii)
-        matches = [m for p in self._injection if (m := p.search(joined))]
-        f["injection_hits"] = len(matches)
-        if matches:
-            reasons["prompt_injection"] = f"matches {matches[0].group()!r}"
+    m = np.zeros(n, dtype=bool)
+    if rows:
+        m[list(rows)] = True
+    return m
 
-        reasons = {k: v for k, v in reasons.items() if self.cfg.enabled(k)}
-        quarantined = any(self.cfg.severity(k) == "error" for k in reasons)
-        f["quarantined"] = quarantined
-        f["accepted"] = 0 if quarantined else 1
-        return RowResult(features=f, reasons=reasons, prompt=prompt)
+
+def _nullable(values: Any, valid: Any) -> Any:
+    """A float column that is NaN (missing to GE) where the row's schema is invalid; float,
+    not pandas' nullable Int64, because GE maps Int64 columns in Python row by row."""
+    import numpy as np
+
+    return np.where(valid, values, np.nan)
+
+
+def _length_reason(pt: int, ct: int, lb: LengthCheck) -> str:
+    out = []
+    for name, count, b in (("prompt", pt, lb.prompt_tokens), ("completion", ct, lb.completion_tokens)):
+        if count < b.min:
+            out.append(f"{name} has {count} tokens < min {b.min}")
+        elif b.max is not None and count > b.max:
+            out.append(f"{name} has {count} tokens > max {b.max}")
+    return "; ".join(out)

@@ -86,6 +86,16 @@ def _expectations(cfg: SuiteConfig, split: str, shape: str) -> list[Any]:
                 meta=meta("required_fields"),
             )
         )
+    if c.role_order.enabled:
+        out.append(
+            gxe.ExpectColumnValuesToBeBetween(
+                column="role_problems",
+                min_value=0,
+                max_value=0,
+                mostly=mostly("role_order"),
+                meta=meta("role_order"),
+            )
+        )
     if c.text_encoding.enabled:
         out.append(
             gxe.ExpectColumnValuesToBeBetween(

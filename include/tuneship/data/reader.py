@@ -1,7 +1,10 @@
 """Streaming reader for a dataset directory (train/eval as JSONL or Parquet).
 
-Rows are yielded one at a time with their 1-based line (JSONL) or row (Parquet) number so
-memory stays bounded by the longest line, not the file. Anything that makes a file
+Rows come in chunks (`iter_chunks`, at most `CHUNK_ROWS` rows, JSONL read in blocks of
+about `BLOCK_BYTES`) with their 1-based line (JSONL) or row (Parquet) numbers, so memory
+stays bounded by the chunk, not the file. A JSONL block is decoded in one msgspec call; a
+block that does not decode cleanly is re-read line by line with Python's json for exact
+errors. Anything that makes a file
 unusable as a whole raises `DatasetError` naming the file, the line and what to do;
 row-level problems (wrong field types, empty text, PII...) are left to the checks.
 """
@@ -19,7 +22,6 @@ SPLITS: tuple[str, ...] = ("train", "eval")
 FORMATS: tuple[str, ...] = ("jsonl", "parquet")
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 Shape = Literal["prompt_completion", "chat"]
-PARQUET_BATCH_ROWS = 2048
 
 
 class DatasetError(ValueError):
@@ -29,6 +31,13 @@ class DatasetError(ValueError):
         super().__init__(message)
         self.file = file
         self.line = line
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep file/line across worker processes
+        return (_dataset_error, (str(self), self.file, self.line))
+
+
+def _dataset_error(message: str, file: str | None, line: int | None) -> DatasetError:
+    return DatasetError(message, file=file, line=line)
 
 
 @dataclass(frozen=True)
@@ -106,86 +115,175 @@ def resolve_dataset(dataset_uri: str | Any) -> DatasetSource:
     return DatasetSource(uri=uri, fs=fs, root=root, files=files)
 
 
+CHUNK_ROWS = 32768  # rows per chunk: bounded memory, and enough to amortise vectorised work
+BLOCK_BYTES = 2 << 20  # JSONL is read in blocks of whole lines of about this many bytes
+
+
+@dataclass
+class RowChunk:
+    """Consecutive rows of one split: their 1-based line (JSONL) or row (Parquet) numbers."""
+
+    lines: list[int]
+    records: list[dict[str, Any]]
+
+
 def iter_rows(source: DatasetSource, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_or_row_number, record) for one split, streaming."""
+    for chunk in iter_chunks(source, split):
+        yield from zip(chunk.lines, chunk.records, strict=True)
+
+
+def iter_chunks(source: DatasetSource, split: str) -> Iterator[RowChunk]:
+    """Yield the split's rows chunk by chunk (memory stays bounded)."""
+    f = source.files[split]
+    where = posixpath.join(source.uri, f.name)
+    rows = 0
+    for block in iter_raw_blocks(source, split):
+        chunk = decode_block(block, where)
+        rows += len(chunk.records)
+        yield chunk
+    if rows == 0:
+        raise zero_rows(where, f)
+
+
+def zero_rows(where: str, f: SplitFile) -> DatasetError:
+    what = "a split needs at least one JSON object per line" if f.format == "jsonl" else "no rows"
+    return DatasetError(f"{where} has zero rows; {what}.", file=f.name)
+
+
+@dataclass
+class RawBlock:
+    """Undecoded rows, as read: whole JSONL lines or one Parquet record batch. Small and
+    picklable, so decoding can happen in a worker process."""
+
+    format: str
+    before: int  # lines (JSONL) or rows (Parquet) that precede the block
+    data: Any  # list[bytes] | pyarrow.RecordBatch
+
+
+def iter_raw_blocks(source: DatasetSource, split: str) -> Iterator[RawBlock]:
+    """Read a split in blocks of about `BLOCK_BYTES` (JSONL) or `CHUNK_ROWS` rows (Parquet).
+    File-level problems (unreadable, UTF-16, not Parquet) raise here."""
     f = source.files[split]
     if f.format == "jsonl":
-        yield from _iter_jsonl(source, f)
+        yield from _jsonl_blocks(source, f)
     else:
-        yield from _iter_parquet(source, f)
+        yield from _parquet_blocks(source, f)
 
 
-def _iter_jsonl(source: DatasetSource, f: SplitFile) -> Iterator[tuple[int, dict[str, Any]]]:
+def decode_block(block: RawBlock, where: str) -> RowChunk:
+    """Rows of a block with their line/row numbers; row-level read errors name the line."""
+    name = posixpath.basename(where)
+    if block.format == "parquet":
+        records = block.data.to_pylist()
+        return RowChunk(list(range(block.before + 1, block.before + 1 + len(records))), records)
+    records = _decode_block(block.data)
+    if records is not None and all(type(r) is dict for r in records):
+        return RowChunk(list(range(block.before + 1, block.before + 1 + len(records))), records)
+    lines, records = _decode_lines(block.data, block.before, where, name)
+    return RowChunk(lines, records)
+
+
+_DECODER = None
+
+
+def _decode_block(raw_lines: list[bytes]) -> list[Any] | None:
+    """Fast path: decode a block of lines as one JSON array (msgspec); None if any line is
+    not plain valid JSON, so the caller re-reads the block line by line for exact errors."""
+    global _DECODER
+    import msgspec
+
+    if _DECODER is None:
+        _DECODER = msgspec.json.Decoder()
+    try:
+        return _DECODER.decode(b"[" + b",".join(raw_lines) + b"]")
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+
+
+def _jsonl_blocks(source: DatasetSource, f: SplitFile) -> Iterator[RawBlock]:
     where = posixpath.join(source.uri, f.name)
     try:
         handle = source.fs.open(f.path, "rb")
     except OSError as exc:
         raise DatasetError(f"cannot read {where}: {exc}. Check permissions.", file=f.name) from exc
-    rows = 0
     with handle:
-        lineno = 0
+        lineno = 0  # lines consumed before the current block
         try:
-            for raw in handle:
-                lineno += 1
-                if lineno == 1:
-                    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                        raise DatasetError(
-                            f"{where} line 1: file is UTF-16 encoded; re-encode it as UTF-8 "
-                            "(e.g. `iconv -f UTF-16 -t UTF-8`).",
-                            file=f.name,
-                            line=1,
-                        )
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # tolerate a UTF-8 BOM
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    bad = raw[exc.start : exc.start + 1].hex()
-                    raise DatasetError(
-                        f"{where} line {lineno}: not valid UTF-8 (byte 0x{bad} at byte offset "
-                        f"{exc.start} of the line). Re-export the file as UTF-8 "
-                        "(e.g. `iconv -f LATIN1 -t UTF-8`).",
-                        file=f.name,
-                        line=lineno,
-                    ) from exc
-                if not text.strip():
-                    continue  # blank separator lines carry no row
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    truncated = not raw.endswith(b"\n")
-                    hint = (
-                        "the file ends in the middle of a record (truncated upload or copy?); "
-                        "re-export or re-copy the file"
-                        if truncated
-                        else "each line must be one complete JSON object; fix or remove this line"
-                    )
-                    raise DatasetError(
-                        f"{where} line {lineno}: not valid JSON ({exc.msg} at column "
-                        f"{exc.colno}): {hint}.",
-                        file=f.name,
-                        line=lineno,
-                    ) from exc
-                if not isinstance(record, dict):
-                    raise DatasetError(
-                        f"{where} line {lineno}: expected a JSON object with prompt/completion "
-                        f"or messages, got a JSON {type(record).__name__}.",
-                        file=f.name,
-                        line=lineno,
-                    )
-                rows += 1
-                yield lineno, record
+            while block := handle.readlines(BLOCK_BYTES):
+                if lineno == 0:
+                    block[0] = _check_first_line(block[0], where, f.name)
+                yield RawBlock("jsonl", lineno, block)
+                lineno += len(block)
         except OSError as exc:
             raise DatasetError(
                 f"cannot read {where} (after line {lineno}): {exc}", file=f.name, line=lineno
             ) from exc
-    if rows == 0:
+
+
+def _check_first_line(raw: bytes, where: str, name: str) -> bytes:
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise DatasetError(
-            f"{where} has zero rows; a split needs at least one JSON object per line.",
-            file=f.name,
+            f"{where} line 1: file is UTF-16 encoded; re-encode it as UTF-8 "
+            "(e.g. `iconv -f UTF-16 -t UTF-8`).",
+            file=name,
+            line=1,
         )
+    return raw.removeprefix(b"\xef\xbb\xbf")  # tolerate a UTF-8 BOM
 
 
-def _iter_parquet(source: DatasetSource, f: SplitFile) -> Iterator[tuple[int, dict[str, Any]]]:
+def _decode_lines(
+    block: list[bytes], before: int, where: str, name: str
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """Slow path, one line at a time with Python's json: exact line numbers and reasons,
+    blank lines skipped, and what msgspec refuses but json accepts (NaN, lone surrogate
+    escapes) still read, so the checks, not the reader, judge such rows."""
+    lines: list[int] = []
+    records: list[dict[str, Any]] = []
+    for offset, raw in enumerate(block):
+        lineno = before + offset + 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            bad = raw[exc.start : exc.start + 1].hex()
+            raise DatasetError(
+                f"{where} line {lineno}: not valid UTF-8 (byte 0x{bad} at byte offset "
+                f"{exc.start} of the line). Re-export the file as UTF-8 "
+                "(e.g. `iconv -f LATIN1 -t UTF-8`).",
+                file=name,
+                line=lineno,
+            ) from exc
+        if not text.strip():
+            continue  # blank separator lines carry no row
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            truncated = not raw.endswith(b"\n")
+            hint = (
+                "the file ends in the middle of a record (truncated upload or copy?); "
+                "re-export or re-copy the file"
+                if truncated
+                else "each line must be one complete JSON object; fix or remove this line"
+            )
+            raise DatasetError(
+                f"{where} line {lineno}: not valid JSON ({exc.msg} at column "
+                f"{exc.colno}): {hint}.",
+                file=name,
+                line=lineno,
+            ) from exc
+        if not isinstance(record, dict):
+            raise DatasetError(
+                f"{where} line {lineno}: expected a JSON object with prompt/completion "
+                f"or messages, got a JSON {type(record).__name__}.",
+                file=name,
+                line=lineno,
+            )
+        lines.append(lineno)
+        records.append(record)
+    return lines, records
+
+
+def _parquet_blocks(source: DatasetSource, f: SplitFile) -> Iterator[RawBlock]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -200,10 +298,9 @@ def _iter_parquet(source: DatasetSource, f: SplitFile) -> Iterator[tuple[int, di
                     f"{where}: not a readable Parquet file ({exc}); re-export it or use JSONL.",
                     file=f.name,
                 ) from exc
-            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                for record in batch.to_pylist():
-                    rows += 1
-                    yield rows, record
+            for batch in pf.iter_batches(batch_size=CHUNK_ROWS):
+                yield RawBlock("parquet", rows, batch)
+                rows += batch.num_rows
     except pa.ArrowException as exc:
         raise DatasetError(
             f"{where} row {rows + 1}: cannot decode Parquet data ({exc}); the file is corrupt "
@@ -213,8 +310,6 @@ def _iter_parquet(source: DatasetSource, f: SplitFile) -> Iterator[tuple[int, di
         ) from exc
     except OSError as exc:
         raise DatasetError(f"cannot read {where}: {exc}", file=f.name) from exc
-    if rows == 0:
-        raise DatasetError(f"{where} has zero rows.", file=f.name)
 
 
 def detect_shape(record: dict[str, Any]) -> Shape | None:

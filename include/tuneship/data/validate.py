@@ -10,25 +10,40 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import os
+import posixpath
 import uuid
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneship import config
-from tuneship.data.checks import ROW_CHECKS, RowInspector, Tokenizer, load_config
+from tuneship.data.checks import (
+    ROW_CHECKS,
+    ChunkInspector,
+    RowScreen,
+    Screened,
+    Tokenizer,
+    load_config,
+    unknown_schema,
+)
 from tuneship.data.reader import (
     SPLITS,
-    DatasetError,
+    RawBlock,
+    decode_block,
     detect_shape,
     file_sha256,
-    iter_rows,
+    iter_raw_blocks,
     resolve_dataset,
+    zero_rows,
 )
 from tuneship.profile import TextProfiler, compare_profiles
 
 SAMPLE_LINES = 10
+log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
 QUARANTINE_FILE = "quarantine.jsonl"
 
@@ -157,6 +172,124 @@ def _load_manifest(previous: str | Path | Mapping[str, Any]) -> Mapping[str, Any
         return json.load(fh)
 
 
+PARALLEL_MIN_BYTES = 64 << 20  # below this, worker processes cost more than they save
+MAX_WORKERS = 4
+
+
+def original_row(block: RawBlock, line: int) -> dict[str, Any]:
+    """The row at `line` exactly as the source holds it, re-read from its raw block (the
+    quarantine keeps the original, whichever process checked it)."""
+    i = line - block.before - 1
+    if block.format == "parquet":
+        return block.data.slice(i, 1).to_pylist()[0]
+    raw = block.data[i]
+    return json.loads(raw.removeprefix(b"\xef\xbb\xbf") if i == 0 else raw)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cfg: Any) -> None:
+    _WORKER["cfg"] = cfg
+
+
+def _screen_block(block: RawBlock, split: str, where: str, shape: str) -> Screened:
+    if shape not in _WORKER:
+        _WORKER[shape] = RowScreen(_WORKER["cfg"], shape)  # type: ignore[arg-type]
+    chunk = decode_block(block, where)
+    return _WORKER[shape].screen(split, chunk.lines, chunk.records, where)
+
+
+class _Screener:
+    """Decodes and screens raw blocks in order: inline, or on a pool of worker processes
+    (spawned, so nothing of the caller's state is inherited) when the files are large.
+    At most two blocks per worker are in flight, so memory stays bounded."""
+
+    def __init__(self, source: Any, cfg: Any, tokenizer: Tokenizer | None, workers: int | None):
+        self.source = source
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.screen: RowScreen | None = None
+        self.pool: Any = None
+        if workers is None:
+            size = sum(source.fs.size(f.path) for f in source.files.values())
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            workers = min(MAX_WORKERS, cpus) if size >= PARALLEL_MIN_BYTES else 0
+        # a custom tokenizer may not survive pickling into another process: stay inline
+        self.workers = workers if workers > 1 and tokenizer is None else 0
+        if self.workers:  # started now: the workers boot while the caller hashes the files
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(cfg,),
+            )
+            for _ in range(self.workers):  # spawn them all now, not on first use
+                self.pool.submit(int)
+
+    def __enter__(self) -> _Screener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, split: str) -> Iterator[tuple[Screened, RawBlock]]:
+        where = posixpath.join(self.source.uri, self.source.files[split].name)
+        pending: deque[tuple[Any, RawBlock]] = deque()
+        for block in iter_raw_blocks(self.source, split):
+            chunk = None
+            if self.screen is None:  # the first row decides the dataset's shape
+                chunk = decode_block(block, where)
+                if not chunk.records:
+                    continue
+                shape = detect_shape(chunk.records[0])
+                if shape is None:
+                    raise unknown_schema(where, chunk.lines[0], chunk.records[0])
+                self.screen = RowScreen(self.cfg, shape, self.tokenizer)
+            if self.pool is None and not pending:
+                chunk = chunk or decode_block(block, where)
+                if chunk.records:
+                    yield self.screen.screen(split, chunk.lines, chunk.records, where), block
+            else:
+                future = (
+                    self.pool.submit(_screen_block, block, split, where, self.screen.shape)
+                    if self.pool
+                    else None
+                )
+                pending.append((future, block))
+                while pending and (self.pool is None or len(pending) > 2 * self.workers):
+                    yield from self._ready(pending.popleft(), split, where)
+        while pending:
+            yield from self._ready(pending.popleft(), split, where)
+
+    def _ready(
+        self, item: tuple[Any, RawBlock], split: str, where: str
+    ) -> Iterator[tuple[Screened, RawBlock]]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        future, block = item
+        try:
+            if future is None:
+                raise BrokenProcessPool("pool already shut down")
+            screened = future.result()
+        except BrokenProcessPool as exc:
+            # e.g. a caller's unguarded __main__ that spawned workers cannot re-import:
+            # finish in this process rather than fail the validation
+            if self.pool is not None:
+                log.warning("validation workers died (%s); continuing in this process", exc)
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+            assert self.screen is not None
+            chunk = decode_block(block, where)
+            screened = self.screen.screen(split, chunk.lines, chunk.records, where)
+        if screened.lines:
+            yield screened, block
+
+
 def validate_dataset(
     dataset_uri: str | Path,
     *,
@@ -164,6 +297,7 @@ def validate_dataset(
     tokenizer: Tokenizer | None = None,
     previous_manifest: str | Path | Mapping[str, Any] | None = None,
     workdir: str | Path | None = None,
+    workers: int | None = None,
 ) -> ValidationReport:
     """Validate a dataset directory against the check suite; never modifies the source.
 
@@ -172,6 +306,8 @@ def validate_dataset(
     they are in the returned report (`accepted`, `checks`, quarantine, Data Docs).
     `tokenizer` maps text to a token list or count (default: whitespace tokens).
     `previous_manifest` (path/URI or dict) enables the drift_vs_previous check.
+    `workers`: processes that decode and screen blocks in parallel (default: up to
+    `MAX_WORKERS` CPUs when the files hold at least `PARALLEL_MIN_BYTES`; 0 or 1: inline).
     The report is also saved as `<workdir>/report.json`.
     """
     import pandas as pd
@@ -184,61 +320,56 @@ def validate_dataset(
     wd.mkdir(parents=True, exist_ok=True)
     qpath = wd / QUARANTINE_FILE
 
-    # Hash first: a file changing while we read it would make the report lie.
-    fingerprints = {s: file_sha256(source, s) for s in SPLITS}
 
-    shape = None
-    inspector: RowInspector | None = None
     frames: dict[str, pd.DataFrame] = {}
     failing: dict[str, dict[str, list[int]]] = {c: {s: [] for s in SPLITS} for c in ROW_CHECKS}
     quarantined_lines: dict[str, list[int]] = {s: [] for s in SPLITS}
     profiler = TextProfiler()
-    with qpath.open("w", encoding="utf-8") as qf:
+    screener = _Screener(source, cfg, tokenizer, workers)
+    # Hash before reading: a file changing while we read it would make the report lie.
+    fingerprints = {s: file_sha256(source, s) for s in SPLITS}
+    inspector: ChunkInspector | None = None
+    with screener, qpath.open("w", encoding="utf-8") as qf:
         for split in SPLITS:
             name = source.files[split].name
-            columns: dict[str, list[Any]] = {}
-            for line, record in iter_rows(source, split):
-                row_shape = detect_shape(record)
-                if row_shape is None:
-                    raise DatasetError(
-                        f"{source.uri}/{name} line {line}: unknown row schema (keys: "
-                        f"{', '.join(sorted(map(str, record))) or 'none'}). Rows must be "
-                        '{"prompt": ..., "completion": ...} or '
-                        '{"messages": [{"role": ..., "content": ...}, ...]}.',
-                        file=name,
-                        line=line,
-                    )
+            parts: list[dict[str, Any]] = []
+            for screened, block in screener.run(split):
                 if inspector is None:
-                    shape = row_shape
-                    inspector = RowInspector(cfg, shape, tokenizer)
-                res = inspector.inspect(split, line, record)
-                for k, v in res.features.items():
-                    columns.setdefault(k, []).append(v)
-                for check in res.reasons:
-                    failing[check][split].append(line)
-                if res.features["quarantined"]:
-                    quarantined_lines[split].append(line)
-                    qf.write(
-                        json.dumps(
-                            {
-                                "split": split,
-                                "file": name,
-                                "line": line,
-                                "reasons": res.reasons,
-                                "row": record,
-                            },
-                            sort_keys=True,
-                            default=str,
+                    inspector = ChunkInspector(screener.screen, profiler)
+                res = inspector.finish(screened)
+                parts.append(res.features)
+                quarantined = res.features["quarantined"]
+                for i, reasons in sorted(res.reasons.items()):
+                    line = res.lines[i]
+                    for check in reasons:
+                        failing[check][split].append(line)
+                    if quarantined[i]:
+                        quarantined_lines[split].append(line)
+                        qf.write(
+                            json.dumps(
+                                {
+                                    "split": split,
+                                    "file": name,
+                                    "line": line,
+                                    "reasons": reasons,
+                                    "row": original_row(block, line),
+                                },
+                                sort_keys=True,
+                                default=str,
+                            )
+                            + "\n"
                         )
-                        + "\n"
-                    )
-                elif split == "train":
-                    profiler.add(res.prompt)
-            frame = pd.DataFrame(columns)
-            for col in ("empty_fields", "prompt_tokens", "completion_tokens"):
-                frame[col] = frame[col].astype("Int64")
-            frames[split] = frame
-    assert shape is not None
+            if inspector is not None:
+                inspector.done(split)
+            if not parts:
+                raise zero_rows(posixpath.join(source.uri, name), source.files[split])
+            frames[split] = pd.DataFrame(
+                {k: pd.concat([pd.Series(p[k]) for p in parts], ignore_index=True) for k in parts[0]}
+                if len(parts) > 1
+                else parts[0]
+            )
+    assert screener.screen is not None
+    shape = screener.screen.shape
 
     outcomes = run_expectations(frames, cfg, shape, wd / "data_docs")
     reference = profiler.result()

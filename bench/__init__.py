@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench`: each compares Tuneship with a baseline in the same run."""
