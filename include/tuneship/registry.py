@@ -59,7 +59,12 @@ def start_run(run_key: str, *, run_name: str, tags: dict[str, str] | None = None
 
 
 def log_training(run_id: str, *, params: dict[str, Any], train_out: Path, dataset: dict[str, str]) -> None:
-    """Params, per-step metrics, the dataset version as an input, the adapter and plots."""
+    """Params, per-step metrics, system metrics, the dataset version as an input, the adapter and plots.
+
+    System metrics are the trainer's samples (`metrics.json` `system`, see
+    `tuneship.train.sysmetrics`), logged as `system/<name>` at their training step and sample
+    time: MLflow's own naming, so the UI shows them under the run's System metrics.
+    """
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -72,6 +77,10 @@ def log_training(run_id: str, *, params: dict[str, Any], train_out: Path, datase
     metrics = json.loads((train_out / "metrics.json").read_text())
     now = int(run.info.start_time or 0)
     batch = [Metric("train_loss", float(h["loss"]), now, int(h["step"])) for h in metrics.get("history", [])]
+    for sample in metrics.get("system", []):
+        ts, step = int(sample["timestamp"]), int(sample["step"])
+        batch += [Metric(f"system/{k}", float(v), ts, step) for k, v in sample.items()
+                  if k not in ("timestamp", "step") and isinstance(v, int | float)]
     for key in ("train_loss", "eval_loss", "tokens_per_s", "wall_s"):
         if metrics.get(key) is not None:
             batch.append(Metric(f"final_{key}", float(metrics[key]), now, 0))

@@ -453,6 +453,7 @@ def train(
 
     # --- resume
     step, history, tokens_seen, train_seconds = 0, [], 0, 0.0
+    system_before: list[dict[str, Any]] = []  # system-metric samples of an interrupted attempt
     ckpt_root = out / "checkpoints"
     ckpts = complete_checkpoints(ckpt_root)
     if ckpts:
@@ -470,52 +471,60 @@ def train(
         random.setstate(state["rng"]["python"])
         step, history = state["step"], state["history"]
         tokens_seen, train_seconds = state["tokens_seen"], state["train_seconds"]
+        system_before = state.get("system", [])
         say(f"resumed from {cdir} at step {step}/{total}")
 
     log_every = max(1, total // 40)
     start_step = step
     t_loop = time.perf_counter()
     tokens_at_loop = tokens_seen
-    while step < total:
-        micro = [collate([items[i] for i in order.indices(step * recipe.grad_accum + k)], pad_id)
-                 for k in range(recipe.grad_accum)]
-        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        loss_total = 0.0
-        for b in micro:
-            loss_sum, _ = _batch_loss_sum(model, b, autocast)
-            loss = loss_sum / max(n_tokens, 1)
-            loss.backward()
-            loss_total += float(loss.detach())
-            tokens_seen += int(b["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        history.append({"step": step, "loss": round(loss_total, 6), "lr": lr})
+    from tuneship.train.sysmetrics import SystemSampler
 
-        elapsed = train_seconds + (time.perf_counter() - t_loop)
-        if step % log_every == 0 or step == total or step == 1:
-            rate = (tokens_seen - tokens_at_loop) / max(time.perf_counter() - t_loop, 1e-9)
-            per_step = (time.perf_counter() - t_loop) / max(step - start_step, 1)
-            eta = per_step * (total - step)
-            say(f"step {step}/{total} loss {loss_total:.4f} tok/s {rate:.0f} eta {eta:.0f}s")
-        if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < total:
-            state = {
-                "step": step,
-                "recipe_hash": rhash,
-                "data_sha256": fingerprint,
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                "data_position": order.position(step * recipe.grad_accum),
-                "history": history,
-                "tokens_seen": tokens_seen,
-                "train_seconds": elapsed,
-            }
-            path = _save_checkpoint(ckpt_root, step, model, state, recipe.keep_checkpoints)
-            say(f"checkpoint {path.name} saved")
+    sampler = SystemSampler(step=lambda: step, samples=system_before).start()
+    try:
+        while step < total:
+            micro = [collate([items[i] for i in order.indices(step * recipe.grad_accum + k)], pad_id)
+                     for k in range(recipe.grad_accum)]
+            n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            loss_total = 0.0
+            for b in micro:
+                loss_sum, _ = _batch_loss_sum(model, b, autocast)
+                loss = loss_sum / max(n_tokens, 1)
+                loss.backward()
+                loss_total += float(loss.detach())
+                tokens_seen += int(b["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            history.append({"step": step, "loss": round(loss_total, 6), "lr": lr})
+
+            elapsed = train_seconds + (time.perf_counter() - t_loop)
+            if step % log_every == 0 or step == total or step == 1:
+                rate = (tokens_seen - tokens_at_loop) / max(time.perf_counter() - t_loop, 1e-9)
+                per_step = (time.perf_counter() - t_loop) / max(step - start_step, 1)
+                eta = per_step * (total - step)
+                say(f"step {step}/{total} loss {loss_total:.4f} tok/s {rate:.0f} eta {eta:.0f}s")
+            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < total:
+                state = {
+                    "step": step,
+                    "recipe_hash": rhash,
+                    "data_sha256": fingerprint,
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                    "data_position": order.position(step * recipe.grad_accum),
+                    "history": history,
+                    "tokens_seen": tokens_seen,
+                    "train_seconds": elapsed,
+                    "system": sampler.snapshot(),
+                }
+                path = _save_checkpoint(ckpt_root, step, model, state, recipe.keep_checkpoints)
+                say(f"checkpoint {path.name} saved")
+    finally:
+        system = sampler.stop()
     train_seconds += time.perf_counter() - t_loop
 
     # --- outputs (the delta only), manifest last: its presence means "complete"
@@ -552,6 +561,7 @@ def train(
         "wall_s": round(time.perf_counter() - t_start, 2),
         "train_s": round(train_seconds, 2),
         "history": history,
+        "system": system,  # CPU/memory/GPU samples by step, see tuneship.train.sysmetrics
     }
     _write_json_atomic(out / "metrics.json", metrics)
     plot_loss_curve(history, eval_loss, out / "loss_curve.png")
