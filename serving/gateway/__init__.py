@@ -6,7 +6,12 @@ Modules:
     triton         pooled async client for Triton's KServe v2 HTTP API
     mirror         bounded, fire-and-forget copy of traffic to the shadow colour
     inference_log  background JSONL writer for the inference log
-    auth           admin bearer token
+    auth           admin bearer token; client API keys (ClientAuth)
+    keys           hashed client API keys + CLI (`python -m serving.gateway.keys create ...`)
+    ratelimit      per-key token buckets (429 + Retry-After)
+    bodylimit      request body size limit (413), plain ASGI middleware
+    chat           chat messages -> the training prompt format; SSE chunking
+    pii            PII redaction of the inference log (tuneship.data.checks detectors)
     errors         OpenAI-style error bodies
     metrics        Prometheus metrics (one registry per app)
     app            the FastAPI application (`create_app`)

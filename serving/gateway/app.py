@@ -1,7 +1,8 @@
 """The inference gateway application: OpenAI API in front, Triton behind.
 
-    POST /v1/completions        OpenAI completions (non-streaming), routed to the live colour,
-                                optionally mirrored to the shadow colour
+    POST /v1/completions        OpenAI completions (stream: true as server-sent events)
+    POST /v1/chat/completions   OpenAI chat; messages -> prompt as training rendered chat rows
+                                (serving.gateway.chat); stream: true as server-sent events
     GET  /v1/models[/{id}]      the served model id (while a live colour is set)
     GET  /version               registry facts of the live route
     GET  /health/live           process is up
@@ -11,13 +12,19 @@
     PUT  /admin/routes          replace it               (admin; If-Match: <generation>; ?force)
     POST /admin/switch          shadow -> live, live -> previous   (admin; ?colour=, ?force)
     POST /admin/rollback        previous -> live, live -> previous (admin; ?force)
+    POST /admin/canary          {"weight": 0-100}: share of traffic the candidate answers (admin)
+
+An inference request goes: body size limit (413, `bodylimit`) -> client key (401) -> the
+key's rate limit (429 + Retry-After) -> JSON body (400) -> model (404), prompt and
+max_tokens limits (400) -> routing (live, or the candidate for the canary share; mirrored
+to the shadow) -> Triton -> inference log (optionally PII-redacted) -> JSON or SSE.
+
+Streaming is honest about what it is: the Triton model is not decoupled, so the answer is
+complete before the first event is sent; it is then sent as word-sized OpenAI chunks.
+Time to first token is not better than without streaming.
 
 Every non-2xx body is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`.
 The application log never carries prompts, completions or credentials.
-
-Slots for the follow-up issue: client API keys -> `authenticate_client`; rate limits -> a
-dependency beside it; canary -> `routing.select`; chat + streaming -> new handlers reusing
-`_route`, `Gateway.triton` and the log/mirror plumbing.
 """
 
 from __future__ import annotations
@@ -27,42 +34,54 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.gateway import routing
-from serving.gateway.auth import AdminAuth, load_or_create_token
+from serving.gateway import chat, routing
+from serving.gateway.auth import AdminAuth, ClientAuth, load_or_create_token
+from serving.gateway.bodylimit import BodySizeLimit, BodyTooLarge
 from serving.gateway.errors import (
     OpenAIError,
     bad_request,
     conflict,
     model_not_found,
     no_live_route,
+    rate_limited,
+    too_large,
 )
 from serving.gateway.inference_log import InferenceLogWriter
+from serving.gateway.keys import ClientKey, KeyStore
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.mirror import Mirror, ShadowJob
+from serving.gateway.ratelimit import TokenBuckets
 from serving.gateway.routing import RouteStore, RoutesUpdate, RoutingState
 from serving.gateway.settings import GatewaySettings
-from serving.gateway.triton import TritonClient, UpstreamError
+from serving.gateway.triton import Completion, TritonClient, UpstreamError
 from tuneship.inference_log import format_ts, parse_ts, utcnow
 
 log = logging.getLogger("tuneship.gateway")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_INFERENCE = ("/v1/completions", "/v1/chat/completions")
 
 
 # -- request / response models ---------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool | None = None
+
+
 class CompletionRequest(BaseModel):
     """OpenAI's /v1/completions body. Unknown fields are ignored; sampling knobs are accepted
     and ignored (the served models decode greedily)."""
@@ -76,11 +95,58 @@ class CompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int | None = None
     stream: bool | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     echo: bool | None = None
     logprobs: int | None = None
     seed: int | None = None
     user: str | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        if isinstance(self.content, list):
+            if any(p.type != "text" or p.text is None for p in self.content):
+                raise bad_request("Only text content parts are supported.", param="messages")
+            text = "".join(p.text or "" for p in self.content)
+        else:
+            text = self.content or ""
+        return {"role": self.role, "content": text}
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's /v1/chat/completions body (text only; tools and n > 1 are refused)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass
@@ -90,24 +156,48 @@ class Gateway:
     settings: GatewaySettings
     store: RouteStore
     admin: AdminAuth
+    clients: ClientAuth
     metrics: GatewayMetrics
+    buckets: TokenBuckets = field(default_factory=TokenBuckets)
     triton: TritonClient | None = None
     writer: InferenceLogWriter | None = None
     mirror: Mirror | None = None
+    default_chat_template: str | None = None
+    _templates: dict[tuple[str, str], chat.ChatTemplate] = field(default_factory=dict)
+
+    def chat_template(self, route: routing.Route) -> chat.ChatTemplate:
+        text = route.metadata.get("chat_template") or self.default_chat_template or chat.default_template()
+        bos = str(route.metadata.get("bos_token", self.settings.chat_bos_token))
+        tpl = self._templates.get((text, bos))
+        if tpl is None:
+            tpl = self._templates[(text, bos)] = chat.ChatTemplate(text, bos, self.settings.chat_eos_token)
+        return tpl
 
 
 def _gw(request: Request) -> Gateway:
     return request.app.state.gw
 
 
-async def authenticate_client(request: Request) -> str | None:
-    """Client identity for /v1/*. The walking skeleton accepts any (or no) API key; the
-    follow-up issue validates keys here and returns the principal (for rate limits/logs)."""
-    return None
+def authenticate_client(request: Request) -> ClientKey | None:
+    """The client key for /v1/* (None while keys are not enforced); 401 otherwise. Also
+    applies the key's rate limit (429 with Retry-After)."""
+    gw = _gw(request)
+    key = gw.clients.check(request)
+    if key is not None:
+        wait = gw.buckets.acquire(key.id, key.rpm, key.burst)
+        if wait is not None:
+            gw.metrics.rate_limited.labels(key.id).inc()
+            raise rate_limited(key.id, key.rpm, wait)
+    return key
 
 
 def require_admin(request: Request) -> None:
     _gw(request).admin.check(request)
+
+
+def require_client(request: Request) -> None:
+    """Key check without rate limiting (model listing)."""
+    _gw(request).clients.check(request)
 
 
 # -- app factory -----------------------------------------------------------------------------
@@ -119,8 +209,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         store=RouteStore(settings.routes_path, settings.default_served_model, writer_id=settings.replica_id,
                          default_mirror_sample=settings.mirror_sample),
         admin=AdminAuth(token),
+        clients=ClientAuth(KeyStore(settings.api_keys_path), settings.client_auth),
         metrics=GatewayMetrics(),
+        default_chat_template=settings.chat_template_path.read_text() if settings.chat_template_path else None,
     )
+    redactor = None
+    if settings.redact_pii:
+        from serving.gateway.pii import RecordRedactor
+
+        redactor = RecordRedactor(settings.redact_pii_kinds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -128,15 +225,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             settings.triton_url, settings.triton_timeout_s, settings.triton_connect_timeout_s,
             settings.triton_max_connections,
         )
-        gw.writer = InferenceLogWriter(settings.log_root, settings.replica_id, settings.log_queue_size, gw.metrics)
+        gw.writer = InferenceLogWriter(settings.log_root, settings.replica_id, settings.log_queue_size, gw.metrics,
+                                       transform=redactor)
         gw.writer.start()
         gw.mirror = Mirror(gw.triton, gw.writer, gw.metrics, settings.replica_id,
                            settings.shadow_queue_size, settings.shadow_workers, settings.shadow_timeout_s)
         gw.mirror.start()
         state = gw.store.current()
-        log.info("gateway %s up: triton=%s routes=%s generation=%s live=%s",
+        log.info("gateway %s up: triton=%s routes=%s generation=%s live=%s client_keys=%s pii_redaction=%s",
                  settings.replica_id, settings.triton_url, settings.routes_path, state.generation,
-                 state.live.colour if state.live else None)
+                 state.live.colour if state.live else None,
+                 "enforced" if gw.clients.enforced() else "not enforced (no keys issued yet)", settings.redact_pii)
+        if not gw.clients.enforced():
+            log.warning("no client API keys exist in %s: /v1 is open until the first key is created "
+                        "(python -m serving.gateway.keys create) or client_auth=required", settings.api_keys_path)
         try:
             yield
         finally:
@@ -148,9 +250,23 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app = FastAPI(title="Tuneship inference gateway", version="0.1.0", lifespan=lifespan,
                   docs_url=None, redoc_url=None)
     app.state.gw = gw
+
+    def count_rejected(path: str) -> None:
+        if path in _INFERENCE:
+            gw.metrics.requests.labels(path, "none", "none", "413", "none").inc()
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected)
     _install_error_handlers(app)
     _install_routes(app)
     return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn serving.gateway.app:app` (the container's CMD): build the app from the environment on first use.
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -162,29 +278,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.url.path.startswith("/v1/"):  # rejected before the handler: count it here
             m = _gw(request).metrics
-            m.requests.labels(request.url.path, "none", "none", "400").inc()
+            m.requests.labels(request.url.path, "none", "none", "400", "none").inc()
             m.latency.labels("none", "none", "400").observe(0.0)
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return bad_request(
-                "We could not parse the JSON body of your request. Make sure the body is valid "
-                "JSON and the Content-Type is application/json.", code="invalid_json",
-            ).response()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-        # Union types add the member name to loc ("prompt", "str"); keep the field name.
-        param = loc[0] if loc else None
-        msg = first.get("msg", "Invalid request.")
-        if first.get("type") == "missing":
-            msg = f"Missing required parameter: '{param}'."
-        elif param:
-            msg = f"Invalid value for '{param}': {msg}"
-        return bad_request(msg, param=param, code="invalid_value" if first.get("type") != "missing" else "missing_required_parameter").response()
+        return _validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
         return OpenAIError(exc.status_code, str(exc.detail), kind, code=code,
                            headers=getattr(exc, "headers", None)).response()
 
@@ -194,23 +295,40 @@ def _install_error_handlers(app: FastAPI) -> None:
         return OpenAIError(500, "The gateway had an internal error.", "server_error", code="internal_error").response()
 
 
+def _validation_error(errors: Any) -> OpenAIError:
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return bad_request(
+            "We could not parse the JSON body of your request. Make sure the body is valid "
+            "JSON and the Content-Type is application/json.", code="invalid_json",
+        )
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    # Union types add the member name to loc ("prompt", "str"); keep the field name.
+    param = loc[0] if loc else None
+    msg = first.get("msg", "Invalid request.")
+    if first.get("type") == "missing":
+        msg = f"Missing required parameter: '{param}'."
+    elif param:
+        msg = f"Invalid value for '{param}': {msg}"
+    return bad_request(msg, param=param, code="invalid_value" if first.get("type") != "missing" else "missing_required_parameter")
+
+
 def _install_routes(app: FastAPI) -> None:
     # -- OpenAI ---------------------------------------------------------------------------
     @app.post("/v1/completions")
-    async def completions(
-        body: CompletionRequest,
-        request: Request,
-        principal: Annotated[str | None, Depends(authenticate_client)],
-    ) -> JSONResponse:
-        gw = _gw(request)
-        return await _complete(gw, body, request)
+    async def completions(request: Request) -> Response:
+        return await _inference(_gw(request), request, "/v1/completions")
 
-    @app.get("/v1/models")
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _inference(_gw(request), request, "/v1/chat/completions")
+
+    @app.get("/v1/models", dependencies=[Depends(require_client)])
     async def list_models(request: Request) -> dict[str, Any]:
         state = _gw(request).store.current()
         return {"object": "list", "data": [_model_card(state)] if state.live else []}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_client)])
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
         state = _gw(request).store.current()
         if state.live is None or model_id != state.served_model:
@@ -278,6 +396,8 @@ def _install_routes(app: FastAPI) -> None:
         expected = _expected_generation(if_match, update.generation)
         if update.live is not None and not force:
             await _require_ready(gw, update.live)
+        if update.canary_weight and update.shadow is not None and not force:
+            await _require_ready(gw, update.shadow)
         new = await _update(gw, update.apply, expected)
         log.info("routes replaced (generation %s): live=%s shadow=%s sample=%s", new.generation,
                  _label(new.live), _label(new.shadow), new.mirror_sample)
@@ -319,6 +439,32 @@ def _install_routes(app: FastAPI) -> None:
         new = await _update(gw, routing.rollback, snap.generation if expected is None else expected)
         log.warning("rolled back (generation %s): live %s -> %s", new.generation, _label(new.previous), _label(new.live))
         return new.model_dump(mode="json")
+
+    @app.post("/admin/canary", dependencies=admin)
+    async def canary(
+        update: CanaryUpdate,
+        request: Request,
+        force: bool = False,
+        if_match: Annotated[str | None, Header()] = None,
+    ) -> dict[str, Any]:
+        gw = _gw(request)
+        snap = gw.store.current()
+        if update.weight > 0:
+            if snap.shadow is None or snap.live is None:
+                raise conflict("A canary needs a live colour and a candidate (shadow) colour.", code="no_candidate")
+            if not force:
+                await _require_ready(gw, snap.shadow)
+        expected = _expected_generation(if_match, None)
+        new = await _update(gw, lambda s: s.model_copy(update={"canary_weight": update.weight}),
+                            snap.generation if expected is None else expected)
+        log.info("canary weight %s%% (generation %s) on %s", new.canary_weight, new.generation, _label(new.shadow))
+        return new.model_dump(mode="json")
+
+
+class CanaryUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    weight: int = Field(ge=0, le=100)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -372,99 +518,245 @@ def _client_request_id(request: Request) -> str | None:
     return rid if _REQUEST_ID.match(rid) else None
 
 
-async def _complete(gw: Gateway, body: CompletionRequest, request: Request) -> JSONResponse:
+@dataclass
+class Answer:
+    """One answered inference request, before it is shaped into JSON or SSE."""
+
+    rid: str
+    ts: datetime
+    served_model: str
+    route: routing.Route
+    role: str
+    completion: Completion
+    max_tokens: int
+
+    @property
+    def finish_reason(self) -> str:
+        return "length" if self.completion.completion_tokens >= self.max_tokens else "stop"
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.route.colour}-{self.route.version}" if self.route.version else self.route.colour
+
+    def usage(self) -> dict[str, int]:
+        c = self.completion
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+    def headers(self) -> dict[str, str]:
+        return {"x-request-id": self.rid, "x-tuneship-colour": self.route.colour, "x-tuneship-route": self.role}
+
+
+async def _inference(gw: Gateway, request: Request, endpoint: str) -> Response:
+    """Both OpenAI inference endpoints: auth, limits, parsing, then `_answer`, then shaping."""
     t0 = time.perf_counter()
-    ts = utcnow()
     rid = uuid.uuid4().hex
-    client_rid = _client_request_id(request)
-    endpoint = "/v1/completions"
-    s = gw.settings
-    state = gw.store.current()
-    colour, tmodel, status = "none", "none", 500
+    labels = {"colour": "none", "model": "none", "status": "500", "role": "none"}
     try:
-        # -- validation that needs no upstream ------------------------------------------------
-        if body.model != state.served_model:
-            raise model_not_found(body.model)
-        prompt = _one_prompt(body.prompt)
-        if len(prompt) > s.max_prompt_chars:
-            raise bad_request(f"The prompt is longer than {s.max_prompt_chars} characters.", param="prompt",
-                              code="context_length_exceeded")
-        max_tokens = s.default_max_tokens if body.max_tokens is None else body.max_tokens
-        if not 1 <= max_tokens <= s.max_tokens_limit:
-            raise bad_request(f"max_tokens must be between 1 and {s.max_tokens_limit}.", param="max_tokens")
-        if body.n not in (None, 1):
-            raise bad_request("Only n=1 is supported.", param="n")
-        if body.stream:
-            raise bad_request("Streaming is not supported on /v1/completions yet.", param="stream")
-
-        target = request.headers.get("x-tuneship-target")
-        if target:
+        pinned = request.headers.get("x-tuneship-target")
+        if pinned:
             # An admin pinning one loaded colour (release smoke tests before traffic moves):
-            # answered by `llm_<colour>`, never mirrored, kept out of the inference log.
+            # the admin token, not a client key; no rate limit; never mirrored nor logged.
             gw.admin.check(request)
-            live, shadow = routing.Route(colour=target, model=f"llm_{target}"), None
+            key = None
         else:
-            live, shadow = routing.select(state, rid)
-        if live is None:
-            raise no_live_route()
-        colour, tmodel = live.colour, live.model
-
-        def mirror() -> dict[str, Any] | None:
-            # Offered once the live answer is in, so the copy never competes with the live call
-            # of the same request (the gateway and Triton share CPUs); never awaited.
-            if shadow is None or gw.mirror is None:
-                return None
-            sent = gw.mirror.offer(ShadowJob(rid, ts, shadow, prompt, max_tokens))
-            return {"colour": shadow.colour, "version": shadow.version, "model": shadow.model,
-                    "status": "pending" if sent else "dropped"}
-
-        assert gw.triton is not None
-        u0 = time.perf_counter()
+            key = authenticate_client(request)
         try:
-            c = await gw.triton.complete(live.model, prompt, max_tokens)
-        except UpstreamError as exc:
-            status = exc.status
-            if not target:
-                _log_request(gw, ts, rid, client_rid, endpoint, body.model, prompt, max_tokens, live, None,
-                             status, time.perf_counter() - t0, mirror(), None, exc.code)
-            raise OpenAIError(exc.status, f"The {live.colour} model failed to answer: {exc.message}",
-                              "server_error", code=exc.code) from None
-        finally:
-            gw.metrics.upstream_latency.labels("live", live.model).observe(time.perf_counter() - u0)
-        shadow_entry = mirror()
-
-        status = 200
-        latency = time.perf_counter() - t0
-        if not target:
-            _log_request(gw, ts, rid, client_rid, endpoint, body.model, prompt, max_tokens, live, c.text, status,
-                         latency, shadow_entry, c, None)
-        payload = {
-            "id": f"cmpl-{rid}",
-            "object": "text_completion",
-            "created": int(ts.timestamp()),
-            "model": state.served_model,
-            "system_fingerprint": f"{live.colour}-{live.version}" if live.version else live.colour,
-            "choices": [{
-                "text": c.text,
-                "index": 0,
-                "logprobs": None,
-                "finish_reason": "length" if c.completion_tokens >= max_tokens else "stop",
-            }],
-            "usage": {
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "total_tokens": c.prompt_tokens + c.completion_tokens,
-            },
-        }
-        return JSONResponse(payload, headers={"x-request-id": rid, "x-tuneship-colour": live.colour})
+            raw = await request.body()
+        except BodyTooLarge as exc:
+            raise too_large(exc.limit) from None
+        try:
+            body: CompletionRequest | ChatCompletionRequest = (
+                CompletionRequest if endpoint == "/v1/completions" else ChatCompletionRequest
+            ).model_validate_json(raw)
+        except ValidationError as exc:
+            raise _validation_error(exc.errors()) from None
+        ans = await _answer(gw, request, endpoint, body, rid, key, pinned, labels)
+        labels["status"] = "200"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        if isinstance(body, ChatCompletionRequest):
+            if body.stream:
+                return _sse(_chat_chunks(ans, include_usage), ans)
+            return JSONResponse(_chat_payload(ans), headers=ans.headers())
+        if body.stream:
+            return _sse(_completion_chunks(ans, include_usage), ans)
+        return JSONResponse(_completion_payload(ans), headers=ans.headers())
     except OpenAIError as exc:
-        status = exc.status
+        labels["status"] = str(exc.status)
         exc.headers = {**(exc.headers or {}), "x-request-id": rid}
         raise
     finally:
-        elapsed = time.perf_counter() - t0
-        gw.metrics.requests.labels(endpoint, colour, tmodel, str(status)).inc()
-        gw.metrics.latency.labels(colour, tmodel, str(status)).observe(elapsed)
+        elapsed = time.perf_counter() - t0  # for a stream: until the first event can go out
+        gw.metrics.requests.labels(endpoint, labels["colour"], labels["model"], labels["status"], labels["role"]).inc()
+        gw.metrics.latency.labels(labels["colour"], labels["model"], labels["status"]).observe(elapsed)
+
+
+async def _answer(
+    gw: Gateway, request: Request, endpoint: str, body: CompletionRequest | ChatCompletionRequest,
+    rid: str, key: ClientKey | None, pinned: str | None, labels: dict[str, str],
+) -> Answer:
+    t0 = time.perf_counter()
+    ts = utcnow()
+    s = gw.settings
+    state = gw.store.current()
+    # -- validation that needs no upstream ----------------------------------------------------
+    if body.model != state.served_model:
+        raise model_not_found(body.model)
+    if isinstance(body, ChatCompletionRequest):
+        requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        if body.tools:
+            raise bad_request("Tools are not supported by this model.", param="tools")
+        messages = [m.as_dict() for m in body.messages]
+    else:
+        requested, param = body.max_tokens, "max_tokens"
+        messages = None
+        text = _one_prompt(body.prompt)
+    max_tokens = s.default_max_tokens if requested is None else requested
+    if not 1 <= max_tokens <= s.max_tokens_limit:
+        raise bad_request(f"{param} must be between 1 and {s.max_tokens_limit}.", param=param)
+    if body.n not in (None, 1):
+        raise bad_request("Only n=1 is supported.", param="n")
+
+    # -- routing --------------------------------------------------------------------------------
+    if pinned:
+        if not routing.COLOUR.match(pinned):
+            raise bad_request("X-Tuneship-Target must be a colour name.", param="X-Tuneship-Target")
+        known = [r for r in (state.shadow, state.live, state.previous) if r is not None and r.colour == pinned]
+        live, shadow, role = (known[0] if known else routing.Route(colour=pinned, model=f"llm_{pinned}")), None, "pinned"
+    else:
+        live, shadow, role = routing.route_request(state, rid)
+    if live is None:
+        raise no_live_route()
+
+    def prompt_for(route: routing.Route) -> str:
+        if messages is None:
+            return text
+        try:
+            if route.metadata.get("prompt_format") == "plain":
+                return chat.plain_prompt(messages)
+            return chat.chat_prompt(messages, gw.chat_template(route))
+        except chat.ChatFormatError as exc:
+            raise bad_request(str(exc), param="messages") from None
+
+    prompt = prompt_for(live)
+    if len(prompt) > s.max_prompt_chars:
+        raise bad_request(f"The prompt is longer than {s.max_prompt_chars} characters.",
+                          param="prompt" if messages is None else "messages", code="context_length_exceeded")
+    labels.update(colour=live.colour, model=live.model, role=role)
+    logged = role != "pinned"
+
+    def mirror() -> dict[str, Any] | None:
+        # Offered once the live answer is in, so the copy never competes with the live call
+        # of the same request (the gateway and Triton share CPUs); never awaited.
+        if shadow is None or gw.mirror is None:
+            return None
+        try:
+            shadow_prompt = prompt_for(shadow)
+        except OpenAIError:
+            shadow_prompt = None  # the candidate's format cannot take these messages: not mirrored
+        sent = shadow_prompt is not None and gw.mirror.offer(ShadowJob(rid, ts, shadow, shadow_prompt, max_tokens))
+        return {"colour": shadow.colour, "version": shadow.version, "model": shadow.model,
+                "status": "pending" if sent else "dropped"}
+
+    client_rid = _client_request_id(request)
+    key_id = key.id if key else None
+    assert gw.triton is not None
+    u0 = time.perf_counter()
+    try:
+        c = await gw.triton.complete(live.model, prompt, max_tokens)
+    except UpstreamError as exc:
+        if logged:
+            _log_request(gw, ts, rid, client_rid, endpoint, body.model, prompt, max_tokens, live, role, key_id,
+                         None, exc.status, time.perf_counter() - t0, mirror(), None, exc.code)
+        raise OpenAIError(exc.status, f"The {live.colour} model failed to answer: {exc.message}",
+                          "server_error", code=exc.code) from None
+    finally:
+        gw.metrics.upstream_latency.labels("live" if role == "live" else role, live.model).observe(time.perf_counter() - u0)
+    gw.metrics.prompt_tokens.labels(live.colour, live.model).inc(c.prompt_tokens)
+    gw.metrics.completion_tokens.labels(live.colour, live.model).inc(c.completion_tokens)
+    if logged:
+        _log_request(gw, ts, rid, client_rid, endpoint, body.model, prompt, max_tokens, live, role, key_id,
+                     c.text, 200, time.perf_counter() - t0, mirror(), c, None)
+    return Answer(rid, ts, state.served_model, live, role, c, max_tokens)
+
+
+# -- response shapes -------------------------------------------------------------------------
+def _completion_payload(a: Answer) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{a.rid}",
+        "object": "text_completion",
+        "created": int(a.ts.timestamp()),
+        "model": a.served_model,
+        "system_fingerprint": a.fingerprint,
+        "choices": [{"text": a.completion.text, "index": 0, "logprobs": None, "finish_reason": a.finish_reason}],
+        "usage": a.usage(),
+    }
+
+
+def _chat_content(a: Answer) -> str:
+    # Chat turns carry the answer without the separator the completion starts with
+    # (tuneship.datagen.to_chat strips it the same way).
+    return a.completion.text.strip()
+
+
+def _chat_payload(a: Answer) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{a.rid}",
+        "object": "chat.completion",
+        "created": int(a.ts.timestamp()),
+        "model": a.served_model,
+        "system_fingerprint": a.fingerprint,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": _chat_content(a)},
+                     "logprobs": None, "finish_reason": a.finish_reason}],
+        "usage": a.usage(),
+    }
+
+
+def _sse(chunks: Callable[[], AsyncIterator[bytes]], a: Answer) -> StreamingResponse:
+    return StreamingResponse(chunks(), media_type="text/event-stream",
+                             headers={**a.headers(), "cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+def _completion_chunks(a: Answer, include_usage: bool) -> Callable[[], AsyncIterator[bytes]]:
+    base = {"id": f"cmpl-{a.rid}", "object": "text_completion", "created": int(a.ts.timestamp()),
+            "model": a.served_model, "system_fingerprint": a.fingerprint}
+    if include_usage:
+        base["usage"] = None
+
+    def choice(text: str, finish: str | None) -> dict[str, Any]:
+        return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+    async def gen() -> AsyncIterator[bytes]:
+        for piece in chat.word_chunks(a.completion.text):
+            yield chat.sse(choice(piece, None))
+        yield chat.sse(choice("", a.finish_reason))
+        if include_usage:
+            yield chat.sse({**base, "choices": [], "usage": a.usage()})
+        yield chat.sse("[DONE]")
+
+    return gen
+
+
+def _chat_chunks(a: Answer, include_usage: bool) -> Callable[[], AsyncIterator[bytes]]:
+    base = {"id": f"chatcmpl-{a.rid}", "object": "chat.completion.chunk", "created": int(a.ts.timestamp()),
+            "model": a.served_model, "system_fingerprint": a.fingerprint}
+    if include_usage:
+        base["usage"] = None
+
+    def delta(d: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
+
+    async def gen() -> AsyncIterator[bytes]:
+        yield chat.sse(delta({"role": "assistant", "content": ""}, None))
+        for piece in chat.word_chunks(_chat_content(a)):
+            yield chat.sse(delta({"content": piece}, None))
+        yield chat.sse(delta({}, a.finish_reason))
+        if include_usage:
+            yield chat.sse({**base, "choices": [], "usage": a.usage()})
+        yield chat.sse("[DONE]")
+
+    return gen
 
 
 def _one_prompt(prompt: str | list[str]) -> str:
@@ -478,9 +770,11 @@ def _one_prompt(prompt: str | list[str]) -> str:
 
 def _log_request(
     gw: Gateway, ts: datetime, rid: str, client_rid: str | None, endpoint: str, model: str, prompt: str, max_tokens: int,
-    live: routing.Route, completion: str | None, status: int, latency_s: float,
+    live: routing.Route, role: str, key_id: str | None, completion: str | None, status: int, latency_s: float,
     shadow: dict[str, Any] | None, c: Any, error: str | None,
 ) -> None:
+    """`live` is the colour that answered: the live colour, or the candidate for a canary
+    request (`role: "canary"`), so the shadow verdict counts canary answers as the candidate's."""
     assert gw.writer is not None
     live_entry: dict[str, Any] = {
         "colour": live.colour, "version": live.version, "model": live.model,
@@ -496,6 +790,8 @@ def _log_request(
         "replica": gw.settings.replica_id,
         "endpoint": endpoint,
         "model": model,
+        "role": role,
+        "key_id": key_id,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "live": live_entry,
@@ -503,4 +799,3 @@ def _log_request(
         "prompt_tokens": c.prompt_tokens if c else None,
         "completion_tokens": c.completion_tokens if c else None,
     })
-

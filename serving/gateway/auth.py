@@ -1,10 +1,12 @@
-"""The admin credential: one bearer token guarding /admin/*.
+"""Credentials: the admin bearer token for /admin/*, client API keys for /v1/*.
 
 Source, in order: env TUNESHIP_GATEWAY_ADMIN_TOKEN; else a random token created once (by
 whichever replica gets there first: O_CREAT|O_EXCL, mode 0600) at home/gateway/admin_token
 and read by every replica sharing that home. Compared with hmac.compare_digest.
 
-Client API keys (a later issue) get their own dependency beside `require_admin`.
+Client keys (`ClientAuth`) live in serving.gateway.keys, hashed. The admin token is not a
+client key: on /v1/* it is only accepted for an admin-pinned smoke request
+(X-Tuneship-Target), which the app checks with `AdminAuth`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ import hmac
 from fastapi import Request
 
 from serving.gateway.errors import unauthorized
+from serving.gateway.keys import ClientKey, KeyStore
 from tuneship.gateway_admin import load_or_create_token
 
-__all__ = ["AdminAuth", "load_or_create_token"]
+__all__ = ["AdminAuth", "ClientAuth", "load_or_create_token"]
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    presented = presented.strip()
+    return presented if scheme.lower() == "bearer" and presented else None
 
 
 class AdminAuth:
@@ -32,3 +42,26 @@ class AdminAuth:
             raise unauthorized()
         if not hmac.compare_digest(presented.strip().encode(), self._token):
             raise unauthorized()
+
+
+class ClientAuth:
+    """Client API keys. `check` returns the key record, None when keys are not enforced (auto
+    mode before the first key is issued), or raises 401."""
+
+    def __init__(self, store: KeyStore, mode: str = "auto") -> None:
+        self.store = store
+        self.mode = mode
+
+    def enforced(self) -> bool:
+        return self.mode == "required" or self.store.issued()
+
+    def check(self, request: Request) -> ClientKey | None:
+        if not self.enforced():
+            return None
+        presented = bearer(request)
+        if presented is None:
+            raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
+        key = self.store.verify(presented)
+        if key is None:
+            raise unauthorized("Incorrect API key provided.")
+        return key

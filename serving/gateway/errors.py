@@ -59,3 +59,18 @@ def unauthorized(message: str = "Missing or invalid bearer token.") -> OpenAIErr
 
 def conflict(message: str, code: str = "conflict") -> OpenAIError:
     return OpenAIError(409, message, "invalid_request_error", code=code)
+
+
+def rate_limited(key_id: str, rpm: int, retry_after_s: float) -> OpenAIError:
+    import math
+
+    wait = max(1, math.ceil(retry_after_s))
+    return OpenAIError(
+        429, f"Rate limit reached for key {key_id}: {rpm} requests per minute. Retry in {wait} s.",
+        "requests", code="rate_limit_exceeded", headers={"Retry-After": str(wait)},
+    )
+
+
+def too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"The request body is larger than {limit} bytes.", "invalid_request_error",
+                       code="request_too_large")

@@ -7,7 +7,8 @@ both lines land in the same partition file. `tuneship.inference_log.read_inferen
 merges them. This keeps the live path free of any wait on the shadow.
 
 Requests only enqueue a dict (non-blocking); a daemon thread serialises and appends lines,
-flushing after each batch. A full queue drops the record and counts it (the disk must never
+flushing after each batch. An optional `transform` (PII redaction) runs on each record in
+that thread before it is serialised; a record it fails on is dropped, not written raw. A full queue drops the record and counts it (the disk must never
 add latency). `close()` drains and flushes; the app calls it on shutdown.
 """
 
@@ -17,6 +18,7 @@ import json
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -30,8 +32,10 @@ _MAX_OPEN = 8
 
 
 class InferenceLogWriter:
-    def __init__(self, root: Path, replica: str, maxsize: int = 10_000, metrics: Any = None) -> None:
+    def __init__(self, root: Path, replica: str, maxsize: int = 10_000, metrics: Any = None,
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.root = Path(root)
+        self._transform = transform  # e.g. PII redaction; runs here, before serialisation
         self.replica = replica
         self._q: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
         self._metrics = metrics
@@ -91,6 +95,8 @@ class InferenceLogWriter:
                     continue
                 ts, record = item
                 try:
+                    if self._transform is not None:
+                        record = self._transform(record)
                     path = partition_file(self.root, ts, self.replica)
                     line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
                     self._file(path).write(line + "\n")

@@ -12,8 +12,9 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "tuneship_gateway_requests_total", "Inference requests answered by the gateway.",
-            ["endpoint", "colour", "model", "status"], registry=r,
+            "tuneship_gateway_requests_total",
+            "Inference requests answered by the gateway; role: live, canary, pinned (admin smoke) or none.",
+            ["endpoint", "colour", "model", "status", "role"], registry=r,
         )
         self.latency = Histogram(
             "tuneship_gateway_request_latency_seconds", "End-to-end latency of inference requests.",
@@ -22,6 +23,18 @@ class GatewayMetrics:
         self.upstream_latency = Histogram(
             "tuneship_gateway_upstream_latency_seconds", "Latency of Triton infer calls.",
             ["role", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.completion_tokens = Counter(
+            "tuneship_gateway_completion_tokens_total", "Completion tokens returned, by answering colour.",
+            ["colour", "model"], registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tuneship_gateway_prompt_tokens_total", "Prompt tokens sent upstream, by answering colour.",
+            ["colour", "model"], registry=r,
+        )
+        self.rate_limited = Counter(
+            "tuneship_gateway_rate_limited_total", "Requests refused with 429, by client key id.",
+            ["key"], registry=r,
         )
         self.shadow_sent = Counter(
             "tuneship_gateway_shadow_sent_total", "Requests copied to the shadow colour.",

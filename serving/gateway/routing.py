@@ -14,8 +14,9 @@ on the host (or a shared volume):
                    "deployed_at": "...", "metadata": {...}} | null,
       "shadow":   {... same shape ...} | null,   # receives a mirrored copy of traffic
       "previous": {... same shape ...} | null,   # what /admin/rollback returns to
-      "mirror_sample": 1.0                  # share of requests copied to the shadow
-    }
+      "mirror_sample": 1.0,                 # share of requests copied to the shadow
+      "canary_weight": 0                    # 0-100: % of live traffic answered by the shadow
+    }                                       #   (the candidate) instead of live
 
 Writes: under an exclusive flock on `routes.json.lock` (read-modify-write is atomic across
 replicas), to a temp file in the same directory, fsync, then os.replace -- readers see the
@@ -24,7 +25,10 @@ and re-parses only when (inode, mtime_ns, size) changed, so a replica picks up a
 through another replica on its next request. A file that fails to parse is logged and the
 last good state kept: a bad write must not take serving down.
 
-Later (canary): a `canary` route plus weight slot into `RoutingState` and `select()`.
+Canary: with `canary_weight` > 0 that share of requests (deterministic per request id, on a
+hash independent of the mirror sample) is answered by the shadow/candidate colour instead of
+live; those requests are not mirrored. `switch` and `rollback` reset the weight to 0, and a
+PUT that changes the shadow route resets it unless the PUT sets it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import zlib
@@ -51,6 +56,9 @@ SCHEMA_VERSION = 1
 
 def _to_str(v: Any) -> Any:
     return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+COLOUR = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 class Route(BaseModel):
@@ -79,6 +87,7 @@ class RoutingState(BaseModel):
     shadow: Route | None = None
     previous: Route | None = None
     mirror_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    canary_weight: int = Field(default=0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _distinct(self) -> RoutingState:
@@ -92,7 +101,8 @@ class RoutesUpdate(BaseModel):
 
     `generation`, when given, must equal the current one (GET, edit, PUT back; 409 if someone
     else wrote in between). `previous` omitted: if live changes, the old live becomes previous.
-    `mirror_sample` / `served_model` omitted: kept as they are.
+    `mirror_sample` / `served_model` omitted: kept as they are. `canary_weight` omitted: kept
+    while the shadow route stays the same, else 0 (a new candidate never inherits traffic).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -102,6 +112,7 @@ class RoutesUpdate(BaseModel):
     shadow: Route | None = None
     previous: Route | None = None
     mirror_sample: float | None = Field(default=None, ge=0.0, le=1.0)
+    canary_weight: int | None = Field(default=None, ge=0, le=100)
     generation: int | None = None
     # Echoed back by GET; accepted and ignored so a GET body can be PUT back.
     schema_version: int | None = None
@@ -120,6 +131,8 @@ class RoutesUpdate(BaseModel):
             shadow=self.shadow,
             previous=previous,
             mirror_sample=current.mirror_sample if self.mirror_sample is None else self.mirror_sample,
+            canary_weight=self.canary_weight if self.canary_weight is not None
+            else (current.canary_weight if self.shadow == current.shadow else 0),
         )
 
 
@@ -135,7 +148,7 @@ def switch(state: RoutingState) -> RoutingState:
     """Shadow (the candidate) becomes live; the old live becomes previous; mirroring stops."""
     if state.shadow is None:
         raise InvalidTransition("no shadow/candidate colour to switch to")
-    return state.model_copy(update={"live": state.shadow, "shadow": None, "previous": state.live})
+    return state.model_copy(update={"live": state.shadow, "shadow": None, "previous": state.live, "canary_weight": 0})
 
 
 def rollback(state: RoutingState) -> RoutingState:
@@ -143,7 +156,8 @@ def rollback(state: RoutingState) -> RoutingState:
     if state.previous is None:
         raise InvalidTransition("no previous colour to roll back to")
     shadow = state.shadow if state.shadow and state.shadow.model != state.previous.model else None
-    return state.model_copy(update={"live": state.previous, "previous": state.live, "shadow": shadow})
+    return state.model_copy(update={"live": state.previous, "previous": state.live, "shadow": shadow,
+                                    "canary_weight": 0})
 
 
 def sampled(request_id: str, share: float) -> bool:
@@ -157,8 +171,17 @@ def sampled(request_id: str, share: float) -> bool:
 
 def select(state: RoutingState, request_id: str) -> tuple[Route | None, Route | None]:
     """(route that answers, route that gets a mirrored copy or None) for one request."""
+    answer, mirror, _role = route_request(state, request_id)
+    return answer, mirror
+
+
+def route_request(state: RoutingState, request_id: str) -> tuple[Route | None, Route | None, str]:
+    """(route that answers, route that gets a mirrored copy or None, "live" | "canary")."""
+    if state.live is not None and state.shadow is not None and state.canary_weight > 0 and \
+            sampled("canary:" + request_id, state.canary_weight / 100.0):
+        return state.shadow, None, "canary"
     shadow = state.shadow if state.shadow and sampled(request_id, state.mirror_sample) else None
-    return state.live, shadow
+    return state.live, shadow, "live"
 
 
 def _now() -> str:

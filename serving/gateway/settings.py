@@ -10,6 +10,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -50,9 +51,26 @@ class GatewaySettings(BaseSettings):
     default_served_model: str = "tuneship"
 
     # Request limits
+    max_body_bytes: int = Field(default=512 * 1024, ge=1024)  # 413 above this, before parsing
     max_prompt_chars: int = 32_768
     default_max_tokens: int = 16  # OpenAI's default for /v1/completions
     max_tokens_limit: int = 4096
+
+    # Client API keys (serving.gateway.keys). "auto": required as soon as the keys file holds a
+    # key, active or revoked (a fresh home is open, so is a gateway nobody has issued keys for; the
+    # embedded `make up`/demo issue one); "required": always, a gateway without keys refuses
+    # every /v1 request. Production manifests should say "required".
+    client_auth: Literal["auto", "required"] = "auto"
+    api_keys_path: Path = Field(default_factory=lambda: config.home() / "gateway" / "api_keys.json")
+
+    # Chat: how messages become a prompt when the route's metadata does not say (serving.gateway.chat)
+    chat_template_path: Path | None = None  # a Jinja chat template file; default: the base model's
+    chat_bos_token: str = "<s>"
+    chat_eos_token: str = "</s>"
+
+    # Inference log: replace PII (tuneship.data.checks detectors) before anything is written
+    redact_pii: bool = False
+    redact_pii_kinds: list[str] = Field(default_factory=lambda: ["email", "phone", "credit_card", "secret"])
 
     # Admin credential; when unset a random token is kept 0600 at home/gateway/admin_token.
     admin_token: str | None = Field(default=None, repr=False)

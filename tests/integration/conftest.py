@@ -154,6 +154,23 @@ class Gateway:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def keys_path(self) -> Path:
+        return self.home / "gateway" / "api_keys.json"
+
+    def create_key(self, name: str = "test", rpm: int = 0, burst: int | None = None) -> tuple[str, str]:
+        """(key id, key) issued into this gateway's keys file (what the keys CLI does)."""
+        from serving.gateway.keys import KeyStore
+
+        rec, key = KeyStore(self.keys_path).create(name, rpm, burst)
+        return rec.id, key
+
+    def keys_cli(self, *args: str) -> subprocess.CompletedProcess:
+        """`python -m serving.gateway.keys ARGS` against this gateway's home."""
+        return subprocess.run([sys.executable, "-m", "serving.gateway.keys", *args], cwd=REPO,
+                              env={**os.environ, "TUNESHIP_HOME": str(self.home)},
+                              capture_output=True, text=True, timeout=60)
+
 
 def spawn_gateway(triton: Triton, home: Path, log_dir: Path, replica: str, **env: str) -> Gateway:
     """Start `python -m serving.gateway` on a free port; returns before it is live."""
