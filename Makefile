@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test up down status lock lint clean
+.PHONY: install demo test bench up down status lock lint clean
 
 $(VENV)/.installed: requirements.txt serving/triton/requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	@bash .ci/pytest.sh
+
+# Benchmarks against baselines measured in the same run (not part of `make test`).
+bench: install
+	$(PY) -m bench
 
 up: install
 	$(PY) -m tuneship.demo --up

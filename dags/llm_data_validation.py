@@ -2,8 +2,10 @@
 ### llm_data_validation
 
 Validates and versions a batch of training data with Great Expectations before anything
-may be fine-tuned on it. Nightly it picks up the incoming location; trigger it from the UI
-with `dataset_uri` for an ad-hoc batch. Accepted data gets a content-addressed version and
+may be fine-tuned on it. Nightly it picks up the newest batch in the incoming location; a
+batch marked complete there (a `_SUCCESS` file written after the data) starts it at once
+through the `incoming_training_data` Asset's watcher on the triggerer; trigger it from the
+UI with `dataset_uri` for an ad-hoc batch. Accepted data gets a content-addressed version and
 emits the `validated_dataset` Asset (extra: `version_id`, `manifest_uri`); rejected data fails
 the run with a message naming the file, lines and checks, and says so on Slack.
 Validating content that is already versioned is a no-op: no new event, no retrain.
@@ -12,13 +14,15 @@ Validating content that is already versioned is a no-op: no new event, no retrai
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
-from tuneship_airflow.assets import validated_dataset
+from tuneship_airflow.assets import incoming_training_data, validated_dataset
 
 
 @dag(
-    schedule="0 2 * * *",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=incoming_training_data
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     doc_md=__doc__,
@@ -36,18 +40,17 @@ from tuneship_airflow.assets import validated_dataset
 )
 def llm_data_validation():
     @task(outlets=[validated_dataset])
-    def validate_and_version(params=None, run_id=None, outlet_events=None):
+    def validate_and_version(params=None, run_id=None, outlet_events=None, triggering_asset_events=None):
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from tuneship.stages import incoming_batch
-        from tuneship.stages import validate_and_version as run
+        from tuneship.stages import batches_to_validate, validate_batches
 
-        uri = params["dataset_uri"] or incoming_batch()
-        if uri is None:
+        uris = batches_to_validate(params["dataset_uri"], triggering_asset_events)
+        if not uris:
             raise AirflowSkipException("nothing has landed in the incoming location")
-        result = run(uri, run_id=run_id)
-        if not result["created"]:
-            raise AirflowSkipException(f"content already versioned as {result['version_id']}: nothing new")
+        result = validate_batches(uris, run_id=run_id)
+        if result is None:
+            raise AirflowSkipException(f"{', '.join(uris)}: content already versioned, nothing new")
         outlet_events[validated_dataset].extra = {
             "version_id": result["version_id"],
             "manifest_uri": result["manifest_uri"],

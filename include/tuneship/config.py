@@ -24,6 +24,12 @@ def artifacts() -> Path:
     return Path(os.environ.get("TUNESHIP_ARTIFACTS", home() / "artifacts"))
 
 
+def incoming() -> Path:
+    """Where new training-data batches land (one directory per batch; `_SUCCESS` marks a
+    batch complete for the event-driven watcher)."""
+    return Path(os.environ.get("TUNESHIP_INCOMING", home() / "incoming"))
+
+
 def _port(name: str, default: int) -> int:
     return int(os.environ.get(f"TUNESHIP_PORT_{name.upper()}", default))
 

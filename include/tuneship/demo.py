@@ -41,6 +41,7 @@ class Traffic:
 
     rps: float = 4.0
     drift: float = 0.0
+    api_key: str | None = None  # the embedded default's client key (ensure_client_key)
     sent: int = 0
     ok: int = 0
     failed: int = 0
@@ -62,7 +63,8 @@ class Traffic:
         url = config.gateway_url()
         seed = 1000
         served: str | None = None
-        with httpx.Client(base_url=url, timeout=30.0) as c:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        with httpx.Client(base_url=url, timeout=30.0, headers=headers) as c:
             while not self._stop.is_set():
                 try:
                     ready = c.get("/health/ready").status_code == 200
@@ -158,12 +160,12 @@ def reset_state() -> None:
 
 def prepare_inputs() -> Path:
     from tuneship.datagen import write_dataset
-    from tuneship.stages import ensure_base_model, incoming_root
+    from tuneship.stages import ensure_base_model
 
     t = time.monotonic()
     ensure_base_model()
     say(f"base model ready ({time.monotonic() - t:.0f}s)")
-    batch = incoming_root() / "batch-0001"
+    batch = config.incoming() / "batch-0001"
     if not (batch / "train.jsonl").exists():
         write_dataset(batch, seed=0)
     say(f"training data landed: {batch}")
@@ -188,6 +190,17 @@ def _prepare_while_services_start() -> Path:
     return batch
 
 
+def ensure_client_key() -> str:
+    """A client API key for local clients (traffic generator, `make up` users), kept 0600 in
+    home/gateway/client_key; the gateway requires keys from the first one issued on."""
+    import subprocess
+
+    path = config.home() / "gateway" / "client_key"
+    subprocess.run([sys.executable, "-m", "serving.gateway.keys", "ensure", "--name", "local", "--save", str(path)],
+                   cwd=config.REPO_ROOT, check=True, capture_output=True)
+    return path.read_text().strip()
+
+
 def api_client() -> Any:
     from tuneship.airflow_api import AirflowAPI
 
@@ -201,6 +214,7 @@ def print_urls() -> None:
   Airflow UI   http://127.0.0.1:{ports.airflow}   login: {services.ADMIN_USER} / {services.admin_password()}
   MLflow UI    http://127.0.0.1:{ports.mlflow}
   Gateway      http://127.0.0.1:{ports.gateway}/v1   (OpenAI-compatible; /version, /health/ready, /metrics)
+               API key: {config.home() / "gateway" / "client_key"}
   Reports      http://127.0.0.1:{ports.airflow}/tuneship/reports/
   Stop with:   make down
 """, flush=True)
@@ -214,6 +228,7 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
     try:
         reset_state()
         batch = _prepare_while_services_start()
+        traffic.api_key = ensure_client_key()
         api = api_client()
         loop = Loop(api, timeout)
         loop.wait_parsed()
@@ -236,9 +251,8 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         drift_from = time.time()
         traffic.drift = 0.8
         from tuneship.datagen import write_dataset
-        from tuneship.stages import incoming_root
 
-        write_dataset(incoming_root() / "batch-0002", seed=1, drift=0.3)
+        write_dataset(config.incoming() / "batch-0002", seed=1, drift=0.3)
         say("labelled examples of the new kinds of ticket landed: incoming/batch-0002")
         start_count = traffic.sent
         while traffic.sent - start_count < 60:
@@ -359,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.up:
         prepare_inputs()
         start_services()
+        ensure_client_key()
         from tuneship.stages import reconcile_serving
 
         loaded = reconcile_serving()

@@ -55,15 +55,48 @@ def latest_dataset() -> dict[str, str] | None:
             "manifest_uri": str(datasets_root() / vid / "manifest.json")}
 
 
-def incoming_root() -> Path:
-    return Path(os.environ.get("TUNESHIP_INCOMING", config.home() / "incoming"))
-
-
 def incoming_batch() -> str | None:
     """The newest batch directory that landed in the incoming location, if any."""
-    root = incoming_root()
+    root = config.incoming()
     batches = [p for p in root.iterdir() if p.is_dir() and any(p.glob("train.*"))] if root.exists() else []
     return str(max(batches, key=lambda p: p.stat().st_mtime)) if batches else None
+
+
+def batches_to_validate(dataset_uri: str | None, triggering_asset_events: Any) -> list[str]:
+    """What a validation run takes in: the `dataset_uri` Param if set; else every batch the
+    incoming-data watcher announced for this run (`extra.payload.dataset_uri`, in landing
+    order: several landings can start one run); else the newest batch in the incoming
+    location (the nightly run)."""
+    if dataset_uri:
+        return [dataset_uri]
+    uris = [
+        (event.extra or {}).get("payload", {}).get("dataset_uri")
+        for events in (triggering_asset_events or {}).values()
+        for event in events
+    ]
+    landed = list(dict.fromkeys(u for u in uris if u))
+    if landed:
+        return landed
+    newest = incoming_batch()
+    return [newest] if newest else []
+
+
+def validate_batches(uris: list[str], *, run_id: str) -> dict[str, Any] | None:
+    """Validate and version each batch; the newest newly versioned one (None: nothing new).
+    Every batch is validated even when an earlier one is rejected, and the run then fails
+    with all the rejections, so none goes unreported."""
+    created, rejected = [], []
+    for uri in uris:
+        try:
+            result = validate_and_version(uri, run_id=run_id)
+        except StageFailed as exc:
+            rejected.append(str(exc))
+            continue
+        if result["created"]:
+            created.append(result)
+    if rejected:
+        raise StageFailed("\n\n".join(rejected))
+    return created[-1] if created else None
 
 
 def validate_and_version(dataset_uri: str, *, run_id: str) -> dict[str, Any]:
@@ -328,8 +361,12 @@ def release_plan(candidate: dict[str, Any] | None, version: str | None, routes: 
         return None
     mv = registry.get_version(candidate["version"])
     live = routes.get("live") or {}
+    dataset = mv.tags.get("dataset_version")
+    manifest = datasets_root() / str(dataset) / "manifest.json"
+    schema = json.loads(manifest.read_text()).get("schema") if dataset and manifest.exists() else None
     return {"version": str(candidate["version"]), "package": candidate["package"],
-            "adapter_sha256": mv.tags.get("adapter_sha256"), "dataset_version": mv.tags.get("dataset_version"),
+            "adapter_sha256": mv.tags.get("adapter_sha256"), "dataset_version": dataset,
+            "dataset_schema": schema,
             "previous_version": live.get("version"), "previous_colour": live.get("colour")}
 
 
@@ -340,7 +377,9 @@ def route_for(plan: dict[str, Any], model: str) -> dict[str, Any]:
     return {"colour": plan["colour"], "model": model, "version": str(plan["version"]),
             "registered_model": registry.MODEL_NAME, "adapter_sha256": plan.get("adapter_sha256"),
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "metadata": {"dataset_version": plan.get("dataset_version")}}
+            # prompt/completion-trained models take a chat's user turn as the plain prompt
+            "metadata": {"dataset_version": plan.get("dataset_version"),
+                         "prompt_format": "chat" if plan.get("dataset_schema") == "chat" else "plain"}}
 
 
 def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""The shadow window's wait, off the worker: a trigger that watches the inference log.
+"""Triggers: the shadow window's wait off the worker, and training data landing.
+
+`ShadowWindowTrigger` watches the inference log for a release's shadow window;
+`IncomingBatchTrigger` is the AssetWatcher trigger that starts llm_data_validation when a
+batch finishes landing.
 
 `serialize()` holds ids and timings only (no secrets, no payloads). `run()` never blocks
 the triggerer's loop: log reads go to a thread. It fires once: when the window ends, or
@@ -13,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
 
 class ShadowWindowTrigger(BaseTrigger):
@@ -72,3 +76,57 @@ class ShadowWindowTrigger(BaseTrigger):
                 await asyncio.sleep(min(self.poll_interval, max(self.ends_at - now, 0.1)))
         except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides
             yield TriggerEvent({"status": "error", "message": str(exc)})
+
+
+class IncomingBatchTrigger(BaseEventTrigger):
+    """Fires when a batch of training data has finished landing in the incoming location.
+
+    A batch is a directory under `directory` holding train/eval files; the uploader marks it
+    complete by writing `marker` (`_SUCCESS`, the Hadoop/Spark convention) after the data
+    files, so a half-copied batch is never validated. The trigger claims each marker by
+    renaming it to `<marker>.claimed` (atomic, so a restarted triggerer or a second one never
+    fires twice for a batch) and yields one event per batch, oldest first, with the batch's
+    `dataset_uri`; it keeps watching. The directory is scanned in a thread so the triggerer's
+    loop never blocks.
+    """
+
+    def __init__(self, *, directory: str, marker: str = "_SUCCESS", poke_interval: float = 30.0):
+        super().__init__()
+        self.directory = directory
+        self.marker = marker
+        self.poke_interval = poke_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "tuneship_airflow.triggers.IncomingBatchTrigger",
+            {"directory": self.directory, "marker": self.marker, "poke_interval": self.poke_interval},
+        )
+
+    def claim_ready(self) -> list[str]:
+        """Claim every batch whose marker is present; return their paths, oldest first."""
+        import os
+
+        try:
+            entries = list(os.scandir(self.directory))
+        except FileNotFoundError:
+            return []
+        ready = []
+        for e in entries:
+            marker = os.path.join(e.path, self.marker)
+            if e.is_dir() and os.path.isfile(marker):
+                ready.append((os.stat(marker).st_mtime, e.path, marker))
+        claimed = []
+        for _, path, marker in sorted(ready):
+            try:
+                os.replace(marker, marker + ".claimed")
+            except FileNotFoundError:  # another triggerer claimed it first
+                continue
+            claimed.append(path)
+        return claimed
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        while True:
+            for path in await asyncio.to_thread(self.claim_ready):
+                self.log.info("training data landed: %s", path)
+                yield TriggerEvent({"dataset_uri": path})
+            await asyncio.sleep(self.poke_interval)

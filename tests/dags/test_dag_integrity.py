@@ -88,9 +88,12 @@ def test_finetune_has_three_runners(dagbag):
     task.arguments = ["python", "-m", "tuneship.train", "--recipe", "r.yaml"]
     kpo = task.build()
     assert type(kpo).__name__ == "KubernetesPodOperator"
-    assert kpo.deferrable and kpo.reattach_on_restart and kpo.pod_template_file
+    assert kpo.deferrable and kpo.reattach_on_restart and kpo.pod_template_dict
     assert kpo.on_finish_action.value == "delete_pod"
-    assert kpo.arguments == task.arguments
+    assert kpo.execution_timeout == task.execution_timeout
+    # the whole argv is the base container's command; nothing is appended as args
+    base = next(c for c in kpo.pod_template_dict["spec"]["containers"] if c["name"] == "base")
+    assert base["command"] == task.arguments and not kpo.arguments
     # the deferral re-entry point exists on the wrapper, so a resumed task finds it
     assert callable(getattr(task, kpo.trigger_reentry.__name__))
     docker_task = dag.get_task("train_docker")
@@ -128,3 +131,22 @@ def test_ruff_air3_clean():
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "AIR3", "dags", "plugins"],
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_validation_runs_nightly_and_when_a_batch_lands(dagbag):
+    """Cron at 02:00 UTC OR the incoming-data Asset, whose watcher runs IncomingBatchTrigger
+    (an event trigger, serialisable for the triggerer) on the configured incoming location."""
+    from airflow.triggers.base import BaseEventTrigger
+
+    from tuneship import config
+
+    tt = dagbag.dags["llm_data_validation"].timetable
+    assert (tt.timetable.expression, str(tt.timetable.timezone)) == ("0 2 * * *", "UTC")
+    cond = tt.asset_condition
+    assets = list(getattr(cond, "objects", [cond]))
+    assert [a.name for a in assets] == ["incoming_training_data"]
+    (watcher,) = assets[0].watchers
+    assert isinstance(watcher.trigger, BaseEventTrigger)
+    path, kwargs = watcher.trigger.serialize()
+    assert path == "tuneship_airflow.triggers.IncomingBatchTrigger"
+    assert kwargs["directory"] == str(config.incoming()) and kwargs["marker"] == "_SUCCESS"

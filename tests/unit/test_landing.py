@@ -1,0 +1,103 @@
+"""Landing-triggered validation: the AssetWatcher trigger, and what a run takes in.
+
+The trigger runs its real `run()` loop on asyncio against a real directory; the stage
+functions run the real validation, so a rejected batch's message and Slack text are the
+ones a person would get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tuneship import datagen, notify
+from tuneship.stages import StageFailed, batches_to_validate, validate_batches
+from tuneship_airflow.triggers import IncomingBatchTrigger
+
+
+async def _events(trigger: IncomingBatchTrigger, n: int, timeout: float = 5.0) -> list[dict]:
+    out: list[dict] = []
+
+    async def collect() -> None:
+        async for event in trigger.run():
+            out.append(event.payload)
+            if len(out) == n:
+                return
+
+    try:
+        await asyncio.wait_for(collect(), timeout)
+    except TimeoutError:
+        pass
+    return out
+
+
+def test_trigger_fires_once_per_completed_batch(tmp_path: Path) -> None:
+    trigger = IncomingBatchTrigger(directory=str(tmp_path), poke_interval=0.05)
+    assert trigger.serialize() == (
+        "tuneship_airflow.triggers.IncomingBatchTrigger",
+        {"directory": str(tmp_path), "marker": "_SUCCESS", "poke_interval": 0.05},
+    )
+    half = tmp_path / "batch-a"
+    datagen.write_dataset(half, n_train=5, n_eval=2)
+    # still uploading (no marker): nothing fires
+    assert asyncio.run(_events(trigger, 1, timeout=0.3)) == []
+
+    (half / "_SUCCESS").touch()
+    later = tmp_path / "batch-b"
+    datagen.write_dataset(later, n_train=5, n_eval=2)
+    (later / "_SUCCESS").touch()
+    events = asyncio.run(_events(trigger, 2))
+    assert events == [{"dataset_uri": str(half)}, {"dataset_uri": str(later)}]
+    assert (half / "_SUCCESS.claimed").exists() and not (half / "_SUCCESS").exists()
+    # a restarted triggerer does not fire again for claimed batches
+    fresh = IncomingBatchTrigger(directory=str(tmp_path), poke_interval=0.05)
+    assert asyncio.run(_events(fresh, 1, timeout=0.3)) == []
+
+
+def test_missing_incoming_directory_is_not_an_error(tmp_path: Path) -> None:
+    trigger = IncomingBatchTrigger(directory=str(tmp_path / "absent"), poke_interval=0.05)
+    assert asyncio.run(_events(trigger, 1, timeout=0.2)) == []
+
+
+def _event(uri: str) -> SimpleNamespace:
+    return SimpleNamespace(extra={"from_trigger": True, "payload": {"dataset_uri": uri}})
+
+
+def test_what_a_run_takes_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNESHIP_INCOMING", str(tmp_path))
+    assert batches_to_validate("", None) == []
+    datagen.write_dataset(tmp_path / "nightly", n_train=5, n_eval=2)
+    assert batches_to_validate("", {}) == [str(tmp_path / "nightly")]  # the nightly run
+    events = {"incoming_training_data": [_event("/a"), _event("/b"), _event("/a")]}
+    assert batches_to_validate("", events) == ["/a", "/b"]  # every landing, once, in order
+    assert batches_to_validate("/manual", events) == ["/manual"]  # the Param wins
+
+
+def test_rejected_batch_fails_with_details_and_says_so_on_slack(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    datagen.write_dataset(good, n_train=150, n_eval=20, seed=4)
+    bad = tmp_path / "bad"
+    datagen.write_dataset(bad, n_train=150, n_eval=20, seed=5)
+    rows = [json.loads(x) for x in (bad / "train.jsonl").read_text().splitlines()]
+    for i in range(0, 150, 5):  # 20 % of rows carry an email: above every threshold
+        rows[i]["prompt"] = rows[i]["prompt"].replace("Ticket:", "Ticket: mail bo@example.com")
+    (bad / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    with pytest.raises(StageFailed) as info:
+        validate_batches([str(bad), str(good)], run_id="manual__landing_test")
+    message = str(info.value)
+    assert "REJECTED" in message and "train.jsonl" in message
+    assert "pii [error]" in message and "train.jsonl:1,6,11" in message
+    assert "Data Docs:" in message and "quarantine" in message.lower()
+    # the good batch behind it was still validated and versioned, not skipped
+    sent = notify.read_sink()
+    assert any(m["level"] == "success" and str(good) in m["text"] for m in sent)
+    rejected = [m for m in sent if m["level"] == "error"]
+    assert len(rejected) == 1
+    slack = rejected[0]["text"]
+    for needle in ("REJECTED", str(bad), "train.jsonl:1,6,11", "pii [error]", "Data Docs:"):
+        assert needle in slack, needle
