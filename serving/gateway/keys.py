@@ -42,12 +42,13 @@ import re
 import secrets
 import sys
 import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from serving.gateway.watched import WatchedFile
 
 log = logging.getLogger("tuneship.gateway.keys")
 
@@ -95,49 +96,24 @@ class ClientKey:
                 "created_at": self.created_at, "disabled": self.disabled}
 
 
+def _parse_keys(text: str) -> dict[str, ClientKey]:
+    data = json.loads(text)
+    return {k: ClientKey.from_json(k, v) for k, v in (data.get("keys") or {}).items()}
+
+
 class KeyStore:
     """The keys file, cached by (inode, mtime, size); lookups are cheap and thread-safe."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self._keys: dict[str, ClientKey] = {}
-        self._sig: tuple[int, int, int] | None = None
-        self._mu = threading.Lock()
-
-    # -- reading -------------------------------------------------------------------------
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def _read_file(self) -> dict[str, ClientKey]:
-        data = json.loads(self.path.read_text())
-        return {k: ClientKey.from_json(k, v) for k, v in (data.get("keys") or {}).items()}
+        self._file: WatchedFile[dict[str, ClientKey]] = WatchedFile(
+            self.path, _parse_keys, {}, "keys file",
+            errors=(OSError, ValueError, KeyError, TypeError, AttributeError),
+        )
 
     def keys(self) -> dict[str, ClientKey]:
-        sig = self._stat()
-        if sig == self._sig:
-            return self._keys
-        with self._mu:
-            sig = self._stat()
-            if sig == self._sig:
-                return self._keys
-            if sig is None:
-                self._keys, self._sig = {}, None
-                return self._keys
-            try:
-                self._keys = self._read_file()
-            except FileNotFoundError:
-                return self._keys
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                # Keep the last good keys: a bad edit must neither open the gateway nor lock everyone out.
-                log.error("keys file %s is unreadable (%s); keeping %d known keys",
-                          self.path, type(exc).__name__, len(self._keys))
-            self._sig = sig
-            return self._keys
+        return self._file.get()
 
     def issued(self) -> bool:
         """Whether any key was ever issued here (revoked ones count: revoking the last key must
@@ -162,7 +138,7 @@ class KeyStore:
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            keys = self._read_file() if self.path.exists() else {}
+            keys = _parse_keys(self.path.read_text()) if self.path.exists() else {}
             yield keys
             self._write(keys)
         finally:
@@ -183,7 +159,7 @@ class KeyStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        self._sig = None
+        self._file.invalidate()
 
     def create(self, name: str, rpm: int = DEFAULT_RPM, burst: int | None = None) -> tuple[ClientKey, str]:
         """(stored record, the key). The key is not kept anywhere: show it once."""

@@ -40,7 +40,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from serving.gateway.watched import WatchedFile
 
 log = logging.getLogger("tuneship.gateway.routing")
 
@@ -195,20 +196,13 @@ class RouteStore:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.writer_id = writer_id
         self._default = RoutingState(served_model=default_served_model, mirror_sample=default_mirror_sample)
-        self._state = self._default
-        self._sig: tuple[int, int, int] | None = None
-        self._mu = threading.Lock()
+        self._file: WatchedFile[RoutingState] = WatchedFile(
+            self.path, self._parse, self._default, "routes file", errors=(OSError, ValueError, ValidationError)
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.current()
 
     # -- reading -------------------------------------------------------------------------
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
     def _parse(self, text: str) -> RoutingState:
         data = json.loads(text)
         data.setdefault("served_model", self._default.served_model)
@@ -216,27 +210,7 @@ class RouteStore:
 
     def current(self) -> RoutingState:
         """The state on disk, re-read only when the file changed (cheap: one stat)."""
-        sig = self._stat()
-        if sig == self._sig:
-            return self._state
-        with self._mu:
-            sig = self._stat()
-            if sig == self._sig:
-                return self._state
-            if sig is None:
-                self._state, self._sig = self._default, None
-                return self._state
-            try:
-                state = self._parse(self.path.read_text())
-            except FileNotFoundError:
-                return self._state
-            except (OSError, ValueError, ValidationError) as exc:
-                log.error("routes file %s is unreadable (%s); keeping generation %s",
-                          self.path, type(exc).__name__, self._state.generation)
-                self._sig = sig
-                return self._state
-            self._state, self._sig = state, sig
-            return state
+        return self._file.get()
 
     # -- writing -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -274,7 +248,7 @@ class RouteStore:
     ) -> RoutingState:
         """Read-modify-write under the cross-replica lock. Blocking: call via a thread."""
         with self._locked():
-            self._sig = None  # force a fresh read of what is on disk now
+            self._file.invalidate()  # force a fresh read of what is on disk now
             current = self.current()
             if expected_generation is not None and expected_generation != current.generation:
                 raise ConcurrentUpdate(
@@ -289,5 +263,5 @@ class RouteStore:
                 "updated_by": self.writer_id or None,
             })
             self._write(new)
-            self._sig = None
+            self._file.invalidate()
             return self.current()
