@@ -82,14 +82,13 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's /v1/completions body. Unknown fields are ignored; sampling knobs are accepted
-    and ignored (the served models decode greedily)."""
+class _GenerationRequest(BaseModel):
+    """The fields both OpenAI endpoints share. Unknown fields are ignored; sampling knobs are
+    accepted and ignored (the served models decode greedily)."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    prompt: str | list[str]
     max_tokens: int | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -97,10 +96,16 @@ class CompletionRequest(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    echo: bool | None = None
-    logprobs: int | None = None
     seed: int | None = None
     user: str | None = None
+
+
+class CompletionRequest(_GenerationRequest):
+    """OpenAI's /v1/completions body."""
+
+    prompt: str | list[str]
+    echo: bool | None = None
+    logprobs: int | None = None
 
 
 class ContentPart(BaseModel):
@@ -127,23 +132,11 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": text}
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_GenerationRequest):
     """OpenAI's /v1/chat/completions body (text only; tools and n > 1 are refused)."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    n: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None

@@ -15,6 +15,7 @@ import time
 import httpx
 import openai
 import pytest
+from gateway_helpers import metric, wait_for
 
 from tuneship.inference_log import read_inference_log
 
@@ -65,26 +66,6 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None)
     if code is not None:
         assert err["code"] == code, err
     return err
-
-
-def metric(gw, name: str, **labels: str) -> float:
-    text = httpx.get(f"{gw.url}/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 # -- health, version, models -------------------------------------------------------------------

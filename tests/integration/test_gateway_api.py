@@ -21,6 +21,7 @@ import time
 import httpx
 import openai
 import pytest
+from gateway_helpers import metric, wait_for
 
 from tuneship.inference_log import read_inference_log
 
@@ -56,24 +57,6 @@ def assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
     if type is not None:
         assert err["type"] == type, err
     return err
-
-
-def metric(gw, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in httpx.get(f"{gw.url}/metrics").text.splitlines():
-        if (line.startswith(name + "{") or line.startswith(name + " ")) and \
-                all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def logged(gw, rid: str) -> dict | None:
