@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -45,23 +44,28 @@ def length_bin(n_tokens: int) -> int:
     return int(length_bins([n_tokens])[0])
 
 
-def token_counts(tokens: Iterable[str]) -> Any:
-    """Vocabulary counts of lower-cased whitespace tokens: an Arrow table (`word`, `counts`)
-    of their `\\w+` runs, counted in C++ and cheap to pickle from a worker process.
+def fold(text: str) -> str:
+    """A text as the profile sees it: lower-cased, whitespace tokens joined by one space."""
+    return " ".join(text.lower().split())
 
-    Each distinct token is expanded into its runs once, weighted by its count; that is
-    exactly the count of `\\w+` runs in the text, since a run never spans whitespace. Most
-    tokens are one run already (alphanumeric); only the rest are split.
+
+def fold_counts(folds: Sequence[str]) -> Any:
+    """Vocabulary counts of folded texts (`fold`): an Arrow table (`word`, `counts`) of their
+    `\\w+` runs, counted in C++ and cheap to pickle from a worker process.
+
+    Tokens are split on the single spaces `fold` leaves; each distinct token is expanded
+    into its runs once, weighted by its count, which is exactly the count of `\\w+` runs in
+    the text since a run never spans whitespace. Most tokens are one run already
+    (alphanumeric); only the rest are split further.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    items = list(tokens)
     try:
-        arr = pa.array(items, pa.string())
+        arr = pa.array(folds, pa.string())
     except UnicodeEncodeError:  # lone surrogates cannot be UTF-8: count them as U+FFFD
-        arr = pa.array([t.encode("utf-8", "replace").decode("utf-8") for t in items], pa.string())
-    vc = pc.value_counts(arr)
+        arr = pa.array([t.encode("utf-8", "replace").decode("utf-8") for t in folds], pa.string())
+    vc = pc.value_counts(pc.list_flatten(pc.split_pattern(arr, " ")))
     values, counts = vc.field("values"), pc.cast(vc.field("counts"), pa.int64())
     plain = pc.utf8_is_alnum(values)
     rest = pc.invert(plain)
@@ -92,7 +96,7 @@ def _sum_counts(parts: list[Any]) -> Any:
 class TextProfiler:
     """Incremental `text_profile`: feed texts one at a time or pre-split in bulk (streaming).
 
-    Each batch is reduced to `token_counts` (Arrow, C++), and batches are summed by
+    Each batch is reduced to `fold_counts` (Arrow, C++), and batches are summed by
     group-bys (every `_COMPACT_EVERY` batches, then once at the end). Memory grows with the
     number of distinct tokens, not with the number of texts. `vocabulary` restricts the stored counts to given tokens
     (exact counts for a reference's vocabulary when profiling the current side); every
@@ -112,15 +116,15 @@ class TextProfiler:
         self._length_sum = 0
 
     def add(self, text: str) -> None:
-        self.add_lower_tokens([text.lower().split()])
+        self.add_texts([text])
 
-    def add_lower_tokens(self, token_lists: Sequence[Sequence[str]]) -> None:
-        """Add texts given as their lower-cased whitespace tokens (`text.lower().split()`)."""
-        lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
-        self.add_counts(token_counts(chain.from_iterable(token_lists)), lengths)
+    def add_texts(self, texts: Sequence[str]) -> None:
+        folds = [fold(t) for t in texts]
+        lengths = np.fromiter((f.count(" ") + 1 if f else 0 for f in folds), np.int64, len(folds))
+        self.add_counts(fold_counts(folds), lengths)
 
     def add_counts(self, counts: Any, lengths: np.ndarray, *, sign: int = 1) -> None:
-        """Add (or with sign=-1 take out) texts already reduced to `token_counts` and
+        """Add (or with sign=-1 take out) texts already reduced to `fold_counts` and
         per-text lengths in whitespace tokens: how worker processes hand them over."""
         import pyarrow.compute as pc
 
@@ -179,8 +183,13 @@ def text_profile(
 ) -> dict[str, Any]:
     """Reference statistics of `texts`: length histogram, top-token counts, row count."""
     profiler = TextProfiler(top_k=top_k, vocabulary=vocabulary)
+    batch: list[str] = []
     for text in texts:
-        profiler.add(text)
+        batch.append(text)
+        if len(batch) == 10_000:
+            profiler.add_texts(batch)
+            batch = []
+    profiler.add_texts(batch)
     return profiler.result()
 
 

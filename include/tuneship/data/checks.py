@@ -11,11 +11,11 @@ check, injection patterns) lives here as plain Python and is reflected in the co
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import re
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tuneship.data.reader import CHAT_ROLES, DatasetError, Shape, canonical_json, detect_shape
-from tuneship.profile import token_counts
+from tuneship.profile import fold_counts
 
 DEFAULT_CONFIG = Path(__file__).with_name("suites") / "training_data.yaml"
 
@@ -293,7 +293,11 @@ _BAD_CHARS_RE2 = (
 )
 _EMAIL_RE2 = "@"
 _DIGIT_RUN_RE2 = r"\p{Nd}(?:[" + _WS + r"().+-]{0,3}\p{Nd}){8,}"
-_SECRET_RE2 = r"AKIA|sk-|gh[pousr]_|xox[abprs]-|AIza|-----BEGIN |(?i:key|secret|token|passw)"
+# the vendor literals of _SECRET_TOKEN, or a keyword of _SECRET_ASSIGN followed by = or :
+_SECRET_RE2 = (
+    r"AKIA|sk-|gh[pousr]_|xox[abprs]-|AIza|-----BEGIN "
+    r"|(?i:(?:api[_-]?key|secret|access[_-]?token|auth[_-]?token|password|passwd)[" + _WS + r"]*[:=])"
+)
 
 
 def re2_superset(pattern: str) -> str | None:
@@ -490,7 +494,7 @@ class Screened:
     local_error: Any  # bool array: failing an error-severity row-local check
     row_texts: list[str]  # folded "prompt\0completion" (canonical JSON if invalid): dedup key
     prompt_folds: list[str | None]  # lower-cased, whitespace-folded prompt (None if invalid)
-    profile_counts: Any  # profile.token_counts of the prompt tokens of locally kept train rows
+    profile_counts: Any  # profile.fold_counts of the prompts of locally kept train rows
     profile_lengths: Any  # int array: their prompt lengths in whitespace tokens
 
 
@@ -519,7 +523,20 @@ class RowScreen:
         self, split: str, lines: list[int], records: list[dict[str, Any]], where: str = ""
     ) -> Screened:
         """Check one chunk; `where` (the file) names it in a `DatasetError` for a row whose
-        keys fit neither shape."""
+        keys fit neither shape. The cyclic garbage collector is paused meanwhile: the chunk
+        builds tens of thousands of small lists and no cycles, and collections triggered by
+        those allocations would rescan every live object each time."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._screen(split, lines, records, where)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _screen(
+        self, split: str, lines: list[int], records: list[dict[str, Any]], where: str
+    ) -> Screened:
         import numpy as np
         import pyarrow.compute as pc
 
@@ -529,7 +546,7 @@ class RowScreen:
         problems: dict[int, str] = {}
         roles: dict[int, str] = {}
         joined: list[str] = []
-        ptoks: list[list[str]] = []
+        plen = [0] * n  # prompt length in whitespace tokens
         prompts: list[str] = []
         completions: list[str] = []
         folds: list[str | None] = []
@@ -547,7 +564,7 @@ class RowScreen:
                     empty[i] = (not pw) + (not cw)
                     clen[i] = len(cw)
                     joined.append(f"{p}\n{comp}")
-                    ptoks.append(pw)
+                    plen[i] = len(pw)
                     folds.append(pf)
                     prompts.append(p)
                     completions.append(comp)
@@ -567,21 +584,20 @@ class RowScreen:
                 row_texts.append(f"{pf}\x00{' '.join(cw)}")
                 empty[i] = e
                 clen[i] = len(cw)
-                ptoks.append(pw)
+                plen[i] = len(pw)
                 folds.append(pf)
                 if shape == "chat" and (rp := role_problem(rec["messages"])):
                     roles[i] = rp
             else:
                 problems[i] = problem
                 row_texts.append(canonical_json(rec))
-                ptoks.append([])
                 folds.append(None)
         valid = np.ones(n, dtype=bool)
         valid[list(problems)] = False
 
         # token counts (whitespace by default: the split above already has them)
         if self.tokenizer is None:
-            pt = np.fromiter(map(len, ptoks), dtype=np.int64, count=n)
+            pt = np.asarray(plen, dtype=np.int64)
             ct = np.asarray(clen, dtype=np.int64)
         else:
             tok = self.tokenizer
@@ -601,17 +617,22 @@ class RowScreen:
         bad = bad.astype(np.int64)
         for i, count in surrogate_rows.items():
             bad[i] = count
+        # each detector runs only on the rows its own screen flagged
         kinds = list(c.pii.kinds)
-        pii_rows = np.zeros(n, dtype=bool)
+        screens = []
         if "email" in kinds:
-            pii_rows |= pc.match_substring(arr, _EMAIL_RE2).to_numpy(zero_copy_only=False)
-        if "phone" in kinds or "credit_card" in kinds:
-            pii_rows |= pc.match_substring_regex(arr, _DIGIT_RUN_RE2).to_numpy(zero_copy_only=False)
+            screens.append((["email"], pc.match_substring(arr, _EMAIL_RE2)))
+        if numbers := [k for k in ("phone", "credit_card") if k in kinds]:
+            screens.append((numbers, pc.match_substring_regex(arr, _DIGIT_RUN_RE2)))
         if "secret" in kinds:
-            pii_rows |= pc.match_substring_regex(arr, _SECRET_RE2).to_numpy(zero_copy_only=False)
+            screens.append((["secret"], pc.match_substring_regex(arr, _SECRET_RE2)))
+        candidates: dict[int, list[str]] = {}
+        for ks, hits in screens:
+            for i in np.flatnonzero(hits.to_numpy(zero_copy_only=False)).tolist():
+                candidates.setdefault(i, []).extend(ks)
         pii: dict[int, list[str]] = {}
-        for i in np.flatnonzero(pii_rows).tolist():
-            if found := find_pii(joined[i], kinds):
+        for i, ks in candidates.items():
+            if found := find_pii(joined[i], ks):
                 pii[i] = found
         if self._injection_everywhere:
             inj_rows = np.ones(n, dtype=bool)
@@ -690,9 +711,9 @@ class RowScreen:
         counts = None
         lengths = np.zeros(0, dtype=np.int64)
         if split == "train":
-            kept = [ptoks[i] for i in np.flatnonzero(~local_error).tolist()]
-            counts = token_counts(chain.from_iterable(kept))
-            lengths = np.fromiter(map(len, kept), dtype=np.int64, count=len(kept))
+            kept = np.flatnonzero(~local_error).tolist()
+            counts = fold_counts([folds[i] or "" for i in kept])
+            lengths = np.asarray(plen, dtype=np.int64)[kept]
         return Screened(
             split, lines, features, reasons, local_error, row_texts, folds, counts, lengths,
         )
@@ -766,10 +787,10 @@ class ChunkInspector:
             # rows quarantined only now (duplicates) were counted by the screen: take them out
             late = np.flatnonzero(quarantined & ~s.local_error).tolist()
             if late:
-                gone = [(s.prompt_folds[i] or "").split() for i in late]
+                gone = [s.prompt_folds[i] or "" for i in late]
                 self.profiler.add_counts(
-                    token_counts(chain.from_iterable(gone)),
-                    np.fromiter(map(len, gone), np.int64, count=len(gone)),
+                    fold_counts(gone),
+                    np.array([f.count(" ") + 1 if f else 0 for f in gone], dtype=np.int64),
                     sign=-1,
                 )
         # reasons in the suite's order

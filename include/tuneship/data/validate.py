@@ -191,6 +191,10 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(cfg: Any) -> None:
     _WORKER["cfg"] = cfg
+    # pyarrow imports pandas on the first pa.array() of Python objects (seconds): pay it
+    # while booting, not on the first block
+    import pandas  # noqa: F401
+    import pyarrow.compute  # noqa: F401
 
 
 def _screen_block(block: RawBlock, split: str, where: str, shape: str) -> Screened:
@@ -211,6 +215,7 @@ class _Screener:
         self.tokenizer = tokenizer
         self.screen: RowScreen | None = None
         self.pool: Any = None
+        self._booting: list[Any] = []
         if workers is None:
             size = sum(source.fs.size(f.path) for f in source.files.values())
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
@@ -227,8 +232,8 @@ class _Screener:
                 initializer=_init_worker,
                 initargs=(cfg,),
             )
-            for _ in range(self.workers):  # spawn them all now, not on first use
-                self.pool.submit(int)
+            # spawn them all now; until one is up, the caller screens blocks itself
+            self._booting = [self.pool.submit(int) for _ in range(self.workers)]
 
     def __enter__(self) -> _Screener:
         return self
@@ -250,7 +255,8 @@ class _Screener:
                 if shape is None:
                     raise unknown_schema(where, chunk.lines[0], chunk.records[0])
                 self.screen = RowScreen(self.cfg, shape, self.tokenizer)
-            if self.pool is None and not pending:
+            booting = self.pool is not None and not any(f.done() for f in self._booting)
+            if (self.pool is None or booting) and not pending:
                 chunk = chunk or decode_block(block, where)
                 if chunk.records:
                     yield self.screen.screen(split, chunk.lines, chunk.records, where), block
