@@ -1,8 +1,9 @@
 """
 ### llm_release
 
-Blue/green release of a `release_candidate`: load it into the idle Triton colour, confirm
-readiness, run the smoke suite through the gateway to that colour only, then mirror live
+Blue/green release of a `release_candidate`: first reconcile Triton with the routing state
+(recovers from a release, Triton or gateway that died mid-way), then load the candidate
+into the idle Triton colour, confirm readiness, run the smoke suite through the gateway to that colour only, then mirror live
 traffic to it for the shadow window (deferrable: the wait runs on the triggerer, default
 72 h, `shadow_hours` Param). The verdict promotes (atomic gateway switch, `@champion`
 alias follows, `model_promoted` Asset) or rolls back (live untouched, run fails loudly,
@@ -42,6 +43,15 @@ from tuneship_airflow.operators import ShadowWindowOperator
     },
 )
 def llm_release():
+    @task
+    def reconcile():
+        """A release (or Triton, or the gateway) that died mid-way is recovered from here:
+        Triton's colour models are made to match the routing state before anything moves."""
+        from tuneship.stages import reconcile_serving
+        from tuneship_airflow.hooks import GatewayHook, TritonHook
+
+        return reconcile_serving(GatewayHook().routes(), TritonHook())
+
     @task
     def plan(params=None, triggering_asset_events=None):
         from airflow.sdk import Variable
@@ -124,6 +134,7 @@ def llm_release():
         return result
 
     p = plan()
+    reconcile() >> p
     model = load_candidate(p)
     smoked = smoke(model, p)
     slot = start_shadow(model, p, smoked)

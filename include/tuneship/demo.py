@@ -376,9 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         ensure_client_key()
         from tuneship.stages import reconcile_serving
 
-        loaded = reconcile_serving()
-        if loaded:
-            say(f"re-loaded into Triton what the gateway routes to: {', '.join(loaded)}")
+        done = reconcile_serving()
+        if done["loaded"]:
+            say(f"re-loaded into Triton what the gateway routes to: {', '.join(done['loaded'])}")
         loop = Loop(api_client(), 300)
         loop.wait_parsed()
         print_urls()

@@ -455,20 +455,30 @@ def check_drift(*, window_hours: float, threshold: float, min_requests: int, deb
 # ------------------------------------------------------------------ serving state
 
 
-def reconcile_serving() -> list[str]:
-    """After a restart, load into Triton what the gateway's routes point at (explicit model
-    control starts empty), so a persisted live colour is served again. Returns what it loaded."""
-    import tritonclient.http as httpclient
+def reconcile_serving(routes: dict[str, Any] | None = None, triton: Any = None) -> dict[str, list[str]]:
+    """Make Triton's colour models match the routing state (explicit model control starts
+    empty after a restart, and a release that died mid-way can leave a colour loaded that
+    nothing routes to): load what the routes' live/shadow/previous point at, unload the
+    other `llm_<colour>` models. `routes` default: the gateway's routes file; `triton`: any
+    object with is_ready/load/unload/index (the Airflow TritonHook, or TritonControl)."""
+    from tuneship.triton_control import TritonControl
 
-    routes_path = config.home() / "gateway" / "routes.json"
-    if not routes_path.exists():
-        return []
-    routes = json.loads(routes_path.read_text())
-    client = httpclient.InferenceServerClient(config.triton_url(), network_timeout=300.0)
+    if routes is None:
+        routes_path = config.home() / "gateway" / "routes.json"
+        routes = json.loads(routes_path.read_text()) if routes_path.exists() else {}
+    triton = triton or TritonControl(config.triton_url())
+    wanted = {r["model"] for slot in ("live", "shadow", "previous") if (r := routes.get(slot))}
     loaded = []
-    for slot in ("live", "shadow", "previous"):
-        model = (routes.get(slot) or {}).get("model")
-        if model and (config.triton_repository() / model).exists() and not client.is_model_ready(model):
-            client.load_model(model)
+    for model in sorted(wanted):
+        if (config.triton_repository() / model).exists() and not triton.is_ready(model):
+            triton.load(model)
             loaded.append(model)
-    return loaded
+    colours = {f"llm_{c}" for c in COLOURS}
+    stale = sorted(
+        m["name"]
+        for m in triton.index()
+        if m.get("name") in colours and m.get("state") == "READY" and m["name"] not in wanted
+    )
+    for model in stale:
+        triton.unload(model)
+    return {"loaded": loaded, "unloaded": stale}

@@ -7,7 +7,6 @@ loopback addresses in `tuneship.config`. In production, `triton_default` and
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from airflow.sdk import BaseHook
@@ -42,30 +41,21 @@ class TritonHook(BaseHook):
         return config.triton_url()
 
     def get_conn(self):
-        import tritonclient.http as httpclient
+        from tuneship.triton_control import TritonControl
 
-        return httpclient.InferenceServerClient(self.url, connection_timeout=10.0, network_timeout=300.0)
+        return TritonControl(self.url)
 
     def load(self, model: str, timeout: float = 180.0) -> None:
-        client = self.get_conn()
-        client.load_model(model)
-        deadline = time.monotonic() + timeout
-        while not client.is_model_ready(model):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Triton model {model!r} not ready after {timeout:.0f}s")
-            time.sleep(0.5)
+        self.get_conn().load(model, timeout)
 
     def unload(self, model: str) -> None:
-        self.get_conn().unload_model(model)
+        self.get_conn().unload(model)
 
     def is_ready(self, model: str) -> bool:
-        try:
-            return bool(self.get_conn().is_model_ready(model))
-        except Exception:  # noqa: BLE001 - unknown model is "not ready"
-            return False
+        return self.get_conn().is_ready(model)
 
     def index(self) -> list[dict[str, Any]]:
-        return list(self.get_conn().get_model_repository_index())
+        return self.get_conn().index()
 
 
 class GatewayHook(BaseHook):
