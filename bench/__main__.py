@@ -11,7 +11,7 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation",)
+BENCHES = ("validation", "gateway")
 
 
 def main(argv: list[str]) -> int:

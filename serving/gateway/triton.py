@@ -55,6 +55,9 @@ class TritonClient:
             timeout=self._timeout,
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
+            # loopback/cluster-local: compressing each answer costs Triton and the gateway CPU
+            # and saves nothing (httpx asks for gzip/br by default)
+            headers={"Accept-Encoding": "identity"},
         )
         self._batched: dict[str, bool] = {}
 
