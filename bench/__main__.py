@@ -11,7 +11,7 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "gateway")
+BENCHES = ("validation", "trainer", "gateway")
 
 
 def main(argv: list[str]) -> int:

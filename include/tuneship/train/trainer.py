@@ -298,6 +298,8 @@ def _batch_loss_sum(model: Any, batch: dict[str, Any], autocast: Any) -> tuple[A
     """Sum of token cross-entropies over completion tokens, and how many there were."""
     import torch.nn.functional as F
 
+    device = next(model.parameters()).device  # the GPU in a GPU pod, else the CPU (a no-op)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].float()
@@ -435,6 +437,8 @@ def train(
         model = get_peft_model(model, lcfg)
     except ValueError as e:
         raise RecipeError(f"key 'lora.target_modules': {e}".replace("\n", " ")) from None
+    if cuda:  # train where the GPU is; batches follow the model (_batch_loss_sum)
+        model.to("cuda")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
