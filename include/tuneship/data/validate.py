@@ -261,16 +261,23 @@ class _Screener:
                 if chunk.records:
                     yield self.screen.screen(split, chunk.lines, chunk.records, where), block
             else:
-                future = (
-                    self.pool.submit(_screen_block, block, split, where, self.screen.shape)
-                    if self.pool
-                    else None
-                )
-                pending.append((future, block))
+                pending.append((self._submit(block, split, where), block))
                 while pending and (self.pool is None or len(pending) > 2 * self.workers):
                     yield from self._ready(pending.popleft(), split, where)
         while pending:
             yield from self._ready(pending.popleft(), split, where)
+
+    def _submit(self, block: RawBlock, split: str, where: str) -> Any:
+        """A future for the block, or None (screened inline) once the pool is gone."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        if self.pool is None:
+            return None
+        assert self.screen is not None
+        try:
+            return self.pool.submit(_screen_block, block, split, where, self.screen.shape)
+        except BrokenProcessPool:
+            return None  # _ready notices and continues in this process
 
     def _ready(
         self, item: tuple[Any, RawBlock], split: str, where: str
