@@ -37,7 +37,6 @@ LlamaConfig keys).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -45,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -355,24 +353,6 @@ def _child(who: str, spec_path: str) -> int:
 # ---------------------------------------------------------------- driver
 
 
-@contextlib.contextmanager
-def _env(**values: str | None) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _fmt(who: str, r: dict[str, Any]) -> str:
     if "error" in r:
         return f"[trainer] {who}: FAILED: {r['error']}"
@@ -474,14 +454,14 @@ def main(argv: list[str] | None = None) -> int:
         threads = args.threads
         if kind == "baseline" and threads is None and args.baseline_threads == "same":
             threads = results["tuneship"].get("torch_threads")  # 1 for the tiny model on CPU
-        with tempfile.TemporaryDirectory(prefix=f"bench-trainer-{who}-") as wd, _env(**env):
+        with tempfile.TemporaryDirectory(prefix=f"bench-trainer-{who}-") as wd:
             spec = {"recipe": rec, "data": str(data), "base": str(base), "device": device,
                     "workdir": wd, "threads": threads}
             (Path(wd) / "spec.json").write_text(json.dumps(spec))
             print(f"[trainer] {who} ...", flush=True)
             t0 = time.perf_counter()
             r = run_measured([sys.executable, "-m", "bench.trainer", "--only", kind,
-                              "--spec", str(Path(wd) / "spec.json")])
+                              "--spec", str(Path(wd) / "spec.json")], env=env)
             r["wall_s"] = round(time.perf_counter() - t0, 1)
         if "error" not in r:
             r["tokens_per_s"] = r["tokens"] / r["seconds"]

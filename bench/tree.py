@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -11,9 +12,17 @@ from typing import Any
 import psutil
 
 
-def run_measured(args: list[str], *, interval: float = 0.05) -> dict[str, Any]:
-    """Run `args` (a Python child that prints one JSON line last); add peak tree RSS."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+def run_measured(
+    args: list[str], *, interval: float = 0.05, env: dict[str, str | None] | None = None
+) -> dict[str, Any]:
+    """Run `args` (a Python child that prints one JSON line last); add peak tree RSS.
+    `env`: variables to set for the child (None removes one), on top of this environment."""
+    child_env = None
+    if env:
+        child_env = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
+        for k in (k for k, v in env.items() if v is None):
+            child_env.pop(k, None)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=child_env)
     root = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
