@@ -273,11 +273,12 @@ def resolve_base_ref(ref: str) -> tuple[str, bool]:
     return ref, False
 
 
-def load_base(ref: str, dtype: Any = None) -> tuple[Any, Any]:
+def load_base(ref: str, dtype: Any = None, **load_kwargs: Any) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a local directory (offline) or an HF model id.
 
     One code path for both: the embedded default passes a directory, production an id such
     as `meta-llama/Llama-3.2-1B`. Loading an id needs the hub (or a warm HF cache).
+    `load_kwargs` go to `from_pretrained` (e.g. a quantization config and device map).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -287,7 +288,7 @@ def load_base(ref: str, dtype: Any = None) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            target, dtype=dtype or torch.float32, **kwargs
+            target, dtype=dtype or torch.float32, **kwargs, **load_kwargs
         )
     except OSError as e:
         where = "local directory" if local else "Hugging Face model id (needs network or HF cache)"

@@ -156,19 +156,45 @@ def _adapter_tensors(out: Path):
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tmp_path_factory):
+def _resume_args(data: Path, base: Path) -> list[str]:
+    return ["--recipe", str(RECIPE), "--data", str(data), "--base", str(base),
+            "--set", "max_steps=48", "--set", "checkpoint_every=8", "--set", "warmup_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted ones must end equal to."""
+    out = tmp_path_factory.mktemp("straight") / "out"
+    data, base = dataset(tmp_path_factory), base_model(tmp_path_factory)
+    rc, _, err = run_trainer([*_resume_args(data, base), "--output", str(out)])
+    assert rc == 0, err
+    return out
+
+
+def _assert_same_run(straight: Path, resumed: Path) -> None:
     import torch
 
-    data, base = dataset(tmp_path_factory), base_model(tmp_path_factory)
-    args = ["--recipe", str(RECIPE), "--data", str(data), "--base", str(base),
-            "--set", "max_steps=48", "--set", "checkpoint_every=8", "--set", "warmup_steps=4"]
-    rc, _, err = run_trainer([*args, "--output", str(tmp_path / "straight")])
-    assert rc == 0, err
+    a, b = _adapter_tensors(straight), _adapter_tensors(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((resumed / "metrics.json").read_text())
+    assert [h["loss"] for h in ma["history"]] == pytest.approx([h["loss"] for h in mb["history"]], abs=1e-5)
 
+
+def _start_trainer(args: list[str]) -> subprocess.Popen:
+    path = [str(config.REPO_ROOT / "include"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    return subprocess.Popen([sys.executable, "-u", "-m", "tuneship.train", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tmp_path_factory, straight_run):
+    data, base = dataset(tmp_path_factory), base_model(tmp_path_factory)
+    args = _resume_args(data, base)
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(config.REPO_ROOT / "include")}
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "tuneship.train", *args, "--output", str(killed)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    proc = _start_trainer([*args, "--output", str(killed)])
     seen = []
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
@@ -186,15 +212,39 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, tmp_path_factory)
     assert rc == 0, err
     resumed_from = [ln for ln in stdout.splitlines() if ln.startswith("resumed from")]
     assert resumed_from and ("step-16" in resumed_from[0] or "step-24" in resumed_from[0])
-
-    a, b = _adapter_tensors(tmp_path / "straight"), _adapter_tensors(killed)
-    assert a.keys() == b.keys() and len(a) > 0
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
-    ma = json.loads((tmp_path / "straight" / "metrics.json").read_text())
-    mb = json.loads((killed / "metrics.json").read_text())
-    assert [h["loss"] for h in ma["history"]] == pytest.approx([h["loss"] for h in mb["history"]], abs=1e-5)
+    _assert_same_run(straight_run, killed)
     assert len(list((killed / "checkpoints").glob("step-*"))) <= 2  # keep_checkpoints
+
+
+def test_sigterm_saves_the_step_in_flight_and_resumes_equal(tmp_path, tmp_path_factory, straight_run):
+    """A deleted or preempted pod gets SIGTERM: the trainer checkpoints the step it is on
+    (between scheduled checkpoints), exits 143 with a one-line reason, and resumes there."""
+    data, base = dataset(tmp_path_factory), base_model(tmp_path_factory)
+    args = _resume_args(data, base)
+    out = tmp_path / "termed"
+    proc = _start_trainer([*args, "--output", str(out)])
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("step 19/48 "):  # past checkpoint step-16, before step-24
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    stopped = [ln for ln in rest.splitlines() if ln.startswith("stopping at step")]
+    assert stopped, rest
+    step = int(stopped[0].split()[3].split("/")[0])
+    assert 19 <= step < 24  # stopped within a step or two, not at the next scheduled checkpoint
+    assert f"resume from step-{step}" in stopped[0]
+    assert (out / "checkpoints" / f"step-{step}" / "COMPLETE").is_file()
+    assert "rerun the same command to resume" in err.strip().splitlines()[-1]
+    assert not (out / "manifest.json").exists()
+
+    rc, stdout, err = run_trainer([*args, "--output", str(out)])
+    assert rc == 0, err
+    assert f"resumed from {out / 'checkpoints' / f'step-{step}'} at step {step}/48" in stdout
+    _assert_same_run(straight_run, out)
 
 
 def test_resume_refuses_checkpoints_of_another_recipe(tmp_path, tmp_path_factory):
@@ -229,3 +279,79 @@ def test_chat_shaped_data_trains_with_packing(tmp_path, tmp_path_factory):
     first, last = m["history"][0]["loss"], m["history"][-1]["loss"]
     assert last < first / 3, (first, last)
     assert m["history"][-1]["lr"] < m["history"][5]["lr"]  # linear decay
+
+
+# ----------------------------------------------------------------------------- packing and loss
+
+
+def _tiny(tmp_path_factory):
+    import torch
+
+    from tuneship.basemodel import load_base
+
+    model, tok = load_base(str(base_model(tmp_path_factory)))
+    torch.manual_seed(0)
+    return model, tok
+
+
+def test_packed_examples_do_not_attend_to_each_other(tmp_path_factory):
+    """Each example's logits in a packed row equal its logits alone (positions restart, no
+    attention across the boundary); packing without the position ids would leak context."""
+    import torch
+
+    from tuneship.train.trainer import collate, encode_rows, pack_examples
+
+    model, tok = _tiny(tmp_path_factory)
+    rows = datagen.examples(3, seed=11)
+    examples, _ = encode_rows(rows, tok, max_seq_len=128)
+    packed = pack_examples(examples, max_seq_len=1000)
+    assert len(packed) == 1 and packed[0].position_ids is not None
+    alone_row = pack_examples(examples[:1], max_seq_len=1000)[0]  # a shorter row: padded
+    batch = collate([packed[0], alone_row], tok.pad_token_id)
+    assert batch["position_ids"].shape == batch["input_ids"].shape
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         use_cache=False).logits[0]
+        leaky = model(input_ids=batch["input_ids"][:1], use_cache=False).logits[0]
+        start = 0
+        for i, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            alone = model(input_ids=torch.tensor([ex.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(together[start : start + n], alone, atol=1e-4, rtol=1e-4)
+            if i:  # without the position ids, later examples see the earlier ones
+                assert not torch.allclose(leaky[start : start + n], alone, atol=1e-3)
+            start += n
+    assert batch["labels"][0].tolist() == sum((ex.labels for ex in examples), [])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_completion_only_logits_give_the_full_loss(tmp_path_factory, packed):
+    """The loss from logits at labelled positions only equals the loss from every position's
+    logits, and its gradient too."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from tuneship.train.trainer import _batch_loss_sum, collate, encode_rows, pack_examples
+
+    model, tok = _tiny(tmp_path_factory)
+    examples, _ = encode_rows(datagen.examples(6, seed=3), tok, max_seq_len=128)
+    items = pack_examples(examples, 96) if packed else examples
+    batch = collate(items[:4], tok.pad_token_id)
+    emb = model.get_input_embeddings().weight
+
+    loss, n = _batch_loss_sum(model, batch, contextlib.nullcontext)
+    (grad,) = torch.autograd.grad(loss, emb)
+
+    kw = ({"position_ids": batch["position_ids"]} if packed
+          else {"attention_mask": batch["attention_mask"]})
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **kw).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    full = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    (full_grad,) = torch.autograd.grad(full, emb)
+    assert n == int((labels != -100).sum()) > 0
+    torch.testing.assert_close(loss, full, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(grad, full_grad, atol=1e-5, rtol=1e-4)
+

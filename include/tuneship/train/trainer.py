@@ -17,6 +17,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,15 +29,30 @@ from tuneship.train.recipe import Recipe, RecipeError, recipe_hash
 CHECKPOINT_DONE = "COMPLETE"
 RESUME_ATOL = 1e-6  # resumed vs uninterrupted adapter tensors (same machine, same threads)
 
+# Set by the CLI's SIGTERM handler (tuneship.train.__main__): the loop checkpoints after the
+# step in flight and raises Stopped, so a deleted or preempted pod keeps its work.
+STOP = threading.Event()
+
 
 class DataError(ValueError):
     """Missing or malformed dataset files; the message names the file and line."""
+
+
+class Stopped(RuntimeError):
+    """Training stopped early on request (SIGTERM) after saving a checkpoint."""
+
+    def __init__(self, step: int, total: int) -> None:
+        super().__init__(f"stopped at step {step}/{total} on SIGTERM; rerun the same command to resume")
+        self.step, self.total = step, total
 
 
 @dataclass
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # Set on packed rows: positions restart at 0 for each example, which is how the model
+    # knows where one example ends (see collate and _batch_loss_sum).
+    position_ids: list[int] | None = None
 
 
 # ----------------------------------------------------------------------------- data
@@ -117,34 +133,53 @@ def encode_rows(
 
 
 def pack_examples(examples: list[Example], max_seq_len: int) -> list[Example]:
-    """Greedy packing into rows of up to max_seq_len tokens (labels stay per example)."""
+    """Greedy packing into rows of up to max_seq_len tokens, each example kept separate.
+
+    Labels stay per example, and position ids restart at 0 at every example boundary. The
+    model is then called with those position ids and no 2D attention mask, so transformers
+    builds a block-diagonal causal mask from them (`find_packed_sequence_indices`): a token
+    attends only to earlier tokens of its own example, and rotary positions are the same as
+    if the example were alone in the row. Tested: a packed example's logits equal its
+    logits alone (tests/unit/test_train.py::test_packed_examples_do_not_attend_to_each_other).
+    """
     packed: list[Example] = []
-    cur_ids: list[int] = []
-    cur_labels: list[int] = []
+    cur = Example([], [], [])
     for ex in examples:
-        if cur_ids and len(cur_ids) + len(ex.input_ids) > max_seq_len:
-            packed.append(Example(cur_ids, cur_labels))
-            cur_ids, cur_labels = [], []
-        cur_ids = cur_ids + ex.input_ids
-        cur_labels = cur_labels + ex.labels
-    if cur_ids:
-        packed.append(Example(cur_ids, cur_labels))
+        if cur.input_ids and len(cur.input_ids) + len(ex.input_ids) > max_seq_len:
+            packed.append(cur)
+            cur = Example([], [], [])
+        cur.input_ids.extend(ex.input_ids)
+        cur.labels.extend(ex.labels)
+        cur.position_ids.extend(range(len(ex.input_ids)))  # type: ignore[union-attr]
+    if cur.input_ids:
+        packed.append(cur)
     return packed
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors. Packed rows also get `position_ids`; their padding counts from 0
+    again, so it is a separate block that no real token attends to."""
     import torch
 
     width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    ids, labels, mask, pos = [], [], [], []
+    for e in batch:
+        pad = width - len(e.input_ids)
+        ids.append(e.input_ids + [pad_id] * pad)
+        labels.append(e.labels + [-100] * pad)
+        mask.append([1] * len(e.input_ids) + [0] * pad)
+        if e.position_ids is not None:
+            pos.append(e.position_ids + list(range(pad)))
+    out = {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "attention_mask": torch.tensor(mask, dtype=torch.long),
+    }
+    if pos:
+        if len(pos) != len(batch):
+            raise ValueError("a batch mixes packed and unpacked rows")
+        out["position_ids"] = torch.tensor(pos, dtype=torch.long)
+    return out
 
 
 class DataOrder:
@@ -294,20 +329,81 @@ def _set_threads(model: Any) -> None:
         torch.set_num_threads(1)
 
 
+def _check_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - ImportError, or a CUDA library it cannot load
+        raise RecipeError(
+            "key 'qlora': QLoRA needs bitsandbytes (pinned in serving/docker/"
+            "requirements-trainer-gpu.txt, installed in the trainer image); it could not be "
+            f"imported here ({type(e).__name__}: {e}); install it or set qlora: false"
+        ) from None
+
+
+def _load_for_training(recipe: Recipe, cuda: bool) -> tuple[Any, Any]:
+    """The frozen base model in the precision the recipe trains in.
+
+    fp32 recipes load fp32 weights. On a GPU, bf16/fp16 recipes load the frozen base weights
+    in that half type (half the memory and no per-step weight casts under autocast); the
+    LoRA weights peft adds stay fp32, so the optimizer updates full-precision values. On the
+    CPU, bf16 keeps fp32 weights and autocasts the matmuls. QLoRA loads the base weights as
+    4-bit NF4 with double quantization (bitsandbytes), computes in bf16 (fp16 if the recipe
+    says fp16), and lets peft prepare the quantized model for training (norms in fp32,
+    input gradients on, no gradient checkpointing).
+    """
+    import torch
+
+    from tuneship.basemodel import load_base
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision)
+    if not recipe.qlora:
+        return load_base(recipe.base_model, dtype=half if cuda and half else None)
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    compute = half or torch.bfloat16
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
+    model, tokenizer = load_base(recipe.base_model, dtype=compute,
+                                 quantization_config=quant, device_map={"": torch.cuda.current_device()})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model, tokenizer
+
+
 def _batch_loss_sum(model: Any, batch: dict[str, Any], autocast: Any) -> tuple[Any, int]:
-    """Sum of token cross-entropies over completion tokens, and how many there were."""
+    """Sum of token cross-entropies over completion tokens, and how many there were.
+
+    Logits are computed only where a label follows (`logits_to_keep` as a boolean mask, which
+    transformers applies before the LM head): prompt and padding positions never reach the
+    vocabulary projection, which on a 128k-vocabulary model is a large share of the compute
+    and of the activation memory. A model that ignores the mask returns every position's
+    logits, and the same mask selects them here.
+    """
     import torch.nn.functional as F
 
     device = next(model.parameters()).device  # the GPU in a GPU pod, else the CPU (a no-op)
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = batch["labels"]
+    keep = labels.new_zeros(labels.shape, dtype=bool)
+    keep[:, :-1] = labels[:, 1:] != -100  # the logit at t predicts the token at t + 1
+    targets = labels[:, 1:][keep[:, :-1]]
+    n = int(targets.numel())
+    inputs = {"input_ids": batch["input_ids"]}
+    if "position_ids" in batch:  # packed rows: the mask comes from the position ids
+        inputs["position_ids"] = batch["position_ids"]
+    else:
+        inputs["attention_mask"] = batch["attention_mask"]
+    inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    keep_dev = keep.to(device, non_blocking=True)
     with autocast():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    n = int((labels != -100).sum())
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep_dev).logits
+    if logits.ndim == 3:
+        logits = logits[keep_dev]
+    loss = F.cross_entropy(logits.float(), targets.to(device, non_blocking=True), reduction="sum")
     return loss, n
 
 
@@ -358,10 +454,8 @@ def train(
         )
     if recipe.precision == "fp16" and not cuda:
         raise RecipeError("key 'precision': fp16 training needs a CUDA GPU; use fp32 or bf16 on CPU")
-    if recipe.qlora:  # pragma: no cover - GPU only
-        raise RecipeError(
-            "key 'qlora': QLoRA is not wired in this trainer build yet; use the GPU image's trainer"
-        )
+    if recipe.qlora:
+        _check_bitsandbytes()
     from tuneship.basemodel import resolve_base_ref
 
     try:
@@ -408,14 +502,15 @@ def train(
 
     from peft import LoraConfig, get_peft_model
 
-    from tuneship.basemodel import load_base
-
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Bit-exact on the CPU (the tests compare resumed and uninterrupted adapters). On a GPU the
+    # deterministic kernels (e.g. the sort-based backward of indexing) cost throughput, and a
+    # resumed GPU run matches an uninterrupted one to bf16 tolerance rather than bit for bit.
+    torch.use_deterministic_algorithms(not cuda, warn_only=True)
 
-    model, tokenizer = load_base(recipe.base_model)
+    model, tokenizer = _load_for_training(recipe, cuda)
     _set_threads(model)
     pad_id = tokenizer.pad_token_id
     train_ex, trunc = encode_rows(train_rows, tokenizer, recipe.max_seq_len, str(train_path))
@@ -437,11 +532,14 @@ def train(
         model = get_peft_model(model, lcfg)
     except ValueError as e:
         raise RecipeError(f"key 'lora.target_modules': {e}".replace("\n", " ")) from None
-    if cuda:  # train where the GPU is; batches follow the model (_batch_loss_sum)
-        model.to("cuda")
+    if cuda and not recipe.qlora:  # train where the GPU is; batches follow the model
+        model.to("cuda")            # (a 4-bit model was placed on the GPU when it was loaded)
     model.train()
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+    # fused: one kernel for all adapter tensors instead of a loop of small ones on the GPU
+    opt = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay,
+                            fused=cuda or None)
 
     order = DataOrder(len(items), recipe.batch_size, recipe.seed)
     steps_per_epoch = math.ceil(order.per_epoch / recipe.grad_accum)
@@ -450,10 +548,13 @@ def train(
         opt, lr_lambda(recipe.lr_schedule, recipe.warmup_steps, total)
     )
     autocast: Callable[[], Any]
-    if recipe.precision == "bf16":
-        autocast = lambda: torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)  # noqa: E731
+    if recipe.precision in ("bf16", "fp16"):
+        half = torch.bfloat16 if recipe.precision == "bf16" else torch.float16
+        autocast = lambda: torch.autocast("cuda" if cuda else "cpu", dtype=half)  # noqa: E731
     else:
         autocast = contextlib.nullcontext
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
+    scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16")
 
     # --- resume
     step, history, tokens_seen, train_seconds = 0, [], 0, 0.0
@@ -471,6 +572,8 @@ def train(
         _load_adapter_weights(model, cdir / "adapter")
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         step, history = state["step"], state["history"]
@@ -485,47 +588,60 @@ def train(
     from tuneship.train.sysmetrics import SystemSampler
 
     sampler = SystemSampler(step=lambda: step, samples=system_before).start()
+
+    def checkpoint() -> Path:
+        state = {
+            "step": step,
+            "recipe_hash": rhash,
+            "data_sha256": fingerprint,
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "data_position": order.position(step * recipe.grad_accum),
+            "history": history,
+            "tokens_seen": tokens_seen,
+            "train_seconds": train_seconds + (time.perf_counter() - t_loop),
+            "system": sampler.snapshot(),
+        }
+        return _save_checkpoint(ckpt_root, step, model, state, recipe.keep_checkpoints)
+
+    last_saved = start_step
     try:
         while step < total:
+            if STOP.is_set():  # SIGTERM (pod deleted or preempted): keep the work, then stop
+                where = checkpoint().name if step > last_saved else f"step-{last_saved}"
+                say(f"stopping at step {step}/{total} on SIGTERM; resume from {where}")
+                raise Stopped(step, total)
             micro = [collate([items[i] for i in order.indices(step * recipe.grad_accum + k)], pad_id)
                      for k in range(recipe.grad_accum)]
             n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            loss_total = 0.0
+            loss_total = torch.zeros((), device=device)  # read once per step, not per micro-batch
             for b in micro:
                 loss_sum, _ = _batch_loss_sum(model, b, autocast)
                 loss = loss_sum / max(n_tokens, 1)
-                loss.backward()
-                loss_total += float(loss.detach())
+                scaler.scale(loss).backward()
+                loss_total += loss.detach()
                 tokens_seen += int(b["attention_mask"].sum())
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
             lr = sched.get_last_lr()[0]
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            history.append({"step": step, "loss": round(loss_total, 6), "lr": lr})
+            step_loss = float(loss_total)
+            history.append({"step": step, "loss": round(step_loss, 6), "lr": lr})
 
-            elapsed = train_seconds + (time.perf_counter() - t_loop)
             if step % log_every == 0 or step == total or step == 1:
                 rate = (tokens_seen - tokens_at_loop) / max(time.perf_counter() - t_loop, 1e-9)
                 per_step = (time.perf_counter() - t_loop) / max(step - start_step, 1)
                 eta = per_step * (total - step)
-                say(f"step {step}/{total} loss {loss_total:.4f} tok/s {rate:.0f} eta {eta:.0f}s")
+                say(f"step {step}/{total} loss {step_loss:.4f} tok/s {rate:.0f} eta {eta:.0f}s")
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < total:
-                state = {
-                    "step": step,
-                    "recipe_hash": rhash,
-                    "data_sha256": fingerprint,
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                    "data_position": order.position(step * recipe.grad_accum),
-                    "history": history,
-                    "tokens_seen": tokens_seen,
-                    "train_seconds": elapsed,
-                    "system": sampler.snapshot(),
-                }
-                path = _save_checkpoint(ckpt_root, step, model, state, recipe.keep_checkpoints)
+                path = checkpoint()
+                last_saved = step
                 say(f"checkpoint {path.name} saved")
     finally:
         system = sampler.stop()
