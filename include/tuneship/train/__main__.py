@@ -4,13 +4,20 @@
         --output OUT_DIR [--set key=value]...
 
 Exit 0 ok (also when OUT_DIR already holds this exact run), 2 invalid recipe/arguments/data
-(one line naming the key or file), 1 any other failure. Rerunning after a crash resumes from
+(one line naming the key or file), 143 stopped by SIGTERM (a checkpoint of the last finished
+step was saved first), 1 any other failure. Rerunning after a crash or a stop resumes from
 the newest complete checkpoint in OUT_DIR/checkpoints.
+
+SIGTERM is handled, not left to the default: in a pod the trainer is PID 1 (the runner's argv
+is the container command), and PID 1 ignores signals it has no handler for, so without one a
+deleted or preempted pod would train on until SIGKILL and lose everything since the last
+scheduled checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 
@@ -29,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_on_sigterm() -> None:
+    from tuneship.train.trainer import STOP
+
+    def handler(signum: int, frame: object) -> None:
+        print("SIGTERM received: stopping after the current step", file=sys.stderr, flush=True)
+        STOP.set()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # exits 2 itself on bad arguments
     try:
@@ -36,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.base:
             overrides["base_model"] = args.base
         recipe = load_recipe(args.recipe, overrides)
-        from tuneship.train.trainer import DataError, train
+        from tuneship.train.trainer import DataError, Stopped, train
 
         try:
             train(recipe, args.data, args.output)
         except DataError as e:
             raise RecipeError(str(e)) from None
+        except Stopped as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 128 + signal.SIGTERM
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -56,4 +76,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _stop_on_sigterm()  # the process's own entrypoint only, never a host that imports main()
     sys.exit(main())
