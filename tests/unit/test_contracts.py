@@ -496,3 +496,38 @@ def test_airflow_dockerfile_extends_the_pinned_airflow_image():
     text = (DOCKER / "Dockerfile.airflow").read_text()
     assert re.search(r"^ARG AIRFLOW_VERSION=3\.3\.2$", text, flags=re.M)
     assert "FROM apache/airflow:${AIRFLOW_VERSION}-python${PYTHON_VERSION}" in text
+
+
+def test_trainer_image_installs_every_package_the_trainer_imports():
+    """The image installs a named list, not requirements.txt: each third-party module the
+    trainer process imports (anywhere, lazy imports included) must be in it or pinned in the
+    GPU-only requirements file, or the pod dies at its first import."""
+    import ast
+    import sys
+    from importlib.metadata import packages_distributions
+
+    text = re.sub(r"\\\n", " ", (DOCKER / "Dockerfile.trainer").read_text())
+    listed = set(re.search(r'^ARG TRAINER_PACKAGES="([^"]+)"', text, re.M).group(1).split())
+    gpu_file = DOCKER / "requirements-trainer-gpu.txt"
+    assert "-r requirements-trainer-gpu.txt" in text and gpu_file.name in text
+    gpu = {ln.split("==")[0].strip() for ln in gpu_file.read_text().splitlines()
+           if ln.strip() and not ln.startswith("#")}
+    include = REPO / "include" / "tuneship"
+    files = [*(include / "train").glob("*.py"), include / "basemodel.py", include / "config.py",
+             include / "datagen.py"]
+    modules = set()
+    for f in files:
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - set(sys.stdlib_module_names) - {"tuneship", "__future__"}
+    dists = packages_distributions()
+    missing = []
+    for mod in sorted(third_party):
+        names = {d.lower() for d in dists.get(mod, [mod])}
+        if not names & {p.lower() for p in listed | gpu}:
+            missing.append(f"{mod} ({', '.join(sorted(names))})")
+    assert "bitsandbytes" in third_party  # the QLoRA path is among what was scanned
+    assert not missing, f"Dockerfile.trainer TRAINER_PACKAGES lacks: {missing}"
