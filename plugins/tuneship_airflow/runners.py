@@ -192,20 +192,31 @@ def _exit_code(pod: Any) -> int | None:
 
 
 class DockerTrainerOperator(BaseOperator):
-    """The trainer in a Docker container with all GPUs requested and artifacts bind-mounted."""
+    """The trainer in a Docker container with all GPUs requested and artifacts bind-mounted.
+
+    DockerOperator cannot re-attach to a container, so a try whose worker died leaves its
+    container training on. Each container carries labels naming its task instance; before a
+    try starts its own, it stops (SIGTERM, `stop_timeout` seconds for the trainer to write a
+    checkpoint, then SIGKILL) and removes any container an earlier try of the same task
+    instance left, so two trainers never write the same output. The new container resumes
+    from that checkpoint. `on_kill` stops with the same grace period.
+    """
 
     template_fields: Sequence[str] = ("image", "arguments")
     ui_color = "#e3f1e0"
+    LABEL = "io.tuneship.trainer"  # label keys: io.tuneship.trainer.<dag-id|task-id|...>
 
-    def __init__(self, *, image: str, arguments: Any, artifacts_host_path: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, image: str, arguments: Any, artifacts_host_path: str | None = None,
+                 stop_timeout: int = 300, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image = image
         self.arguments = arguments
         self.artifacts_host_path = artifacts_host_path or os.environ.get(
             "TUNESHIP_ARTIFACTS_HOST_PATH", "/srv/tuneship/artifacts")
+        self.stop_timeout = stop_timeout  # like the pod's terminationGracePeriodSeconds
         self._docker_op = None
 
-    def build(self, container_name: str = "tuneship-trainer"):
+    def build(self, container_name: str = "tuneship-trainer", labels: dict[str, str] | None = None):
         from airflow.providers.docker.operators.docker import DockerOperator
         from docker.types import DeviceRequest, Mount
 
@@ -214,6 +225,7 @@ class DockerTrainerOperator(BaseOperator):
             image=self.image,
             command=list(self.arguments),
             container_name=container_name,
+            labels=labels,
             device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])],
             mounts=[Mount(source=self.artifacts_host_path, target="/artifacts", type="bind")],
             shm_size=8 * 1024**3,
@@ -225,13 +237,40 @@ class DockerTrainerOperator(BaseOperator):
             environment={"TUNESHIP_ARTIFACTS": "/artifacts"},
         )
 
+    def _labels(self, ti: Any) -> dict[str, str]:
+        ids = {"dag-id": ti.dag_id, "task-id": ti.task_id, "run-id": ti.run_id,
+               "map-index": str(getattr(ti, "map_index", -1)), "try": str(ti.try_number)}
+        return {f"{self.LABEL}.{k}": str(v) for k, v in ids.items()}
+
+    def _remove_earlier_tries(self, cli: Any, labels: dict[str, str]) -> list[str]:
+        """Stop and remove containers of this task instance's earlier tries; their names."""
+        same_ti = [f"{k}={v}" for k, v in labels.items() if not k.endswith(".try")]
+        removed = []
+        for c in cli.containers(all=True, filters={"label": same_ti}):
+            name = (c.get("Names") or [c["Id"]])[0].lstrip("/")
+            try_no = (c.get("Labels") or {}).get(f"{self.LABEL}.try", "?")
+            if c.get("State") == "running":
+                self.log.warning(
+                    "container %s of try %s is still running (its worker went away); stopping it "
+                    "(SIGTERM, %ss to checkpoint) before this try starts", name, try_no, self.stop_timeout)
+                cli.stop(c["Id"], timeout=self.stop_timeout)
+            cli.remove_container(c["Id"], force=True)
+            removed.append(name)
+        return removed
+
     def execute(self, context: Any) -> Any:
         from tuneship.runners import dns1123_name
 
         ti = context["ti"]
-        self._docker_op = self.build(dns1123_name(f"tuneship-trainer-{ti.run_id}-{ti.try_number}"))
+        labels = self._labels(ti)
+        self._docker_op = self.build(dns1123_name(f"tuneship-trainer-{ti.run_id}-{ti.try_number}"), labels)
+        self._remove_earlier_tries(self._docker_op.cli, labels)
         return self._docker_op.execute(context)
 
     def on_kill(self) -> None:
-        if self._docker_op is not None:
-            self._docker_op.on_kill()
+        op = self._docker_op
+        if op is not None and op.hook.client_created and op.container is not None:
+            # DockerOperator.on_kill stops with docker's 10 s default: too short for a checkpoint
+            self.log.info("stopping trainer container (SIGTERM, %ss to checkpoint)", self.stop_timeout)
+            op.cli.stop(op.container["Id"], timeout=self.stop_timeout)
+            op.on_kill()  # removes it (auto_remove="force"); stopping twice is harmless

@@ -540,11 +540,14 @@ def _finetune_dag():
 
 
 class FakeDockerAPI:
-    """docker-py's APIClient as DockerHook/DockerOperator use it, against no engine."""
+    """docker-py's APIClient as DockerHook/DockerOperator use it, against no engine.
+
+    `engine` is the daemon's container table, shared by every client (one per operator)."""
 
     last: FakeDockerAPI | None = None
     exit_code = 0  # what the container's process exits with
     during_wait: Any = None  # called while the operator waits on the container
+    engine: dict[str, dict[str, Any]] = {}
 
     def __init__(self, base_url: str | None = None, version: str | None = None, tls: Any = None,
                  timeout: int | None = None) -> None:
@@ -562,27 +565,48 @@ class FakeDockerAPI:
 
     def create_container(self, **kwargs: Any) -> dict[str, str]:
         self.calls.append(("create", kwargs))
-        return {"Id": "c0ffee"}
+        if any(c["Names"] == ["/" + kwargs["name"]] for c in self.engine.values()):
+            raise RuntimeError(f"409 Conflict: the container name {kwargs['name']} is already in use")
+        cid = "c0ffee" if not self.engine else f"c0ffee{len(self.engine)}"
+        self.engine[cid] = {"Id": cid, "Names": ["/" + kwargs["name"]],
+                            "Labels": dict(kwargs.get("labels") or {}), "State": "created"}
+        return {"Id": cid}
+
+    def containers(self, all: bool = False, filters: dict[str, Any] | None = None):
+        self.calls.append(("list", filters))
+        wanted = [tuple(f.split("=", 1)) for f in (filters or {}).get("label", [])]
+        return [dict(c) for c in self.engine.values()
+                if (all or c["State"] == "running") and all_labels(c, wanted)]
 
     def attach(self, container: str, **_: Any):
         return iter([b"step 1/1 loss 0.1000 tok/s 900 eta 0s\n"])
 
     def start(self, container: str) -> None:
         self.calls.append(("start", container))
+        self.engine[container]["State"] = "running"
 
     def wait(self, container: str) -> dict[str, int]:
         if FakeDockerAPI.during_wait:
             FakeDockerAPI.during_wait()
+        if container in self.engine:
+            self.engine[container]["State"] = "exited"
         return {"StatusCode": FakeDockerAPI.exit_code}
 
-    def stop(self, container: str) -> None:
-        self.calls.append(("stop", container))
+    def stop(self, container: str, timeout: int | None = None) -> None:
+        self.calls.append(("stop", container, timeout))
+        if container in self.engine:
+            self.engine[container]["State"] = "exited"
 
     def remove_container(self, container: str, force: bool = False) -> None:
         self.calls.append(("remove", container, force))
+        self.engine.pop(container, None)
 
     def created(self) -> dict[str, Any]:
         return next(c[1] for c in self.calls if c[0] == "create")
+
+
+def all_labels(container: dict[str, Any], wanted: list[tuple[str, ...]]) -> bool:
+    return all(container["Labels"].get(k) == v for k, v in wanted)
 
 
 @pytest.fixture()
@@ -594,6 +618,7 @@ def docker_api(monkeypatch):
     monkeypatch.setattr(FakeDockerAPI, "exit_code", 0)
     monkeypatch.setattr(FakeDockerAPI, "during_wait", None)
     monkeypatch.setattr(FakeDockerAPI, "last", None)
+    monkeypatch.setattr(FakeDockerAPI, "engine", {})
     return FakeDockerAPI
 
 
@@ -644,5 +669,28 @@ def test_docker_kill_stops_and_removes_the_container(docker_api):
     with pytest.raises(DockerContainerFailedException):
         _run_docker(op)
     calls = docker_api.last.calls
-    assert ("stop", "c0ffee") in calls
-    assert calls.index(("stop", "c0ffee")) < calls.index(("remove", "c0ffee", True))
+    # the trainer gets the grace period to checkpoint on SIGTERM, not docker's 10 s default
+    assert ("stop", "c0ffee", 300) in calls
+    assert calls.index(("stop", "c0ffee", 300)) < calls.index(("remove", "c0ffee", True))
+    assert docker_api.engine == {}
+
+
+def test_docker_retry_stops_the_container_a_dead_worker_left_running(docker_api):
+    """Try 1's worker died mid-training: its container is still running. Try 2 stops it
+    (SIGTERM with the checkpoint grace period) and removes it before starting its own, and
+    never touches containers of other task instances."""
+    docker_api.engine.update({
+        "orphan": {"Id": "orphan", "Names": ["/tuneship-trainer-old-1"], "State": "running",
+                   "Labels": _docker_op()._labels(FakeTI(try_number=1, task_id="train_docker"))},
+        "other-run": {"Id": "other-run", "Names": ["/tuneship-trainer-other-1"], "State": "running",
+                      "Labels": {**_docker_op()._labels(FakeTI(try_number=1, task_id="train_docker")),
+                                 "io.tuneship.trainer.run-id": "scheduled__2026-11-21"}},
+    })
+    _run_docker(_docker_op(), try_number=2)
+    calls = docker_api.last.calls
+    assert ("stop", "orphan", 300) in calls and ("remove", "orphan", True) in calls
+    assert calls.index(("remove", "orphan", True)) < next(i for i, c in enumerate(calls) if c[0] == "start")
+    assert set(docker_api.engine) == {"other-run"}  # try 2's own container was removed after it ran
+    labels = docker_api.last.created()["labels"]
+    assert labels["io.tuneship.trainer.try"] == "2"
+    assert labels["io.tuneship.trainer.run-id"] == RUN_ID
