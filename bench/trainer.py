@@ -9,8 +9,9 @@ and, on CUDA, `torch.cuda.max_memory_allocated()`.
 
 - tuneship: `tuneship.train.trainer.train()` (what `python -m tuneship.train` calls) with the
   shipped `tiny-lora` recipe and its own settings, plus `packing: true` (the recipe key that
-  packs several examples into one row of up to `max_seq_len` tokens). On CUDA the recipe runs
-  with `precision: bf16` (its autocast path; the trainer loads fp32 base weights itself).
+  packs several examples into one row of up to `max_seq_len` tokens, each example attending
+  only to itself). On CUDA the recipe runs with `precision: bf16` (bf16 frozen base weights,
+  fp32 LoRA weights, bf16 autocast).
 - baseline: what a team writes with the libraries alone and no packing: `AutoModelForCausalLM`
   + `peft.get_peft_model` + `transformers.Trainer`, rows tokenized prompt (with BOS) +
   completion + EOS with prompt labels at -100, `DataCollatorForSeq2Seq` padding each batch to

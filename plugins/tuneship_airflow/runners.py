@@ -170,7 +170,9 @@ class KubernetesTrainerOperator(BaseOperator):
         code = _exit_code(pod)
         if status == "failed" or phase == "Failed" or code not in (None, 0):
             meaning = {2: "invalid recipe, data or arguments (fix them, a retry will not help)",
-                       1: "the training itself failed"}.get(code, "see the trainer's log above")
+                       1: "the training itself failed",
+                       143: "stopped by SIGTERM (pod deleted, evicted or preempted) after saving "
+                            "a checkpoint; a retry resumes from it"}.get(code, "see the trainer's log above")
             return TrainerPodError(
                 f"trainer pod {ref} failed (exit code {code}: {meaning}); {deleted}. "
                 "The trainer's own log lines are above in this task's log."
