@@ -194,7 +194,7 @@ def _servers(workdir: Path, access_log: bool) -> Iterator[dict[str, Any]]:
         env.update(TUNESHIP_HOME=str(home), TUNESHIP_TRITON_URL=server.url, TUNESHIP_GATEWAY_REPLICA_ID="bench",
                    TUNESHIP_GATEWAY_ADMIN_TOKEN=token)
         cmd = [sys.executable, "-m", "serving.gateway", "--port", str(port),
-               "--log-level", "info" if access_log else "warning"]
+               *(["--log-level", "info", "--access-log"] if access_log else ["--log-level", "warning"])]
         with open(workdir / "gateway.log", "ab") as log:
             gateway = subprocess.Popen(cmd, cwd=config.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"

@@ -52,16 +52,18 @@ class ClientAuth:
         self.store = store
         self.mode = mode
 
-    def enforced(self) -> bool:
-        return self.mode == "required" or self.store.issued()
+    def enforced(self, keys: dict[str, ClientKey] | None = None) -> bool:
+        """Keys required: always in `required` mode, in `auto` once any key was issued."""
+        return self.mode == "required" or bool(self.store.keys() if keys is None else keys)
 
     def check(self, request: Request) -> ClientKey | None:
-        if not self.enforced():
+        keys = self.store.keys()  # one look at the keys file per request, not one per question
+        if not self.enforced(keys):
             return None
         presented = bearer(request)
         if presented is None:
             raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-        key = self.store.verify(presented)
+        key = self.store.verify(presented, keys)
         if key is None:
             raise unauthorized("Incorrect API key provided.")
         return key

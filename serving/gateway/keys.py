@@ -120,12 +120,13 @@ class KeyStore:
         not open the gateway). Client auth in `auto` mode switches on with the first key."""
         return bool(self.keys())
 
-    def verify(self, presented: str) -> ClientKey | None:
-        """The key record for a presented key, or None. Constant-time on the secret part."""
+    def verify(self, presented: str, keys: dict[str, ClientKey] | None = None) -> ClientKey | None:
+        """The key record for a presented key, or None. Constant-time on the secret part.
+        `keys`: a `keys()` result the caller already holds."""
         m = _KEY.match(presented)
         if not m:
             return None
-        rec = self.keys().get(m.group(1))
+        rec = (self.keys() if keys is None else keys).get(m.group(1))
         # Compare even when the id is unknown, so timing does not tell ids apart either.
         expected = rec.sha256 if rec is not None else "0" * 64
         ok = hmac.compare_digest(digest(presented), expected)

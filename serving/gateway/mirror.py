@@ -1,10 +1,17 @@
 """Mirroring: copy a request to the shadow colour without touching the live response.
 
-`Mirror.offer()` is synchronous and non-blocking: it puts a job on a bounded asyncio.Queue
-or, when full, drops it and counts it. A few worker tasks take jobs, call Triton with the
-shadow timeout, count failures, and hand the result to the inference log as a `shadow` line
-(see serving.gateway.inference_log for the join). On shutdown the queue gets a short grace
+`Mirror.offer()` is synchronous, non-blocking and O(1): it puts a job on a bounded
+asyncio.Queue or, when full, drops it and counts it (reason `queue_full`). The live
+response never waits for a copy. A few worker tasks take jobs, call Triton with the shadow
+timeout, count failures, and hand the result to the inference log as a `shadow` line (see
+serving.gateway.inference_log for the join). On shutdown the queue gets a short grace
 period to drain, then the workers are cancelled.
+
+A job waits in the queue while the routing state may change. When a worker takes it, the
+job's route must still be the shadow route (same colour, model, version and metadata);
+after a switch, a rollback or a cleared/replaced shadow it is dropped instead (reason
+`route_changed`, and a `dropped` shadow line), never sent to a model that is now live or
+unloaded. A copy already in flight when the state changes finishes as it started.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,7 +32,7 @@ from tuneship.inference_log import format_ts, utcnow
 log = logging.getLogger("tuneship.gateway.mirror")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShadowJob:
     request_id: str
     ts: datetime  # the request's ts: the shadow line goes to the same partition
@@ -34,9 +42,14 @@ class ShadowJob:
 
 
 class Mirror:
+    """`shadow_route()` gives the current shadow route (the routing state's, re-read when it
+    changed); a queued job whose route is no longer that one is dropped."""
+
     def __init__(self, triton: TritonClient, writer: Any, metrics: Any, replica: str,
+                 shadow_route: Callable[[], Route | None],
                  maxsize: int = 256, workers: int = 2, timeout_s: float = 30.0) -> None:
         self._triton = triton
+        self._shadow_route = shadow_route
         self._writer = writer
         self._metrics = metrics
         self._replica = replica
@@ -51,12 +64,12 @@ class Mirror:
         self._tasks = [asyncio.create_task(self._worker(), name=f"shadow-{i}") for i in range(self._n)]
 
     def offer(self, job: ShadowJob) -> bool:
-        labels = (job.route.colour, job.route.model)
         assert self._q is not None, "Mirror.start() not called"
         try:
             self._q.put_nowait(job)
         except asyncio.QueueFull:
-            self._metrics.shadow_dropped.labels(*labels).inc()
+            m = self._metrics
+            m.child(m.shadow_dropped, job.route.colour, job.route.model, "queue_full").inc()
             return False
         self._metrics.shadow_queue_depth.set(self._q.qsize())
         return True
@@ -75,20 +88,28 @@ class Mirror:
 
     async def _run(self, job: ShadowJob) -> None:
         route = job.route
-        labels = (route.colour, route.model)
-        self._metrics.shadow_sent.labels(*labels).inc()
-        t0 = time.perf_counter()
+        m = self._metrics
         result: dict[str, Any] = {"colour": route.colour, "version": route.version, "model": route.model}
+        if self._shadow_route() != route:
+            m.child(m.shadow_dropped, route.colour, route.model, "route_changed").inc()
+            result.update(completion=None, status="dropped", reason="route_changed")
+            self._log(job, result)
+            return
+        m.child(m.shadow_sent, route.colour, route.model).inc()
+        t0 = time.perf_counter()
         try:
             c = await self._triton.complete(route.model, job.prompt, job.max_tokens, timeout_s=self._timeout)
             result.update(completion=c.text, status=200, prompt_tokens=c.prompt_tokens,
                           completion_tokens=c.completion_tokens)
         except UpstreamError as exc:
-            self._metrics.shadow_failed.labels(*labels).inc()
+            m.child(m.shadow_failed, route.colour, route.model).inc()
             result.update(completion=None, status=exc.status, error=exc.code)
         latency = time.perf_counter() - t0
         result["latency_ms"] = round(latency * 1000, 3)
-        self._metrics.upstream_latency.labels("shadow", route.model).observe(latency)
+        m.child(m.upstream_latency, "shadow", route.model).observe(latency)
+        self._log(job, result)
+
+    def _log(self, job: ShadowJob, result: dict[str, Any]) -> None:
         self._writer.submit(job.ts, {
             "kind": "shadow",
             "ts": format_ts(job.ts),

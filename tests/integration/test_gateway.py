@@ -334,6 +334,53 @@ def test_slow_shadow_is_not_waited_for_and_overflow_is_dropped(start_gateway):
             assert x["shadow"]["completion"].startswith(" [llm_slow]")
 
 
+def test_queued_shadow_copies_are_dropped_when_the_shadow_goes_live(start_gateway):
+    """Copies still queued for the candidate when it is switched live are not sent: it now
+    answers live traffic, and a copy would be counted twice and logged as a shadow answer."""
+    gw = start_gateway(TUNESHIP_GATEWAY_SHADOW_WORKERS="1")
+    put_routes(gw, route("blue"), route("slow", "llm_slow", version="5"))
+    ids = []
+    for i in range(5):
+        r = complete(gw, prompt=f"Ticket: parcel late #{i}\nTriage:")
+        assert r.status_code == 200 and "[llm_blue]" in r.json()["choices"][0]["text"]
+        ids.append(r.headers["x-request-id"])
+    # One copy in flight (llm_slow takes 1 s), four waiting in the queue.
+    assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_queue_depth") == 4)
+    r = httpx.post(f"{gw.url}/admin/switch", params={"colour": "slow"}, headers=gw.admin)
+    assert r.status_code == 200 and r.json()["live"]["colour"] == "slow"
+
+    assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_dropped_total", reason="route_changed") == 4)
+    assert metric(gw, "tuneship_gateway_shadow_dropped_total", colour="slow", model="llm_slow",
+                  reason="route_changed") == 4
+    assert metric(gw, "tuneship_gateway_shadow_dropped_total", reason="queue_full") == 0
+    assert metric(gw, "tuneship_gateway_shadow_sent_total", colour="slow") == 1  # only the one in flight
+
+    def joined():
+        recs = [x for x in read_inference_log(gw.log_root) if x["request_id"] in ids]
+        return recs if len(recs) == 5 and all(x["shadow"]["status"] != "pending" for x in recs) else None
+
+    recs = wait_for(joined, timeout=6)
+    assert recs, read_inference_log(gw.log_root)
+    assert [x["request_id"] for x in recs] == ids
+    assert recs[0]["shadow"]["status"] == 200 and recs[0]["shadow"]["completion"].startswith(" [llm_slow]")
+    for x in recs[1:]:
+        assert x["live"]["colour"] == "blue" and x["live"]["status"] == 200
+        assert (x["shadow"]["colour"], x["shadow"]["version"]) == ("slow", "5")
+        assert x["shadow"]["status"] == "dropped" and x["shadow"]["reason"] == "route_changed"
+        assert x["shadow"]["completion"] is None
+
+
+def test_queued_shadow_copies_are_dropped_when_the_shadow_is_cleared(start_gateway):
+    gw = start_gateway(TUNESHIP_GATEWAY_SHADOW_WORKERS="1")
+    put_routes(gw, route("blue"), route("slow", "llm_slow"))
+    for _ in range(3):
+        assert complete(gw).status_code == 200
+    assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_queue_depth") == 2)
+    put_routes(gw, route("blue"), None)
+    assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_dropped_total", reason="route_changed") == 2)
+    assert metric(gw, "tuneship_gateway_shadow_sent_total", colour="slow") == 1
+
+
 # -- replicas and restarts ---------------------------------------------------------------------
 def test_second_replica_sees_a_switch_made_through_the_first(start_gateway, tmp_path):
     home = tmp_path / "shared-home"
