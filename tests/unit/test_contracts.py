@@ -498,36 +498,89 @@ def test_airflow_dockerfile_extends_the_pinned_airflow_image():
     assert "FROM apache/airflow:${AIRFLOW_VERSION}-python${PYTHON_VERSION}" in text
 
 
-def test_trainer_image_installs_every_package_the_trainer_imports():
-    """The image installs a named list, not requirements.txt: each third-party module the
-    trainer process imports (anywhere, lazy imports included) must be in it or pinned in the
-    GPU-only requirements file, or the pod dies at its first import."""
+
+def _module_file(name: str) -> Path | None:
+    """include/ file of a `tuneship...` module (a package's __init__), None if not ours."""
+    base = REPO / "include" / Path(*name.split("."))
+    for f in (base.with_suffix(".py"), base / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
+
+
+def _third_party_imports(entries: list[Path]) -> set[str]:
+    """Top-level third-party modules a process importing `entries` needs: every import in the
+    entry files (lazy ones included, the process may call them), and the module-level imports
+    of each `tuneship` module they reach, followed transitively."""
     import ast
     import sys
+
+    found: set[str] = set()
+    seen: set[tuple[Path, bool]] = set()
+    todo = [(f, True) for f in entries]
+    while todo:
+        path, everything = todo.pop()
+        if (path, everything) in seen:
+            continue
+        seen.add((path, everything))
+        tree = ast.parse(path.read_text())
+        nodes = ast.walk(tree) if everything else iter(tree.body)
+        for node in nodes:
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.split(".")[0] != "tuneship":
+                    found.add(name.split(".")[0])
+                    continue
+                parts = name.split(".")
+                for k in range(2, len(parts) + 1):  # a package's __init__ runs too
+                    if (f := _module_file(".".join(parts[:k]))) is not None:
+                        todo.append((f, False))
+    return found - set(sys.stdlib_module_names) - {"tuneship", "serving", "__future__"}
+
+
+def _image_packages(dockerfile: Path, arg: str) -> set[str]:
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    listed = re.search(rf'^ARG {arg}="([^"]+)"', text, re.M).group(1).split()
+    return {_norm(re.sub(r"\[.*\]$", "", p)) for p in listed}
+
+
+def _norm(dist: str) -> str:
+    return re.sub(r"[-_.]+", "-", dist).lower()  # PEP 503
+
+
+def _missing_from_image(modules: set[str], packages: set[str]) -> list[str]:
     from importlib.metadata import packages_distributions
 
-    text = re.sub(r"\\\n", " ", (DOCKER / "Dockerfile.trainer").read_text())
-    listed = set(re.search(r'^ARG TRAINER_PACKAGES="([^"]+)"', text, re.M).group(1).split())
+    dists = packages_distributions()
+    return [f"{m} ({', '.join(sorted(_norm(d) for d in dists.get(m, [m])))})"
+            for m in sorted(modules)
+            if not {_norm(d) for d in dists.get(m, [m])} & packages]
+
+
+def test_trainer_image_installs_every_package_the_trainer_imports():
+    """The image installs a named list, not requirements.txt: each third-party module the
+    trainer process imports must be in it or pinned in the GPU-only requirements file, or the
+    pod dies at its first import."""
+    dockerfile = DOCKER / "Dockerfile.trainer"
     gpu_file = DOCKER / "requirements-trainer-gpu.txt"
-    assert "-r requirements-trainer-gpu.txt" in text and gpu_file.name in text
-    gpu = {ln.split("==")[0].strip() for ln in gpu_file.read_text().splitlines()
+    assert "-r requirements-trainer-gpu.txt" in dockerfile.read_text()
+    gpu = {_norm(ln.split("==")[0].strip()) for ln in gpu_file.read_text().splitlines()
            if ln.strip() and not ln.startswith("#")}
     include = REPO / "include" / "tuneship"
-    files = [*(include / "train").glob("*.py"), include / "basemodel.py", include / "config.py",
-             include / "datagen.py"]
-    modules = set()
-    for f in files:
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Import):
-                modules |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                modules.add(node.module.split(".")[0])
-    third_party = modules - set(sys.stdlib_module_names) - {"tuneship", "__future__"}
-    dists = packages_distributions()
-    missing = []
-    for mod in sorted(third_party):
-        names = {d.lower() for d in dists.get(mod, [mod])}
-        if not names & {p.lower() for p in listed | gpu}:
-            missing.append(f"{mod} ({', '.join(sorted(names))})")
-    assert "bitsandbytes" in third_party  # the QLoRA path is among what was scanned
+    modules = _third_party_imports([*(include / "train").glob("*.py"), include / "basemodel.py",
+                                    include / "datagen.py"])
+    assert {"bitsandbytes", "torch", "peft"} <= modules  # the lazy imports were scanned
+    missing = _missing_from_image(modules, _image_packages(dockerfile, "TRAINER_PACKAGES") | gpu)
     assert not missing, f"Dockerfile.trainer TRAINER_PACKAGES lacks: {missing}"
+
+
+def test_gateway_image_installs_every_package_the_gateway_imports():
+    dockerfile = DOCKER / "Dockerfile.gateway"
+    modules = _third_party_imports(sorted((REPO / "serving" / "gateway").glob("*.py")))
+    assert {"fastapi", "uvicorn", "prometheus_client"} <= modules
+    missing = _missing_from_image(modules, _image_packages(dockerfile, "GATEWAY_PACKAGES"))
+    assert not missing, f"Dockerfile.gateway GATEWAY_PACKAGES lacks: {missing}"
