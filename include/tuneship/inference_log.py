@@ -16,7 +16,10 @@ Two kinds of line, joined by `request_id`:
 * ``"kind": "shadow"`` -- written when the mirrored call finishes (the live response never
   waits for it): ts (the *request's* ts, so it lands in the same partition file as its
   request line), request_id, replica, completed_at,
-  shadow: {colour, version, model, completion, latency_ms, status[, error]}.
+  shadow: {colour, version, model, completion, latency_ms, status[, error]}, or
+  {colour, version, model, completion: null, status: "dropped", reason: "route_changed"}
+  when the copy was still queued after its route stopped being the shadow (switch, rollback,
+  shadow cleared) and so was never sent.
 
 `status` is the HTTP status the gateway answered (live) or would have (shadow): 200 ok,
 502/503/504 upstream failures. A "pending" shadow that never gets its second line means the
