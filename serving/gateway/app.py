@@ -19,9 +19,12 @@ key's rate limit (429 + Retry-After) -> JSON body (400) -> model (404), prompt a
 max_tokens limits (400) -> routing (live, or the candidate for the canary share; mirrored
 to the shadow) -> Triton -> inference log (optionally PII-redacted) -> JSON or SSE.
 
-Streaming is honest about what it is: the Triton model is not decoupled, so the answer is
-complete before the first event is sent; it is then sent as word-sized OpenAI chunks.
-Time to first token is not better than without streaming.
+Streaming is real: the compiled model is decoupled, so Triton's generate_stream endpoint
+sends each decoded piece as it is generated and the gateway relays it as an OpenAI chunk
+at once (time to first token is one decoding step, not the whole answer). Upstream
+failures before the first piece still get a status code; a failure mid-stream ends the
+stream with an OpenAI error event. A model that is not decoupled answers whole, then in
+word-sized chunks. The inference log gets the whole answer when the stream ends.
 
 Every non-2xx body is OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`.
 The application log never carries prompts, completions or credentials.
@@ -577,15 +580,16 @@ async def _inference(gw: Gateway, request: Request, endpoint: str) -> Response:
             ).model_validate_json(raw)
         except ValidationError as exc:
             raise _validation_error(exc.errors()) from None
-        ans = await _answer(gw, request, endpoint, body, rid, key, pinned, labels)
-        labels["status"] = "200"
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        if isinstance(body, ChatCompletionRequest):
-            if body.stream:
-                return _sse(_chat_chunks(ans, include_usage), ans)
-            return FastJSONResponse(_chat_payload(ans), headers=ans.headers())
+        call = _prepare(gw, request, endpoint, body, rid, key, pinned, labels)
         if body.stream:
-            return _sse(_completion_chunks(ans, include_usage), ans)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            response = await _stream_answer(gw, call, isinstance(body, ChatCompletionRequest), include_usage)
+            labels["status"] = "200"
+            return response
+        ans = await _answer(gw, call)
+        labels["status"] = "200"
+        if isinstance(body, ChatCompletionRequest):
+            return FastJSONResponse(_chat_payload(ans), headers=ans.headers())
         return FastJSONResponse(_completion_payload(ans), headers=ans.headers())
     except OpenAIError as exc:
         labels["status"] = str(exc.status)
@@ -598,10 +602,52 @@ async def _inference(gw: Gateway, request: Request, endpoint: str) -> Response:
         m.child(m.latency, labels["colour"], labels["model"], labels["status"]).observe(elapsed)
 
 
-async def _answer(
+@dataclass
+class _Call:
+    """A validated, routed inference request, ready for Triton."""
+
+    gw: Gateway
+    t0: float
+    ts: datetime
+    rid: str
+    client_rid: str | None
+    endpoint: str
+    served_model: str
+    requested_model: str
+    live: routing.Route
+    role: str
+    key_id: str | None
+    prompt: str
+    max_tokens: int
+    mirror: Callable[[], dict[str, Any] | None]
+
+    @property
+    def logged(self) -> bool:
+        return self.role != "pinned"
+
+    def log(self, completion: str | None, status: int, c: Completion | None, error: str | None,
+            shadow: dict[str, Any] | None) -> None:
+        if self.logged:
+            _log_request(self.gw, self.ts, self.rid, self.client_rid, self.endpoint, self.requested_model,
+                         self.prompt, self.max_tokens, self.live, self.role, self.key_id, completion, status,
+                         time.perf_counter() - self.t0, shadow, c, error)
+
+    def upstream_failed(self, exc: UpstreamError) -> OpenAIError:
+        self.log(None, exc.status, None, exc.code, self.mirror())
+        return OpenAIError(exc.status, f"The {self.live.colour} model failed to answer: {exc.message}",
+                           "server_error", code=exc.code)
+
+    def answered(self, c: Completion) -> None:
+        m = self.gw.metrics
+        m.child(m.prompt_tokens, self.live.colour, self.live.model).inc(c.prompt_tokens)
+        m.child(m.completion_tokens, self.live.colour, self.live.model).inc(c.completion_tokens)
+        self.log(c.text, 200, c, None, self.mirror())
+
+
+def _prepare(
     gw: Gateway, request: Request, endpoint: str, body: CompletionRequest | ChatCompletionRequest,
     rid: str, key: ClientKey | None, pinned: str | None, labels: dict[str, str],
-) -> Answer:
+) -> _Call:
     t0 = time.perf_counter()
     ts = utcnow()
     s = gw.settings
@@ -651,7 +697,6 @@ async def _answer(
         raise bad_request(f"The prompt is longer than {s.max_prompt_chars} characters.",
                           param="prompt" if messages is None else "messages", code="context_length_exceeded")
     labels.update(colour=live.colour, model=live.model, role=role)
-    logged = role != "pinned"
 
     def mirror() -> dict[str, Any] | None:
         # Offered once the live answer is in, so the copy never competes with the live call
@@ -666,27 +711,105 @@ async def _answer(
         return {"colour": shadow.colour, "version": shadow.version, "model": shadow.model,
                 "status": "pending" if sent else "dropped"}
 
-    client_rid = _client_request_id(request)
-    key_id = key.id if key else None
+    return _Call(gw, t0, ts, rid, _client_request_id(request), endpoint, state.served_model, body.model, live,
+                 role, key.id if key else None, prompt, max_tokens, mirror)
+
+
+async def _answer(gw: Gateway, call: _Call) -> Answer:
     assert gw.triton is not None
+    m = gw.metrics
     u0 = time.perf_counter()
     try:
-        c = await gw.triton.complete(live.model, prompt, max_tokens)
+        c = await gw.triton.complete(call.live.model, call.prompt, call.max_tokens)
     except UpstreamError as exc:
-        if logged:
-            _log_request(gw, ts, rid, client_rid, endpoint, body.model, prompt, max_tokens, live, role, key_id,
-                         None, exc.status, time.perf_counter() - t0, mirror(), None, exc.code)
-        raise OpenAIError(exc.status, f"The {live.colour} model failed to answer: {exc.message}",
-                          "server_error", code=exc.code) from None
+        raise call.upstream_failed(exc) from None
     finally:
-        m = gw.metrics
-        m.child(m.upstream_latency, role, live.model).observe(time.perf_counter() - u0)
-    m.child(m.prompt_tokens, live.colour, live.model).inc(c.prompt_tokens)
-    m.child(m.completion_tokens, live.colour, live.model).inc(c.completion_tokens)
-    if logged:
-        _log_request(gw, ts, rid, client_rid, endpoint, body.model, prompt, max_tokens, live, role, key_id,
-                     c.text, 200, time.perf_counter() - t0, mirror(), c, None)
-    return Answer(rid, ts, state.served_model, live, role, c, max_tokens)
+        m.child(m.upstream_latency, call.role, call.live.model).observe(time.perf_counter() - u0)
+    call.answered(c)
+    return Answer(call.rid, call.ts, call.served_model, call.live, call.role, c, call.max_tokens)
+
+
+class _Strip:
+    """`str.strip()` of a text that arrives in pieces: leading whitespace is dropped, trailing
+    whitespace is held until more text follows it (and dropped if none does)."""
+
+    def __init__(self) -> None:
+        self.started, self.held = False, ""
+
+    def feed(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self.started = True
+        text = self.held + piece
+        out = text.rstrip()
+        self.held = text[len(out):]
+        return out
+
+
+async def _stream_answer(gw: Gateway, call: _Call, is_chat: bool, include_usage: bool) -> StreamingResponse:
+    """Relay Triton's pieces as OpenAI chunks while they are generated."""
+    assert gw.triton is not None
+    m = gw.metrics
+    u0 = time.perf_counter()
+    try:
+        pieces = await gw.triton.stream(call.live.model, call.prompt, call.max_tokens)
+    except UpstreamError as exc:
+        m.child(m.upstream_latency, call.role, call.live.model).observe(time.perf_counter() - u0)
+        raise call.upstream_failed(exc) from None
+    ans = Answer(call.rid, call.ts, call.served_model, call.live, call.role, Completion("", 0, 0), call.max_tokens)
+    kind = "chat.completion.chunk" if is_chat else "text_completion"
+    base: dict[str, Any] = {"id": f"{'chatcmpl' if is_chat else 'cmpl'}-{call.rid}", "object": kind,
+                            "created": int(call.ts.timestamp()), "model": call.served_model,
+                            "system_fingerprint": ans.fingerprint}
+    if include_usage:
+        base["usage"] = None
+
+    def chunk(text: str | None, finish: str | None, role: bool = False) -> bytes:
+        if is_chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {} if text is None else {"content": text})
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}
+        return chat.sse({**base, "choices": [choice]})
+
+    async def events() -> AsyncIterator[bytes]:
+        texts: list[str] = []
+        last: Completion | None = None
+        outcome: tuple[int, str | None] = (499, "client_closed")  # unless the loop below finishes
+        strip = _Strip() if is_chat else None
+        try:
+            if is_chat:
+                yield chunk(None, None, role=True)
+            async for piece in pieces:
+                texts.append(piece.text)
+                last = piece
+                for word in chat.word_chunks(strip.feed(piece.text) if strip else piece.text):
+                    yield chunk(word, None)
+            ans.completion = Completion("".join(texts), last.prompt_tokens if last else 0,
+                                        last.completion_tokens if last else 0)
+            outcome = (200, None)
+        except UpstreamError as exc:
+            outcome = (exc.status, exc.code)
+            yield chat.sse({"error": {"message": f"The {call.live.colour} model failed mid-stream: {exc.message}",
+                                      "type": "server_error", "param": None, "code": exc.code}})
+            return
+        finally:
+            await pieces.aclose()  # a client that went away also closes the call to Triton
+            m.child(m.upstream_latency, call.role, call.live.model).observe(time.perf_counter() - u0)
+            if outcome[0] == 200:
+                call.answered(ans.completion)
+            else:
+                call.log("".join(texts) or None, outcome[0], None, outcome[1], call.mirror() if outcome[0] != 499 else None)
+        yield chunk(None if is_chat else "", ans.finish_reason)
+        if include_usage:
+            yield chat.sse({**base, "choices": [], "usage": ans.usage()})
+        yield chat.sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**ans.headers(), "cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 # -- response shapes -------------------------------------------------------------------------
@@ -719,52 +842,6 @@ def _chat_payload(a: Answer) -> dict[str, Any]:
                      "logprobs": None, "finish_reason": a.finish_reason}],
         "usage": a.usage(),
     }
-
-
-def _sse(chunks: Callable[[], AsyncIterator[bytes]], a: Answer) -> StreamingResponse:
-    return StreamingResponse(chunks(), media_type="text/event-stream",
-                             headers={**a.headers(), "cache-control": "no-cache", "x-accel-buffering": "no"})
-
-
-def _completion_chunks(a: Answer, include_usage: bool) -> Callable[[], AsyncIterator[bytes]]:
-    base = {"id": f"cmpl-{a.rid}", "object": "text_completion", "created": int(a.ts.timestamp()),
-            "model": a.served_model, "system_fingerprint": a.fingerprint}
-    if include_usage:
-        base["usage"] = None
-
-    def choice(text: str, finish: str | None) -> dict[str, Any]:
-        return {**base, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-
-    async def gen() -> AsyncIterator[bytes]:
-        for piece in chat.word_chunks(a.completion.text):
-            yield chat.sse(choice(piece, None))
-        yield chat.sse(choice("", a.finish_reason))
-        if include_usage:
-            yield chat.sse({**base, "choices": [], "usage": a.usage()})
-        yield chat.sse("[DONE]")
-
-    return gen
-
-
-def _chat_chunks(a: Answer, include_usage: bool) -> Callable[[], AsyncIterator[bytes]]:
-    base = {"id": f"chatcmpl-{a.rid}", "object": "chat.completion.chunk", "created": int(a.ts.timestamp()),
-            "model": a.served_model, "system_fingerprint": a.fingerprint}
-    if include_usage:
-        base["usage"] = None
-
-    def delta(d: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        return {**base, "choices": [{"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}]}
-
-    async def gen() -> AsyncIterator[bytes]:
-        yield chat.sse(delta({"role": "assistant", "content": ""}, None))
-        for piece in chat.word_chunks(_chat_content(a)):
-            yield chat.sse(delta({"content": piece}, None))
-        yield chat.sse(delta({}, a.finish_reason))
-        if include_usage:
-            yield chat.sse({**base, "choices": [], "usage": a.usage()})
-        yield chat.sse("[DONE]")
-
-    return gen
 
 
 def _one_prompt(prompt: str | list[str]) -> str:

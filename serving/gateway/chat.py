@@ -17,9 +17,9 @@ Training tokenizes the rendered prompt with add_special_tokens=False because the
 already wrote the BOS token; Triton's model encodes PROMPT with add_special_tokens=True.
 So the BOS text is removed from the front here and the model sees the same token ids.
 
-Streaming: the Triton model is not decoupled (one response per request), so the gateway
-receives the whole completion and then sends it as word-sized chunks. Clients get the
-OpenAI streaming protocol, but time to first token is the full generation time.
+Streaming (serving.gateway.app): pieces from a decoupled model are relayed as they are
+generated, each split into word-sized chunks (`word_chunks`); a model that is not decoupled
+answers whole and is then sent in word-sized chunks.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ the LLM contract in docs/CONTRACTS.md: PROMPT (BYTES [1]), MAX_TOKENS (INT32 [1]
 max_batch_size > 0, a leading batch dimension is added (learnt once per model from
 /v2/models/{name}/config).
 
+Decoupled models (the compiled LLM, `model_transaction_policy.decoupled`, also learnt from
+the config) do not take KServe /infer: a whole answer comes from Triton's `generate`
+endpoint (one response), a streamed one from `generate_stream` with STREAM true (server-sent
+events, one per decoded piece, relayed by `stream()` as they arrive).
+
 Why aiohttp and not httpx: this call is most of the gateway's own CPU per request. httpx
 (pure-Python h11 parsing, anyio, a pool check and two socket writes per request) cost about
 1 ms of CPU per call here; aiohttp parses in C and sends headers and body in one write.
@@ -21,6 +26,7 @@ Failures raise `UpstreamError` with the status the gateway should answer:
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -109,7 +115,7 @@ class TritonClient:
             skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        self._batched: dict[str, bool] = {}
+        self._info: dict[str, ModelInfo] = {}
         self._urls: dict[tuple[str, str], URL] = {}
 
     def _make_timeout(self, total_s: float) -> aiohttp.ClientTimeout:
@@ -148,50 +154,140 @@ class TritonClient:
     async def model_ready(self, model: str, timeout_s: float = 2.0) -> bool:
         return await self._get_status(self._url(model, "/ready"), timeout_s) == 200
 
-    async def _is_batched(self, model: str) -> bool:
+    async def _model_info(self, model: str) -> ModelInfo:
+        info = self._info.get(model)
+        if info is not None:
+            return info
         try:
             async with self._session.get(self._url(model, "/config"), timeout=self._timeout_for(5.0)) as r:
                 body = await r.read()
                 status = r.status
-            batched = status == 200 and int(msgspec.json.decode(body).get("max_batch_size", 0)) > 0
+            cfg = msgspec.json.decode(body) if status == 200 else {}
+            info = ModelInfo(batched=int(cfg.get("max_batch_size", 0)) > 0,
+                             decoupled=bool((cfg.get("model_transaction_policy") or {}).get("decoupled")))
         except (aiohttp.ClientError, TimeoutError, ValueError, TypeError, AttributeError, msgspec.MsgspecError):
-            return False  # not cached: ask again next time
-        self._batched[model] = batched
-        return batched
+            return ModelInfo()  # not cached: ask again next time
+        if status == 200:
+            self._info[model] = info
+        return info
 
-    async def complete(
-        self, model: str, prompt: str, max_tokens: int | None, timeout_s: float | None = None
-    ) -> Completion:
-        batched = self._batched.get(model)
-        if batched is None:
-            batched = await self._is_batched(model)
+    async def _post(self, model: str, suffix: str, body: bytes, timeout_s: float | None) -> aiohttp.ClientResponse:
+        """POST and return the open response if it is 200; else raise the mapped UpstreamError."""
         try:
-            async with self._session.post(self._url(model, "/infer"), data=infer_body(prompt, max_tokens, batched),
-                                          timeout=self._timeout_for(timeout_s)) as r:
-                body = await r.read()
-                status = r.status
+            r = await self._session.post(self._url(model, suffix), data=body, timeout=self._timeout_for(timeout_s))
+            if r.status == 200:
+                return r
+            detail = _error_text(await r.read())
+            r.release()
         except TimeoutError as exc:  # aiohttp's ServerTimeoutError is a TimeoutError too
             raise UpstreamError(504, "upstream_timeout", f"Triton did not answer in time ({type(exc).__name__})") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamError(503, "upstream_unavailable", f"Triton is unreachable ({type(exc).__name__})") from exc
-        if status != 200:
-            detail = _error_text(body)
-            self._batched.pop(model, None)  # the model may have been reloaded with another config
-            if status == 404 or (
-                status in (400, 503) and any(w in detail for w in ("unknown model", "not found", "not ready", "unavailable"))
-            ):
-                raise UpstreamError(503, "model_unavailable", f"model {model} is not available on Triton")
-            raise UpstreamError(502, "upstream_error", f"Triton returned {status}: {detail[:300]}")
+        self._info.pop(model, None)  # the model may have been reloaded with another config
+        if r.status == 404 or (
+            r.status in (400, 503) and any(w in detail for w in ("unknown model", "not found", "not ready", "unavailable"))
+        ):
+            raise UpstreamError(503, "model_unavailable", f"model {model} is not available on Triton")
+        raise UpstreamError(502, "upstream_error", f"Triton returned {r.status}: {detail[:300]}")
+
+    @staticmethod
+    async def _read(r: aiohttp.ClientResponse) -> bytes:
         try:
-            outputs = {o.name: o.data for o in _decode_infer(body).outputs}
-            text = outputs["COMPLETION"][0]
-            return Completion(
-                text=text if isinstance(text, str) else str(text),
-                prompt_tokens=int(outputs.get("PROMPT_TOKENS", [0])[0]),
-                completion_tokens=int(outputs.get("COMPLETION_TOKENS", [0])[0]),
-            )
-        except (msgspec.MsgspecError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise UpstreamError(502, "upstream_error", f"unexpected Triton response ({type(exc).__name__})") from exc
+            return await r.read()
+        except TimeoutError as exc:
+            raise UpstreamError(504, "upstream_timeout", f"Triton did not answer in time ({type(exc).__name__})") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(503, "upstream_unavailable", f"Triton is unreachable ({type(exc).__name__})") from exc
+        finally:
+            r.release()
+
+    async def complete(
+        self, model: str, prompt: str, max_tokens: int | None, timeout_s: float | None = None
+    ) -> Completion:
+        info = await self._model_info(model)
+        if info.decoupled:
+            r = await self._post(model, "/generate", generate_body(prompt, max_tokens, False), timeout_s)
+            return _completion(await self._read(r), _decode_generated)
+        r = await self._post(model, "/infer", infer_body(prompt, max_tokens, info.batched), timeout_s)
+        return _completion(await self._read(r), _decode_infer_outputs)
+
+    async def stream(
+        self, model: str, prompt: str, max_tokens: int | None, timeout_s: float | None = None
+    ) -> AsyncIterator[Completion]:
+        """Pieces of the answer as Triton produces them: (new text, prompt_tokens, completion
+        tokens so far) each. Upstream failures before the first piece raise here, so the
+        caller can still answer with a status; later ones raise while iterating. A model that
+        is not decoupled gives its whole answer as one piece."""
+        info = await self._model_info(model)
+        if not info.decoupled:
+            whole = await self.complete(model, prompt, max_tokens, timeout_s)
+            return _one(whole)
+        r = await self._post(model, "/generate_stream", generate_body(prompt, max_tokens, True), timeout_s)
+        return self._events(r)
+
+    async def _events(self, r: aiohttp.ClientResponse) -> AsyncIterator[Completion]:
+        try:
+            async for line in r.content:  # `data: {...}` lines, blank lines between events
+                if not line.startswith(b"data:"):
+                    continue
+                yield _completion(line[5:], _decode_generated)
+        except TimeoutError as exc:
+            raise UpstreamError(504, "upstream_timeout", f"Triton did not finish in time ({type(exc).__name__})") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(503, "upstream_unavailable", f"Triton stream broke ({type(exc).__name__})") from exc
+        finally:
+            r.close()  # also when the client went away mid-stream: drop the connection to Triton
+
+
+async def _one(c: Completion) -> AsyncIterator[Completion]:
+    yield c
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    batched: bool = False
+    decoupled: bool = False
+
+
+def generate_body(prompt: str, max_tokens: int | None, stream: bool) -> bytes:
+    """The body of Triton's generate endpoints: inputs by name (scalars become [1] tensors)."""
+    body: dict[str, Any] = {"PROMPT": prompt, "STREAM": stream}
+    if max_tokens is not None:
+        body["MAX_TOKENS"] = int(max_tokens)
+    return _encode(body)
+
+
+class _Generated(msgspec.Struct):
+    COMPLETION: str | None = None
+    PROMPT_TOKENS: int = 0
+    COMPLETION_TOKENS: int = 0
+    error: str | None = None
+
+
+def _decode_generated(body: bytes) -> dict[str, list[Any]]:
+    g = msgspec.json.decode(body, type=_Generated)
+    if g.error is not None:
+        raise UpstreamError(502, "upstream_error", f"Triton returned an error: {g.error[:300]}")
+    return {"COMPLETION": [g.COMPLETION], "PROMPT_TOKENS": [g.PROMPT_TOKENS], "COMPLETION_TOKENS": [g.COMPLETION_TOKENS]}
+
+
+def _decode_infer_outputs(body: bytes) -> dict[str, list[Any]]:
+    return {o.name: o.data for o in _decode_infer(body).outputs}
+
+
+def _completion(body: bytes, decode: Any) -> Completion:
+    try:
+        outputs = decode(body)
+        text = outputs["COMPLETION"][0]
+        if text is None:
+            raise KeyError("COMPLETION")
+        return Completion(
+            text=text if isinstance(text, str) else str(text),
+            prompt_tokens=int(outputs.get("PROMPT_TOKENS", [0])[0]),
+            completion_tokens=int(outputs.get("COMPLETION_TOKENS", [0])[0]),
+        )
+    except (msgspec.MsgspecError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise UpstreamError(502, "upstream_error", f"unexpected Triton response ({type(exc).__name__})") from exc
 
 
 def _error_text(body: bytes) -> str:

@@ -1,8 +1,8 @@
 """Fixtures for integration tests: the real tritonserver and real gateway processes on loopback.
 
 * `triton` (session): tritonserver on free ports with a tmp model repository holding copies
-  of tests/fixtures/triton_models/echo_llm as llm_blue, llm_green and llm_slow (1 s delay),
-  all loaded. The binary is installed once into a shared, git-ignored home
+  of tests/fixtures/triton_models/echo_llm as llm_blue, llm_green, llm_slow (1 s delay) and
+  llm_stream (decoupled: streams word by word behind a gate file), all loaded. The binary is installed once into a shared, git-ignored home
   (env TUNESHIP_TEST_TRITON_HOME, set by tests/conftest.py to the checkout's home, where
   `make install` already put it) -- only a bare checkout downloads it (~55 MB) here.
 * `start_gateway` (function): starts `python -m serving.gateway` subprocesses on free ports,
@@ -35,7 +35,8 @@ if str(REPO) not in sys.path:  # `serving` lives at the repo root (not an instal
 from tuneship import tritonserver  # noqa: E402
 
 ECHO_MODEL = REPO / "tests" / "fixtures" / "triton_models" / "echo_llm"
-MODELS = {"llm_blue": 0, "llm_green": 0, "llm_slow": 1000}  # name -> delay_ms
+MODELS = {"llm_blue": 0, "llm_green": 0, "llm_slow": 1000, "llm_stream": 0}  # name -> delay_ms
+DECOUPLED = {"llm_stream"}  # streams one word per response, like the compiled model
 
 
 def free_port() -> int:
@@ -58,12 +59,22 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def copy_echo_model(repository: Path, name: str, delay_ms: int = 0) -> Path:
+def copy_echo_model(repository: Path, name: str, delay_ms: int = 0, decoupled: bool = False) -> Path:
+    """A copy of the echo model; `decoupled` makes it stream like the compiled model, with a
+    gate file `<model dir>/gate` that holds every word after the first until it exists."""
     dest = repository / name
     shutil.copytree(ECHO_MODEL, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = dest / "config.pbtxt"
+    text = cfg.read_text()
     if delay_ms:
-        cfg = dest / "config.pbtxt"
-        cfg.write_text(cfg.read_text().replace('string_value: "0"', f'string_value: "{delay_ms}"'))
+        text = text.replace('string_value: "0"', f'string_value: "{delay_ms}"')
+    if decoupled:
+        text += (
+            '\nmodel_transaction_policy { decoupled: true }\n'
+            'input [ { name: "STREAM" data_type: TYPE_BOOL dims: [ 1 ] optional: true } ]\n'
+            f'parameters: {{ key: "gate_file" value: {{ string_value: "{dest / "gate"}" }} }}\n'
+        )
+    cfg.write_text(text)
     return dest
 
 
@@ -85,7 +96,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
     install_home = Path(os.environ["TUNESHIP_TEST_TRITON_HOME"])
     repo = tmp_path_factory.mktemp("triton_repo")
     for name, delay in MODELS.items():
-        copy_echo_model(repo, name, delay)
+        copy_echo_model(repo, name, delay, decoupled=name in DECOUPLED)
     with _env(TUNESHIP_HOME=str(install_home)):
         tritonserver.install()
         server = tritonserver.TritonServer(

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -161,6 +162,69 @@ def test_openai_client_chat_and_streaming(start_gateway):
     assert exc.value.body["param"] == "tools"
     assert metric(gw, "tuneship_gateway_requests_total", endpoint="/v1/chat/completions", colour="blue",
                   status="200", role="live") == 4
+
+
+def test_stream_relays_each_piece_while_the_model_is_still_generating(start_gateway, triton):
+    """Against a decoupled model (what compile_for_triton deploys), a streamed answer is relayed
+    piece by piece as Triton produces it. llm_stream sends its first word, then holds the
+    rest until the test opens its gate file: the client has the first word before the model
+    has generated the second, which a gateway that buffered the answer could never do (the
+    model gives up after 20 s; the client's read timeout is 15 s)."""
+    gw = start_gateway()
+    put_routes(gw, route("blue", model="llm_stream"))
+    _, key = gw.create_key("stream-tests")
+    gate = Path(triton.server.repository) / "llm_stream" / "gate"
+    gate.unlink(missing_ok=True)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=key, max_retries=0, timeout=15)
+    try:
+        # A whole answer from the decoupled model (Triton's generate endpoint).
+        whole = client.completions.create(model="tuneship", prompt=TICKET, max_tokens=8)
+        assert whole.choices[0].text == " [llm_stream] category=billing priority=high"
+        assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(TICKET.split()), 3)
+
+        stream = client.chat.completions.create(model="tuneship", messages=[{"role": "user", "content": TICKET}],
+                                                stream=True, stream_options={"include_usage": True})
+        chunks = iter(stream)
+        first = next(chunks)
+        assert first.choices[0].delta.role == "assistant"
+        word = next(chunks)
+        assert word.choices[0].delta.content == "[llm_stream]"  # the chat answer, leading space stripped
+        assert not gate.exists()  # so the model has not generated the second word yet
+        gate.touch()
+        rest = list(chunks)
+        contents = [c.choices[0].delta.content for c in rest if c.choices and c.choices[0].delta.content]
+        assert contents == [" category=billing", " priority=high"]
+        assert rest[-1].choices == [] and rest[-1].usage.completion_tokens == 3
+        assert [c.choices[0].finish_reason for c in rest if c.choices][-1] == "stop"
+
+        # Completions streaming, and the log gets the whole answer once the stream ends.
+        r = httpx.post(f"{gw.url}/v1/completions", headers=bearer(key), timeout=15,
+                       json={"model": "tuneship", "prompt": TICKET, "stream": True, "max_tokens": 2})
+        events = sse_events(r)
+        texts = [json.loads(e)["choices"][0]["text"] for e in events[:-1]]
+        assert texts == [" [llm_stream]", " category=billing", ""] and events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        rec = logged(gw, r.headers["x-request-id"])
+        assert rec["live"]["completion"] == " [llm_stream] category=billing" and rec["live"]["status"] == 200
+        assert rec["completion_tokens"] == 2
+
+        # A failure after the first piece: the stream ends with an OpenAI error event, and
+        # the log has the failure with what was sent.
+        r = httpx.post(f"{gw.url}/v1/completions", headers=bearer(key), timeout=15,
+                       json={"model": "tuneship", "prompt": "__fail_mid__ " + TICKET, "stream": True})
+        assert r.status_code == 200
+        events = sse_events(r)
+        assert json.loads(events[0])["choices"][0]["text"] == " [llm_stream]"
+        err = json.loads(events[-1])["error"]
+        assert err["code"] == "upstream_error" and "mid-stream" in err["message"]
+        rec = logged(gw, r.headers["x-request-id"])
+        assert rec["live"]["status"] == 502 and rec["live"]["completion"] == " [llm_stream]"
+        # A failure before the first piece is still a status code.
+        r = httpx.post(f"{gw.url}/v1/completions", headers=bearer(key), timeout=15,
+                       json={"model": "tuneship", "prompt": "__fail__", "stream": True})
+        assert_openai_error(r, 502, "upstream_error")
+    finally:
+        gate.unlink(missing_ok=True)
 
 
 def test_plain_trained_route_takes_the_user_turn_as_the_prompt(start_gateway):

@@ -47,21 +47,42 @@ def served(tmp_path_factory):
         server.stop()
 
 
-def _http_infer(url: str, prompt: bytes, max_tokens: int | None):
-    import tritonclient.http as httpclient
+def _generate(served, prompt: bytes, max_tokens: int | None, stream: bool = False) -> list[tuple[str, int, int]]:
+    """The model's responses to one request over tritonclient's gRPC stream (the model is
+    decoupled: KServe /infer does not take it); (text, prompt_tokens, completion_tokens) each.
+    An error response raises InferenceServerException."""
+    import queue
 
-    client = httpclient.InferenceServerClient(url)
-    inputs = [httpclient.InferInput("PROMPT", [1], "BYTES")]
-    inputs[0].set_data_from_numpy(np.array([prompt], dtype=np.object_))
-    if max_tokens is not None:
-        mt = httpclient.InferInput("MAX_TOKENS", [1], "INT32")
-        mt.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
-        inputs.append(mt)
-    return client.infer("llm_blue", inputs)
-
-
-def test_load_ready_and_exact_answers(served, tmp_path_factory):
     import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
+    got: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        inputs = [grpcclient.InferInput("PROMPT", [1], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([prompt], dtype=np.object_))
+        if max_tokens is not None:
+            inputs.append(grpcclient.InferInput("MAX_TOKENS", [1], "INT32"))
+            inputs[-1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+        inputs.append(grpcclient.InferInput("STREAM", [1], "BOOL"))
+        inputs[-1].set_data_from_numpy(np.array([stream], dtype=bool))
+        client.async_stream_infer("llm_blue", inputs, enable_empty_final_response=True)
+        out = []
+        while True:
+            result, error = got.get(timeout=60)
+            if error is not None:
+                raise error
+            if result.as_numpy("COMPLETION") is not None:
+                out.append((result.as_numpy("COMPLETION")[0].decode(), int(result.as_numpy("PROMPT_TOKENS")[0]),
+                            int(result.as_numpy("COMPLETION_TOKENS")[0])))
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                return out
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_load_ready_and_exact_answers_whole_and_streamed(served, tmp_path_factory):
     import tritonclient.http as httpclient
 
     from tuneship.compile import merged_model
@@ -75,17 +96,18 @@ def test_load_ready_and_exact_answers(served, tmp_path_factory):
 
     model, tok = merged_model(str(base_model(tmp_path_factory)), finetuned(tmp_path_factory) / "adapter")
     for row in read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")[:6]:
-        eager_text, n_prompt, n_completion = generate_ids(model, tok, row["prompt"], 12)
-        result = _http_infer(served.url, row["prompt"].encode(), 12)
-        assert result.as_numpy("COMPLETION")[0].decode() == eager_text
-        assert int(result.as_numpy("PROMPT_TOKENS")[0]) == n_prompt
-        assert int(result.as_numpy("COMPLETION_TOKENS")[0]) == n_completion
+        eager = generate_ids(model, tok, row["prompt"], 12)
+        assert _generate(served, row["prompt"].encode(), 12) == [eager]  # one final response
+        # Streamed: several responses while decoding, the same text in order, counts growing,
+        # the last one carrying the totals.
+        pieces = _generate(served, row["prompt"].encode(), 12, stream=True)
+        assert len(pieces) > 2
+        assert "".join(p[0] for p in pieces) == eager[0]
+        assert [p[2] for p in pieces] == sorted(p[2] for p in pieces)
+        assert pieces[-1][1:] == eager[1:]
 
-    grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
-    inp = grpcclient.InferInput("PROMPT", [1], "BYTES")
     first = read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")[0]
-    inp.set_data_from_numpy(np.array([first["prompt"].encode()], dtype=np.object_))
-    out = grpc.infer("llm_blue", [inp]).as_numpy("COMPLETION")[0].decode()  # MAX_TOKENS optional
+    [(out, _, _)] = _generate(served, first["prompt"].encode(), None)  # MAX_TOKENS optional
     assert out.startswith(" category=")
 
 
@@ -97,10 +119,10 @@ def test_bad_requests_are_errors_and_the_model_stays_up(served):
     if not http.is_model_ready("llm_blue"):
         http.load_model("llm_blue")
     with pytest.raises(InferenceServerException, match="MAX_TOKENS"):
-        _http_infer(served.url, b"Ticket: x\nTriage:", -1)
-    with pytest.raises(InferenceServerException):
-        _http_infer(served.url, ("word " * 5000).encode(), 4)  # longer than the model's context
-    ok = _http_infer(served.url, b"Ticket: My card was declined at payment.\nTriage:", 8)
-    assert ok.as_numpy("COMPLETION")[0].decode().startswith(" category=")
+        _generate(served, b"Ticket: x\nTriage:", -1)
+    with pytest.raises(InferenceServerException, match="context"):
+        _generate(served, ("word " * 5000).encode(), 4, stream=True)  # longer than the model's context
+    [(ok, _, _)] = _generate(served, b"Ticket: My card was declined at payment.\nTriage:", 8)
+    assert ok.startswith(" category=")
     http.unload_model("llm_blue")
     assert not http.is_model_ready("llm_blue")

@@ -83,12 +83,26 @@ def test_triton_generator_matches_eager_generate(compiled, tmp_path_factory):
         eager = generate_ids(model, tok, row["prompt"], 16)
         served = gen.generate(row["prompt"], 16)
         assert served == eager, row["prompt"]
+        pieces = list(gen.stream(row["prompt"], 16))  # what a streaming request gets, in order
+        assert "".join(p[0] for p in pieces) == served[0] and pieces[-1][1:] == served[1:]
         correct += parse_triage(served[0]) == parse_triage(row["completion"])
     assert correct >= 9, "the served model is the fine-tuned one"
     text, n_prompt, n_completion = gen.generate(rows[0]["prompt"], 2)
     assert n_completion == 2 and n_prompt == len(tok(rows[0]["prompt"])["input_ids"])
     with pytest.raises(ValueError, match="MAX_TOKENS"):
         gen.generate("hi", 0)
+
+
+def test_stream_holds_back_an_incomplete_utf8_character():
+    """A byte-level token can end mid-character (decoded as U+FFFD): that piece waits for
+    the token that completes it, so a client never sees a replacement character."""
+    cls = load_triton_model_module().OnnxGreedyGenerator
+    gen = cls.__new__(cls)  # the decoding loop replaced by a scripted one
+    gen._steps = lambda prompt, max_tokens: iter(
+        [("", 3, 0), (" ca", 3, 1), (" caf\ufffd", 3, 2), (" café", 3, 3), (" café!", 3, 4)])
+    assert list(gen.stream("x")) == [(" ca", 3, 1), ("fé", 3, 3), ("!", 3, 4), ("", 3, 4)]
+    gen._steps = lambda prompt, max_tokens: iter([("", 5, 0)])  # eos first: one empty final piece
+    assert list(gen.stream("x")) == [("", 5, 0)]
 
 
 def test_failed_parity_leaves_nothing_behind(tmp_path, tmp_path_factory, monkeypatch):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -49,8 +50,9 @@ class OnnxGreedyGenerator:
             return text.split("\n", 1)[0], True
         return text, False
 
-    def generate(self, prompt: str, max_tokens: int | None = None) -> tuple[str, int, int]:
-        """(completion text, prompt_tokens, completion_tokens) for one prompt."""
+    def _steps(self, prompt: str, max_tokens: int | None) -> Iterator[tuple[str, int, int]]:
+        """The decoding loop: (completion text so far, prompt_tokens, completion_tokens),
+        first before any token, then after each generated token until a stop."""
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("PROMPT must be a non-empty UTF-8 string")
         max_tokens = self.default_max_tokens if max_tokens is None else int(max_tokens)
@@ -64,7 +66,7 @@ class OnnxGreedyGenerator:
             )
         ids = list(prompt_ids)
         out: list[int] = []
-        text = ""
+        yield "", len(prompt_ids), 0
         for _ in range(max_tokens):
             logits = self.session.run(None, {self.input_name: np.asarray([ids], dtype=np.int64)})[0]
             nxt = int(np.argmax(logits[0, -1]))
@@ -73,9 +75,30 @@ class OnnxGreedyGenerator:
             out.append(nxt)
             ids.append(nxt)
             text, hit_newline = self._decode(out)
+            yield text, len(prompt_ids), len(out)
             if hit_newline:
                 break
-        return text, len(prompt_ids), len(out)
+
+    def generate(self, prompt: str, max_tokens: int | None = None) -> tuple[str, int, int]:
+        """(completion text, prompt_tokens, completion_tokens) for one prompt."""
+        *_, last = self._steps(prompt, max_tokens)  # the state after the last token
+        return last
+
+    def stream(self, prompt: str, max_tokens: int | None = None) -> Iterator[tuple[str, int, int]]:
+        """The same completion as `generate`, as (new text, prompt_tokens, completion_tokens)
+        pieces while it is decoded; the last piece (possibly empty) carries the totals.
+
+        A piece goes out once the decoded text has grown and still extends what was sent; text
+        ending in U+FFFD (an incomplete UTF-8 sequence of a byte-level token) is held back until
+        the next token completes it. The pieces concatenate to `generate`'s text.
+        """
+        sent = ""
+        text, n_prompt, n_out = "", 0, 0
+        for text, n_prompt, n_out in self._steps(prompt, max_tokens):
+            if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
+                yield text[len(sent):], n_prompt, n_out
+                sent = text
+        yield (text[len(sent):] if text.startswith(sent) else ""), n_prompt, n_out
 
 
 def _scalar(tensor: Any) -> Any:
@@ -85,37 +108,78 @@ def _scalar(tensor: Any) -> Any:
     return value[0]
 
 
+def _response(pb_utils: Any, text: str, n_prompt: int, n_completion: int) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("COMPLETION", np.array([text.encode("utf-8")], dtype=np.object_)),
+        pb_utils.Tensor("PROMPT_TOKENS", np.array([n_prompt], dtype=np.int32)),
+        pb_utils.Tensor("COMPLETION_TOKENS", np.array([n_completion], dtype=np.int32)),
+    ])
+
+
+def _error(pb_utils: Any, e: Exception) -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(f"{type(e).__name__}: {e}"))
+
+
 class TritonPythonModel:
-    """Triton entry points; one generator per model instance, per-request errors as responses."""
+    """Triton entry points; one generator per model instance, per-request errors as responses.
+
+    Deployed decoupled (config.pbtxt `model_transaction_policy`): a request with STREAM true
+    gets one response per decoded piece of text as it is generated (Triton's
+    `generate_stream` endpoint relays them as server-sent events), the last one flagged
+    final; without STREAM, one final response with the whole completion (`generate`).
+    A non-decoupled config (older packages) gets the one-response-per-request behaviour.
+    """
 
     def initialize(self, args: dict[str, str]) -> None:
+        import triton_python_backend_utils as pb_utils
+
         model_dir = os.path.join(args["model_repository"], args["model_version"])
         threads = int(os.environ.get("TUNESHIP_ORT_THREADS", "1"))
         self.generator = OnnxGreedyGenerator(model_dir, threads=threads)
         with open(os.path.join(model_dir, "deployment.json"), encoding="utf-8") as f:
             self.deployment = json.load(f)
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
 
-    def execute(self, requests: list[Any]) -> list[Any]:
+    @staticmethod
+    def _inputs(request: Any, pb_utils: Any) -> tuple[str, int | None, bool]:
+        raw = _scalar(pb_utils.get_input_tensor_by_name(request, "PROMPT"))
+        prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        mt = pb_utils.get_input_tensor_by_name(request, "MAX_TOKENS")
+        st = pb_utils.get_input_tensor_by_name(request, "STREAM")
+        return prompt, (int(_scalar(mt)) if mt is not None else None), bool(_scalar(st)) if st is not None else False
+
+    def execute(self, requests: list[Any]) -> list[Any] | None:
         import triton_python_backend_utils as pb_utils
 
+        if self.decoupled:
+            for request in requests:
+                self._execute_decoupled(request, pb_utils)
+            return None
         responses = []
         for request in requests:
             try:
-                raw = _scalar(pb_utils.get_input_tensor_by_name(request, "PROMPT"))
-                prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-                mt = pb_utils.get_input_tensor_by_name(request, "MAX_TOKENS")
-                max_tokens = int(_scalar(mt)) if mt is not None else None
-                text, n_prompt, n_completion = self.generator.generate(prompt, max_tokens)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("COMPLETION", np.array([text.encode("utf-8")], dtype=np.object_)),
-                    pb_utils.Tensor("PROMPT_TOKENS", np.array([n_prompt], dtype=np.int32)),
-                    pb_utils.Tensor("COMPLETION_TOKENS", np.array([n_completion], dtype=np.int32)),
-                ]))
+                prompt, max_tokens, _ = self._inputs(request, pb_utils)
+                responses.append(_response(pb_utils, *self.generator.generate(prompt, max_tokens)))
             except Exception as e:  # noqa: BLE001 - one bad request must not take the model down
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{type(e).__name__}: {e}")
-                ))
+                responses.append(_error(pb_utils, e))
         return responses
+
+    def _execute_decoupled(self, request: Any, pb_utils: Any) -> None:
+        sender = request.get_response_sender()
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            prompt, max_tokens, stream = self._inputs(request, pb_utils)
+            if not stream:
+                sender.send(_response(pb_utils, *self.generator.generate(prompt, max_tokens)), flags=final)
+                return
+            pieces = self.generator.stream(prompt, max_tokens)
+            held = next(pieces)  # one piece held back, so the last one sent carries the final flag
+            for piece in pieces:
+                sender.send(_response(pb_utils, *held))
+                held = piece
+            sender.send(_response(pb_utils, *held), flags=final)
+        except Exception as e:  # noqa: BLE001 - one bad request must not take the model down
+            sender.send(_error(pb_utils, e), flags=final)
 
     def finalize(self) -> None:
         self.generator = None  # type: ignore[assignment]
