@@ -10,7 +10,21 @@ alias follows, `model_promoted` Asset) or rolls back (live untouched, run fails 
 Slack says why). With no live model yet (first release) the candidate goes live after
 smoke and the window watches it in the live slot, rolling back on a breach.
 
-The Variable `tuneship_shadow_hours_override` (staging and the demo) shortens every window.
+After the switch a post-switch guard watches the new version's own live answers
+(deferrable, `post_switch_minutes`, default 30): if, once `post_switch_min_requests` are
+in, the error rate exceeds `max_error_rate` or p95 latency `max_p95_ms`, traffic goes back
+at once (gateway rollback to the previous colour, still loaded; `@champion` follows), Slack
+gets the figures and the run fails (no retry). A first release has nothing to go back to:
+its live route is taken down and `@champion` removed. Too little traffic to judge is a
+Slack warning, not a failure. After a clean window the previous colour stays loaded for
+`retention_minutes` (default 120; a rollback stays instant), then it is unloaded from
+Triton and cleared from the routes' `previous`, if nothing routes to it by then. The next
+release waits for this run (`max_active_runs=1`), retention included.
+
+The Variable `tuneship_shadow_hours_override` (staging and the demo) shortens every window:
+the shadow window takes its value, and the post-switch and retention windows are capped at
+the same length. `tuneship_post_switch_minutes_override` and
+`tuneship_retention_minutes_override` set those two windows on their own.
 """
 
 from __future__ import annotations
@@ -18,10 +32,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import Param, dag, task
 
 from tuneship_airflow.assets import model_promoted, release_candidate
-from tuneship_airflow.operators import ShadowWindowOperator
+from tuneship_airflow.operators import PostSwitchWindowOperator, ShadowWindowOperator
 
 
 @dag(
@@ -35,9 +50,21 @@ from tuneship_airflow.operators import ShadowWindowOperator
     params={
         "shadow_hours": Param(72.0, type="number", exclusiveMinimum=0, title="Shadow window (hours)",
                               description="How long the candidate shadows live traffic before the verdict."),
-        "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1, title="Max shadow error rate"),
-        "max_p95_ms": Param(2000, type="number", exclusiveMinimum=0, title="Max shadow p95 latency (ms)"),
+        "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1, title="Max error rate",
+                                description="Shadow window and post-switch guard: above it, traffic goes back."),
+        "max_p95_ms": Param(2000, type="number", exclusiveMinimum=0, title="Max p95 latency (ms)",
+                            description="Shadow window and post-switch guard: p95 of the successful answers."),
         "min_requests": Param(20, type="integer", minimum=1, title="Min requests in the window"),
+        "post_switch_minutes": Param(30.0, type="number", exclusiveMinimum=0, maximum=1440,
+                                     title="Post-switch window (minutes)",
+                                     description="How long the guard watches the new live version after the switch."),
+        "post_switch_min_requests": Param(20, type="integer", minimum=1, title="Min requests after the switch",
+                                          description="The guard judges (and can roll back) only once this many "
+                                                      "live answers are in."),
+        "retention_minutes": Param(120.0, type="number", minimum=0, maximum=10080,
+                                   title="Retention of the previous colour (minutes)",
+                                   description="After a clean post-switch window the previous colour stays loaded "
+                                               "this long (instant rollback), then it is unloaded."),
         "version": Param("", type="string", title="Registry version",
                          description="Release this version instead of the triggering candidate."),
     },
@@ -56,20 +83,25 @@ def llm_release():
     def plan(params=None, triggering_asset_events=None):
         from airflow.sdk import Variable
 
-        from tuneship.stages import StageFailed, idle_colour, release_plan
+        from tuneship.stages import StageFailed, idle_colour, release_plan, release_windows
         from tuneship_airflow.hooks import GatewayHook
 
         candidate = None
         for asset, events in (triggering_asset_events or {}).items():
             if events and getattr(asset, "name", "") == "release_candidate":
                 candidate = dict(events[-1].extra or {})
-        override = Variable.get("tuneship_shadow_hours_override", default=None)
+        windows = release_windows(
+            params,
+            shadow_hours_override=Variable.get("tuneship_shadow_hours_override", default=None),
+            post_switch_minutes_override=Variable.get("tuneship_post_switch_minutes_override", default=None),
+            retention_minutes_override=Variable.get("tuneship_retention_minutes_override", default=None),
+        )
         routes = GatewayHook().routes()
         result = release_plan(candidate, params["version"] or None, routes)
         if result is None:
             raise StageFailed("nothing to release: no triggering candidate and no `version` given")
         result["colour"] = idle_colour(routes)
-        result["shadow_hours"] = float(override) if override else float(params["shadow_hours"])
+        result.update(windows)
         return result
 
     @task
@@ -113,32 +145,76 @@ def llm_release():
         task_id="shadow_window",
         candidate_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
         window_hours="{{ ti.xcom_pull(task_ids='plan')['shadow_hours'] }}",
-        thresholds={"max_error_rate": 0.01, "min_requests": 20},
+        thresholds={"max_error_rate": "{{ params.max_error_rate }}", "max_p95_ms": "{{ params.max_p95_ms }}",
+                    "min_requests": "{{ params.min_requests }}"},
         poll_interval=5.0,
         execution_timeout=timedelta(hours=80),
     )
 
     @task(outlets=[model_promoted])
     def decide(p: dict, slot: str, outlet_events=None, ti=None):
+        import time
+
         from airflow.sdk.exceptions import AirflowFailException
 
         from tuneship.stages import StageFailed, finish_release
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
         verdict = ti.xcom_pull(task_ids="shadow_window")
+        switched_at = time.time()  # the post-switch window counts the new version's answers from here
         try:
             result = finish_release(p, slot, verdict, gateway=GatewayHook(), triton=TritonHook())
         except StageFailed as exc:  # a rollback is a decision: fail loudly, never retry it
             raise AirflowFailException(str(exc)) from exc
         outlet_events[model_promoted].extra = {"version": p["version"], "colour": p["colour"]}
-        return result
+        return {**result, "switched_at": switched_at}
+
+    post_window = PostSwitchWindowOperator(
+        task_id="post_switch_window",
+        version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
+        switched_at="{{ ti.xcom_pull(task_ids='decide')['switched_at'] }}",
+        window_minutes="{{ ti.xcom_pull(task_ids='plan')['post_switch_minutes'] }}",
+        thresholds={"max_error_rate": "{{ params.max_error_rate }}", "max_p95_ms": "{{ params.max_p95_ms }}",
+                    "min_requests": "{{ params.post_switch_min_requests }}"},
+        poll_interval=5.0,
+        execution_timeout=timedelta(hours=25),
+    )
+
+    @task
+    def post_switch_guard(p: dict, ti=None):
+        """Breach: traffic back, @champion back, Slack, run fails (no retry). Else keep."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from tuneship.stages import StageFailed, guard_release
+        from tuneship_airflow.hooks import GatewayHook, TritonHook
+
+        verdict = ti.xcom_pull(task_ids="post_switch_window")
+        try:
+            return guard_release(p, verdict, retention_minutes=p["retention_minutes"],
+                                 gateway=GatewayHook(), triton=TritonHook())
+        except StageFailed as exc:  # the rollback is done; a retry must not repeat the decision
+            raise AirflowFailException(str(exc)) from exc
+
+    retention = DateTimeSensorAsync(
+        task_id="retention_window",
+        target_time="{{ ti.xcom_pull(task_ids='post_switch_guard')['retain_until'] }}",
+    )
+
+    @task
+    def retire_previous(p: dict):
+        from tuneship.stages import retire_previous as retire
+        from tuneship_airflow.hooks import GatewayHook, TritonHook
+
+        return retire(p, gateway=GatewayHook(), triton=TritonHook())
 
     p = plan()
     reconcile() >> p
     model = load_candidate(p)
     smoked = smoke(model, p)
     slot = start_shadow(model, p, smoked)
-    slot >> window >> decide(p, slot)
+    decided = decide(p, slot)
+    slot >> window >> decided >> post_window
+    post_window >> post_switch_guard(p) >> retention >> retire_previous(p)
 
 
 llm_release()

@@ -2,6 +2,9 @@
 
 Shadow verdict: how did the candidate answer real (or replayed) traffic in the window —
 error rate, p95 latency, triage format rate, and agreement with live when live exists.
+Post-switch verdict: once the candidate is live, its own live answers since the switch, on
+error rate and p95 latency only, so a regression the shadow window missed is caught within
+minutes and traffic goes back.
 Drift: the recent prompts' text profile against the reference profile stored in the
 training dataset's manifest (`tuneship.profile`), plus a retrain governor (cooldown and
 debounce) so a noisy hour does not launch a GPU job.
@@ -97,6 +100,76 @@ def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds) -> d
         "agreement_with_live": agreement,
         "slot": answers[0]["slot"] if answers else None,
     }
+
+
+# ---------------------------------------------------------------- post-switch guard
+
+
+@dataclass
+class PostSwitchThresholds:
+    """What the new live version must hold right after the switch (the shadow's own
+    `max_error_rate` / `max_p95_ms` are reused; `min_requests` is the guard's own)."""
+
+    min_requests: int = 20
+    max_error_rate: float = 0.01
+    max_p95_ms: float = 2000.0
+
+
+def live_responses_since(records: list[dict], version: str, since: Any = None) -> list[dict]:
+    """Live answers given by `version` in requests at or after `since` (datetime, ISO string
+    or epoch seconds; None: all). A record without a readable `ts` is left out when `since`
+    is given. Canary answers count: the `live` object is whichever colour answered."""
+    from tuneship.inference_log import parse_ts
+
+    lo = parse_ts(since) if since is not None else None
+    out = []
+    for rec in records:
+        resp = rec.get("live")
+        if not resp or str(resp.get("version")) != str(version):
+            continue
+        if lo is not None:
+            try:
+                if parse_ts(rec["ts"]) < lo:
+                    continue
+            except (KeyError, ValueError, TypeError):
+                continue
+        out.append(resp)
+    return out
+
+
+def post_switch_verdict(records: list[dict], version: str, th: PostSwitchThresholds, *, since: Any = None,
+                        window_over: bool = True) -> dict[str, Any]:
+    """Judge the new live version's answers since the switch.
+
+    `breach` as soon as at least `min_requests` answers are in and the error rate is above
+    `max_error_rate` or the p95 latency of the successful answers is above `max_p95_ms`
+    (equal to a threshold is within it); fewer answers never breach, however bad. Without a
+    breach: `watching` while the window is open, then `healthy`, or `insufficient` when fewer
+    than `min_requests` answers came in (the guard could not judge; nothing was shown wrong).
+    """
+    answers = live_responses_since(records, version, since)
+    n = len(answers)
+    errors = sum(not is_ok(a) for a in answers)
+    error_rate = errors / n if n else 0.0
+    p95 = _p95([float(a["latency_ms"]) for a in answers if is_ok(a) and a.get("latency_ms") is not None])
+    reasons = []
+    if n >= th.min_requests:
+        if error_rate > th.max_error_rate:
+            reasons.append(f"error rate {error_rate:.3f} ({errors} of {n}) > {th.max_error_rate}")
+        if p95 is not None and p95 > th.max_p95_ms:
+            reasons.append(f"p95 latency {p95:.1f} ms > {th.max_p95_ms:g} ms")
+    if reasons:
+        verdict = "breach"
+    elif not window_over:
+        verdict = "watching"
+    elif n < th.min_requests:
+        verdict = "insufficient"
+        reasons.append(f"not enough traffic: only {n} live responses from v{version} since the switch "
+                       f"(need {th.min_requests} to judge)")
+    else:
+        verdict = "healthy"
+    return {"verdict": verdict, "reasons": reasons, "version": str(version), "requests": n, "errors": errors,
+            "error_rate": error_rate, "p95_ms": p95, "thresholds": asdict(th)}
 
 
 # ---------------------------------------------------------------- drift

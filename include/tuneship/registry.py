@@ -145,6 +145,10 @@ def set_alias(alias: str, version: str, name: str = MODEL_NAME) -> None:
     client().set_registered_model_alias(name, alias, str(version))
 
 
+def delete_alias(alias: str, name: str = MODEL_NAME) -> None:
+    client().delete_registered_model_alias(name, alias)
+
+
 def set_version_tags(version: str, tags: dict[str, str], name: str = MODEL_NAME) -> None:
     c = client()
     for key, value in tags.items():

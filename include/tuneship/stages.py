@@ -413,6 +413,163 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
     raise StageFailed(f"release of v{version} rolled back: {why}")
 
 
+def release_windows(params: dict[str, Any], *, shadow_hours_override: Any = None,
+                    post_switch_minutes_override: Any = None, retention_minutes_override: Any = None) -> dict[str, float]:
+    """The release's three waits from the DAG's Params and the override Variables.
+
+    An override Variable, when set, replaces its Param. `tuneship_shadow_hours_override`
+    (staging, the demo) also caps the post-switch and retention windows at its own length
+    unless their own overrides are set, so that one Variable shortens every wait."""
+
+    def num(value: Any) -> float | None:
+        if value is None or str(value).strip() == "":
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise StageFailed(f"override {value!r} is not a number") from None
+
+    shadow = num(shadow_hours_override)
+    cap = shadow * 60 if shadow is not None else None
+
+    def minutes(param: str, override: Any) -> float:
+        own = num(override)
+        if own is not None:
+            return own
+        value = float(params[param])
+        return min(value, cap) if cap is not None else value
+
+    out = {"shadow_hours": shadow if shadow is not None else float(params["shadow_hours"]),
+           "post_switch_minutes": minutes("post_switch_minutes", post_switch_minutes_override),
+           "retention_minutes": minutes("retention_minutes", retention_minutes_override)}
+    if out["shadow_hours"] <= 0 or out["post_switch_minutes"] <= 0 or out["retention_minutes"] < 0:
+        raise StageFailed(f"release windows must be positive (retention may be 0): {out}")
+    return out
+
+
+def _same_route(route: dict[str, Any] | None, model: str, version: str | None) -> bool:
+    return bool(route) and route.get("model") == model and str(route.get("version")) == str(version)
+
+
+def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_minutes: float,
+                  gateway: Any, triton: Any, now: float | None = None) -> dict[str, Any]:
+    """Act on the post-switch verdict (`tuneship.monitor.post_switch_verdict`).
+
+    `healthy` or `insufficient` (a Slack warning: the guard could not judge): the release
+    stands; returns `retain_until`, when the previous colour may be unloaded (`now` +
+    `retention_minutes`; `now` when there is no previous colour).
+
+    `breach`: traffic goes back, `@champion` follows it, Slack gets an error with the
+    figures, and StageFailed is raised (the DAG fails the task without a retry):
+      * with a previous live version (routes' `previous`, still loaded in its retention
+        window): instant `gateway.rollback()` (the previous colour is loaded first if
+        Triton lost it), `@champion` back to that version;
+      * first release (nothing was live before it): the live route is taken down, as a
+        failed first-release shadow window does, and `@champion` is removed: traffic
+        returns to where it was before the release (no model; the gateway answers 503
+        "no live route"), rather than staying on a model shown to fail;
+      * a previous release whose `previous` route is gone (cleared by hand): nothing is
+        moved, the version stays live and the alert says so;
+      * traffic already off this version (a retry after the rollback, or someone acted
+        first): the routes are left as they are.
+    Then the failed version's colour is cleared from `previous` (a second rollback must not
+    bring it back) and unloaded from Triton when no route names it.
+
+    `gateway` and `triton` are the Airflow hooks (anything with the same methods)."""
+    from tuneship import registry
+
+    version, model = str(plan["version"]), f"llm_{plan['colour']}"
+    now = time.time() if now is None else now
+    status = verdict.get("verdict")
+    if status in ("healthy", "insufficient"):
+        has_previous = bool(plan.get("previous_version"))
+        retain_until = now + (retention_minutes * 60 if has_previous else 0)
+        if status == "insufficient":
+            notify(f"v{version} post-switch guard could not judge: {'; '.join(verdict.get('reasons') or [])}. "
+                   "The release stands" + (f"; v{plan['previous_version']} on {plan.get('previous_colour')} stays "
+                                          f"loaded for {retention_minutes:g} min for an instant rollback "
+                                          "(POST /admin/rollback)" if has_previous else ""),
+                   level="warning", version=version, verdict=verdict)
+        return {"decision": "kept", "version": version, "colour": plan["colour"], "verdict": verdict,
+                "retain_until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(retain_until))}
+    if status != "breach":
+        raise ValueError(f"unknown post-switch verdict {status!r}")
+
+    why = "; ".join(verdict.get("reasons") or ["post-switch thresholds breached"])
+    figs = (f"{verdict.get('requests')} requests, error rate {verdict.get('error_rate') or 0:.3f}, "
+            f"p95 {verdict.get('p95_ms') or 0:.0f} ms")
+    routes = gateway.routes()
+    prev = routes.get("previous")
+    try:
+        if not _same_route(routes.get("live"), model, version):
+            now_live = routes.get("live") or {}
+            action = (f"traffic was already off v{version} (live: {now_live.get('colour') or 'nothing'} "
+                      f"v{now_live.get('version')}); routes left as they are")
+        elif plan.get("previous_version") and prev and prev.get("model") != model:
+            if not triton.is_ready(prev["model"]):
+                triton.load(prev["model"])
+            routes = gateway.rollback()
+            action = f"rolled back: live traffic is on {prev['colour']} v{prev.get('version')} again"
+        elif plan.get("previous_version"):
+            action = (f"NOT rolled back: the routes hold no previous colour to return to, so v{version} "
+                      "is still live; roll back or take it down by hand")
+        else:
+            routes = gateway.put_routes({**routes, "live": None, "shadow": None})
+            action = "first release, nothing to roll back to: the live route is taken down"
+    except Exception as exc:
+        notify(f"v{version} breached the post-switch guard ({why}; {figs}) and the automatic rollback "
+               f"FAILED: {exc}. Act now: POST /admin/rollback", level="error", version=version, verdict=verdict)
+        raise
+    live_now = routes.get("live")
+    champion = registry.by_alias("champion")
+    if champion is not None and champion.version == version:
+        if live_now and not _same_route(live_now, model, version) and live_now.get("version"):
+            registry.set_alias("champion", str(live_now["version"]))
+        elif not live_now:
+            registry.delete_alias("champion")
+    registry.set_version_tags(version, {"post_switch_breach_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "post_switch_breach": why[:500]})
+    if not _same_route(live_now, model, version):
+        if _same_route(routes.get("previous"), model, version):
+            routes = gateway.put_routes({**routes, "previous": None})
+        if model not in {(routes.get(s) or {}).get("model") for s in ("live", "shadow", "previous")} \
+                and triton.is_ready(model):
+            triton.unload(model)
+    champ = registry.by_alias("champion")
+    notify(f"v{version} breached the post-switch guard: {why} ({figs}). {action}. "
+           f"@champion: {'v' + champ.version if champ else 'none'}.",
+           level="error", version=version, verdict=verdict)
+    raise StageFailed(f"post-switch guard: v{version} breached ({why}); {action}")
+
+
+def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:
+    """After the retention window: unload the colour this release replaced.
+
+    `previous` is cleared only when it still names exactly that colour and version and
+    neither live nor shadow uses its model; the model is unloaded only when no route names
+    it any more (a rollback, another candidate or a hand edit since then means someone needs
+    it; a retry after the clear still unloads). Clear first, then unload: from then on
+    /admin/rollback answers 409 "no previous" instead of switching to an unloaded model, and
+    `reconcile_serving` (which loads what live/shadow/previous name) leaves it unloaded."""
+    old_version, old_colour = plan.get("previous_version"), plan.get("previous_colour")
+    if not old_version or not old_colour:
+        return {"retired": None, "reason": "first release: no previous colour"}
+    old_model = f"llm_{old_colour}"
+    routes = gateway.routes()
+    cleared = False
+    if _same_route(routes.get("previous"), old_model, old_version) and \
+            old_model not in {(routes.get(s) or {}).get("model") for s in ("live", "shadow")}:
+        routes = gateway.put_routes({**routes, "previous": None})
+        cleared = True
+    named = {(routes.get(s) or {}).get("model"): s for s in ("previous", "shadow", "live") if routes.get(s)}
+    if old_model in named:  # a rollback, a new candidate or a hand edit since: someone needs it
+        return {"retired": None, "reason": f"{old_model} is routed as {named[old_model]}"}
+    unloaded = triton.is_ready(old_model)
+    if unloaded:
+        triton.unload(old_model)
+    return {"retired": old_model, "version": str(old_version), "cleared_previous": cleared, "unloaded": unloaded}
+
+
 # ------------------------------------------------------------------ drift
 
 

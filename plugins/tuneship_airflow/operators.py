@@ -1,4 +1,4 @@
-"""Operators: the deferrable shadow window and the local fine-tune runner.
+"""Operators: the deferrable shadow and post-switch windows, and the local fine-tune runner.
 
 The Kubernetes and Docker runners use the providers' own KubernetesPodOperator and
 DockerOperator (see dags/llm_finetune.py); the local runner below runs exactly the same
@@ -17,16 +17,17 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from tuneship_airflow.triggers import ShadowWindowTrigger
+from tuneship_airflow.triggers import PostSwitchWindowTrigger, ShadowWindowTrigger
 
 
 class ShadowWindowOperator(BaseOperator):
     """Wait out the shadow window on the triggerer, then return the verdict.
 
     The verdict is computed from the inference log by `tuneship.monitor.shadow_verdict`.
+    `thresholds` (fields of `ShadowThresholds`) is templated, so it can come from Params.
     """
 
-    template_fields: Sequence[str] = ("candidate_version", "window_hours")
+    template_fields: Sequence[str] = ("candidate_version", "window_hours", "thresholds")
     ui_color = "#e8dff5"
 
     def __init__(self, *, candidate_version: str, window_hours: float | str = 72.0,
@@ -50,7 +51,7 @@ class ShadowWindowOperator(BaseOperator):
                 since=now,
                 poll_interval=self.poll_interval,
                 max_error_rate=float(self.thresholds.get("max_error_rate", 0.01)),
-                min_requests=int(self.thresholds.get("min_requests", 20)),
+                min_requests=int(float(self.thresholds.get("min_requests", 20))),
             ),
             method_name="execute_complete",
         )
@@ -61,13 +62,70 @@ class ShadowWindowOperator(BaseOperator):
 
         if not event or event.get("status") not in {"complete", "breach"}:
             raise RuntimeError(f"shadow window ended without a usable event: {event!r}")
-        th = ShadowThresholds(**{k: v for k, v in self.thresholds.items() if k in ShadowThresholds.__annotations__})
+        # rendered templates are strings: cast each to its field's type
+        th = ShadowThresholds(**{k: (int(float(v)) if k == "min_requests" else float(v))
+                                 for k, v in self.thresholds.items() if k in ShadowThresholds.__annotations__})
         since = float(event["at"]) - float(self.window_hours) * 3600
         verdict = shadow_verdict(read_inference_log(log_root(), since=since), str(self.candidate_version), th)
         if event["status"] == "breach" and verdict["verdict"] == "promote":
             verdict = {**verdict, "verdict": "rollback", "reasons": ["error budget breached during the window"]}
         verdict["window_event"] = event
         self.log.info("shadow verdict: %s", verdict)
+        return verdict
+
+
+class PostSwitchWindowOperator(BaseOperator):
+    """Watch the new live version for `window_minutes` after the switch, on the triggerer;
+    return the verdict of `tuneship.monitor.post_switch_verdict` (`breach`, `healthy` or
+    `insufficient`). Acting on it is the next task's job (`tuneship.stages.guard_release`).
+
+    The window is anchored on `switched_at` (epoch seconds, from the task that switched), so
+    a retry or a late start resumes the same window instead of starting a new one.
+    `thresholds`: `max_error_rate`, `max_p95_ms`, `min_requests` (templated, so they can
+    come from Params)."""
+
+    template_fields: Sequence[str] = ("version", "switched_at", "window_minutes", "thresholds")
+    ui_color = "#f5dfe3"
+
+    def __init__(self, *, version: str, switched_at: float | str | None = None,
+                 window_minutes: float | str = 30.0, thresholds: dict[str, Any] | None = None,
+                 poll_interval: float = 15.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.version = version
+        self.switched_at = switched_at
+        self.window_minutes = window_minutes
+        self.thresholds = thresholds or {}
+        self.poll_interval = poll_interval
+
+    def execute(self, context: Any) -> None:
+        minutes = float(self.window_minutes)
+        if minutes <= 0:
+            raise ValueError(f"window_minutes must be > 0, got {minutes}")
+        since = float(self.switched_at) if self.switched_at not in (None, "", "None") else time.time()
+        th = self.thresholds
+        self.log.info("post-switch window for v%s: %.2f min from %s", self.version, minutes,
+                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)))
+        self.defer(
+            trigger=PostSwitchWindowTrigger(
+                version=str(self.version),
+                since=since,
+                ends_at=since + minutes * 60,
+                poll_interval=self.poll_interval,
+                max_error_rate=float(th.get("max_error_rate", 0.01)),
+                max_p95_ms=float(th.get("max_p95_ms", 2000.0)),
+                min_requests=int(float(th.get("min_requests", 20))),
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        if not event or event.get("status") not in {"complete", "breach"} or not isinstance(event.get("verdict"), dict):
+            raise RuntimeError(f"post-switch window ended without a usable event: {event!r}")
+        verdict = dict(event["verdict"])
+        if (event["status"] == "breach") != (verdict.get("verdict") == "breach"):
+            raise RuntimeError(f"post-switch event and verdict disagree: {event!r}")
+        verdict["window_event"] = {"status": event["status"], "at": event.get("at")}
+        self.log.info("post-switch verdict: %s", verdict)
         return verdict
 
 

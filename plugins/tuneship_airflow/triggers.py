@@ -1,13 +1,14 @@
-"""Triggers: the shadow window's wait off the worker, and training data landing.
+"""Triggers: the release's waits off the worker, and training data landing.
 
 `ShadowWindowTrigger` watches the inference log for a release's shadow window;
-`IncomingBatchTrigger` is the AssetWatcher trigger that starts llm_data_validation when a
-batch finishes landing.
+`PostSwitchWindowTrigger` watches the new live version's own answers right after the
+switch; `IncomingBatchTrigger` is the AssetWatcher trigger that starts llm_data_validation
+when a batch finishes landing.
 
 `serialize()` holds ids and timings only (no secrets, no payloads). `run()` never blocks
-the triggerer's loop: log reads go to a thread. It fires once: when the window ends, or
-early when the candidate breaches the error budget (no point watching a broken model for
-72 hours).
+the triggerer's loop: log reads go to a thread. The window triggers fire once: when the
+window ends, or early on a breach (no point watching a broken model for 72 hours, nor
+leaving users on one for the rest of the post-switch window).
 """
 
 from __future__ import annotations
@@ -73,6 +74,75 @@ class ShadowWindowTrigger(BaseTrigger):
                     return
                 self.log.info("shadow window: %d candidate responses, %d errors, %.0fs left",
                               n, errors, self.ends_at - now)
+                await asyncio.sleep(min(self.poll_interval, max(self.ends_at - now, 0.1)))
+        except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides
+            yield TriggerEvent({"status": "error", "message": str(exc)})
+
+
+class PostSwitchWindowTrigger(BaseTrigger):
+    """Polls the inference log for `version`'s live answers since `since` (the switch).
+
+    Fires `breach` as soon as `tuneship.monitor.post_switch_verdict` says so, else
+    `complete` once `ends_at` has passed (verdict `healthy` or `insufficient`); the event
+    carries the verdict (figures only). An exception is reported as an `error` event."""
+
+    def __init__(
+        self,
+        *,
+        version: str,
+        since: float,
+        ends_at: float,
+        poll_interval: float = 15.0,
+        max_error_rate: float = 0.01,
+        max_p95_ms: float = 2000.0,
+        min_requests: int = 20,
+    ) -> None:
+        super().__init__()
+        self.version = str(version)
+        self.since = float(since)
+        self.ends_at = float(ends_at)
+        self.poll_interval = float(poll_interval)
+        self.max_error_rate = float(max_error_rate)
+        self.max_p95_ms = float(max_p95_ms)
+        self.min_requests = int(min_requests)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "tuneship_airflow.triggers.PostSwitchWindowTrigger",
+            {
+                "version": self.version,
+                "since": self.since,
+                "ends_at": self.ends_at,
+                "poll_interval": self.poll_interval,
+                "max_error_rate": self.max_error_rate,
+                "max_p95_ms": self.max_p95_ms,
+                "min_requests": self.min_requests,
+            },
+        )
+
+    def judge(self, window_over: bool) -> dict[str, Any]:
+        from tuneship.inference_log import read_inference_log
+        from tuneship.monitor import PostSwitchThresholds, log_root, post_switch_verdict
+
+        th = PostSwitchThresholds(min_requests=self.min_requests, max_error_rate=self.max_error_rate,
+                                  max_p95_ms=self.max_p95_ms)
+        records = read_inference_log(log_root(), since=self.since)
+        return post_switch_verdict(records, self.version, th, since=self.since, window_over=window_over)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            while True:
+                now = time.time()
+                verdict = await asyncio.to_thread(self.judge, now >= self.ends_at)
+                if verdict["verdict"] == "breach":
+                    self.log.warning("v%s breached after the switch: %s", self.version, verdict["reasons"])
+                    yield TriggerEvent({"status": "breach", "verdict": verdict, "at": now})
+                    return
+                if verdict["verdict"] != "watching":
+                    yield TriggerEvent({"status": "complete", "verdict": verdict, "at": now})
+                    return
+                self.log.info("post-switch window: v%s %d live responses, %d errors, %.0fs left",
+                              self.version, verdict["requests"], verdict["errors"], self.ends_at - now)
                 await asyncio.sleep(min(self.poll_interval, max(self.ends_at - now, 0.1)))
         except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides
             yield TriggerEvent({"status": "error", "message": str(exc)})

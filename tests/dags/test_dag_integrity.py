@@ -62,6 +62,29 @@ def test_validation_and_release_params(dagbag):
     assert "dataset_uri" in dagbag.dags["llm_data_validation"].params
     release = dagbag.dags["llm_release"].params
     assert release["shadow_hours"] == 72.0
+    assert release["post_switch_minutes"] == 30.0 and release["post_switch_min_requests"] == 20
+    assert release["retention_minutes"] == 120.0
+
+
+def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
+    """decide (switch) -> post-switch watch on the triggerer -> guard -> deferrable retention -> retire."""
+    import re
+
+    dag = dagbag.dags["llm_release"]
+    order = ["reconcile", "plan", "load_candidate", "smoke", "start_shadow", "shadow_window", "decide",
+             "post_switch_window", "post_switch_guard", "retention_window", "retire_previous"]
+    assert set(dag.task_ids) == set(order)
+    for before, after in zip(order, order[1:], strict=False):
+        assert after in dag.get_task(before).downstream_task_ids, (before, after)
+    watch = dag.get_task("post_switch_window")
+    assert type(watch).__name__ == "PostSwitchWindowOperator" and "thresholds" in watch.template_fields
+    assert type(dag.get_task("retention_window")).__name__ == "DateTimeSensorAsync"
+    # every threshold template names a Param that exists
+    for op in (watch, dag.get_task("shadow_window")):
+        for value in op.thresholds.values():
+            (name,) = re.findall(r"params\.(\w+)", value)
+            assert name in dag.params, (op.task_id, name)
+    assert "post_switch_min_requests" in watch.thresholds["min_requests"]
 
 
 def test_asset_chain(dagbag):

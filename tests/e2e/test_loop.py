@@ -94,3 +94,16 @@ def test_inference_log_and_slack_sink(demo):
     sink = [json.loads(line) for line in (home / "notifications.jsonl").read_text().splitlines()]
     assert any("is live on" in m["text"] for m in sink)
     assert any("Drift on champion" in m["text"] for m in sink)
+
+
+def test_post_switch_guard_held_and_previous_colour_retired(demo):
+    """Both releases passed the post-switch guard (no automatic rollback), and after cycle 2's
+    retention window the colour it replaced was unloaded and cleared from the routes."""
+    home = demo["home"]
+    routes = json.loads((home / "gateway" / "routes.json").read_text())
+    promoted = demo["summary"]["cycles"][1]["release"]["decision"]
+    assert str(routes["live"]["version"]) == str(promoted["version"])
+    assert routes["live"]["colour"] == promoted["colour"]
+    assert routes["previous"] is None and routes["shadow"] is None
+    sink = [json.loads(line) for line in (home / "notifications.jsonl").read_text().splitlines()]
+    assert not [m for m in sink if "post-switch" in m["text"] and m["level"] == "error"]

@@ -60,3 +60,70 @@ def test_governor_debounce_and_cooldown():
     assert not fire and s.consecutive_drifted == 0
     fire, s, _ = governor_decide(s, True, debounce=1, cooldown_s=3600, now=1100 + 3601)
     assert fire
+
+
+# ---------------------------------------------------------------- post-switch guard
+
+SWITCH = 1_800_000_000.0  # epoch seconds of the switch
+
+
+def live(version, *, at=SWITCH + 1, status=200, latency=20.0, role="live"):
+    from tuneship.inference_log import format_ts, parse_ts
+
+    return {"ts": format_ts(parse_ts(at)), "role": role, "prompt": "Ticket: x\nTriage:", "shadow": None,
+            "live": {"version": version, "completion": GOOD if status == 200 else None, "status": status,
+                     "latency_ms": latency}}
+
+
+def judge(records, *, window_over=True, **th):
+    from tuneship.monitor import PostSwitchThresholds, post_switch_verdict
+
+    return post_switch_verdict(records, "7", PostSwitchThresholds(**th), since=SWITCH, window_over=window_over)
+
+
+def test_post_switch_counts_only_the_new_versions_live_answers_since_the_switch():
+    records = [live("7", at=SWITCH - 5, status=502) for _ in range(30)]  # before the switch (e.g. bootstrap)
+    records += [live("6", status=502) for _ in range(30)]  # the old version, still answering in-flight
+    records += [{**live("7", status=502), "ts": "garbage"}]  # unreadable timestamp: left out
+    records += [live("7", at=SWITCH) for _ in range(20)]  # exactly at the switch: counted
+    v = judge(records)
+    assert (v["verdict"], v["requests"], v["errors"], v["error_rate"]) == ("healthy", 20, 0, 0.0)
+    assert v["p95_ms"] == 20.0 and v["reasons"] == [] and v["thresholds"]["min_requests"] == 20
+
+
+def test_post_switch_error_rate_boundary():
+    ok, bad = live("7"), live("7", status=503)
+    at_limit = [bad] + [ok] * 19  # 1/20 = 0.05: equal to the limit is within it
+    assert judge(at_limit, max_error_rate=0.05)["verdict"] == "healthy"
+    over = [bad] * 2 + [ok] * 18  # 0.10
+    v = judge(over, max_error_rate=0.05)
+    assert v["verdict"] == "breach" and v["errors"] == 2 and v["error_rate"] == 0.1
+    assert v["reasons"] == ["error rate 0.100 (2 of 20) > 0.05"]
+
+
+def test_post_switch_p95_boundary_and_errors_do_not_count_towards_latency():
+    at_limit = [live("7", latency=2000.0)] * 20
+    assert judge(at_limit)["verdict"] == "healthy"
+    over = [live("7", latency=2000.5)] * 20
+    v = judge(over)
+    assert v["verdict"] == "breach" and v["reasons"] == ["p95 latency 2000.5 ms > 2000 ms"]
+    # slow failures are errors, not latency: a 30 s timeout does not inflate p95
+    mixed = [live("7", status=504, latency=30000.0)] + [live("7", latency=10.0)] * 19
+    v = judge(mixed, max_error_rate=0.1)
+    assert v["verdict"] == "healthy" and v["p95_ms"] == 10.0
+
+
+def test_post_switch_needs_min_requests_before_it_can_breach():
+    all_bad = [live("7", status=502)] * 19
+    watching = judge(all_bad, window_over=False)
+    assert watching["verdict"] == "watching" and watching["reasons"] == []
+    done = judge(all_bad)
+    assert done["verdict"] == "insufficient" and done["requests"] == 19
+    assert "not enough traffic" in done["reasons"][0] and "need 20" in done["reasons"][0]
+    # the 20th answer makes it judgeable: an open window breaches early
+    assert judge(all_bad + [live("7", status=502)], window_over=False)["verdict"] == "breach"
+    assert judge([], min_requests=1)["verdict"] == "insufficient"
+
+
+def test_post_switch_open_window_without_breach_keeps_watching():
+    assert judge([live("7")] * 50, window_over=False)["verdict"] == "watching"

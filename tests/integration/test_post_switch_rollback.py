@@ -1,0 +1,149 @@
+"""The post-switch guard and the retention window against the real gateway, Triton and MLflow.
+
+A real gateway process (its own home, which is also this test's TUNESHIP_HOME, so the
+inference log it writes is the one the trigger reads, and MLflow's embedded store lives
+beside it) in front of the session's tritonserver: v1 live on blue, the candidate v2 on
+`llm_slow` (the echo model with a 1 s delay) goes through the real admin API's switch,
+clients send requests through the gateway, the real trigger loop judges the log, and the
+stage rolls back through the admin API. The second test retires the previous colour after
+a clean window and checks that rollback and reconciliation agree with it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gateway_helpers import wait_for
+
+from tuneship import registry
+from tuneship.inference_log import read_inference_log
+from tuneship.notify import read_sink
+from tuneship.stages import StageFailed, guard_release, reconcile_serving, retire_previous
+from tuneship.triton_control import TritonControl
+
+pytestmark = pytest.mark.integration
+
+
+class Admin:
+    """The gateway's admin API over HTTP (what the Airflow GatewayHook sends)."""
+
+    def __init__(self, gw: Any) -> None:
+        self.client = httpx.Client(base_url=gw.url, headers=gw.admin, timeout=30)
+
+    def _ok(self, r: httpx.Response) -> dict[str, Any]:
+        r.raise_for_status()
+        return r.json()
+
+    def routes(self) -> dict[str, Any]:
+        return self._ok(self.client.get("/admin/routes"))
+
+    def put_routes(self, routes: dict[str, Any]) -> dict[str, Any]:
+        return self._ok(self.client.put("/admin/routes", json=routes))
+
+    def switch(self) -> dict[str, Any]:
+        return self._ok(self.client.post("/admin/switch"))
+
+    def rollback(self) -> dict[str, Any]:
+        return self._ok(self.client.post("/admin/rollback"))
+
+
+def route(colour: str, model: str, version: str) -> dict[str, Any]:
+    return {"colour": colour, "model": model, "version": version, "registered_model": registry.MODEL_NAME}
+
+
+@pytest.fixture
+def stack(triton, start_gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUNESHIP_HOME", str(home))
+    monkeypatch.setenv("TUNESHIP_TRITON_REPOSITORY", str(triton.server.repository))
+    gw = start_gateway(home=home)
+    control = TritonControl(triton.url)
+    versions = []
+    for key in ("guard-v1", "guard-v2"):
+        run_id = registry.start_run(key, run_name=key)
+        versions.append(registry.register(run_id, key, tags={}).version)
+    yield gw, Admin(gw), control, versions
+    for model in ("llm_blue", "llm_green", "llm_slow"):  # leave the session's Triton as other tests expect
+        if not control.is_ready(model):
+            control.load(model)
+
+
+def _send(gw: Any, n: int) -> list[httpx.Response]:
+    with gw.client() as c:
+        return [c.post("/v1/completions", json={"model": "tuneship", "prompt": f"Ticket: slow {i}\nTriage:",
+                                                "max_tokens": 4}) for i in range(n)]
+
+
+def test_breach_after_switch_rolls_back_through_the_real_gateway(stack):
+    from tuneship_airflow.operators import PostSwitchWindowOperator
+    from tuneship_airflow.triggers import PostSwitchWindowTrigger
+
+    gw, admin, control, (v1, v2) = stack
+    admin.put_routes({"live": route("blue", "llm_blue", v1)})
+    admin.put_routes({**admin.routes(), "shadow": route("slow", "llm_slow", v2)})
+    switched_at = time.time()
+    routes = admin.switch()  # what `decide` does on promote
+    registry.set_alias("champion", v2)
+    assert routes["live"]["model"] == "llm_slow" and routes["previous"]["model"] == "llm_blue"
+
+    answers = _send(gw, 5)  # about 1 s each: p95 far above the 500 ms budget
+    assert all(r.status_code == 200 and r.headers["x-tuneship-colour"] == "slow" for r in answers)
+    assert wait_for(lambda: len(read_inference_log(gw.log_root, since=switched_at)) >= 5)
+
+    trigger = PostSwitchWindowTrigger(version=v2, since=switched_at, ends_at=switched_at + 3600,
+                                      poll_interval=0.1, max_error_rate=0.01, max_p95_ms=500, min_requests=5)
+
+    async def first_event() -> dict:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("no event")
+
+    event = asyncio.run(asyncio.wait_for(first_event(), 30))  # long before the hour is up
+    assert event["status"] == "breach", event
+    op = PostSwitchWindowOperator(task_id="post_switch_window", version=v2, switched_at=switched_at,
+                                  window_minutes=60)
+    verdict = op.execute_complete({}, event)
+    assert verdict["requests"] == 5 and verdict["p95_ms"] > 500 and verdict["errors"] == 0
+
+    plan = {"version": v2, "colour": "slow", "previous_version": v1, "previous_colour": "blue"}
+    sent = len(read_sink())
+    with pytest.raises(StageFailed, match="p95 latency"):
+        guard_release(plan, verdict, retention_minutes=60, gateway=admin, triton=control)
+
+    routes = admin.routes()
+    assert (routes["live"]["model"], routes["live"]["version"]) == ("llm_blue", v1)
+    assert routes["previous"] is None and routes["shadow"] is None
+    assert registry.by_alias("champion").version == v1
+    assert registry.get_version(v2).tags["post_switch_breach"].startswith("p95 latency")
+    assert not control.is_ready("llm_slow") and control.is_ready("llm_blue")
+    (msg,) = read_sink()[sent:]
+    assert msg["level"] == "error" and "p95 latency" in msg["text"] and "5 requests" in msg["text"]
+    after = _send(gw, 1)[0]
+    assert after.status_code == 200 and after.headers["x-tuneship-colour"] == "blue"
+    # nothing to roll back to any more: the failed version cannot come back by accident
+    assert admin.client.post("/admin/rollback").status_code == 409
+
+
+def test_retention_retires_the_previous_colour_and_reconcile_agrees(stack):
+    gw, admin, control, (v1, v2) = stack
+    admin.put_routes({"live": route("blue", "llm_blue", v1)})
+    admin.put_routes({**admin.routes(), "shadow": route("green", "llm_green", v2)})
+    admin.switch()
+    plan = {"version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
+
+    out = retire_previous(plan, gateway=admin, triton=control)
+
+    assert out["retired"] == "llm_blue" and out["unloaded"] is True
+    routes = admin.routes()
+    assert routes["previous"] is None and routes["live"]["model"] == "llm_green"
+    assert not control.is_ready("llm_blue") and control.is_ready("llm_green")
+    assert admin.client.post("/admin/rollback").status_code == 409  # no longer instant: nothing to go back to
+    assert _send(gw, 1)[0].headers["x-tuneship-colour"] == "green"
+    # reconciliation loads what the routes name: it does not bring the retired colour back
+    assert reconcile_serving(routes, control) == {"loaded": [], "unloaded": []}
+    assert not control.is_ready("llm_blue")

@@ -1,0 +1,354 @@
+"""The release's post-switch guard and retention: the stage's decisions, the trigger's real
+`run()` loop over a real inference-log directory, and the operator's deferral.
+
+The gateway fake applies the gateway's own routing rules (`serving.gateway.routing`:
+RoutesUpdate.apply, switch, rollback) to an in-memory state, so `previous` behaves as the
+real admin API makes it behave; Triton and the registry are in-memory (the real ones are
+in tests/integration/test_release_guard.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from serving.gateway import routing
+from tuneship import registry
+from tuneship.inference_log import format_ts, parse_ts, partition_file
+from tuneship.notify import read_sink
+from tuneship.stages import StageFailed, guard_release, release_windows, retire_previous
+
+
+def route(colour: str, version: str) -> dict[str, Any]:
+    return {"colour": colour, "model": f"llm_{colour}", "version": version}
+
+
+class FakeGateway:
+    """The admin API's semantics on an in-memory RoutingState."""
+
+    def __init__(self, **slots: Any) -> None:
+        self.state = routing.RoutingState(**slots)
+        self.calls: list[str] = []
+        self.fail_rollback = False
+
+    def _set(self, new: routing.RoutingState) -> dict[str, Any]:
+        self.state = new.model_copy(update={"generation": self.state.generation + 1})
+        return self.routes()
+
+    def routes(self) -> dict[str, Any]:
+        return self.state.model_dump(mode="json")
+
+    def put_routes(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append("put_routes")
+        update = routing.RoutesUpdate.model_validate(body)
+        assert update.generation in (None, self.state.generation), "stale PUT"
+        return self._set(update.apply(self.state))
+
+    def switch(self) -> dict[str, Any]:
+        self.calls.append("switch")
+        return self._set(routing.switch(self.state))
+
+    def rollback(self) -> dict[str, Any]:
+        self.calls.append("rollback")
+        if self.fail_rollback:
+            raise RuntimeError("HTTP 503 from /admin/rollback")
+        return self._set(routing.rollback(self.state))
+
+
+class FakeTriton:
+    def __init__(self, *ready: str) -> None:
+        self.ready = set(ready)
+        self.calls: list[tuple[str, str]] = []
+
+    def is_ready(self, model: str) -> bool:
+        return model in self.ready
+
+    def load(self, model: str, timeout: float = 180.0) -> None:
+        self.calls.append(("load", model))
+        self.ready.add(model)
+
+    def unload(self, model: str) -> None:
+        self.calls.append(("unload", model))
+        self.ready.discard(model)
+
+    def index(self) -> list[dict[str, Any]]:
+        return [{"name": m, "state": "READY"} for m in sorted(self.ready)]
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test its own TUNESHIP_HOME: its own Slack sink and inference log."""
+    monkeypatch.setenv("TUNESHIP_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def aliases(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """An in-memory alias table behind the registry functions the stage calls."""
+    table: dict[str, str] = {}
+    tags: dict[str, dict[str, str]] = {}
+
+    def by_alias(alias: str, name: str = registry.MODEL_NAME):
+        v = table.get(alias)
+        return registry.ModelVersion(name, v, "run", "src", tags.get(v, {})) if v else None
+
+    def set_alias(alias: str, version: str, name: str = registry.MODEL_NAME) -> None:
+        table[alias] = str(version)
+
+    def set_version_tags(version: str, new: dict[str, str], name: str = registry.MODEL_NAME) -> None:
+        tags.setdefault(str(version), {}).update(new)
+
+    def delete_alias(alias: str, name: str = registry.MODEL_NAME) -> None:
+        table.pop(alias)
+
+    monkeypatch.setattr(registry, "by_alias", by_alias)
+    monkeypatch.setattr(registry, "set_alias", set_alias)
+    monkeypatch.setattr(registry, "set_version_tags", set_version_tags)
+    monkeypatch.setattr(registry, "delete_alias", delete_alias)
+    table["_tags"] = tags  # type: ignore[assignment]
+    return table
+
+
+PLAN = {"version": "7", "colour": "green", "previous_version": "6", "previous_colour": "blue"}
+FIRST = {"version": "1", "colour": "blue", "previous_version": None, "previous_colour": None}
+BREACH = {"verdict": "breach", "reasons": ["error rate 0.150 (3 of 20) > 0.01"], "requests": 20, "errors": 3,
+          "error_rate": 0.15, "p95_ms": 40.0}
+
+
+def switched() -> FakeGateway:
+    """v6 live on blue, v7 candidate in shadow on green, then the switch (what `decide` does)."""
+    gw = FakeGateway(live=route("blue", "6"), shadow=route("green", "7"))
+    gw.switch()
+    assert gw.routes()["previous"]["model"] == "llm_blue"
+    return gw
+
+
+def test_breach_rolls_back_to_the_previous_colour_and_champion_follows(aliases):
+    gw, triton = switched(), FakeTriton("llm_blue", "llm_green")
+    aliases["champion"] = "7"
+    sent = len(read_sink())
+
+    with pytest.raises(StageFailed, match="v7 breached .*error rate 0.150.*rolled back"):
+        guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
+
+    r = gw.routes()
+    assert r["live"]["model"] == "llm_blue" and r["live"]["version"] == "6"
+    assert r["previous"] is None and r["shadow"] is None  # the failed colour cannot come back by a second rollback
+    assert aliases["champion"] == "6"
+    assert "6" not in aliases["_tags"] and "error rate" in aliases["_tags"]["7"]["post_switch_breach"]
+    assert triton.ready == {"llm_blue"} and triton.calls == [("unload", "llm_green")]
+    (msg,) = read_sink()[sent:]
+    assert msg["level"] == "error" and msg["fields"]["verdict"]["error_rate"] == 0.15
+    assert "error rate 0.150" in msg["text"] and "20 requests" in msg["text"] and "blue v6 again" in msg["text"]
+    assert "@champion: v6" in msg["text"]
+
+
+def test_breach_loads_the_previous_colour_first_when_triton_lost_it(aliases):
+    gw, triton = switched(), FakeTriton("llm_green")  # e.g. Triton restarted during the window
+    aliases["champion"] = "7"
+    with pytest.raises(StageFailed):
+        guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
+    assert triton.calls[0] == ("load", "llm_blue") and gw.calls[-2:] == ["rollback", "put_routes"]
+    assert gw.routes()["live"]["version"] == "6" and aliases["champion"] == "6"
+
+
+def test_first_release_breach_takes_the_route_down_and_removes_champion(aliases):
+    gw, triton = FakeGateway(live=route("blue", "1")), FakeTriton("llm_blue")
+    aliases["champion"] = "1"
+    with pytest.raises(StageFailed, match="first release.*taken down"):
+        guard_release(FIRST, BREACH, retention_minutes=60, gateway=gw, triton=triton)
+    r = gw.routes()
+    assert r["live"] is None and r["previous"] is None and "rollback" not in gw.calls
+    assert "champion" not in aliases and triton.ready == set()
+    assert read_sink()[-1]["level"] == "error" and "@champion: none" in read_sink()[-1]["text"]
+
+
+def test_retry_after_the_rollback_does_not_move_traffic_again(aliases):
+    gw, triton = switched(), FakeTriton("llm_blue", "llm_green")
+    gw.rollback()  # the first attempt rolled back, then died before the alias and the clean-up
+    aliases["champion"] = "7"
+    before = list(gw.calls)
+    with pytest.raises(StageFailed, match="already off v7"):
+        guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
+    assert gw.calls[len(before):] == ["put_routes"]  # only `previous` cleared
+    assert gw.routes()["live"]["version"] == "6" and gw.routes()["previous"] is None
+    assert aliases["champion"] == "6" and triton.ready == {"llm_blue"}
+
+
+def test_breach_without_a_previous_route_leaves_traffic_and_says_so(aliases):
+    gw, triton = switched(), FakeTriton("llm_blue", "llm_green")
+    gw.put_routes({**gw.routes(), "previous": None})  # cleared by hand
+    aliases["champion"] = "7"
+    with pytest.raises(StageFailed, match="NOT rolled back"):
+        guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
+    assert gw.routes()["live"]["version"] == "7" and aliases["champion"] == "7"
+    assert triton.calls == [] and "by hand" in read_sink()[-1]["text"]
+
+
+def test_failed_rollback_alerts_and_raises_for_a_retry(aliases):
+    gw, triton = switched(), FakeTriton("llm_blue", "llm_green")
+    gw.fail_rollback = True
+    aliases["champion"] = "7"
+    with pytest.raises(RuntimeError, match="HTTP 503"):
+        guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
+    msg = read_sink()[-1]
+    assert msg["level"] == "error" and "automatic rollback FAILED" in msg["text"]
+    assert gw.routes()["live"]["version"] == "7" and aliases["champion"] == "7"
+
+
+def test_healthy_and_insufficient_keep_the_release(aliases):
+    gw, triton = switched(), FakeTriton("llm_blue", "llm_green")
+    sent = len(read_sink())
+    now = 1_800_000_000.0
+    out = guard_release(PLAN, {"verdict": "healthy", "requests": 80}, retention_minutes=90, gateway=gw,
+                        triton=triton, now=now)
+    assert out["decision"] == "kept" and parse_ts(out["retain_until"]).timestamp() == now + 90 * 60
+    assert len(read_sink()) == sent and gw.calls == ["switch"] and triton.calls == []
+    few = {"verdict": "insufficient", "reasons": ["not enough traffic: only 3 live responses"], "requests": 3}
+    out = guard_release(PLAN, few, retention_minutes=90, gateway=gw, triton=triton, now=now)
+    assert out["decision"] == "kept"
+    msg = read_sink()[-1]
+    assert msg["level"] == "warning" and "could not judge" in msg["text"] and "only 3" in msg["text"]
+    # a first release has nothing to retain
+    out = guard_release(FIRST, {"verdict": "healthy"}, retention_minutes=90, gateway=gw, triton=triton, now=now)
+    assert parse_ts(out["retain_until"]).timestamp() == now
+
+
+def test_retire_previous_clears_and_unloads_only_what_it_replaced():
+    gw, triton = switched(), FakeTriton("llm_blue", "llm_green")
+    out = retire_previous(PLAN, gateway=gw, triton=triton)
+    assert out == {"retired": "llm_blue", "version": "6", "cleared_previous": True, "unloaded": True}
+    assert gw.routes()["previous"] is None and gw.routes()["live"]["version"] == "7"
+    assert triton.ready == {"llm_green"}
+    # rollback after that point: no longer instant, the admin API has nothing to go back to
+    with pytest.raises(routing.InvalidTransition):
+        gw.rollback()
+    # a retry finds nothing left to do
+    assert retire_previous(PLAN, gateway=gw, triton=triton)["unloaded"] is False
+
+    rolled = switched()
+    rolled.rollback()  # someone rolled back by hand during retention: blue is live again
+    triton = FakeTriton("llm_blue", "llm_green")
+    out = retire_previous(PLAN, gateway=rolled, triton=triton)
+    assert out["retired"] is None and "live" in out["reason"] and triton.calls == []
+    assert retire_previous(FIRST, gateway=rolled, triton=triton)["retired"] is None
+
+
+def test_retire_previous_leaves_a_previous_that_changed_since():
+    gw = FakeGateway(live=route("green", "7"), previous=route("blue", "5"))  # not the v6 this release replaced
+    triton = FakeTriton("llm_blue", "llm_green")
+    out = retire_previous(PLAN, gateway=gw, triton=triton)
+    assert out["retired"] is None and "previous" in out["reason"]
+    assert gw.routes()["previous"]["version"] == "5" and triton.ready == {"llm_blue", "llm_green"}
+
+
+def test_release_windows_params_and_overrides():
+    params = {"shadow_hours": 72.0, "post_switch_minutes": 30.0, "retention_minutes": 120.0}
+    assert release_windows(params) == {"shadow_hours": 72.0, "post_switch_minutes": 30.0, "retention_minutes": 120.0}
+    # staging/demo: the shadow override caps every window at its own length
+    short = release_windows(params, shadow_hours_override="0.01")
+    assert short == {"shadow_hours": 0.01, "post_switch_minutes": pytest.approx(0.6), "retention_minutes": pytest.approx(0.6)}
+    long = release_windows(params, shadow_hours_override="5")  # a cap never lengthens a window
+    assert long["post_switch_minutes"] == 30.0 and long["retention_minutes"] == 120.0
+    own = release_windows(params, shadow_hours_override="0.01", post_switch_minutes_override="2",
+                          retention_minutes_override="0")
+    assert own["post_switch_minutes"] == 2.0 and own["retention_minutes"] == 0.0
+    assert release_windows(params, shadow_hours_override="")["shadow_hours"] == 72.0
+    with pytest.raises(StageFailed, match="not a number"):
+        release_windows(params, post_switch_minutes_override="ten")
+    with pytest.raises(StageFailed, match="positive"):
+        release_windows(params, post_switch_minutes_override="0")
+
+
+# ---------------------------------------------------------------- trigger and operator
+
+
+def write_log(root: Path, version: str, n: int, *, at: float, status: int = 200, latency: float = 15.0) -> None:
+    for i in range(n):
+        ts = parse_ts(at + i * 0.001)
+        path = partition_file(root, ts, "gw0")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = {"kind": "request", "ts": format_ts(ts), "request_id": f"{version}-{at}-{status}-{i}",
+                "role": "live", "prompt": "Ticket: x\nTriage:", "shadow": None,
+                "live": {"colour": "green", "version": version, "completion": " category=billing priority=low",
+                         "latency_ms": latency, "status": status}}
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+async def first_event(trigger: Any, timeout: float = 10.0) -> dict:
+    async def get() -> dict:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("trigger ended without an event")
+
+    return await asyncio.wait_for(get(), timeout)
+
+
+@pytest.fixture
+def log_root(home: Path) -> Path:
+    return home / "inference_log"
+
+
+def test_trigger_fires_early_on_a_breach(log_root: Path):
+    from tuneship_airflow.triggers import PostSwitchWindowTrigger
+
+    switch = time.time() - 5
+    write_log(log_root, "7", 18, at=switch + 1)
+    write_log(log_root, "7", 4, at=switch + 2, status=502)  # 4 of 22 = 0.18
+    write_log(log_root, "7", 40, at=switch - 60, status=502)  # before the switch: not counted
+    trigger = PostSwitchWindowTrigger(version="7", since=switch, ends_at=switch + 3600, poll_interval=0.05,
+                                      max_error_rate=0.05, max_p95_ms=500, min_requests=20)
+    path, kwargs = trigger.serialize()
+    assert path == "tuneship_airflow.triggers.PostSwitchWindowTrigger"
+    assert type(trigger)(**kwargs).serialize() == (path, kwargs)
+    event = asyncio.run(first_event(trigger))  # an hour before the window ends
+    assert event["status"] == "breach" and event["verdict"]["verdict"] == "breach"
+    assert (event["verdict"]["requests"], event["verdict"]["errors"]) == (22, 4)
+
+
+def test_trigger_completes_when_the_window_ends(log_root: Path):
+    from tuneship_airflow.triggers import PostSwitchWindowTrigger
+
+    switch = time.time() - 5
+    write_log(log_root, "7", 25, at=switch + 1)
+    open_window = PostSwitchWindowTrigger(version="7", since=switch, ends_at=time.time() + 60, poll_interval=0.05)
+    with pytest.raises(TimeoutError):  # healthy so far, window still open: keeps watching
+        asyncio.run(first_event(open_window, timeout=0.5))
+    ended = PostSwitchWindowTrigger(version="7", since=switch, ends_at=time.time() + 0.3, poll_interval=0.05)
+    event = asyncio.run(first_event(ended))
+    assert event["status"] == "complete" and event["verdict"]["verdict"] == "healthy"
+    assert event["at"] >= ended.ends_at
+    quiet = PostSwitchWindowTrigger(version="8", since=switch, ends_at=switch + 1, poll_interval=0.05)
+    assert asyncio.run(first_event(quiet))["verdict"]["verdict"] == "insufficient"
+
+
+def test_operator_defers_on_the_switch_time_and_checks_the_event():
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from tuneship_airflow.operators import PostSwitchWindowOperator
+
+    op = PostSwitchWindowOperator(task_id="post_switch_window", version="7", switched_at="1800000000.5",
+                                  window_minutes="2", thresholds={"max_error_rate": "0.05", "max_p95_ms": "900",
+                                                                  "min_requests": "10"})
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({})
+    trig = deferred.value.trigger
+    assert (trig.since, trig.ends_at) == (1800000000.5, 1800000000.5 + 120)
+    assert (trig.max_error_rate, trig.max_p95_ms, trig.min_requests) == (0.05, 900.0, 10)
+    assert deferred.value.method_name == "execute_complete"
+
+    verdict = {"verdict": "breach", "reasons": ["error rate 0.2 > 0.05"], "requests": 10}
+    out = op.execute_complete({}, {"status": "breach", "verdict": verdict, "at": 1800000030.0})
+    assert out["verdict"] == "breach" and out["window_event"] == {"status": "breach", "at": 1800000030.0}
+    for bad in (None, {"status": "error", "message": "boom"}, {"status": "complete"},
+                {"status": "breach", "verdict": {"verdict": "healthy"}}):
+        with pytest.raises(RuntimeError):
+            op.execute_complete({}, bad)
+    with pytest.raises(ValueError):
+        PostSwitchWindowOperator(task_id="w", version="7", window_minutes="0").execute({})
