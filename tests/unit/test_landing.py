@@ -87,6 +87,7 @@ def test_rejected_batch_fails_with_details_and_says_so_on_slack(tmp_path: Path) 
         rows[i]["prompt"] = rows[i]["prompt"].replace("Ticket:", "Ticket: mail bo@example.com")
     (bad / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+    before = len(notify.read_sink())  # the sink is shared with earlier tests of the session
     with pytest.raises(StageFailed) as info:
         validate_batches([str(bad), str(good)], run_id="manual__landing_test")
     message = str(info.value)
@@ -94,7 +95,7 @@ def test_rejected_batch_fails_with_details_and_says_so_on_slack(tmp_path: Path) 
     assert "pii [error]" in message and "train.jsonl:1,6,11" in message
     assert "Data Docs:" in message and "quarantine" in message.lower()
     # the good batch behind it was still validated and versioned, not skipped
-    sent = notify.read_sink()
+    sent = notify.read_sink()[before:]
     assert any(m["level"] == "success" and str(good) in m["text"] for m in sent)
     rejected = [m for m in sent if m["level"] == "error"]
     assert len(rejected) == 1
