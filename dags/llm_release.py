@@ -3,7 +3,8 @@
 
 Blue/green release of a `release_candidate`: first reconcile Triton with the routing state
 (recovers from a release, Triton or gateway that died mid-way), then load the candidate
-into the idle Triton colour, confirm readiness, run the smoke suite through the gateway to that colour only, then mirror live
+into the idle Triton colour, confirm readiness, run warm-up requests straight to it, run the
+smoke suite through the gateway to that colour only, then mirror live
 traffic to it for the shadow window (deferrable: the wait runs on the triggerer, default
 72 h, `shadow_hours` Param). The verdict promotes (atomic gateway switch, `@champion`
 alias follows, `model_promoted` Asset) or rolls back (live untouched, run fails loudly,
@@ -106,11 +107,13 @@ def llm_release():
 
     @task
     def load_candidate(p: dict):
-        from tuneship.stages import stage_into_repository
+        from tuneship.stages import stage_into_repository, warm_up_candidate
         from tuneship_airflow.hooks import TritonHook
 
         model = stage_into_repository(p["package"], p["colour"])
-        TritonHook().load(model)
+        triton = TritonHook()
+        triton.load(model)  # returns once Triton reports the model ready
+        print(f"warm-up: {warm_up_candidate(model, triton)}")
         return model
 
     @task

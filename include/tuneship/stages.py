@@ -325,6 +325,20 @@ def stage_into_repository(package: str, colour: str) -> str:
     return name
 
 
+def warm_up_candidate(model: str, triton: Any, suite_name: str = "smoke") -> dict[str, Any]:
+    """After the load and readiness, before smoke and traffic: the smoke suite's prompts go
+    straight to the candidate through Triton (`triton`: TritonHook or TritonControl). A
+    failed warm-up is a failed load: live traffic is untouched and the message says why."""
+    from tuneship.evaluate import load_cases, load_suite
+
+    prompts = [case.prompt for case in load_cases(load_suite(suite_name))]
+    try:
+        return triton.warm_up(model, prompts)
+    except RuntimeError as exc:
+        notify(f"candidate {model} failed its warm-up: {exc}; live traffic untouched", level="error")
+        raise StageFailed(str(exc)) from exc
+
+
 def smoke_through_gateway(colour_model: str, *, base_url: str, token: str, suite_name: str = "smoke") -> dict[str, Any]:
     """Smoke cases through the gateway, addressed to the candidate colour only."""
     import httpx

@@ -41,3 +41,27 @@ class TritonControl:
     def index(self) -> list[dict[str, Any]]:
         """The repository index: one {name, version, state, reason} per model."""
         return list(self.client().get_model_repository_index())
+
+    def warm_up(self, model: str, prompts: list[str], max_tokens: int = 4, timeout: float = 120.0) -> dict[str, Any]:
+        """Send `prompts` straight to `model` before any traffic can reach it, so no user
+        request pays the first-run costs (ONNX Runtime plans and allocates on its first run,
+        the tokenizer and the Python backend stub warm up). Triton's `generate` endpoint takes
+        decoupled and ordinary models alike. Any failed request raises RuntimeError naming
+        the model, the request and Triton's answer. Returns the count and latencies."""
+        import httpx
+
+        latencies = []
+        with httpx.Client(base_url=f"http://{self.url}", timeout=timeout) as c:
+            for i, prompt in enumerate(prompts, 1):
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(f"/v2/models/{model}/generate", json={"PROMPT": prompt, "MAX_TOKENS": max_tokens})
+                    body = r.json()
+                except (httpx.HTTPError, ValueError) as exc:
+                    raise RuntimeError(f"warm-up request {i}/{len(prompts)} to {model} failed: "
+                                       f"{type(exc).__name__}: {exc}") from exc
+                if r.status_code != 200 or "error" in body:
+                    raise RuntimeError(f"warm-up request {i}/{len(prompts)} to {model} failed: HTTP "
+                                       f"{r.status_code} {str(body.get('error', body))[:300]}")
+                latencies.append(round((time.perf_counter() - t0) * 1000, 1))
+        return {"model": model, "requests": len(latencies), "latency_ms": latencies}

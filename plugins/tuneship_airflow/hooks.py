@@ -57,6 +57,9 @@ class TritonHook(BaseHook):
     def index(self) -> list[dict[str, Any]]:
         return self.get_conn().index()
 
+    def warm_up(self, model: str, prompts: list[str], max_tokens: int = 4) -> dict[str, Any]:
+        return self.get_conn().warm_up(model, prompts, max_tokens)
+
 
 class GatewayHook(BaseHook):
     """The gateway's admin API: routes, switch, rollback; plus completions for smoke tests."""

@@ -31,3 +31,24 @@ def test_reconcile_loads_routed_and_unloads_orphaned_colours(control):
     assert control.is_ready("llm_slow")  # not a colour model: never touched
     # already consistent: nothing to do
     assert reconcile_serving(routes, control) == {"loaded": [], "unloaded": []}
+
+
+def test_warm_up_runs_the_smoke_prompts_and_a_failing_model_stops_the_release(control, tmp_path, monkeypatch):
+    """Warm-up goes straight to the loaded colour through Triton's generate endpoint, for
+    ordinary and decoupled models alike; a model that fails it fails the load, with a
+    message naming the model and Triton's error, and Slack is told."""
+    from tuneship import notify
+    from tuneship.evaluate import load_cases, load_suite
+    from tuneship.stages import StageFailed, warm_up_candidate
+
+    monkeypatch.setenv("TUNESHIP_HOME", str(tmp_path))
+    n = len(load_cases(load_suite("smoke")))
+    for model in ("llm_blue", "llm_stream"):  # llm_stream is decoupled, like the compiled model
+        done = warm_up_candidate(model, control)
+        assert done["model"] == model and done["requests"] == n == len(done["latency_ms"])
+
+    with pytest.raises(RuntimeError, match=r"warm-up request 1/1 to llm_green failed: HTTP 400 .*failure requested"):
+        control.warm_up("llm_green", ["__fail__ Ticket: x"])
+    with pytest.raises(StageFailed, match="llm_nope"):
+        warm_up_candidate("llm_nope", control)
+    assert "llm_nope failed its warm-up" in notify.read_sink()[-1]["text"]
