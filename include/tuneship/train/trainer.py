@@ -340,6 +340,13 @@ def _check_bitsandbytes() -> None:
         ) from None
 
 
+def _half_dtype(precision: str) -> Any:
+    """The torch dtype a bf16/fp16 recipe computes in; None for fp32."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def _load_for_training(recipe: Recipe, cuda: bool) -> tuple[Any, Any]:
     """The frozen base model in the precision the recipe trains in.
 
@@ -355,7 +362,7 @@ def _load_for_training(recipe: Recipe, cuda: bool) -> tuple[Any, Any]:
 
     from tuneship.basemodel import load_base
 
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.precision)
+    half = _half_dtype(recipe.precision)
     if not recipe.qlora:
         return load_base(recipe.base_model, dtype=half if cuda and half else None)
     from peft import prepare_model_for_kbit_training
@@ -547,12 +554,9 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(recipe.lr_schedule, recipe.warmup_steps, total)
     )
-    autocast: Callable[[], Any]
-    if recipe.precision in ("bf16", "fp16"):
-        half = torch.bfloat16 if recipe.precision == "bf16" else torch.float16
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    if (half := _half_dtype(recipe.precision)) is not None:
         autocast = lambda: torch.autocast("cuda" if cuda else "cpu", dtype=half)  # noqa: E731
-    else:
-        autocast = contextlib.nullcontext
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
     scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16")
 
