@@ -7,32 +7,44 @@ JWT from the simple auth manager. Nothing here imports Airflow.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+TOKEN_MAX_AGE_S = 600.0  # re-authenticate well before Airflow's JWTs expire
+
 
 class AirflowAPI:
-    def __init__(self, base_url: str, username: str, password: str) -> None:
+    def __init__(self, base_url: str, username: str, password: str, *,
+                 clock: Callable[[], float] = time.monotonic, transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._auth = {"username": username, "password": password}
-        self._client = httpx.Client(base_url=self.base_url, timeout=30.0)
-        self._token_at = 0.0
+        self._client = httpx.Client(base_url=self.base_url, timeout=30.0, transport=transport)
+        self._clock = clock
+        # None until the first token: monotonic time is seconds since boot, so on a machine
+        # booted minutes ago any "fetched at 0" sentinel would look fresh.
+        self._token_at: float | None = None
 
-    def _ensure_token(self) -> None:
-        if time.monotonic() - self._token_at < 600:
+    def _ensure_token(self, *, force: bool = False) -> None:
+        if not force and self._token_at is not None and self._clock() - self._token_at < TOKEN_MAX_AGE_S:
             return
         r = self._client.post("/auth/token", json=self._auth)
-        r.raise_for_status()
+        if r.status_code >= 400:
+            raise httpx.HTTPStatusError(f"POST /auth/token: HTTP {r.status_code} {r.text[:300]} "
+                                        f"(check the Airflow user and password)", request=r.request, response=r)
         self._client.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
-        self._token_at = time.monotonic()
+        self._token_at = self._clock()
 
     @retry(retry=retry_if_exception_type(httpx.TransportError), stop=stop_after_attempt(5),
            wait=wait_exponential(multiplier=0.5, max=5), reraise=True)
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         self._ensure_token()
         r = self._client.request(method, f"/api/v2{path}", **kwargs)
+        if r.status_code == 401:  # expired or revoked (e.g. the API server restarted with a new secret)
+            self._ensure_token(force=True)
+            r = self._client.request(method, f"/api/v2{path}", **kwargs)
         if r.status_code >= 400:
             raise httpx.HTTPStatusError(f"{method} {path}: HTTP {r.status_code} {r.text[:500]}",
                                         request=r.request, response=r)
@@ -76,8 +88,38 @@ class AirflowAPI:
         except httpx.HTTPStatusError:
             self.request("POST", "/variables", json={"key": key, "value": value})
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
-        self._ensure_token()
-        r = self._client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-                             headers={"Accept": "text/plain"})
-        return r.text
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1) -> str:
+        """The task's log as plain lines. Airflow 3 serves logs as structured JSON (it refuses
+        text/plain); each event becomes one line, with the exception type and message of an
+        error event, which is usually the reason a person is looking."""
+        data = self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                            params={"full_content": True, "map_index": map_index},
+                            headers={"Accept": "application/json"})
+        return "\n".join(format_log_event(e) for e in (data or {}).get("content", []))
+
+    def failed_tasks(self, dag_id: str, run_id: str, tail: int = 25) -> list[dict[str, Any]]:
+        """Each failed task of a run, with the last `tail` lines of its
+        last try's log: what a person needs to see first when a stage fails."""
+        out = []
+        for ti in self.task_instances(dag_id, run_id):
+            if ti.get("state") != "failed":
+                continue
+            try:
+                lines = self.task_log(dag_id, run_id, ti["task_id"], ti.get("try_number") or 1,
+                                      ti.get("map_index", -1)).splitlines()
+            except httpx.HTTPError as exc:  # the log store may be unreachable; still name the task
+                lines = [f"(log unavailable: {exc})"]
+            out.append({"task_id": ti["task_id"], "try_number": ti.get("try_number"), "log_tail": lines[-tail:]})
+        return out
+
+
+def format_log_event(event: dict[str, Any] | str) -> str:
+    """One structured log event (Airflow 3's StructuredLogMessage) as a readable line."""
+    if isinstance(event, str):  # Airflow returns plain strings when it could not parse the log
+        return event
+    parts = (event.get("timestamp"), str(event.get("level") or "").upper(), event.get("event"))
+    line = " ".join(str(p) for p in parts if p)
+    for err in event.get("error_detail") or []:
+        if isinstance(err, dict) and err.get("exc_type"):
+            line += f"\n{err['exc_type']}: {err.get('exc_value', '')}"
+    return line

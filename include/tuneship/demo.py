@@ -124,8 +124,19 @@ class Loop:
             self._report_tasks(dag_id, run_id)
             if run["state"] in TERMINAL:
                 say(f"{dag_id} {run_id}: {run['state'].upper()}")
+                if run["state"] == "failed":
+                    run["failed_tasks"] = self.explain_failure(dag_id, run_id)
                 return run
             self._tick(f"{dag_id} {run_id}")
+
+    def explain_failure(self, dag_id: str, run_id: str, tail: int = 25) -> list[dict]:
+        """Print the last lines of each failed task's log: the reason, without opening the UI."""
+        failed = self.api.failed_tasks(dag_id, run_id, tail=tail)
+        for t in failed:
+            say(f"  {dag_id}.{t['task_id']} failed (try {t['try_number']}); last lines of its log:")
+            for line in t["log_tail"]:
+                print(f"    | {line}", flush=True)
+        return failed
 
     def wait_new_run(self, dag_id: str, after: set[str], run_type: str | None = None) -> str:
         while True:
