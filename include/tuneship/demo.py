@@ -340,33 +340,35 @@ def _latest_drift(run_id: str) -> dict | None:
 
 
 def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
+    from tuneship.report import fmt
+
     print("\n" + "=" * 72)
-    print(f"Tuneship demo {'FAILED' if failed else 'OK'} in {summary['wall_s']:.0f}s")
+    print(f"Tuneship demo {'FAILED' if failed else 'OK'} in {fmt(summary['wall_s'], 's')}")
     live = summary.get("live") or {}
     print(f"live model: {live.get('model', '-')} v{live.get('version', '-')} on colour {live.get('colour', '-')}")
     for i, cycle in enumerate(summary["cycles"], 1):
         print(f"-- cycle {i} (trigger: {cycle['trigger']})")
         if cycle.get("drift"):
             d = cycle["drift"]
-            print(f"   drift score {d.get('score')} (threshold {d.get('threshold')}) over {d.get('requests')} requests: "
-                  f"{d.get('reason')}")
+            print(f"   drift score {fmt(d.get('score'))} (threshold {fmt(d.get('threshold'))}) over "
+                  f"{fmt(d.get('requests'))} requests: {d.get('reason')}")
         ft = cycle.get("finetune") or {}
         gates = (ft.get("gates") or {})
         if ft.get("model"):
             print(f"   fine-tune {ft['state']}: registered v{ft['model']['version']} "
-                  f"(train loss {ft['model'].get('train_loss')})")
+                  f"(train loss {fmt(ft['model'].get('train_loss'))})")
         if gates:
             ref = gates.get("reference_name")
             for k, v in (gates.get("metrics") or {}).items():
-                print(f"   gate {k}: {v:.3f} vs {ref} {gates['reference'].get(k, float('nan')):.3f}")
+                print(f"   gate {k}: {fmt(v)} vs {ref} {fmt((gates.get('reference') or {}).get(k))}")
         rel = cycle.get("release") or {}
         verdict = rel.get("verdict") or {}
         if rel:
             print(f"   release {rel['state']}: shadow verdict {verdict.get('verdict')} "
-                  f"({verdict.get('requests')} requests, error rate {verdict.get('error_rate')}, "
-                  f"p95 {verdict.get('p95_ms')} ms, slot {verdict.get('slot')})")
+                  f"({fmt(verdict.get('requests'))} requests, error rate {fmt(verdict.get('error_rate'))}, "
+                  f"p95 {fmt(verdict.get('p95_ms'), 'ms')}, slot {verdict.get('slot')})")
     t = summary.get("traffic", {})
-    print(f"traffic: {t.get('sent')} sent, {t.get('ok')} ok, {t.get('failed')} failed")
+    print(f"traffic: {fmt(t.get('sent'))} sent, {fmt(t.get('ok'))} ok, {fmt(t.get('failed'))} failed")
     if summary.get("error"):
         print(f"error: {summary['error']}")
     print(f"report: {report}")

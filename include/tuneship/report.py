@@ -29,8 +29,25 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _fmt(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+def fmt(value: Any, unit: str = "") -> str:
+    """Every figure a person reads (this report, the demo summary) goes through here, so a
+    p95 reads `8.3 ms`, never `8.298449999999999`: times to 0.1, scores and rates below 10
+    to 3 decimals, larger numbers to 0.1 or with thousands separators; None is `-`."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        text = str(value)
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    elif value != value:  # NaN: a metric the reference never produced
+        text = "-"
+    elif unit in ("ms", "s") or 10 <= abs(value) < 1000:
+        text = f"{value:,.1f}"
+    elif abs(value) >= 1000:
+        text = f"{value:,.0f}"
+    else:
+        text = f"{value:.3f}"
+    return f"{text} {unit}" if unit and text != "-" else text
 
 
 def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
@@ -38,33 +55,34 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
     drift = cycle.get("drift")
     if drift:
         parts.append("<h3>Drift</h3>" + _table(
-            [[_fmt(drift.get("score")), drift.get("threshold"), drift.get("requests"), drift.get("reason")]],
+            [[fmt(drift.get("score")), fmt(drift.get("threshold")), fmt(drift.get("requests")), drift.get("reason")]],
             ["score", "threshold", "requests", "governor"]))
         parts.append(_img(drift.get("chart"), "drift chart"))
     ft = cycle.get("finetune") or {}
     model = ft.get("model") or {}
     if model:
         parts.append("<h3>Fine-tune</h3>" + _table(
-            [[f"v{model.get('version')}", _fmt(model.get("train_loss")), _fmt(model.get("eval_loss")),
-              _fmt(model.get("tokens_per_s")), (model.get("adapter_sha256") or "")[:16]]],
+            [[f"v{model.get('version')}", fmt(model.get("train_loss")), fmt(model.get("eval_loss")),
+              fmt(model.get("tokens_per_s")), (model.get("adapter_sha256") or "")[:16]]],
             ["version", "train loss", "eval loss", "tokens/s", "adapter sha256"]))
         parts.append(_img(model.get("loss_curve"), "loss curve"))
     gates = ft.get("gates") or {}
     if gates:
         ref = gates.get("reference") or {}
-        rows = [[k, _fmt(v), _fmt(ref.get(k))] for k, v in (gates.get("metrics") or {}).items()]
+        rows = [[k, fmt(v), fmt(ref.get(k))] for k, v in (gates.get("metrics") or {}).items()]
         parts.append(f"<h3>Evaluation gates (reference: {html.escape(str(gates.get('reference_name')))})</h3>"
                      + _table(rows, ["metric", "candidate", "reference"]))
     rel = cycle.get("release") or {}
     if rel:
         v = rel.get("verdict") or {}
         parts.append("<h3>Release</h3>" + _table(
-            [[rel.get("state"), v.get("verdict"), v.get("slot"), v.get("requests"), _fmt(v.get("error_rate")),
-              _fmt(v.get("p95_ms")), _fmt(v.get("format_rate")), _fmt(v.get("agreement_with_live"))]],
-            ["run", "verdict", "slot", "requests", "error rate", "p95 ms", "format rate", "agreement"]))
+            [[rel.get("state"), v.get("verdict"), v.get("slot"), fmt(v.get("requests")), fmt(v.get("error_rate")),
+              fmt(v.get("p95_ms"), "ms"), fmt(v.get("format_rate")), fmt(v.get("agreement_with_live"))]],
+            ["run", "verdict", "slot", "requests", "error rate", "p95", "format rate", "agreement"]))
         smoke = rel.get("smoke") or {}
         if smoke:
-            parts.append(f"<p>Smoke through the gateway: {html.escape(json.dumps(smoke.get('metrics')))}</p>")
+            figures = ", ".join(f"{k} {fmt(v)}" for k, v in (smoke.get("metrics") or {}).items())
+            parts.append(f"<p>Smoke through the gateway: {html.escape(figures)}</p>")
     return "\n".join(parts)
 
 
@@ -75,7 +93,7 @@ def write_demo_report(summary: dict[str, Any]) -> Path:
     t = summary.get("traffic") or {}
     body = [
         "<h1>Tuneship demo report</h1>",
-        f"<p>Wall time {summary.get('wall_s')} s. Live: <b>{html.escape(str(live.get('model', '-')))} "
+        f"<p>Wall time {fmt(summary.get('wall_s'), 's')}. Live: <b>{html.escape(str(live.get('model', '-')))} "
         f"v{html.escape(str(live.get('version', '-')))}</b> on colour <b>{html.escape(str(live.get('colour', '-')))}</b>. "
         f"Traffic: {t.get('sent')} requests, {t.get('ok')} ok, {t.get('failed')} failed.</p>",
     ]

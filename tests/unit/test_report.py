@@ -1,0 +1,58 @@
+"""Figures people read: the demo summary and the HTML report format every number alike."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tuneship.demo import _print_summary
+from tuneship.report import fmt, write_demo_report
+
+RAW = re.compile(r"\d\.\d{4,}")  # a float printed with its binary noise (e.g. 8.298449999999999)
+
+SUMMARY = {
+    "wall_s": 581.2999999999,
+    "live": {"model": "triage", "version": "2", "colour": "green"},
+    "traffic": {"sent": 1234, "ok": 1234, "failed": 0},
+    "cycles": [
+        {"trigger": "llm_data_validation", "ok": True,
+         "finetune": {"state": "success",
+                      "model": {"version": "1", "train_loss": 0.41234567891, "eval_loss": 0.5123456789,
+                                "tokens_per_s": 6412.345678},
+                      "gates": {"metrics": {"category_accuracy": 0.9583333333333334},
+                                "reference": {"category_accuracy": 0.0},
+                                "reference_name": "base model"}},
+         "release": {"state": "success", "smoke": {"metrics": {"format_rate": 1.0, "category_accuracy": 0.8}},
+                     "verdict": {"verdict": "promote", "requests": 57, "error_rate": 0.0,
+                                 "p95_ms": 8.298449999999999, "slot": "live",
+                                 "format_rate": 0.9824561403508771, "agreement_with_live": None}}},
+        {"trigger": "llm_drift_monitor", "ok": True,
+         "drift": {"score": 0.31578947368421, "threshold": 0.2, "requests": 60, "reason": "fired"}},
+    ],
+}
+
+
+@pytest.mark.parametrize(("value", "unit", "text"), [
+    (8.298449999999999, "ms", "8.3 ms"), (1843.25, "ms", "1,843.2 ms"), (0.9583333333, "", "0.958"),
+    (0.0, "", "0.000"), (57, "", "57"), (12800, "", "12,800"), (6412.345678, "", "6,412"),
+    (31.25, "", "31.2"), (None, "ms", "-"), (float("nan"), "", "-"), ("promote", "", "promote"),
+])
+def test_fmt(value, unit, text):
+    assert fmt(value, unit) == text
+
+
+def test_demo_summary_prints_no_raw_floats(capsys, tmp_path: Path):
+    _print_summary(SUMMARY, tmp_path / "r.html", failed=False)
+    out = capsys.readouterr().out
+    assert not RAW.search(out), RAW.findall(out)
+    assert "p95 8.3 ms" in out and "drift score 0.316 (threshold 0.200)" in out
+    assert "gate category_accuracy: 0.958 vs base model 0.000" in out and "in 581.3 s" in out
+
+
+def test_report_prints_no_raw_floats():
+    html = write_demo_report(SUMMARY).read_text()
+    text = re.sub(r"data:image/png;base64,[^\"]+", "", html)
+    assert not RAW.search(text), RAW.findall(text)
+    assert "8.3 ms" in text and "6,412" in text and "category_accuracy 0.800" in text
