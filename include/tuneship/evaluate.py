@@ -199,13 +199,18 @@ class GateReport:
 
 def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | None,
                 reference_name: str | None = None) -> GateReport:
-    """Absolute floors always; `max_regression` gates compare with the reference when given."""
+    """Absolute floors, and `max_regression` gates against the reference scored on the same
+    cases. A regression gate with no reference is a suite that cannot be judged (a smoke
+    suite has no reference model): it is refused, never silently passed."""
     results = []
     for gate in suite.gates:
         value = candidate.metrics[gate.metric]
         if gate.min is not None:
             results.append(GateResult(gate.metric, ">=", value, gate.min, None, value >= gate.min))
-        elif reference is not None:
+        elif reference is None:
+            raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: the gate on {gate.metric!r} is "
+                             f"`max_regression`, but no reference model is scored here; use `min` instead")
+        else:
             ref = reference.metrics[gate.metric]
             floor = ref - float(gate.max_regression or 0)
             results.append(GateResult(gate.metric, ">= ref -", value, floor, ref, value >= floor - 1e-12))

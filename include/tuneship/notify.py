@@ -33,10 +33,12 @@ def notify(text: str, *, level: str = "info", channel: str | None = None, **fiel
         from slack_sdk.errors import SlackApiError
 
         try:
-            WebClient(token=token).chat_postMessage(channel=channel, text=message["text"])
+            WebClient(token=token, timeout=10).chat_postMessage(channel=channel, text=message["text"])
             message["delivered"] = "slack"
-        except SlackApiError as exc:  # recorded, not raised
+        except SlackApiError as exc:  # Slack answered with an error (bad channel, revoked token)
             message["delivered"] = f"failed: {exc.response.get('error', exc)}"
+        except Exception as exc:  # noqa: BLE001 - network, proxy, TLS, timeout: recorded, never raised
+            message["delivered"] = f"failed: {type(exc).__name__}: {exc}"
     else:
         message["delivered"] = "sink"
     path = sink_path()

@@ -272,7 +272,8 @@ def evaluate_candidate(candidate: dict[str, Any], dataset: dict[str, str], suite
 
 
 def compile_candidate(candidate: dict[str, Any]) -> dict[str, Any]:
-    """ONNX export + ONNX Runtime parity (TensorRT where installed): a Triton-ready package."""
+    """ONNX export + ONNX Runtime parity: a Triton-ready package. (TensorRT is not built here:
+    `tuneship.compile.tensorrt_build_command` renders its command, checked by contract.)"""
     from tuneship import registry
     from tuneship.compile import compile_for_triton
 
@@ -343,7 +344,7 @@ def smoke_through_gateway(colour_model: str, *, base_url: str, token: str, suite
     """Smoke cases through the gateway, addressed to the candidate colour only."""
     import httpx
 
-    from tuneship.evaluate import load_cases, load_suite, score
+    from tuneship.evaluate import apply_gates, load_cases, load_suite, score
 
     suite = load_suite(suite_name)
     cases = load_cases(suite)
@@ -359,9 +360,9 @@ def smoke_through_gateway(colour_model: str, *, base_url: str, token: str, suite
                 raise StageFailed(f"smoke request to {colour_model} failed: HTTP {r.status_code} {r.text[:300]}")
             outs.append(r.json()["choices"][0]["text"])
     result = score(suite, cases, outs)
-    failed = [g for g in suite.gates if result.metrics[g.metric] < (g.min or 0)]
-    return {"metrics": result.metrics, "passed": not failed, "samples": result.samples[:3],
-            "failed": [g.metric for g in failed]}
+    gates = apply_gates(suite, result, None)  # the same gate logic as evaluation; no reference here
+    return {"metrics": result.metrics, "passed": gates.passed, "samples": result.samples[:3],
+            "failed": [g.metric for g in gates.gates if not g.passed], "gates": gates.summary()}
 
 
 def release_plan(candidate: dict[str, Any] | None, version: str | None, routes: dict[str, Any]) -> dict[str, Any] | None:

@@ -126,24 +126,31 @@ def test_finetune_has_three_runners(dagbag):
     assert dop.command == task.arguments
 
 
+HEAVY = ("torch", "transformers", "peft", "mlflow", "pandas", "great_expectations", "tritonclient",
+         "onnxruntime", "onnx", "pyarrow", "matplotlib")
+
+
 @pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
-def test_dag_file_imports_fast(dag_id):
-    """Parse-time cost: import each DAG file in a fresh interpreter (Airflow SDK already warm)."""
+def test_dag_file_parse_imports_nothing_heavy(dag_id):
+    """Parse-time cost, checked deterministically: parsing a DAG file in a fresh interpreter
+    (Airflow SDK already imported) pulls in none of the heavy libraries, directly or through
+    the plugins and `tuneship` modules it imports. Timing belongs to `make bench`."""
     from tuneship.services import airflow_env
 
     code = (
-        "import time, runpy, airflow.sdk, sys; sys.path.insert(0, 'plugins');"
-        f"t=time.perf_counter(); runpy.run_path('dags/{dag_id}.py'); print(time.perf_counter()-t)"
+        "import runpy, sys, airflow.sdk; sys.path.insert(0, 'plugins'); before = set(sys.modules);"
+        f"runpy.run_path('dags/{dag_id}.py'); print(sorted(set(sys.modules) - before))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=airflow_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    elapsed = float(out.stdout.strip().splitlines()[-1])
-    assert elapsed < 1.0, f"{dag_id} took {elapsed:.2f}s to import"
+    new = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own printed list
+    heavy = sorted(m for m in new if m.split(".")[0] in HEAVY)
+    assert not heavy, f"parsing {dag_id} imports {heavy[:10]}"
 
 
 def test_no_heavy_imports_at_module_level():
-    heavy = ("torch", "transformers", "peft", "mlflow", "pandas", "great_expectations", "tritonclient")
+    heavy = HEAVY
     for path in (REPO / "dags").glob("*.py"):
         for line in path.read_text().splitlines():
             if line.startswith(("import ", "from ")):

@@ -35,8 +35,9 @@ if str(REPO) not in sys.path:  # `serving` lives at the repo root (not an instal
 from tuneship import tritonserver  # noqa: E402
 
 ECHO_MODEL = REPO / "tests" / "fixtures" / "triton_models" / "echo_llm"
-MODELS = {"llm_blue": 0, "llm_green": 0, "llm_slow": 1000, "llm_stream": 0}  # name -> delay_ms
+MODELS = {"llm_blue": 0, "llm_green": 0, "llm_slow": 1000, "llm_stream": 0, "llm_gated": 0}  # name -> delay_ms
 DECOUPLED = {"llm_stream"}  # streams one word per response, like the compiled model
+GATED = {"llm_stream", "llm_gated"}  # hold answers until the test creates `<model dir>/gate`
 
 
 def free_port() -> int:
@@ -59,9 +60,11 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def copy_echo_model(repository: Path, name: str, delay_ms: int = 0, decoupled: bool = False) -> Path:
-    """A copy of the echo model; `decoupled` makes it stream like the compiled model, with a
-    gate file `<model dir>/gate` that holds every word after the first until it exists."""
+def copy_echo_model(repository: Path, name: str, delay_ms: int = 0, decoupled: bool = False,
+                    gated: bool = False) -> Path:
+    """A copy of the echo model; `decoupled` makes it stream like the compiled model. `gated`
+    adds a gate file `<model dir>/gate`: until it exists a streaming model holds every word
+    after the first, and a plain one holds its whole answer (for at most 20 s)."""
     dest = repository / name
     shutil.copytree(ECHO_MODEL, dest, ignore=shutil.ignore_patterns("__pycache__"))
     cfg = dest / "config.pbtxt"
@@ -72,8 +75,9 @@ def copy_echo_model(repository: Path, name: str, delay_ms: int = 0, decoupled: b
         text += (
             '\nmodel_transaction_policy { decoupled: true }\n'
             'input [ { name: "STREAM" data_type: TYPE_BOOL dims: [ 1 ] optional: true } ]\n'
-            f'parameters: {{ key: "gate_file" value: {{ string_value: "{dest / "gate"}" }} }}\n'
         )
+    if gated:
+        text += f'\nparameters: {{ key: "gate_file" value: {{ string_value: "{dest / "gate"}" }} }}\n'
     cfg.write_text(text)
     return dest
 
@@ -96,7 +100,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
     install_home = Path(os.environ["TUNESHIP_TEST_TRITON_HOME"])
     repo = tmp_path_factory.mktemp("triton_repo")
     for name, delay in MODELS.items():
-        copy_echo_model(repo, name, delay, decoupled=name in DECOUPLED)
+        copy_echo_model(repo, name, delay, decoupled=name in DECOUPLED, gated=name in GATED)
     with _env(TUNESHIP_HOME=str(install_home)):
         tritonserver.install()
         server = tritonserver.TritonServer(

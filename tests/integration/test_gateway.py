@@ -1,7 +1,7 @@
 """The inference gateway against the real tritonserver, over real sockets.
 
 Each test gets fresh gateway process(es) with a fresh TUNESHIP_HOME (routes, admin token,
-inference log); the Triton server (llm_blue, llm_green, llm_slow) is shared by the session.
+inference log); the Triton server (llm_blue, llm_green, llm_slow, llm_gated) is shared by the session.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import re
 import signal
 import stat
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -311,49 +312,62 @@ def test_failing_shadow_does_not_touch_live(shared_gateway):
                for x in recs)
 
 
-def test_slow_shadow_is_not_waited_for_and_overflow_is_dropped(start_gateway):
+@pytest.fixture
+def gated(triton):
+    """The shared `llm_gated` echo model holds every answer until this gate file exists."""
+    gate = Path(triton.server.repository) / "llm_gated" / "gate"
+    gate.unlink(missing_ok=True)
+    yield gate
+    gate.touch()  # never leave a copy of the shared model hanging for the next test
+
+
+def test_slow_shadow_is_not_waited_for_and_overflow_is_dropped(start_gateway, gated):
+    """The shadow holds its answers until the gate opens, and the client gives up after 10 s
+    (the model after 20 s): every live answer arriving while the gate is shut proves the
+    live path never waits for the shadow, without measuring a latency."""
     gw = start_gateway(TUNESHIP_GATEWAY_SHADOW_QUEUE_SIZE="1", TUNESHIP_GATEWAY_SHADOW_WORKERS="1")
-    put_routes(gw, route("blue"), route("slow", "llm_slow"))
-    latencies = []
+    put_routes(gw, route("blue"), route("gated", "llm_gated"))
     for _ in range(5):
-        t0 = time.perf_counter()
-        r = complete(gw)
-        latencies.append(time.perf_counter() - t0)
+        r = httpx.post(f"{gw.url}/v1/completions", json={"model": "tuneship", "prompt": PROMPT}, timeout=10)
         assert r.status_code == 200 and "[llm_blue]" in r.json()["choices"][0]["text"]
-    assert max(latencies) < 0.5, latencies  # the shadow takes 1 s per call
-    # One in flight, one queued, the rest dropped.
-    assert metric(gw, "tuneship_gateway_shadow_dropped_total", colour="slow") == 3
+    assert not gated.exists()
+    # One in flight (held at the gate), one queued, the rest dropped.
+    assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_dropped_total", colour="gated") == 3)
+    assert metric(gw, "tuneship_gateway_shadow_queue_depth") == 1
+    assert metric(gw, "tuneship_gateway_shadow_sent_total", colour="gated") == 1
+    gated.touch()
     recs = wait_for(lambda: (r := read_inference_log(gw.log_root)) and
-                    sum(x["shadow"]["status"] == 200 for x in r) == 2 and r, timeout=6)
+                    sum(x["shadow"]["status"] == 200 for x in r) == 2 and r, timeout=10)
     assert recs, read_inference_log(gw.log_root)
     statuses = sorted(str(x["shadow"]["status"]) for x in recs)
     assert statuses == ["200", "200", "dropped", "dropped", "dropped"]
     for x in recs:
+        assert x["live"]["status"] == 200 and x["live"]["completion"].startswith(" [llm_blue]")
         if x["shadow"]["status"] == 200:
-            assert x["shadow"]["latency_ms"] >= 1000 > x["live"]["latency_ms"]
-            assert x["shadow"]["completion"].startswith(" [llm_slow]")
+            assert x["shadow"]["completion"].startswith(" [llm_gated]")
 
 
-def test_queued_shadow_copies_are_dropped_when_the_shadow_goes_live(start_gateway):
+def test_queued_shadow_copies_are_dropped_when_the_shadow_goes_live(start_gateway, gated):
     """Copies still queued for the candidate when it is switched live are not sent: it now
     answers live traffic, and a copy would be counted twice and logged as a shadow answer."""
     gw = start_gateway(TUNESHIP_GATEWAY_SHADOW_WORKERS="1")
-    put_routes(gw, route("blue"), route("slow", "llm_slow", version="5"))
+    put_routes(gw, route("blue"), route("gated", "llm_gated", version="5"))
     ids = []
     for i in range(5):
         r = complete(gw, prompt=f"Ticket: parcel late #{i}\nTriage:")
         assert r.status_code == 200 and "[llm_blue]" in r.json()["choices"][0]["text"]
         ids.append(r.headers["x-request-id"])
-    # One copy in flight (llm_slow takes 1 s), four waiting in the queue.
+    # One copy in flight (held at the gate), four waiting in the queue.
     assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_queue_depth") == 4)
-    r = httpx.post(f"{gw.url}/admin/switch", params={"colour": "slow"}, headers=gw.admin)
-    assert r.status_code == 200 and r.json()["live"]["colour"] == "slow"
+    r = httpx.post(f"{gw.url}/admin/switch", params={"colour": "gated"}, headers=gw.admin)
+    assert r.status_code == 200 and r.json()["live"]["colour"] == "gated"
+    gated.touch()
 
     assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_dropped_total", reason="route_changed") == 4)
-    assert metric(gw, "tuneship_gateway_shadow_dropped_total", colour="slow", model="llm_slow",
+    assert metric(gw, "tuneship_gateway_shadow_dropped_total", colour="gated", model="llm_gated",
                   reason="route_changed") == 4
     assert metric(gw, "tuneship_gateway_shadow_dropped_total", reason="queue_full") == 0
-    assert metric(gw, "tuneship_gateway_shadow_sent_total", colour="slow") == 1  # only the one in flight
+    assert metric(gw, "tuneship_gateway_shadow_sent_total", colour="gated") == 1  # only the one in flight
 
     def joined():
         recs = [x for x in read_inference_log(gw.log_root) if x["request_id"] in ids]
@@ -362,23 +376,24 @@ def test_queued_shadow_copies_are_dropped_when_the_shadow_goes_live(start_gatewa
     recs = wait_for(joined, timeout=6)
     assert recs, read_inference_log(gw.log_root)
     assert [x["request_id"] for x in recs] == ids
-    assert recs[0]["shadow"]["status"] == 200 and recs[0]["shadow"]["completion"].startswith(" [llm_slow]")
+    assert recs[0]["shadow"]["status"] == 200 and recs[0]["shadow"]["completion"].startswith(" [llm_gated]")
     for x in recs[1:]:
         assert x["live"]["colour"] == "blue" and x["live"]["status"] == 200
-        assert (x["shadow"]["colour"], x["shadow"]["version"]) == ("slow", "5")
+        assert (x["shadow"]["colour"], x["shadow"]["version"]) == ("gated", "5")
         assert x["shadow"]["status"] == "dropped" and x["shadow"]["reason"] == "route_changed"
         assert x["shadow"]["completion"] is None
 
 
-def test_queued_shadow_copies_are_dropped_when_the_shadow_is_cleared(start_gateway):
+def test_queued_shadow_copies_are_dropped_when_the_shadow_is_cleared(start_gateway, gated):
     gw = start_gateway(TUNESHIP_GATEWAY_SHADOW_WORKERS="1")
-    put_routes(gw, route("blue"), route("slow", "llm_slow"))
+    put_routes(gw, route("blue"), route("gated", "llm_gated"))
     for _ in range(3):
         assert complete(gw).status_code == 200
     assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_queue_depth") == 2)
     put_routes(gw, route("blue"), None)
+    gated.touch()
     assert wait_for(lambda: metric(gw, "tuneship_gateway_shadow_dropped_total", reason="route_changed") == 2)
-    assert metric(gw, "tuneship_gateway_shadow_sent_total", colour="slow") == 1
+    assert metric(gw, "tuneship_gateway_shadow_sent_total", colour="gated") == 1
 
 
 # -- replicas and restarts ---------------------------------------------------------------------

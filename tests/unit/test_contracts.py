@@ -382,7 +382,7 @@ def test_container_spec_validates(container_spec):
 def test_container_spec_matches_docker_py_rendering(container_spec):
     """docker-py (what DockerOperator calls) renders the same HostConfig, and its own full
     ContainerCreate body passes the vendored schema: the schema fits the real client."""
-    docker_types = pytest.importorskip("docker.types")
+    import docker.types as docker_types  # pinned with the docker provider: a missing one is a failure, not a skip
     hc = docker_types.HostConfig(
         version=runners.DOCKER_API_VERSION,
         auto_remove=False,

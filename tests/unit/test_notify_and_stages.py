@@ -18,6 +18,23 @@ def test_notify_without_token_writes_sink(monkeypatch):
     assert len(after) == before + 1 and "rolled back" in after[-1]["text"] and after[-1]["fields"]["version"] == "3"
 
 
+def test_notify_survives_an_unreachable_slack(monkeypatch):
+    """A network failure (here: the HTTPS proxy slack-sdk reads from the environment refuses
+    the connection, on loopback) is recorded in the sink; the release it reports on goes on."""
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-not-a-real-token")
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NO_PROXY", "")
+    msg = notify("v4 is live on green", level="success", version="4")
+    assert msg["delivered"].startswith("failed: URLError") and "refused" in msg["delivered"]
+    last = read_sink()[-1]
+    assert last["text"].endswith("v4 is live on green") and last["delivered"] == msg["delivered"]
+
+
 def test_idle_colour():
     assert idle_colour({}) == "blue"
     assert idle_colour({"live": {"colour": "blue"}}) == "green"
