@@ -81,3 +81,16 @@ class AirflowAPI:
         r = self._client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
                              headers={"Accept": "text/plain"})
         return r.text
+
+    # -- added for the `tuneship` CLI ------------------------------------------------------
+    @classmethod
+    def with_token(cls, base_url: str, token: str) -> AirflowAPI:
+        """A client that sends a token the caller already holds (a CI secret) instead of
+        logging in with a password."""
+        api = cls(base_url, "", "")
+        api._client.headers["Authorization"] = f"Bearer {token}"
+        api._token_at = float("inf")  # never refresh: there is no password to refresh with
+        return api
+
+    def dag(self, dag_id: str) -> dict:
+        return self.request("GET", f"/dags/{dag_id}")
