@@ -6,6 +6,7 @@ JWT from the simple auth manager. Nothing here imports Airflow.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -78,9 +79,13 @@ class AirflowAPI:
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
         self._ensure_token()
+        # Airflow 3.3 answers only JSON or NDJSON here (text/plain gets a 406): structured
+        # records, returned one JSON object per line.
         r = self._client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
-                             headers={"Accept": "text/plain"})
-        return r.text
+                             headers={"Accept": "application/json"}, params={"full_content": True})
+        r.raise_for_status()
+        content = r.json().get("content") or []
+        return "\n".join(rec if isinstance(rec, str) else json.dumps(rec, default=str) for rec in content)
 
     # -- added for the `tuneship` CLI ------------------------------------------------------
     @classmethod
