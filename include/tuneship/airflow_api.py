@@ -26,8 +26,11 @@ class AirflowAPI:
         # None until the first token: monotonic time is seconds since boot, so on a machine
         # booted minutes ago any "fetched at 0" sentinel would look fresh.
         self._token_at: float | None = None
+        self._static_token = False  # with_token(): no password to log in again with
 
     def _ensure_token(self, *, force: bool = False) -> None:
+        if self._static_token:
+            return
         if not force and self._token_at is not None and self._clock() - self._token_at < TOKEN_MAX_AGE_S:
             return
         r = self._client.post("/auth/token", json=self._auth)
@@ -42,7 +45,7 @@ class AirflowAPI:
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         self._ensure_token()
         r = self._client.request(method, f"/api/v2{path}", **kwargs)
-        if r.status_code == 401:  # expired or revoked (e.g. the API server restarted with a new secret)
+        if r.status_code == 401 and not self._static_token:  # expired or revoked (e.g. the API server restarted with a new secret)
             self._ensure_token(force=True)
             r = self._client.request(method, f"/api/v2{path}", **kwargs)
         if r.status_code >= 400:
@@ -97,20 +100,18 @@ class AirflowAPI:
                             headers={"Accept": "application/json"})
         return "\n".join(format_log_event(e) for e in (data or {}).get("content", []))
 
-    def failed_tasks(self, dag_id: str, run_id: str, tail: int = 25) -> list[dict[str, Any]]:
-        """Each failed task of a run, with the last `tail` lines of its
-        last try's log: what a person needs to see first when a stage fails."""
-        out = []
-        for ti in self.task_instances(dag_id, run_id):
-            if ti.get("state") != "failed":
-                continue
-            try:
-                lines = self.task_log(dag_id, run_id, ti["task_id"], ti.get("try_number") or 1,
-                                      ti.get("map_index", -1)).splitlines()
-            except httpx.HTTPError as exc:  # the log store may be unreachable; still name the task
-                lines = [f"(log unavailable: {exc})"]
-            out.append({"task_id": ti["task_id"], "try_number": ti.get("try_number"), "log_tail": lines[-tail:]})
-        return out
+    # -- for the `tuneship` CLI ------------------------------------------------------------
+    @classmethod
+    def with_token(cls, base_url: str, token: str) -> AirflowAPI:
+        """A client that sends a token the caller already holds (a CI secret) instead of
+        logging in with a password."""
+        api = cls(base_url, "", "")
+        api._client.headers["Authorization"] = f"Bearer {token}"
+        api._static_token = True
+        return api
+
+    def dag(self, dag_id: str) -> dict:
+        return self.request("GET", f"/dags/{dag_id}")
 
 
 def format_log_event(event: dict[str, Any] | str) -> str:

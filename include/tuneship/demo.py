@@ -26,9 +26,9 @@ from typing import Any
 import httpx
 
 from tuneship import config, services
+from tuneship.runwatch import RunWatcher
 
 DAGS = ("llm_data_validation", "llm_finetune", "llm_release", "llm_drift_monitor")
-TERMINAL = {"success", "failed"}
 
 
 def say(msg: str) -> None:
@@ -89,11 +89,11 @@ class Traffic:
                 self._stop.wait(1.0 / self.rps)
 
 
-class Loop:
+class Loop(RunWatcher):
+    """The demo's waits (tuneship.runwatch), printed with the demo's prefix, plus DAG parsing."""
+
     def __init__(self, api: Any, timeout: float) -> None:
-        self.api = api
-        self.deadline = time.monotonic() + timeout
-        self.seen: dict[tuple[str, str, str], str] = {}
+        super().__init__(api, timeout, emit=say, poll_s=2.0)
 
     def wait_parsed(self) -> None:
         while True:
@@ -103,48 +103,21 @@ class Loop:
             errors = self.api.import_errors()
             if errors:
                 raise RuntimeError("DAG import errors:\n" + "\n".join(f"{e['filename']}: {e['stack_trace']}" for e in errors))
-            self._tick("DAGs to be parsed")
-
-    def _tick(self, what: str) -> None:
-        if time.monotonic() > self.deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(2.0)
-
-    def _report_tasks(self, dag_id: str, run_id: str) -> None:
-        for ti in self.api.task_instances(dag_id, run_id):
-            key = (dag_id, run_id, ti["task_id"])
-            state = ti.get("state") or "none"
-            if self.seen.get(key) != state and state not in ("none", "scheduled", "queued"):
-                self.seen[key] = state
-                say(f"  {dag_id}.{ti['task_id']}: {state}")
+            self.tick("DAGs to be parsed")
 
     def wait_run(self, dag_id: str, run_id: str) -> dict:
-        while True:
-            run = self.api.run(dag_id, run_id)
-            self._report_tasks(dag_id, run_id)
-            if run["state"] in TERMINAL:
-                say(f"{dag_id} {run_id}: {run['state'].upper()}")
-                if run["state"] == "failed":
-                    run["failed_tasks"] = self.explain_failure(dag_id, run_id)
-                return run
-            self._tick(f"{dag_id} {run_id}")
+        """As RunWatcher's, and a failed run prints each failed task's last log lines: the
+        reason, without opening the UI."""
+        from tuneship.runwatch import failures
 
-    def explain_failure(self, dag_id: str, run_id: str, tail: int = 25) -> list[dict]:
-        """Print the last lines of each failed task's log: the reason, without opening the UI."""
-        failed = self.api.failed_tasks(dag_id, run_id, tail=tail)
-        for t in failed:
-            say(f"  {dag_id}.{t['task_id']} failed (try {t['try_number']}); last lines of its log:")
-            for line in t["log_tail"]:
-                print(f"    | {line}", flush=True)
-        return failed
-
-    def wait_new_run(self, dag_id: str, after: set[str], run_type: str | None = None) -> str:
-        while True:
-            for run in self.api.runs(dag_id):
-                if run["dag_run_id"] not in after and (run_type is None or run["run_type"] == run_type):
-                    say(f"{dag_id} started: {run['dag_run_id']} ({run['run_type']})")
-                    return run["dag_run_id"]
-            self._tick(f"a new {dag_id} run")
+        run = super().wait_run(dag_id, run_id)
+        if run["state"] == "failed":
+            run["failed_tasks"] = [f.to_json() for f in failures(self.api, dag_id, run_id, lines=25)]
+            for f in run["failed_tasks"]:
+                say(f"  {dag_id}.{f['task_id']} failed (try {f['try_number']}); last lines of its log:")
+                for line in f["log_tail"]:
+                    print(f"    | {line}", flush=True)
+        return run
 
 
 def _run_ids(api: Any, dag_id: str) -> set[str]:
@@ -267,7 +240,7 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         say("labelled examples of the new kinds of ticket landed: incoming/batch-0002")
         start_count = traffic.sent
         while traffic.sent - start_count < 60:
-            loop._tick("drifted traffic")
+            loop.tick("drifted traffic")
         window_h = max((time.time() - drift_from) / 3600, 0.001)
         before = {d: _run_ids(api, d) for d in DAGS}
         cycle = _cycle(api, loop, before, trigger=("llm_drift_monitor", {

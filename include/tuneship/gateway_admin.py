@@ -1,4 +1,6 @@
-"""The gateway's admin credential, shared by the gateway and the Airflow hook that drives it.
+"""The gateway's admin credential and a client for its admin API.
+
+The credential is shared by the gateway, the Airflow hook that drives it and the `tuneship` CLI.
 
 Source, in order: env TUNESHIP_GATEWAY_ADMIN_TOKEN; else a random token created once (by
 whichever process gets there first: O_CREAT|O_EXCL, mode 0600) at home/gateway/admin_token.
@@ -11,6 +13,9 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 from tuneship import config
 
@@ -39,3 +44,79 @@ def load_or_create_token(path: Path) -> str:
 
 def admin_token() -> str:
     return os.environ.get("TUNESHIP_GATEWAY_ADMIN_TOKEN") or load_or_create_token(token_path())
+
+
+def saved_token() -> str | None:
+    """The admin token a client on this machine can use without creating one: env, else the
+    embedded default's token file if the gateway already wrote it (a client must never mint
+    a token the gateway does not know)."""
+    env = os.environ.get("TUNESHIP_GATEWAY_ADMIN_TOKEN")
+    if env:
+        return env
+    path = token_path()
+    return (path.read_text().strip() or None) if path.exists() else None
+
+
+class GatewayAdminError(Exception):
+    """A refused or failed admin call, with the gateway's own message (OpenAI-shaped body)."""
+
+    def __init__(self, method: str, path: str, status: int | None, message: str, code: str | None = None) -> None:
+        where = f"{method} {path}: " + (f"HTTP {status}" if status else "no answer")
+        super().__init__(f"{where}: {message}")
+        self.status, self.message, self.code = status, message, code
+
+
+class GatewayAdmin:
+    """A client for the gateway's admin API (/admin/*, /version): routes, rollback, client keys.
+    Used by the `tuneship` CLI; it speaks plain HTTP so it runs anywhere a CI job does."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> GatewayAdmin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self._client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise GatewayAdminError(method, f"{self.base_url}{path}", None,
+                                    f"{type(exc).__name__}: {exc}") from exc
+        if r.status_code >= 400:
+            message, code = r.text[:500], None
+            try:
+                err = r.json().get("error") or {}
+                message, code = err.get("message") or message, err.get("code")
+            except (ValueError, AttributeError):
+                pass
+            raise GatewayAdminError(method, path, r.status_code, message, code)
+        return r.json() if r.content else None
+
+    def version(self) -> dict[str, Any]:
+        return self._call("GET", "/version")
+
+    def routes(self) -> dict[str, Any]:
+        return self._call("GET", "/admin/routes")
+
+    def rollback(self, force: bool = False) -> dict[str, Any]:
+        return self._call("POST", "/admin/rollback", params={"force": "true"} if force else None)
+
+    def keys(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/admin/keys")["keys"]
+
+    def create_key(self, name: str, rpm: int | None = None, burst: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "burst": burst}
+        if rpm is not None:
+            body["rpm"] = rpm
+        return self._call("POST", "/admin/keys", json=body)
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/admin/keys/{key_id}")

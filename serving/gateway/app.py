@@ -13,6 +13,9 @@
     POST /admin/switch          shadow -> live, live -> previous   (admin; ?colour=, ?force)
     POST /admin/rollback        previous -> live, live -> previous (admin; ?force)
     POST /admin/canary          {"weight": 0-100}: share of traffic the candidate answers (admin)
+    GET  /admin/keys            client keys: ids, names, limits, state (admin; never digests)
+    POST /admin/keys            {"name", "rpm", "burst"}: create one; the key is in this answer only (admin)
+    DELETE /admin/keys/{id}     revoke (disable) a key; 404 if there is no such id (admin)
 
 An inference request goes: body size limit (413, `bodylimit`) -> client key (401) -> the
 key's rate limit (429 + Retry-After) -> JSON body (400) -> model (404), prompt and
@@ -64,7 +67,7 @@ from serving.gateway.errors import (
     too_large,
 )
 from serving.gateway.inference_log import InferenceLogWriter
-from serving.gateway.keys import ClientKey, KeyStore
+from serving.gateway.keys import DEFAULT_RPM, ClientKey, KeyStore
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.mirror import Mirror, ShadowJob
 from serving.gateway.ratelimit import TokenBuckets
@@ -243,7 +246,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                  "enforced" if gw.clients.enforced() else "not enforced (no keys issued yet)", settings.redact_pii)
         if not gw.clients.enforced():
             log.warning("no client API keys exist in %s: /v1 is open until the first key is created "
-                        "(python -m serving.gateway.keys create) or client_auth=required", settings.api_keys_path)
+                        "(tuneship keys create, or python -m serving.gateway.keys create) or client_auth=required", settings.api_keys_path)
         try:
             yield
         finally:
@@ -468,6 +471,38 @@ def _install_routes(app: FastAPI) -> None:
                             snap.generation if expected is None else expected)
         log.info("canary weight %s%% (generation %s) on %s", new.canary_weight, new.generation, _label(new.shadow))
         return new.model_dump(mode="json")
+
+
+    # Client keys over the network (the `tuneship keys` CLI, CI pipelines): the same KeyStore
+    # the gateway checks keys with stays the only writer of the keys file.
+    @app.get("/admin/keys", dependencies=admin)
+    async def list_keys(request: Request) -> dict[str, Any]:
+        keys = _gw(request).clients.store.keys()
+        return {"keys": [rec.public() for rec in keys.values()]}
+
+    @app.post("/admin/keys", dependencies=admin, status_code=201)
+    async def create_key(body: KeyCreate, request: Request) -> dict[str, Any]:
+        store = _gw(request).clients.store
+        rec, key = await asyncio.to_thread(store.create, body.name, body.rpm, body.burst)
+        log.info("client key %s (%s) created through the admin API", rec.id, rec.name)
+        return {**rec.public(), "key": key}
+
+    @app.delete("/admin/keys/{key_id}", dependencies=admin)
+    async def revoke_key(key_id: str, request: Request) -> dict[str, Any]:
+        store = _gw(request).clients.store
+        if not await asyncio.to_thread(store.revoke, key_id):
+            raise OpenAIError(404, f"No client key with id {key_id}.", "invalid_request_error",
+                              code="key_not_found", param="key_id")
+        log.warning("client key %s revoked through the admin API", key_id)
+        return store.keys()[key_id].public()
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    rpm: int = Field(default=DEFAULT_RPM, ge=0, description="requests per minute; 0 = unlimited")
+    burst: int | None = Field(default=None, ge=1, description="bucket size; default: rpm")
 
 
 class CanaryUpdate(BaseModel):

@@ -91,6 +91,11 @@ class ClientKey:
                    burst=None if burst is None else int(burst), created_at=d.get("created_at"),
                    disabled=bool(d.get("disabled", False)))
 
+    def public(self) -> dict[str, Any]:
+        """What the admin API and listings show: everything but the digest."""
+        return {"id": self.id, "name": self.name, "rpm": self.rpm, "burst": self.burst,
+                "created_at": self.created_at, "disabled": self.disabled}
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "rpm": self.rpm, "burst": self.burst,
                 "created_at": self.created_at, "disabled": self.disabled}
