@@ -79,6 +79,8 @@ SSN_DIGITS = 9
 CARD_MIN_DIGITS = 13
 _ID_GLUE_BEFORE = "#-_/\\@"
 _ID_GLUE_AFTER = "-_/\\@"
+# context kept around a digit run for the phone matcher: lead brackets/plus, an extension
+_WINDOW_MARGIN = 16
 
 
 @cache
@@ -228,7 +230,7 @@ class PiiDetector:
                     if stdnum_ssn.is_valid(_ascii_digits(m.group())):
                         found.append(Span(m.start(), m.end(), "ssn"))
             if "phone" in want:
-                found += self._phones(text)
+                found += self._phones(text, found)
         if not found:
             return []
         rank = {k: i for i, k in enumerate(OVERLAP_PRIORITY)}
@@ -271,20 +273,32 @@ class PiiDetector:
                     break
         return out
 
-    def _phones(self, text: str) -> list[Span]:
+    def _phones(self, text: str, claimed: list[Span]) -> list[Span]:
+        """libphonenumber's matches, run only on windows around digit runs that no other
+        kind has claimed (the matcher costs milliseconds on a long, digit-heavy text)."""
+        windows: list[list[int]] = []
+        for m in self._digit_screen.finditer(text):
+            if any(c.start <= m.start() and m.end() <= c.end for c in claimed):
+                continue  # the digits of a card, IBAN or SSN
+            a, b = max(0, m.start() - _WINDOW_MARGIN), min(len(text), m.end() + _WINDOW_MARGIN)
+            if windows and a <= windows[-1][1]:
+                windows[-1][1] = b
+            else:
+                windows.append([a, b])
         out: list[Span] = []
-        for region in self.phone_regions:
-            for m in PhoneNumberMatcher(text, region, leniency=Leniency.VALID):
-                raw = m.raw_string
-                if raw[0] not in _PLUS and raw.isdecimal():
-                    continue  # a bare digit run: an id, not a phone
-                before = text[m.start - 1] if m.start > 0 else " "
-                after = text[m.end] if m.end < len(text) else " "
-                if before.isalnum() or before in _ID_GLUE_BEFORE:
-                    continue  # part of an id such as TKT-2024-000123
-                if after.isalnum() or after in _ID_GLUE_AFTER:
-                    continue
-                out.append(Span(m.start, m.end, "phone"))
+        for a, b in windows:
+            for region in self.phone_regions:
+                for m in PhoneNumberMatcher(text[a:b], region, leniency=Leniency.VALID):
+                    start, end, raw = a + m.start, a + m.end, m.raw_string
+                    if raw[0] not in _PLUS and raw.isdecimal():
+                        continue  # a bare digit run: an id, not a phone
+                    before = text[start - 1] if start > 0 else " "
+                    after = text[end] if end < len(text) else " "
+                    if before.isalnum() or before in _ID_GLUE_BEFORE:
+                        continue  # part of an id such as TKT-2024-000123
+                    if after.isalnum() or after in _ID_GLUE_AFTER:
+                        continue
+                    out.append(Span(start, end, "phone"))
         return out
 
 
