@@ -8,9 +8,9 @@ summed RSS of the process tree sampled every 50 ms (workers included).
 The baseline is what a team writes with GE 1.x and pandas alone: `pandas.read_json(lines=
 True)` of each split, then GE expectations on the raw text columns, thresholds as `mostly`:
 types and nulls, blank text, control characters, token bounds as regexes, exact duplicates
-(compound uniqueness), PII and injection as regex lists (no Luhn check), minimum rows, Data
+(compound uniqueness), PII and injection as regex lists (no libphonenumber, no Luhn, IBAN or SSN checksums), minimum rows, Data
 Docs. What it cannot express in reasonable time it skips, so the comparison flatters the
-baseline: case/space-folded duplicates, Luhn, quarantine with reasons, the reference
+baseline: case/space-folded duplicates, phone validity and checksums, quarantine with reasons, the reference
 profile, and leakage (`expect_column_values_to_not_be_in_set` with the 1M train prompts as
 its value set took minutes for 50k eval rows).
 
@@ -34,7 +34,8 @@ from bench.tree import run_measured
 def _data_dir(rows: int, eval_rows: int, parquet: bool = False) -> Path:
     from tuneship import config
 
-    d = config.home() / "bench" / f"validation-{rows}-{eval_rows}{'-parquet' if parquet else ''}"
+    suffix = f"{'-parquet' if parquet else ''}-v{datasets.DATA_VERSION}"
+    d = config.home() / "bench" / f"validation-{rows}-{eval_rows}{suffix}"
     marker = d / ".complete"
     if not marker.exists():
         print(f"generating {rows:,} + {eval_rows:,} rows into {d} ...", flush=True)
@@ -64,17 +65,20 @@ def run_tuneship(data: str, workdir: str) -> dict[str, Any]:
     }
 
 
+# The baseline's phone regex: what a team without libphonenumber writes (Tuneship's own
+# detector before suite v3): separators or a leading +, 9-15 digits.
+_BASELINE_PHONE = (
+    r"(?<![\w+.])(?<!\d[\s-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])"
+    r"\d{3,4}[\s.-]\d{3,4}(?![\w.])(?![\s-]\d)"
+    r"|(?<![\w+])\+\d{8,15}\b"
+)
+
+
 def _baseline_expectations(cfg: Any, split: str) -> list[Any]:
     import great_expectations.expectations as gxe
 
-    from tuneship.data.checks import (
-        _BAD_CHARS,
-        _CARD,
-        _EMAIL,
-        _PHONE,
-        _SECRET_ASSIGN,
-        _SECRET_TOKEN,
-    )
+    from tuneship.data.checks import _BAD_CHARS
+    from tuneship.data.pii import CARD, EMAIL, IBAN, SECRET_ASSIGN, SECRET_TOKEN, SSN
 
     c = cfg.checks
 
@@ -98,11 +102,13 @@ def _baseline_expectations(cfg: Any, split: str) -> list[Any]:
             gxe.ExpectColumnValuesToNotMatchRegexList(
                 column=col,
                 regex_list=[
-                    _EMAIL.pattern,
-                    _PHONE.pattern,
-                    _CARD.pattern,
-                    _SECRET_TOKEN.pattern,
-                    "(?i)" + _SECRET_ASSIGN.pattern,
+                    EMAIL.pattern,
+                    _BASELINE_PHONE,
+                    CARD.pattern,
+                    IBAN.pattern,
+                    SSN.pattern,
+                    SECRET_TOKEN.pattern,
+                    "(?i)" + SECRET_ASSIGN.pattern,
                 ],
                 mostly=mostly("pii"),
             ),

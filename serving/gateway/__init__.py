@@ -11,7 +11,7 @@ Modules:
     ratelimit      per-key token buckets (429 + Retry-After)
     bodylimit      request body size limit (413), plain ASGI middleware
     chat           chat messages -> the training prompt format; SSE chunking
-    pii            PII redaction of the inference log (tuneship.data.checks detectors)
+    pii            PII redaction of the inference log (tuneship.data.pii detectors)
     errors         OpenAI-style error bodies
     metrics        Prometheus metrics (one registry per app)
     app            the FastAPI application (`create_app`)

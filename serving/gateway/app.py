@@ -225,7 +225,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     if settings.redact_pii:
         from serving.gateway.pii import RecordRedactor
 
-        redactor = RecordRedactor(settings.redact_pii_kinds)
+        redactor = RecordRedactor(settings.redact_pii_kinds, settings.redact_pii_phone_regions)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,7 +1,8 @@
 """PII redaction for the inference log, on the data-validation detectors.
 
-`tuneship.data.checks.redact` does the work with the same detectors and acceptance rules
-the training-data validation uses; this module applies it to inference-log records.
+`tuneship.data.pii` does the work with the same detectors and acceptance rules the
+training-data validation uses (libphonenumber for phones, python-stdnum for IBANs, SSNs and
+card checksums); this module applies it to inference-log records.
 
 Redaction runs in the log writer thread, before a record is serialised, so nothing
 unredacted reaches the disk and the request path pays nothing.
@@ -12,31 +13,39 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tuneship.data import checks
+from tuneship.data import pii
 
-KINDS = ("email", "phone", "credit_card", "secret")
+KINDS = pii.KINDS
 
 
-def redact(text: str, kinds: Iterable[str] = KINDS) -> tuple[str, list[str]]:
+def redact(
+    text: str, kinds: Iterable[str] = KINDS, phone_regions: Iterable[str] = pii.DEFAULT_PHONE_REGIONS
+) -> tuple[str, list[str]]:
     """(text with each PII span replaced by ``[KIND]``, the kinds found)."""
-    return checks.redact(text, list(kinds))
+    return pii.detector(tuple(kinds), tuple(phone_regions)).redact(text)
 
 
 class RecordRedactor:
     """Redacts the free-text fields of an inference-log record in place."""
 
-    def __init__(self, kinds: Iterable[str] = KINDS) -> None:
-        self.kinds = tuple(kinds)
-        unknown = set(self.kinds) - set(KINDS)
-        if unknown:
-            raise ValueError(f"unknown PII kinds {sorted(unknown)}; choose from {KINDS}")
+    def __init__(
+        self,
+        kinds: Iterable[str] | None = None,
+        phone_regions: Iterable[str] | None = None,
+    ) -> None:
+        # unknown kinds or regions fail here, at gateway start-up, with the names
+        self.detector = pii.PiiDetector(
+            KINDS if kinds is None else kinds,
+            pii.DEFAULT_PHONE_REGIONS if phone_regions is None else phone_regions,
+        )
+        self.kinds = self.detector.kinds
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         found: set[str] = set()
 
         def clean(holder: dict[str, Any] | None, field: str) -> None:
             if holder and isinstance(holder.get(field), str):
-                holder[field], kinds = redact(holder[field], self.kinds)
+                holder[field], kinds = self.detector.redact(holder[field])
                 found.update(kinds)
 
         if record.get("kind") == "shadow":  # the mirrored answer: its flag travels with it in the join

@@ -68,9 +68,11 @@ class GatewaySettings(BaseSettings):
     chat_bos_token: str = "<s>"
     chat_eos_token: str = "</s>"
 
-    # Inference log: replace PII (tuneship.data.checks detectors) before anything is written
+    # Inference log: replace PII (tuneship.data.pii detectors) before anything is written.
+    # None: every kind the detectors know / their default phone regions (one home for both).
     redact_pii: bool = False
-    redact_pii_kinds: list[str] = Field(default_factory=lambda: ["email", "phone", "credit_card", "secret"])
+    redact_pii_kinds: list[str] | None = None
+    redact_pii_phone_regions: list[str] | None = None  # e.g. ["US", "GB"]: numbers without +cc
 
     # Admin credential; when unset a random token is kept 0600 at home/gateway/admin_token.
     admin_token: str | None = Field(default=None, repr=False)

@@ -540,8 +540,10 @@ def test_redactor_covers_completions_of_both_lines():
     assert (req["prompt"], req["live"]["completion"], req["pii_redacted"]) == ("[EMAIL]", "mail [EMAIL]", ["email"])
     sh = RecordRedactor()({"kind": "shadow", "shadow": {"completion": "call +44 20 7946 0958"}})
     assert sh["shadow"] == {"completion": "call [PHONE]", "pii_redacted": ["phone"]}
-    with pytest.raises(ValueError):
-        RecordRedactor(["ssn"])
+    with pytest.raises(ValueError, match="passport"):
+        RecordRedactor(["passport"])
+    with pytest.raises(ValueError, match="ZZ"):
+        RecordRedactor(phone_regions=["ZZ"])
 
 
 # -- the container entrypoint ----------------------------------------------------------------------

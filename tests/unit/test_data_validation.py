@@ -279,7 +279,7 @@ HOSTILE_TRAIN: dict[int, tuple[dict[str, Any], str, str]] = {
     ),
     35: (
         {
-            "prompt": "Ticket: call me on +1 (555) 123-4567 about the sofa\nTriage:",
+            "prompt": "Ticket: call me on +1 (415) 555-2671 about the sofa\nTriage:",
             "completion": " category=shipping priority=high",
         },
         "pii",
@@ -636,16 +636,16 @@ def test_re2_prefilters_never_miss_what_python_finds() -> None:
         for text, hit in zip(texts, screened, strict=True):
             if re.search(pattern, text, re.IGNORECASE):
                 assert hit, (pattern, text)
-    for text, email, digits, secret in zip(
-        texts,
-        pc.match_substring(arr, checks._EMAIL_RE2).to_pylist(),
-        pc.match_substring_regex(arr, checks._DIGIT_RUN_RE2).to_pylist(),
-        pc.match_substring_regex(arr, checks._SECRET_RE2).to_pylist(),
-        strict=True,
-    ):
-        found = checks.find_pii(text, ["email", "phone", "credit_card", "secret"])
-        assert ("email" not in found or email) and ("secret" not in found or secret)
-        assert not ({"phone", "credit_card"} & set(found)) or digits, text
+    detector = cfg.checks.pii.detector()
+    screened = {
+        screen: (pc.match_substring_regex if screen.regex else pc.match_substring)(
+            arr, screen.pattern
+        ).to_pylist()
+        for screen in detector.screens()
+    }
+    for row, text in enumerate(texts):
+        for kind in detector.find(text):  # every kind found is covered by a screen that fired
+            assert any(kind in s.kinds and hits[row] for s, hits in screened.items()), (kind, text)
     # untranslatable patterns are run with Python on every row instead
     assert checks.re2_superset(r"(?<=ticket )ignore") is None
     assert checks.re2_superset(r"[^\s]+ignore") is None

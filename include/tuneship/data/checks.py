@@ -5,8 +5,9 @@ typo in a threshold fails loudly with the key's name instead of silently using a
 
 `RowInspector` turns each raw row into a few numeric/boolean features (token counts,
 flags, hit counts) plus human reasons. Great Expectations then asserts on those feature
-columns (see `gx.py`); logic GE cannot express (near-duplicates, leakage, PII with a Luhn
-check, injection patterns) lives here as plain Python and is reflected in the columns.
+columns (see `gx.py`); logic GE cannot express (near-duplicates, leakage, PII confirmed by
+libphonenumber and checksums, injection patterns) lives here and in `pii.py` as plain Python
+and is reflected in the columns.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tuneship.data import pii
 from tuneship.data.reader import CHAT_ROLES, DatasetError, Shape, canonical_json, detect_shape
 from tuneship.profile import fold_counts
 
@@ -64,11 +66,25 @@ class LengthCheck(RowCheck):
     completion_tokens: Bounds = Bounds(min=1, max=512)
 
 
-PiiKind = Literal["email", "phone", "credit_card", "secret"]
-
-
 class PiiCheck(RowCheck):
-    kinds: list[PiiKind] = ["email", "phone", "credit_card", "secret"]
+    kinds: list[str] = list(pii.KINDS)
+    # where a phone written without +country code is looked up (libphonenumber regions)
+    phone_regions: list[str] = list(pii.DEFAULT_PHONE_REGIONS)
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, v: list[str]) -> list[str]:
+        if unknown := sorted(set(v) - set(pii.KINDS)):
+            raise ValueError(f"unknown PII kind(s) {unknown}; choose from {list(pii.KINDS)}")
+        return v
+
+    @field_validator("phone_regions")
+    @classmethod
+    def _known_regions(cls, v: list[str]) -> list[str]:
+        return list(pii.check_phone_regions(v))
+
+    def detector(self) -> pii.PiiDetector:
+        return pii.detector(tuple(self.kinds), tuple(self.phone_regions))
 
 
 class InjectionCheck(RowCheck):
@@ -168,105 +184,8 @@ def load_config(path: str | Path | None = None) -> SuiteConfig:
 _BAD_CHARS = re.compile(
     "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd\ud800-\udfff\u202a-\u202e\u2066-\u2069]"
 )
-_EMAIL = re.compile(
-    r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
-)
-# Needs separators or a leading +, and must not sit inside a longer run of digit groups, so
-# bare order numbers and card-like runs do not count as phone numbers.
-_PHONE = re.compile(
-    r"(?<![\w+.])(?<!\d[\s-])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])"
-    r"\d{3,4}[\s.-]\d{3,4}(?![\w.])(?![\s-]\d)"
-    r"|(?<![\w+])\+\d{8,15}\b"
-)
-_CARD = re.compile(r"(?<![\d+-])(?:\d[ -]?){12,18}\d(?!\d)")
-# Vendor key formats are case-sensitive literals (fast); the generic `password: ...` form is
-# case-insensitive and only tried when one of its keywords occurs at all.
-_SECRET_TOKEN = re.compile(
-    r"\bAKIA[0-9A-Z]{16}\b"
-    r"|\bsk-(?:proj-|live-|test-|ant-)?[A-Za-z0-9_-]{20,}"
-    r"|\bgh[pousr]_[A-Za-z0-9]{36,}"
-    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"
-    r"|\bAIza[0-9A-Za-z_-]{35}"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----"
-)
-_SECRET_ASSIGN = re.compile(
-    r"\b(?:api[_-]?key|secret|access[_-]?token|auth[_-]?token|password|passwd)\b\s*[:=]\s*"
-    r"['\"]?[A-Za-z0-9_\-/+=.]{12,}",
-    re.IGNORECASE,
-)
-_SECRET_WORDS = ("key", "secret", "token", "passw")
-
-
-def _has_secret(text: str) -> bool:
-    if _SECRET_TOKEN.search(text):
-        return True
-    low = text.lower()
-    return any(w in low for w in _SECRET_WORDS) and _SECRET_ASSIGN.search(text) is not None
-
-
-def luhn_valid(digits: str) -> bool:
-    """Luhn checksum: filters random digit runs (order ids) from real card numbers."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
-
-
-# Cheap prefilter: phone and card numbers both need a run of >= 9 digits with separators.
-_DIGIT_RUN = re.compile(r"\d(?:[\s().+-]{0,3}\d){8,}")
-
-
-def find_pii(text: str, kinds: list[str]) -> list[str]:
-    """PII kinds present in `text` (each kind once)."""
-    found: list[str] = []
-    if "email" in kinds and "@" in text and _EMAIL.search(text):
-        found.append("email")
-    numbers = ("phone" in kinds or "credit_card" in kinds) and _DIGIT_RUN.search(text)
-    if numbers and "phone" in kinds:
-        for m in _PHONE.finditer(text):
-            n = sum(c.isdigit() for c in m.group())
-            if 9 <= n <= 15:
-                found.append("phone")
-                break
-    if numbers and "credit_card" in kinds:
-        for m in _CARD.finditer(text):
-            digits = re.sub(r"\D", "", m.group())
-            if 13 <= len(digits) <= 19 and luhn_valid(digits):
-                found.append("credit_card")
-                break
-    if "secret" in kinds and _has_secret(text):
-        found.append("secret")
-    return found
-
-
-def redact(text: str, kinds: list[str]) -> tuple[str, list[str]]:
-    """(text with each PII span replaced by `[KIND]`, kinds found), by `find_pii`'s detectors
-    and acceptance rules (9-15 digits for a phone, 13-19 Luhn-valid digits for a card)."""
-    found = find_pii(text, kinds)
-    if not found:
-        return text, []
-    if "secret" in found:
-        text = _SECRET_ASSIGN.sub("[SECRET]", _SECRET_TOKEN.sub("[SECRET]", text))
-    if "email" in found:
-        text = _EMAIL.sub("[EMAIL]", text)
-    if "credit_card" in found:  # before phones: a card number can hold a phone-shaped run
-
-        def card(m: re.Match[str]) -> str:
-            d = re.sub(r"\D", "", m.group())
-            return "[CREDIT_CARD]" if 13 <= len(d) <= 19 and luhn_valid(d) else m.group()
-
-        text = _CARD.sub(card, text)
-    if "phone" in found:
-        text = _PHONE.sub(
-            lambda m: "[PHONE]" if 9 <= sum(ch.isdigit() for ch in m.group()) <= 15 else m.group(),
-            text,
-        )
-    return text, found
+# PII detectors (emails, phones, cards, IBANs, SSNs, secrets) live in tuneship.data.pii,
+# shared with the gateway's log redaction.
 
 
 def whitespace_tokens(text: str) -> int:
@@ -281,22 +200,16 @@ def _count_tokens(tokenizer: Tokenizer, text: str) -> int:
 
 # --------------------------------------------------------------------------- RE2 prefilters
 # Rows are screened in bulk with RE2 (pyarrow.compute, C++), and only the rows a prefilter
-# flags go through the Python detectors above, which stay the definition of each check.
+# flags go through the Python detectors (above, and tuneship.data.pii's), which stay the
+# definition of each check.
 # Every prefilter is a superset of its detector: RE2's \s, \d, \w and \b are ASCII-only,
 # so the Unicode classes Python's `re` uses are spelled out, and zero-width assertions are
 # dropped (dropping one can only widen a match).
 
-_WS = r"\s\p{Z}\x0b\x1c-\x1f\x{85}"  # Python's Unicode \s (str.isspace) as an RE2 class body
+_WS = pii.RE2_SPACE  # Python's Unicode \s (str.isspace) as an RE2 class body
 _RE2_CLASS = {"s": _WS, "d": r"\p{Nd}", "w": r"\p{L}\p{N}_"}
 _BAD_CHARS_RE2 = (
     r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x{9f}\x{fffd}\x{202a}-\x{202e}\x{2066}-\x{2069}]"
-)
-_EMAIL_RE2 = "@"
-_DIGIT_RUN_RE2 = r"\p{Nd}(?:[" + _WS + r"().+-]{0,3}\p{Nd}){8,}"
-# the vendor literals of _SECRET_TOKEN, or a keyword of _SECRET_ASSIGN followed by = or :
-_SECRET_RE2 = (
-    r"AKIA|sk-|gh[pousr]_|xox[abprs]-|AIza|-----BEGIN "
-    r"|(?i:(?:api[_-]?key|secret|access[_-]?token|auth[_-]?token|password|passwd)[" + _WS + r"]*[:=])"
 )
 
 
@@ -618,22 +531,17 @@ class RowScreen:
         for i, count in surrogate_rows.items():
             bad[i] = count
         # each detector runs only on the rows its own screen flagged
-        kinds = list(c.pii.kinds)
-        screens = []
-        if "email" in kinds:
-            screens.append((["email"], pc.match_substring(arr, _EMAIL_RE2)))
-        if numbers := [k for k in ("phone", "credit_card") if k in kinds]:
-            screens.append((numbers, pc.match_substring_regex(arr, _DIGIT_RUN_RE2)))
-        if "secret" in kinds:
-            screens.append((["secret"], pc.match_substring_regex(arr, _SECRET_RE2)))
+        detector = c.pii.detector()
         candidates: dict[int, list[str]] = {}
-        for ks, hits in screens:
-            for i in np.flatnonzero(hits.to_numpy(zero_copy_only=False)).tolist():
-                candidates.setdefault(i, []).extend(ks)
-        pii: dict[int, list[str]] = {}
+        for screen in detector.screens():
+            match = pc.match_substring_regex if screen.regex else pc.match_substring
+            hits = match(arr, screen.pattern).to_numpy(zero_copy_only=False)
+            for i in np.flatnonzero(hits).tolist():
+                candidates.setdefault(i, []).extend(screen.kinds)
+        pii_found: dict[int, list[str]] = {}
         for i, ks in candidates.items():
-            if found := find_pii(joined[i], ks):
-                pii[i] = found
+            if found := detector.find(joined[i], ks):
+                pii_found[i] = found
         if self._injection_everywhere:
             inj_rows = np.ones(n, dtype=bool)
         elif self._injection_re2 is not None:
@@ -653,7 +561,7 @@ class RowScreen:
             "role_order": _mask(n, roles),
             "text_encoding": bad > 0,
             "length": length_bad,
-            "pii": _mask(n, pii),
+            "pii": _mask(n, pii_found),
             "prompt_injection": _mask(n, injection),
         }
         local = [k for k in self.enabled if k in flags]
@@ -687,7 +595,7 @@ class RowScreen:
                 elif k == "length":
                     r[k] = _length_reason(int(pt[i]), int(ct[i]), lb)
                 elif k == "pii":
-                    r[k] = ", ".join(pii[i])
+                    r[k] = ", ".join(pii_found[i])
                 elif k == "prompt_injection":
                     r[k] = f"matches {injection[i][0].group()!r}"
             reasons[i] = r
@@ -703,7 +611,9 @@ class RowScreen:
             "prompt_tokens": _nullable(pt, valid),
             "completion_tokens": _nullable(ct, valid),
             "role_problems": flags["role_order"].astype(np.int64),
-            "pii_hits": np.fromiter((len(pii.get(i, ())) for i in range(n)), np.int64, count=n),
+            "pii_hits": np.fromiter(
+                (len(pii_found.get(i, ())) for i in range(n)), np.int64, count=n
+            ),
             "injection_hits": np.fromiter(
                 (len(injection.get(i, ())) for i in range(n)), np.int64, count=n
             ),
