@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tuneship import config
 
 
@@ -71,6 +69,9 @@ class GatewayAdmin:
     Used by the `tuneship` CLI; it speaks plain HTTP so it runs anywhere a CI job does."""
 
     def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+        import httpx  # here, not at module level: the gateway imports this module for its token only
+
+        self._httpx = httpx
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
@@ -87,7 +88,7 @@ class GatewayAdmin:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             r = self._client.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
+        except self._httpx.HTTPError as exc:
             raise GatewayAdminError(method, f"{self.base_url}{path}", None,
                                     f"{type(exc).__name__}: {exc}") from exc
         if r.status_code >= 400:
