@@ -18,7 +18,7 @@ import httpx
 import pytest
 from ports import free_port
 
-from tuneship import services
+from tuneship import config, services
 
 COMPONENTS = ["airflow-api-server", "airflow-dag-processor"]
 DAG_IDS = {"llm_data_validation", "llm_finetune", "llm_release", "llm_drift_monitor"}
@@ -99,6 +99,19 @@ def page(browser):
     page.set_default_timeout(30_000)
     yield page
     context.close()
+
+
+@pytest.fixture
+def screenshot(page):
+    """Saves what the page shows under TUNESHIP_HOME/browser/<name>.png, to look at when a
+    test fails (or with TUNESHIP_TEST_HOME set, after it passes)."""
+
+    def _shot(name: str) -> None:
+        out = config.home() / "browser"
+        out.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(out / f"{name}.png"), full_page=True)
+
+    return _shot
 
 
 @pytest.fixture

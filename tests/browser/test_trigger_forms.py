@@ -12,8 +12,6 @@ import json
 import jsonschema
 import pytest
 
-from tuneship import config
-
 pytestmark = pytest.mark.browser
 
 # Params whose empty value means "use the default": the form must not mark them required.
@@ -62,14 +60,8 @@ def _declared(ui, dag_id: str) -> dict:
     return r.json()["params"]
 
 
-def _screenshot(page, name: str) -> None:
-    out = config.home() / "browser"
-    out.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(out / f"{name}.png"), full_page=True)
-
-
 @pytest.mark.parametrize("dag_id", sorted(EMPTY_MEANS_DEFAULT))
-def test_form_submits_with_its_defaults_and_they_round_trip(page, airflow_ui, login, dag_id):
+def test_form_submits_with_its_defaults_and_they_round_trip(page, airflow_ui, login, screenshot, dag_id):
     login(page)
     dialog = _open_dialog(page, airflow_ui, dag_id)
     declared = _declared(airflow_ui, dag_id)
@@ -78,7 +70,7 @@ def test_form_submits_with_its_defaults_and_they_round_trip(page, airflow_ui, lo
         assert field.count() == 1, f"{dag_id}: no form field for {name}"
         assert field.get_attribute("required") is None, f"{dag_id}: {name} is marked required"
         assert field.input_value() == "", f"{dag_id}: {name} is not empty by default"
-    _screenshot(page, f"trigger-{dag_id}")
+    screenshot(f"trigger-{dag_id}")
     run_id = f"browser_defaults_{dag_id}"
     _set_run_id(dialog, run_id)
 
@@ -120,7 +112,7 @@ def test_typed_values_arrive_with_their_json_types(page, airflow_ui, login):
     assert conf["recipe"] == "tiny-lora"
 
 
-def test_invalid_value_keeps_the_dialog_open_and_says_why(page, airflow_ui, login):
+def test_invalid_value_keeps_the_dialog_open_and_says_why(page, airflow_ui, login, screenshot):
     """LoRA rank 0 typed into the dialog's Configuration JSON: the API server refuses it,
     the dialog stays open and shows the reason, and no run exists."""
     dag_id = "llm_finetune"
@@ -141,5 +133,5 @@ def test_invalid_value_keeps_the_dialog_open_and_says_why(page, airflow_ui, logi
     message.wait_for()
     assert "less than the minimum of 1" in message.inner_text()
     assert dialog.is_visible()
-    _screenshot(page, "trigger-invalid-lora_r")
+    screenshot("trigger-invalid-lora_r")
     assert airflow_ui.api(f"/dags/{dag_id}/dagRuns/{run_id}").status_code == 404
