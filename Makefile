@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench up down status lock lint clean
+.PHONY: install chromium demo test bench up down status lock lint clean
 
 $(VENV)/.installed: requirements.txt serving/triton/requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,16 @@ $(VENV)/.installed: requirements.txt serving/triton/requirements.txt pyproject.t
 	$(PY) -m tuneship.tritonserver install
 	@touch $@
 
-install: $(VENV)/.installed
+# The browser tests drive Debian's chromium through Playwright (no browser download):
+# installed with apt-get when missing and run as root, else a warning (the demo needs no browser).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "WARNING: chromium is missing and apt-get cannot run here: run 'apt-get install -y chromium'" \
+	    "as root, or the browser tests (tests/browser) fail" >&2; fi; }
+
+install: $(VENV)/.installed chromium
 
 demo: install
 	$(PY) -m tuneship.demo

@@ -30,8 +30,8 @@ from tuneship_airflow.assets import incoming_training_data, validated_dataset
     default_args={"owner": "ml-platform", "retries": 1},
     params={
         "dataset_uri": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             title="Dataset URI",
             description="Directory (local path or object-storage URI) with train.jsonl and eval.jsonl. "
             "Empty: the incoming location.",

@@ -38,7 +38,7 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
     tags=["tuneship", "training"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)},
     params={
-        "base_model": Param("", type="string", title="Base model",
+        "base_model": Param(None, type=["null", "string"], title="Base model",
                             description="HF model id or local path. Empty: the embedded tiny Llama."),
         "recipe": Param("tiny-lora", type="string", title="Recipe",
                         description="A recipe under include/tuneship/train/recipes (name) or a YAML path. "

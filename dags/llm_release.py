@@ -66,7 +66,7 @@ from tuneship_airflow.operators import PostSwitchWindowOperator, ShadowWindowOpe
                                    title="Retention of the previous colour (minutes)",
                                    description="After a clean post-switch window the previous colour stays loaded "
                                                "this long (instant rollback), then it is unloaded."),
-        "version": Param("", type="string", title="Registry version",
+        "version": Param(None, type=["null", "string"], title="Registry version",
                          description="Release this version instead of the triggering candidate."),
     },
 )

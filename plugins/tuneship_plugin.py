@@ -1,13 +1,38 @@
 """Tuneship's Airflow plugin: a Reports page in the Airflow UI (HTML run reports, loss
-curves, eval tables, drift charts) served by a small FastAPI app under the API server."""
+curves, eval tables, drift charts) served by a small FastAPI app under the API server.
+
+Airflow mounts plugin apps without its own authentication, and the reports hold sample
+prompts and completions, so every route here requires the Airflow login (the UI's `_token`
+cookie or an `Authorization: Bearer` JWT from `POST /auth/token`) and read access to DAG
+runs. An anonymous browser is sent to Airflow's login page and comes back after it; an
+anonymous API client gets 401.
+"""
 
 from __future__ import annotations
 
+from airflow.api_fastapi.app import get_auth_manager
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi import Depends, FastAPI, HTTPException, Request, status
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 
-reports_app = FastAPI(title="Tuneship reports")
+reports_app = FastAPI(
+    title="Tuneship reports",
+    dependencies=[Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.RUN))],
+)
+
+
+@reports_app.exception_handler(HTTPException)
+async def _login_first(request: Request, exc: HTTPException) -> Response:
+    """A person without a session gets the login page (then comes back here), not a bare 401."""
+    wants_html = "text/html" in request.headers.get("accept", "")
+    if exc.status_code == status.HTTP_401_UNAUTHORIZED and wants_html:
+        back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(get_auth_manager().get_url_login(next_url=back),
+                                status_code=status.HTTP_303_SEE_OTHER)
+    return await http_exception_handler(request, exc)
 
 
 def _reports_dir():

@@ -58,6 +58,24 @@ def test_finetune_form(dagbag):
     assert params["runner"] == "local"
 
 
+@pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
+def test_form_defaults_are_valid_and_empty_means_default(dagbag, dag_id):
+    """The UI form marks a Param required unless its type allows null; a Param whose
+    description promises "Empty: ..." must therefore be nullable, and default to None so the
+    form can be submitted untouched. Every default must pass its own schema."""
+    import jsonschema
+
+    params = dagbag.dags[dag_id].params
+    params.validate()
+    for name in params:
+        param = params.get_param(name)
+        jsonschema.validate(param.value, param.schema)
+        if "Empty:" in (param.description or ""):
+            assert "null" in param.schema["type"], (dag_id, name)
+            assert param.value is None, (dag_id, name)
+            jsonschema.validate(None, param.schema)
+
+
 def test_validation_and_release_params(dagbag):
     assert "dataset_uri" in dagbag.dags["llm_data_validation"].params
     release = dagbag.dags["llm_release"].params

@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `serving` lives at the repo root (not an installed package)
@@ -38,12 +38,6 @@ ECHO_MODEL = REPO / "tests" / "fixtures" / "triton_models" / "echo_llm"
 MODELS = {"llm_blue": 0, "llm_green": 0, "llm_slow": 1000, "llm_stream": 0, "llm_gated": 0}  # name -> delay_ms
 DECOUPLED = {"llm_stream"}  # streams one word per response, like the compiled model
 GATED = {"llm_stream", "llm_gated"}  # hold answers until the test creates `<model dir>/gate`
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -549,7 +549,8 @@ def test_redactor_covers_completions_of_both_lines():
 # -- the container entrypoint ----------------------------------------------------------------------
 def test_uvicorn_app_attribute_serves(triton, tmp_path):
     """serving/docker/Dockerfile.gateway runs `uvicorn serving.gateway.app:app`."""
-    from conftest import REPO, free_port
+    from conftest import REPO
+    from ports import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESHIP_")}

@@ -7,19 +7,12 @@ answers exactly what eager PyTorch generates; bad requests come back as errors, 
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 from ml_fixtures import base_model, dataset, finetuned, read_jsonl
+from ports import free_port
 
 from tuneship import tritonserver
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
