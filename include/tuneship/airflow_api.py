@@ -18,10 +18,10 @@ class AirflowAPI:
         self.base_url = base_url.rstrip("/")
         self._auth = {"username": username, "password": password}
         self._client = httpx.Client(base_url=self.base_url, timeout=30.0)
-        self._token_at = 0.0
+        self._token_at: float | None = None  # monotonic time of the last token (None: none yet)
 
     def _ensure_token(self) -> None:
-        if time.monotonic() - self._token_at < 600:
+        if self._token_at is not None and time.monotonic() - self._token_at < 600:
             return
         r = self._client.post("/auth/token", json=self._auth)
         r.raise_for_status()
