@@ -17,6 +17,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from tuneship_airflow.assets import incoming_training_data, validated_dataset
+from tuneship_airflow.refusals import fail_on_refusal
 
 
 @dag(
@@ -40,6 +41,7 @@ from tuneship_airflow.assets import incoming_training_data, validated_dataset
 )
 def llm_data_validation():
     @task(outlets=[validated_dataset])
+    @fail_on_refusal
     def validate_and_version(params=None, run_id=None, outlet_events=None, triggering_asset_events=None):
         from airflow.sdk.exceptions import AirflowSkipException
 

@@ -22,6 +22,7 @@ from airflow.sdk import Param, dag, task
 
 from tuneship_airflow.assets import release_candidate, retrain_request, validated_dataset
 from tuneship_airflow.operators import LocalTrainerOperator
+from tuneship_airflow.refusals import fail_on_refusal
 from tuneship_airflow.runners import DockerTrainerOperator, KubernetesTrainerOperator
 
 # Rendered as native objects (render_template_as_native_obj): the plan's argv list.
@@ -59,6 +60,7 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
 )
 def llm_finetune():
     @task
+    @fail_on_refusal  # a retrain's landed batch can be rejected by validation
     def plan(params=None, run_id=None, triggering_asset_events=None):
         from tuneship.stages import StageFailed, dataset_for_retrain, finetune_plan, latest_dataset
 
@@ -100,6 +102,7 @@ def llm_finetune():
         return register_training(p)
 
     @task
+    @fail_on_refusal
     def evaluate(candidate: dict, p: dict):
         from tuneship.stages import evaluate_candidate
 
