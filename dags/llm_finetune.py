@@ -10,7 +10,8 @@ with the same arguments on every runner: `local` (a worker subprocess, the embed
 default), `docker` (DockerOperator with GPU device requests) or `kubernetes`
 (KubernetesPodOperator in deferrable mode from the pod template in `serving/k8s/`).
 A retried task reuses its MLflow run and model version; it never registers a second one.
-Emits `release_candidate` (extra: registry version, compiled package) when the gates pass.
+Emits `release_candidate` (extra: registry version, compiled package) when the gates pass; a
+candidate that fails them fails the run once (a decision: no retry) with one Slack alert.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 Blue/green release of a `release_candidate`: first reconcile Triton with the routing state
 (recovers from a release, Triton or gateway that died mid-way), then load the candidate
 into the idle Triton colour, confirm readiness, run warm-up requests straight to it, run the
-smoke suite through the gateway to that colour only, then mirror live
+smoke suite through the gateway to that colour only (scores below the suite's gates: the
+candidate is unloaded, Slack is told, the run fails), then mirror live
 traffic to it for the shadow window (deferrable: the wait runs on the triggerer, default
 72 h, `shadow_hours` Param). The verdict promotes (atomic gateway switch, `@champion`
 alias follows, `model_promoted` Asset) or rolls back (live untouched, run fails loudly,
@@ -21,6 +22,10 @@ Slack warning, not a failure. After a clean window the previous colour stays loa
 `retention_minutes` (default 120; a rollback stays instant), then it is unloaded from
 Triton and cleared from the routes' `previous`, if nothing routes to it by then. The next
 release waits for this run (`max_active_runs=1`), retention included.
+
+A refusal (smoke below its gates, a shadow rollback, a post-switch breach) is a decision:
+the task fails once, without a retry, and Slack hears it once. Retries stay for faults
+(Triton, the gateway or MLflow not answering).
 
 The Variable `tuneship_shadow_hours_override` (staging and the demo) shortens every window:
 the shadow window takes its value, and the post-switch and retention windows are capped at
