@@ -7,7 +7,8 @@ batch marked complete there (a `_SUCCESS` file written after the data) starts it
 through the `incoming_training_data` Asset's watcher on the triggerer; trigger it from the
 UI with `dataset_uri` for an ad-hoc batch. Accepted data gets a content-addressed version and
 emits the `validated_dataset` Asset (extra: `version_id`, `manifest_uri`); rejected data fails
-the run with a message naming the file, lines and checks, and says so on Slack.
+the run once (a decision: no retry) with a message naming the file, lines and checks, and
+says so on Slack.
 Validating content that is already versioned is a no-op: no new event, no retrain.
 """
 
@@ -17,6 +18,7 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from tuneship_airflow.assets import incoming_training_data, validated_dataset
+from tuneship_airflow.refusals import fail_on_refusal
 
 
 @dag(
@@ -40,6 +42,7 @@ from tuneship_airflow.assets import incoming_training_data, validated_dataset
 )
 def llm_data_validation():
     @task(outlets=[validated_dataset])
+    @fail_on_refusal
     def validate_and_version(params=None, run_id=None, outlet_events=None, triggering_asset_events=None):
         from airflow.sdk.exceptions import AirflowSkipException
 

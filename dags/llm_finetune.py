@@ -10,7 +10,8 @@ with the same arguments on every runner: `local` (a worker subprocess, the embed
 default), `docker` (DockerOperator with GPU device requests) or `kubernetes`
 (KubernetesPodOperator in deferrable mode from the pod template in `serving/k8s/`).
 A retried task reuses its MLflow run and model version; it never registers a second one.
-Emits `release_candidate` (extra: registry version, compiled package) when the gates pass.
+Emits `release_candidate` (extra: registry version, compiled package) when the gates pass; a
+candidate that fails them fails the run once (a decision: no retry) with one Slack alert.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from airflow.sdk import Param, dag, task
 
 from tuneship_airflow.assets import release_candidate, retrain_request, validated_dataset
 from tuneship_airflow.operators import LocalTrainerOperator
+from tuneship_airflow.refusals import fail_on_refusal
 from tuneship_airflow.runners import DockerTrainerOperator, KubernetesTrainerOperator
 
 # Rendered as native objects (render_template_as_native_obj): the plan's argv list.
@@ -59,6 +61,7 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
 )
 def llm_finetune():
     @task
+    @fail_on_refusal  # a retrain's landed batch can be rejected by validation
     def plan(params=None, run_id=None, triggering_asset_events=None):
         from tuneship.stages import StageFailed, dataset_for_retrain, finetune_plan, latest_dataset
 
@@ -100,6 +103,7 @@ def llm_finetune():
         return register_training(p)
 
     @task
+    @fail_on_refusal
     def evaluate(candidate: dict, p: dict):
         from tuneship.stages import evaluate_candidate
 

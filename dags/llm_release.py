@@ -4,7 +4,8 @@
 Blue/green release of a `release_candidate`: first reconcile Triton with the routing state
 (recovers from a release, Triton or gateway that died mid-way), then load the candidate
 into the idle Triton colour, confirm readiness, run warm-up requests straight to it, run the
-smoke suite through the gateway to that colour only, then mirror live
+smoke suite through the gateway to that colour only (scores below the suite's gates: the
+candidate is unloaded, Slack is told, the run fails), then mirror live
 traffic to it for the shadow window (deferrable: the wait runs on the triggerer, default
 72 h, `shadow_hours` Param). The verdict promotes (atomic gateway switch, `@champion`
 alias follows, `model_promoted` Asset) or rolls back (live untouched, run fails loudly,
@@ -22,6 +23,10 @@ Slack warning, not a failure. After a clean window the previous colour stays loa
 Triton and cleared from the routes' `previous`, if nothing routes to it by then. The next
 release waits for this run (`max_active_runs=1`), retention included.
 
+A refusal (smoke below its gates, a shadow rollback, a post-switch breach) is a decision:
+the task fails once, without a retry, and Slack hears it once. Retries stay for faults
+(Triton, the gateway or MLflow not answering).
+
 The Variable `tuneship_shadow_hours_override` (staging and the demo) shortens every window:
 the shadow window takes its value, and the post-switch and retention windows are capped at
 the same length. `tuneship_post_switch_minutes_override` and
@@ -38,6 +43,7 @@ from airflow.sdk import Param, dag, task
 
 from tuneship_airflow.assets import model_promoted, release_candidate
 from tuneship_airflow.operators import PostSwitchWindowOperator, ShadowWindowOperator
+from tuneship_airflow.refusals import fail_on_refusal
 
 
 @dag(
@@ -117,18 +123,12 @@ def llm_release():
         return model
 
     @task
+    @fail_on_refusal
     def smoke(model: str, p: dict):
-        from tuneship.notify import notify
-        from tuneship.stages import StageFailed, smoke_through_gateway
-        from tuneship_airflow.hooks import GatewayHook
+        from tuneship.stages import smoke_candidate
+        from tuneship_airflow.hooks import GatewayHook, TritonHook
 
-        base_url, token = GatewayHook().endpoint()
-        result = smoke_through_gateway(model, base_url=base_url, token=token)
-        if not result["passed"]:
-            notify(f"v{p['version']} failed smoke on {model}: {result['failed']}; live traffic untouched",
-                   level="error")
-            raise StageFailed(f"smoke failed on {model}: {result}")
-        return result
+        return smoke_candidate(model, p["version"], gateway=GatewayHook(), triton=TritonHook())
 
     @task
     def start_shadow(model: str, p: dict, smoke_result: dict):
@@ -155,20 +155,16 @@ def llm_release():
     )
 
     @task(outlets=[model_promoted])
+    @fail_on_refusal  # a rollback is a decision: fail loudly, never retry it
     def decide(p: dict, slot: str, outlet_events=None, ti=None):
         import time
 
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from tuneship.stages import StageFailed, finish_release
+        from tuneship.stages import finish_release
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
         verdict = ti.xcom_pull(task_ids="shadow_window")
         switched_at = time.time()  # the post-switch window counts the new version's answers from here
-        try:
-            result = finish_release(p, slot, verdict, gateway=GatewayHook(), triton=TritonHook())
-        except StageFailed as exc:  # a rollback is a decision: fail loudly, never retry it
-            raise AirflowFailException(str(exc)) from exc
+        result = finish_release(p, slot, verdict, gateway=GatewayHook(), triton=TritonHook())
         outlet_events[model_promoted].extra = {"version": p["version"], "colour": p["colour"]}
         return {**result, "switched_at": switched_at}
 
@@ -184,19 +180,15 @@ def llm_release():
     )
 
     @task
+    @fail_on_refusal  # the rollback is done; a retry must not repeat the decision
     def post_switch_guard(p: dict, ti=None):
         """Breach: traffic back, @champion back, Slack, run fails (no retry). Else keep."""
-        from airflow.sdk.exceptions import AirflowFailException
-
-        from tuneship.stages import StageFailed, guard_release
+        from tuneship.stages import guard_release
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
         verdict = ti.xcom_pull(task_ids="post_switch_window")
-        try:
-            return guard_release(p, verdict, retention_minutes=p["retention_minutes"],
-                                 gateway=GatewayHook(), triton=TritonHook())
-        except StageFailed as exc:  # the rollback is done; a retry must not repeat the decision
-            raise AirflowFailException(str(exc)) from exc
+        return guard_release(p, verdict, retention_minutes=p["retention_minutes"],
+                             gateway=GatewayHook(), triton=TritonHook())
 
     retention = DateTimeSensorAsync(
         task_id="retention_window",

@@ -84,7 +84,7 @@ def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds) -> d
     if error_rate > th.max_error_rate:
         reasons.append(f"error rate {error_rate:.3f} > {th.max_error_rate}")
     if p95 is not None and p95 > th.max_p95_ms:
-        reasons.append(f"p95 latency {p95:.0f} ms > {th.max_p95_ms:.0f} ms")
+        reasons.append(f"p95 latency {p95:.0f} ms > {th.max_p95_ms:g} ms")
     if ok and format_rate < th.min_format_rate:
         reasons.append(f"format rate {format_rate:.3f} < {th.min_format_rate}")
     if agreement is not None and agreement < th.min_agreement:

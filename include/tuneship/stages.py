@@ -22,7 +22,15 @@ COLOURS = ("blue", "green")
 
 
 class StageFailed(RuntimeError):
-    """A stage refused its input; the message is written for the person who reads the alert."""
+    """A stage could not do its job; the message is written for the person who reads the alert.
+    Retried like any other fault (a lost connection, a half-written output)."""
+
+
+class Refusal(StageFailed):
+    """A gate's decision (dataset rejected, gates failed, smoke failed, shadow rollback,
+    post-switch breach): the same bytes would be refused again, so it is never retried and
+    alerted exactly once, by the stage that decided. The Airflow layer fails the task
+    without a retry (`tuneship_airflow.refusals`)."""
 
 
 def default_base_model() -> str:
@@ -89,13 +97,13 @@ def validate_batches(uris: list[str], *, run_id: str) -> dict[str, Any] | None:
     for uri in uris:
         try:
             result = validate_and_version(uri, run_id=run_id)
-        except StageFailed as exc:
+        except Refusal as exc:
             rejected.append(str(exc))
             continue
         if result["created"]:
             created.append(result)
     if rejected:
-        raise StageFailed("\n\n".join(rejected))
+        raise Refusal("\n\n".join(rejected))
     return created[-1] if created else None
 
 
@@ -110,7 +118,7 @@ def validate_and_version(dataset_uri: str, *, run_id: str) -> dict[str, Any]:
     if not report.accepted:
         message = report.summary()
         notify(f"Dataset rejected: {dataset_uri}\n{message}", level="error", dataset_uri=dataset_uri)
-        raise StageFailed(message)
+        raise Refusal(message)
     version = version_dataset(dataset_uri, report, artifacts_root=config.artifacts())
     pointer = datasets_root() / "LATEST"
     tmp = pointer.with_suffix(".tmp")
@@ -266,7 +274,7 @@ def evaluate_candidate(candidate: dict[str, Any], dataset: dict[str, str], suite
     if not gates.passed:
         notify(f"Model v{candidate['version']} failed its gates against {ref_name}:\n{gates.summary()}",
                level="error", version=candidate["version"])
-        raise StageFailed(f"gates failed against {ref_name}:\n{gates.summary()}")
+        raise Refusal(f"gates failed against {ref_name}:\n{gates.summary()}")
     return {"passed": True, "metrics": cand.metrics, "reference": ref.metrics, "reference_name": ref_name,
             "report": str(out)}
 
@@ -365,6 +373,25 @@ def smoke_through_gateway(colour_model: str, *, base_url: str, token: str, suite
             "failed": [g.metric for g in gates.gates if not g.passed], "gates": gates.summary()}
 
 
+def smoke_candidate(colour_model: str, version: str, *, gateway: Any, triton: Any) -> dict[str, Any]:
+    """Smoke is a gate: scores below it are a decision (Slack once, the candidate unloaded,
+    Refusal); a smoke request the gateway could not answer is a fault (StageFailed, retried).
+    Live traffic is untouched either way: nothing routes to the candidate yet.
+
+    `gateway` and `triton` are the Airflow hooks (anything with the same methods)."""
+    base_url, token = gateway.endpoint()
+    result = smoke_through_gateway(colour_model, base_url=base_url, token=token)
+    if result["passed"]:
+        return result
+    figures = ", ".join(f"{m} {result['metrics'][m]:.3f}" for m in result["failed"])
+    if triton.is_ready(colour_model):
+        triton.unload(colour_model)
+    notify(f"v{version} failed smoke on {colour_model} ({figures}); candidate unloaded, live traffic untouched",
+           level="error", version=version, smoke=result)
+    raise Refusal(f"smoke failed on {colour_model} (v{version}): {figures} below the smoke suite's gates; "
+                  f"samples: {result['samples']}")
+
+
 def release_plan(candidate: dict[str, Any] | None, version: str | None, routes: dict[str, Any]) -> dict[str, Any] | None:
     """Which version to release and from which compiled package."""
     from tuneship import registry
@@ -425,7 +452,7 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
     notify(f"v{version} rolled back after the shadow window: {why}. Live traffic stays on "
            f"{plan.get('previous_colour') or 'nothing'} v{plan.get('previous_version')}.",
            level="error", version=version, verdict=verdict)
-    raise StageFailed(f"release of v{version} rolled back: {why}")
+    raise Refusal(f"release of v{version} rolled back: {why}")
 
 
 def release_windows(params: dict[str, Any], *, shadow_hours_override: Any = None,
@@ -475,7 +502,7 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
     `retention_minutes`; `now` when there is no previous colour).
 
     `breach`: traffic goes back, `@champion` follows it, Slack gets an error with the
-    figures, and StageFailed is raised (the DAG fails the task without a retry):
+    figures, and Refusal is raised (the task fails without a retry):
       * with a previous live version (routes' `previous`, still loaded in its retention
         window): instant `gateway.rollback()` (the previous colour is loaded first if
         Triton lost it), `@champion` back to that version;
@@ -554,7 +581,7 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
     notify(f"v{version} breached the post-switch guard: {why} ({figs}). {action}. "
            f"@champion: {'v' + champ.version if champ else 'none'}.",
            level="error", version=version, verdict=verdict)
-    raise StageFailed(f"post-switch guard: v{version} breached ({why}); {action}")
+    raise Refusal(f"post-switch guard: v{version} breached ({why}); {action}")
 
 
 def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:

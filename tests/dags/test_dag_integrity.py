@@ -198,3 +198,16 @@ def test_validation_runs_nightly_and_when_a_batch_lands(dagbag):
     path, kwargs = watcher.trigger.serialize()
     assert path == "tuneship_airflow.triggers.IncomingBatchTrigger"
     assert kwargs["directory"] == str(config.incoming()) and kwargs["marker"] == "_SUCCESS"
+
+
+# The tasks whose stage can refuse (a gate's decision): each must fail once, without a retry.
+DECIDING_TASKS = {("llm_data_validation", "validate_and_version"), ("llm_finetune", "plan"),
+                  ("llm_finetune", "evaluate"), ("llm_release", "smoke"), ("llm_release", "decide"),
+                  ("llm_release", "post_switch_guard")}
+
+
+def test_deciding_tasks_fail_on_refusal_and_others_keep_their_retries(dagbag):
+    for dag_id in DAG_IDS:
+        for t in dagbag.dags[dag_id].tasks:
+            wrapped = getattr(getattr(t, "python_callable", None), "fails_on_refusal", False)
+            assert wrapped == ((dag_id, t.task_id) in DECIDING_TASKS), (dag_id, t.task_id)

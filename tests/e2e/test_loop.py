@@ -1,18 +1,29 @@
-"""The whole loop through Airflow's real scheduler and triggerer, as `make demo` runs it.
+"""The whole loop through Airflow's real scheduler and triggerer, as `make demo` runs it,
+then the release's failure paths on the same stack.
 
 Own TUNESHIP_HOME and its own ports, so it runs beside a `make up` stack. Asserts on what a
 platform engineer would check afterwards: the DAG runs, the registry aliases, what the
 gateway serves, the inference log, the Slack sink and the report.
+
+After the demo's two promotions (`--keep` leaves the services up) three refusals run
+through the REST API, the scheduler and the triggerer: a candidate that fails its gates, the
+same candidate released by hand failing smoke, and a good version rolled back by the shadow
+verdict. Each must fail its run once (try 1, never up_for_retry) with one Slack alert,
+while live traffic and `@champion` stay where they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,13 +45,17 @@ def demo(tmp_path_factory):
         for part in ("server", "pyenv"):
             (home / "triton" / part).symlink_to(Path(shared) / "triton" / part)
     subprocess.run([sys.executable, "-m", "tuneship.tritonserver", "install"], env=env, check=True, cwd=REPO)
-    proc = subprocess.run([sys.executable, "-m", "tuneship.demo", "--shadow-hours", "0.008", "--timeout", "1300"],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    print(proc.stdout[-20000:])
-    print(proc.stderr[-5000:])
-    summary_path = home / "reports" / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return {"proc": proc, "home": home, "summary": summary, "env": env}
+    try:
+        # --keep: the failure paths below run on the same services; the teardown stops them
+        proc = subprocess.run([sys.executable, "-m", "tuneship.demo", "--shadow-hours", "0.008", "--timeout", "1300",
+                               "--keep"], env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
+        print(proc.stdout[-20000:])
+        print(proc.stderr[-5000:])
+        summary_path = home / "reports" / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        yield {"proc": proc, "home": home, "summary": summary, "env": env}
+    finally:
+        subprocess.run([sys.executable, "-m", "tuneship.services", "down"], env=env, cwd=REPO, timeout=120)
 
 
 def test_demo_exits_zero_with_summary(demo):
@@ -107,3 +122,148 @@ def test_post_switch_guard_held_and_previous_colour_retired(demo):
     assert routes["previous"] is None and routes["shadow"] is None
     sink = [json.loads(line) for line in (home / "notifications.jsonl").read_text().splitlines()]
     assert not [m for m in sink if "post-switch" in m["text"] and m["level"] == "error"]
+
+
+# ---------------------------------------------------------------- failure paths, same stack
+
+
+@contextlib.contextmanager
+def _stack_env(env: dict[str, str]) -> Iterator[None]:
+    """This process talks to the demo's stack (config reads TUNESHIP_HOME and the ports)."""
+    keys = [k for k in env if k.startswith("TUNESHIP_")]
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: env[k] for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _champion(env: dict[str, str]) -> str | None:
+    code = "from tuneship import registry; c = registry.by_alias('champion'); print(c.version if c else '')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip() or None
+
+
+def _sink(home: Path) -> list[dict]:
+    return [json.loads(line) for line in (home / "notifications.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _ready(env: dict[str, str], model: str) -> bool:
+    r = httpx.get(f"http://127.0.0.1:{env['TUNESHIP_PORT_TRITON_HTTP']}/v2/models/{model}/ready", timeout=10)
+    return r.status_code == 200
+
+
+def _refusal(api: Any, loop: Any, env: dict[str, str], home: Path, dag_id: str, conf: dict,
+             traffic: Any = None) -> dict[str, Any]:
+    """Trigger `dag_id` through the REST API, wait for the run, and record what a person would
+    check: task states and tries, the routes before/after, @champion, new Slack messages, and
+    which release runs exist."""
+    routes_file = home / "gateway" / "routes.json"
+    before = {"routes": routes_file.read_bytes(), "champion": _champion(env), "sink": len(_sink(home)),
+              "releases": {r["dag_run_id"] for r in api.runs("llm_release")}}
+    if traffic is not None:
+        traffic.start()
+    try:
+        run_id = api.trigger(dag_id, conf)
+        run = loop.wait_run(dag_id, run_id)
+    finally:
+        if traffic is not None:
+            traffic.stop()
+    tis = {t["task_id"]: t for t in api.task_instances(dag_id, run_id)}
+    return {"run_id": run_id, "state": run["state"], "before": before, "routes": routes_file.read_bytes(),
+            "tis": {k: (t["state"], t["try_number"]) for k, t in tis.items()},
+            "champion": _champion(env), "messages": _sink(home)[before["sink"]:],
+            "releases": {r["dag_run_id"] for r in api.runs("llm_release")} - before["releases"] - {run_id}}
+
+
+@pytest.fixture(scope="module")
+def failures(demo) -> dict[str, dict[str, Any]]:
+    assert demo["proc"].returncode == 0, "the demo failed; its failure paths cannot run on its stack"
+    return run_failure_paths(demo)
+
+
+def run_failure_paths(demo: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The three refusals, one after the other, on the demo's stack (kept running)."""
+    from tuneship import demo as demo_mod
+
+    home, env = demo["home"], demo["env"]
+    good = str(demo["summary"]["cycles"][0]["finetune"]["model"]["version"])  # cycle 1's, since retired
+    out: dict[str, dict[str, Any]] = {}
+    with _stack_env(env):
+        api = demo_mod.api_client()
+        loop = demo_mod.Loop(api, timeout=1500)
+        # a candidate no better than the base model: below the floor and behind the champion
+        out["gates"] = _refusal(api, loop, env, home, "llm_finetune", {"epochs": 1, "learning_rate": 1e-6})
+        bad = str(api.xcom("llm_finetune", out["gates"]["run_id"], "register")["version"])
+        out["gates"]["version"] = bad
+        # the same candidate released by hand (compiled on demand): it answers garbage
+        out["smoke"] = _refusal(api, loop, env, home, "llm_release", {"version": bad})
+        out["smoke"]["colour"] = api.xcom("llm_release", out["smoke"]["run_id"], "plan")["colour"]
+        # a good model held to an impossible p95 while clients send traffic: the verdict rolls back
+        traffic = demo_mod.Traffic(rps=4.0, api_key=(home / "gateway" / "client_key").read_text().strip())
+        out["shadow"] = _refusal(api, loop, env, home, "llm_release",
+                                 {"version": good, "max_p95_ms": 0.001, "min_requests": 5}, traffic=traffic)
+        out["shadow"]["colour"] = api.xcom("llm_release", out["shadow"]["run_id"], "plan")["colour"]
+        out["shadow"]["verdict"] = api.xcom("llm_release", out["shadow"]["run_id"], "shadow_window")
+        out["shadow"]["traffic"] = {"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed}
+        for path in ("smoke", "shadow"):
+            out[path]["candidate_loaded"] = _ready(env, f"llm_{out[path]['colour']}")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("before", "routes")}
+                      for k, v in out.items()}, indent=1, default=str)[-8000:])
+    return out
+
+
+def _failed_once(path: dict[str, Any], task_id: str) -> None:
+    assert path["state"] == "failed", path["tis"]
+    assert path["tis"][task_id] == ("failed", 1), path["tis"]  # try 1: never up_for_retry
+    assert not [t for t, (state, _) in path["tis"].items() if state == "up_for_retry"], path["tis"]
+
+
+def _errors(path: dict[str, Any]) -> list[dict]:
+    assert not [m for m in path["messages"] if m["level"] == "success"], path["messages"]
+    return [m for m in path["messages"] if m["level"] == "error"]
+
+
+def test_failed_gates_fail_the_finetune_once_and_nothing_is_released(failures):
+    path = failures["gates"]
+    _failed_once(path, "evaluate")
+    assert path["tis"]["compile_model"][0] == "upstream_failed"
+    assert path["releases"] == set()  # no release_candidate, no llm_release run
+    assert path["routes"] == path["before"]["routes"]  # routes.json byte for byte
+    assert path["champion"] == path["before"]["champion"]
+    (alert,) = _errors(path)
+    assert f"v{path['version']} failed its gates" in alert["text"] and "category_accuracy" in alert["text"]
+
+
+def test_failed_smoke_fails_the_release_once_and_live_never_moves(failures):
+    path = failures["smoke"]
+    _failed_once(path, "smoke")
+    assert path["tis"]["start_shadow"][0] == "upstream_failed"
+    assert path["routes"] == path["before"]["routes"]
+    assert path["champion"] == path["before"]["champion"]
+    assert not path["candidate_loaded"]  # refused and unloaded; live's colour untouched
+    (alert,) = _errors(path)
+    assert f"v{failures['gates']['version']} failed smoke" in alert["text"] and "live traffic untouched" in alert["text"]
+
+
+def test_shadow_rollback_fails_the_release_once_and_live_never_moves(failures):
+    path = failures["shadow"]
+    verdict = path["verdict"]
+    assert verdict["verdict"] == "rollback" and verdict["requests"] >= 5, verdict
+    assert any("p95" in r for r in verdict["reasons"]), verdict
+    assert path["traffic"]["failed"] == 0 and path["traffic"]["ok"] > 0
+    _failed_once(path, "decide")
+    assert path["tis"]["smoke"][0] == "success" and path["tis"]["post_switch_window"][0] == "upstream_failed"
+    before, after = json.loads(path["before"]["routes"]), json.loads(path["routes"])
+    assert json.dumps(after["live"], sort_keys=True) == json.dumps(before["live"], sort_keys=True)
+    assert after["shadow"] is None and after["previous"] == before["previous"]
+    assert path["champion"] == path["before"]["champion"]
+    assert not path["candidate_loaded"]
+    (alert,) = _errors(path)
+    assert "rolled back after the shadow window" in alert["text"] and "p95" in alert["text"]

@@ -6,7 +6,10 @@ beside it) in front of the session's tritonserver: v1 live on blue, the candidat
 `llm_slow` (the echo model with a 1 s delay) goes through the real admin API's switch,
 clients send requests through the gateway, the real trigger loop judges the log, and the
 stage rolls back through the admin API. The second test retires the previous colour after
-a clean window and checks that rollback and reconciliation agree with it afterwards.
+a clean window and checks that rollback and reconciliation agree with it afterwards. The
+rest run the guard's other branches against the same real components: Triton lost the
+previous colour, a first release's breach, no previous route, and a `previous` that changed
+since the release.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from gateway_helpers import wait_for
 from tuneship import registry
 from tuneship.inference_log import read_inference_log
 from tuneship.notify import read_sink
-from tuneship.stages import StageFailed, guard_release, reconcile_serving, retire_previous
+from tuneship.stages import Refusal, guard_release, reconcile_serving, retire_previous
 from tuneship.triton_control import TritonControl
 
 pytestmark = pytest.mark.integration
@@ -112,7 +115,7 @@ def test_breach_after_switch_rolls_back_through_the_real_gateway(stack):
 
     plan = {"version": v2, "colour": "slow", "previous_version": v1, "previous_colour": "blue"}
     sent = len(read_sink())
-    with pytest.raises(StageFailed, match="p95 latency"):
+    with pytest.raises(Refusal, match="p95 latency"):
         guard_release(plan, verdict, retention_minutes=60, gateway=admin, triton=control)
 
     routes = admin.routes()
@@ -147,3 +150,95 @@ def test_retention_retires_the_previous_colour_and_reconcile_agrees(stack):
     # reconciliation loads what the routes name: it does not bring the retired colour back
     assert reconcile_serving(routes, control) == {"loaded": [], "unloaded": []}
     assert not control.is_ready("llm_blue")
+
+
+BREACH = {"verdict": "breach", "reasons": ["error rate 0.150 (3 of 20) > 0.01"], "requests": 20, "errors": 3,
+          "error_rate": 0.15, "p95_ms": 40.0}
+
+
+def _switched(admin: Admin, v1: str, v2: str) -> dict[str, Any]:
+    """v1 live on blue, v2 in shadow on green, then the switch and @champion (what `decide` does)."""
+    admin.put_routes({"live": route("blue", "llm_blue", v1)})
+    admin.put_routes({**admin.routes(), "shadow": route("green", "llm_green", v2)})
+    routes = admin.switch()
+    registry.set_alias("champion", v2)
+    return routes
+
+
+def test_breach_loads_the_previous_colour_first_when_triton_lost_it(stack):
+    """Triton restarted (or someone unloaded it) during the window: the real gateway refuses a
+    rollback to an unready colour, so the guard loads it first, then rolls back."""
+    gw, admin, control, (v1, v2) = stack
+    _switched(admin, v1, v2)
+    control.unload("llm_blue")
+    assert admin.client.post("/admin/rollback").status_code != 200  # the gateway will not route to it
+    plan = {"version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
+    sent = len(read_sink())
+
+    with pytest.raises(Refusal, match=f"v{v2} breached .*rolled back"):
+        guard_release(plan, BREACH, retention_minutes=60, gateway=admin, triton=control)
+
+    routes = admin.routes()
+    assert (routes["live"]["model"], routes["live"]["version"]) == ("llm_blue", v1) and routes["previous"] is None
+    assert control.is_ready("llm_blue") and not control.is_ready("llm_green")
+    assert registry.by_alias("champion").version == v1
+    (msg,) = read_sink()[sent:]
+    assert msg["level"] == "error" and f"blue v{v1} again" in msg["text"]
+    assert _send(gw, 1)[0].headers["x-tuneship-colour"] == "blue"
+
+
+def test_first_release_breach_takes_the_route_down_and_removes_champion(stack):
+    gw, admin, control, (v1, _) = stack
+    admin.put_routes({"live": route("blue", "llm_blue", v1)})
+    registry.set_alias("champion", v1)
+    plan = {"version": v1, "colour": "blue", "previous_version": None, "previous_colour": None}
+    sent = len(read_sink())
+
+    with pytest.raises(Refusal, match="first release.*taken down"):
+        guard_release(plan, BREACH, retention_minutes=60, gateway=admin, triton=control)
+
+    routes = admin.routes()
+    assert routes["live"] is None and routes["shadow"] is None and routes["previous"] is None
+    assert registry.by_alias("champion") is None
+    assert not control.is_ready("llm_blue")
+    (msg,) = read_sink()[sent:]
+    assert msg["level"] == "error" and "@champion: none" in msg["text"]
+    answer = _send(gw, 1)[0]  # back to before the release: no model serves
+    assert answer.status_code == 503 and "live" in answer.text
+
+
+def test_breach_without_a_previous_route_leaves_traffic_and_says_so(stack):
+    gw, admin, control, (v1, v2) = stack
+    _switched(admin, v1, v2)
+    admin.put_routes({**admin.routes(), "previous": None})  # cleared by hand during the window
+    plan = {"version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
+    sent = len(read_sink())
+
+    with pytest.raises(Refusal, match="NOT rolled back"):
+        guard_release(plan, BREACH, retention_minutes=60, gateway=admin, triton=control)
+
+    routes = admin.routes()
+    assert (routes["live"]["model"], routes["live"]["version"]) == ("llm_green", v2)
+    assert registry.by_alias("champion").version == v2
+    assert control.is_ready("llm_green") and control.is_ready("llm_blue")
+    (msg,) = read_sink()[sent:]
+    assert msg["level"] == "error" and "by hand" in msg["text"]
+    assert _send(gw, 1)[0].headers["x-tuneship-colour"] == "green"
+
+
+def test_retention_leaves_a_previous_that_changed_since_the_release(stack):
+    """Someone rolled back and forward again (or released by hand) during the retention
+    window: `previous` now names another version on blue, so it is neither cleared nor
+    unloaded."""
+    gw, admin, control, (v1, v2) = stack
+    _switched(admin, v1, v2)
+    admin.put_routes({**admin.routes(), "previous": route("blue", "llm_blue", "999")})
+    plan = {"version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
+
+    out = retire_previous(plan, gateway=admin, triton=control)
+
+    assert out["retired"] is None and "previous" in out["reason"]
+    routes = admin.routes()
+    assert routes["previous"]["version"] == "999" and routes["live"]["model"] == "llm_green"
+    assert control.is_ready("llm_blue") and control.is_ready("llm_green")
+    assert admin.rollback()["live"]["model"] == "llm_blue"  # still an instant rollback

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from tuneship import datagen, notify
-from tuneship.stages import StageFailed, batches_to_validate, validate_batches
+from tuneship.stages import Refusal, batches_to_validate, validate_batches
 from tuneship_airflow.triggers import IncomingBatchTrigger
 
 
@@ -88,7 +88,7 @@ def test_rejected_batch_fails_with_details_and_says_so_on_slack(tmp_path: Path) 
     (bad / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     before = len(notify.read_sink())  # the sink is shared with earlier tests of the session
-    with pytest.raises(StageFailed) as info:
+    with pytest.raises(Refusal) as info:  # a decision: the task fails once, without a retry
         validate_batches([str(bad), str(good)], run_id="manual__landing_test")
     message = str(info.value)
     assert "REJECTED" in message and "train.jsonl" in message

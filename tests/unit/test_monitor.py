@@ -29,6 +29,8 @@ def test_rollback_on_errors_latency_format_and_too_few():
     assert v["verdict"] == "rollback" and any("error rate" in r for r in v["reasons"])
     slow = [rec("1", GOOD, "2", GOOD, latency=5000.0)] * 30
     assert any("p95" in r for r in shadow_verdict(slow, "2", ShadowThresholds())["reasons"])
+    # a sub-millisecond budget is shown as set, not rounded to "> 0 ms"
+    assert "p95 latency 5000 ms > 0.001 ms" in shadow_verdict(slow, "2", ShadowThresholds(max_p95_ms=0.001))["reasons"]
     junk = [rec("1", GOOD, "2", "blah")] * 30
     assert any("format" in r for r in shadow_verdict(junk, "2", ShadowThresholds())["reasons"])
     few = [rec("1", GOOD, "2", GOOD)] * 5

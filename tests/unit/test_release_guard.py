@@ -3,8 +3,11 @@
 
 The gateway fake applies the gateway's own routing rules (`serving.gateway.routing`:
 RoutesUpdate.apply, switch, rollback) to an in-memory state, so `previous` behaves as the
-real admin API makes it behave; Triton and the registry are in-memory (the real ones are
-in tests/integration/test_release_guard.py).
+real admin API makes it behave; Triton and the registry are in-memory. The branches that
+depend on how the real gateway, Triton and MLflow behave (Triton lost the previous colour, a
+first release's breach, no previous route, a `previous` changed since the release) run
+against the real ones in tests/integration/test_post_switch_rollback.py; what stays here
+needs a fault injected (a failed rollback) or a half-done earlier try.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from serving.gateway import routing
 from tuneship import registry
 from tuneship.inference_log import format_ts, parse_ts, partition_file
 from tuneship.notify import read_sink
-from tuneship.stages import StageFailed, guard_release, release_windows, retire_previous
+from tuneship.stages import Refusal, StageFailed, guard_release, release_windows, retire_previous
 
 
 def route(colour: str, version: str) -> dict[str, Any]:
@@ -133,7 +136,7 @@ def test_breach_rolls_back_to_the_previous_colour_and_champion_follows(aliases):
     aliases["champion"] = "7"
     sent = len(read_sink())
 
-    with pytest.raises(StageFailed, match="v7 breached .*error rate 0.150.*rolled back"):
+    with pytest.raises(Refusal, match="v7 breached .*error rate 0.150.*rolled back"):
         guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
 
     r = gw.routes()
@@ -148,46 +151,16 @@ def test_breach_rolls_back_to_the_previous_colour_and_champion_follows(aliases):
     assert "@champion: v6" in msg["text"]
 
 
-def test_breach_loads_the_previous_colour_first_when_triton_lost_it(aliases):
-    gw, triton = switched(), FakeTriton("llm_green")  # e.g. Triton restarted during the window
-    aliases["champion"] = "7"
-    with pytest.raises(StageFailed):
-        guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
-    assert triton.calls[0] == ("load", "llm_blue") and gw.calls[-2:] == ["rollback", "put_routes"]
-    assert gw.routes()["live"]["version"] == "6" and aliases["champion"] == "6"
-
-
-def test_first_release_breach_takes_the_route_down_and_removes_champion(aliases):
-    gw, triton = FakeGateway(live=route("blue", "1")), FakeTriton("llm_blue")
-    aliases["champion"] = "1"
-    with pytest.raises(StageFailed, match="first release.*taken down"):
-        guard_release(FIRST, BREACH, retention_minutes=60, gateway=gw, triton=triton)
-    r = gw.routes()
-    assert r["live"] is None and r["previous"] is None and "rollback" not in gw.calls
-    assert "champion" not in aliases and triton.ready == set()
-    assert read_sink()[-1]["level"] == "error" and "@champion: none" in read_sink()[-1]["text"]
-
-
 def test_retry_after_the_rollback_does_not_move_traffic_again(aliases):
     gw, triton = switched(), FakeTriton("llm_blue", "llm_green")
     gw.rollback()  # the first attempt rolled back, then died before the alias and the clean-up
     aliases["champion"] = "7"
     before = list(gw.calls)
-    with pytest.raises(StageFailed, match="already off v7"):
+    with pytest.raises(Refusal, match="already off v7"):
         guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
     assert gw.calls[len(before):] == ["put_routes"]  # only `previous` cleared
     assert gw.routes()["live"]["version"] == "6" and gw.routes()["previous"] is None
     assert aliases["champion"] == "6" and triton.ready == {"llm_blue"}
-
-
-def test_breach_without_a_previous_route_leaves_traffic_and_says_so(aliases):
-    gw, triton = switched(), FakeTriton("llm_blue", "llm_green")
-    gw.put_routes({**gw.routes(), "previous": None})  # cleared by hand
-    aliases["champion"] = "7"
-    with pytest.raises(StageFailed, match="NOT rolled back"):
-        guard_release(PLAN, BREACH, retention_minutes=60, gateway=gw, triton=triton)
-    assert gw.routes()["live"]["version"] == "7" and aliases["champion"] == "7"
-    assert triton.calls == [] and "by hand" in read_sink()[-1]["text"]
 
 
 def test_failed_rollback_alerts_and_raises_for_a_retry(aliases):
@@ -237,14 +210,6 @@ def test_retire_previous_clears_and_unloads_only_what_it_replaced():
     out = retire_previous(PLAN, gateway=rolled, triton=triton)
     assert out["retired"] is None and "live" in out["reason"] and triton.calls == []
     assert retire_previous(FIRST, gateway=rolled, triton=triton)["retired"] is None
-
-
-def test_retire_previous_leaves_a_previous_that_changed_since():
-    gw = FakeGateway(live=route("green", "7"), previous=route("blue", "5"))  # not the v6 this release replaced
-    triton = FakeTriton("llm_blue", "llm_green")
-    out = retire_previous(PLAN, gateway=gw, triton=triton)
-    assert out["retired"] is None and "previous" in out["reason"]
-    assert gw.routes()["previous"]["version"] == "5" and triton.ready == {"llm_blue", "llm_green"}
 
 
 def test_release_windows_params_and_overrides():
