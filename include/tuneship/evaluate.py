@@ -192,8 +192,9 @@ class GateReport:
     def summary(self) -> str:
         lines = []
         for g in self.gates:
-            ref = f" (ref {g.reference:.3f})" if g.reference is not None else ""
-            lines.append(f"{'PASS' if g.passed else 'FAIL'} {g.metric} {g.rule} {g.threshold:.3f}: {g.value:.3f}{ref}")
+            # a regression gate's threshold is the reference's score less the tolerance
+            how = "" if g.reference is None else f" (reference {g.reference:.3f} - {g.reference - g.threshold:.3f})"
+            lines.append(f"{'PASS' if g.passed else 'FAIL'} {g.metric} >= {g.threshold:.3f}{how}: {g.value:.3f}")
         return "\n".join(lines)
 
 

@@ -54,6 +54,7 @@ def test_gates_absolute_and_regression():
     failed = [g for g in report.gates if not g.passed]
     assert not report.passed
     assert [g.metric for g in failed] == ["category_accuracy"] and failed[0].reference == 0.95
+    assert "FAIL category_accuracy >= 0.930 (reference 0.950 - 0.020): 0.900" in report.summary()
     low = SuiteResult("triage", 1, {"category_accuracy": 0.5, "priority_accuracy": 0.8, "format_rate": 1.0}, 10)
     assert not apply_gates(suite, low, ref).passed
     assert "FAIL category_accuracy >= 0.700: 0.500" in apply_gates(suite, low, ref).summary()
