@@ -1,7 +1,7 @@
 """The `tuneship` command without services: --help everywhere, configuration errors that name
 the field, conf parsing, and the example CI workflow (schema-valid, and every `tuneship` line
 in it parses with the real CLI). Commands against Airflow and the gateway:
-tests/integration/test_cli.py."""
+tests/integration/test_cli_live.py."""
 
 from __future__ import annotations
 
