@@ -10,6 +10,8 @@ emits the `validated_dataset` Asset (extra: `version_id`, `manifest_uri`); rejec
 the run once (a decision: no retry) with a message naming the file, lines and checks, and
 says so on Slack.
 Validating content that is already versioned is a no-op: no new event, no retrain.
+Runs one at a time (on a new deployment the latest nightly run starts when the DAG is
+unpaused, beside any manual run): each compares with, and moves, the last accepted version.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tuneship_airflow.refusals import fail_on_refusal
     ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
+    max_active_runs=1,  # one validation at a time: each compares with, and moves, the last accepted version
     doc_md=__doc__,
     tags=["tuneship", "data"],
     default_args={"owner": "ml-platform", "retries": 1},

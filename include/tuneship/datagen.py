@@ -16,8 +16,9 @@ import json
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
+
+from tuneship import atomic
 
 CATEGORIES: tuple[str, ...] = ("billing", "shipping", "returns", "account", "technical")
 PRIORITIES: tuple[str, ...] = ("low", "normal", "high")
@@ -236,12 +237,7 @@ def to_chat(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_dataset(

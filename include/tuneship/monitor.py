@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneship import config
+from tuneship import atomic, config
 
 
 def log_root() -> Path:
@@ -235,11 +235,7 @@ def load_governor() -> GovernorState:
 
 
 def save_governor(state: GovernorState) -> None:
-    path = governor_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state)))
-    tmp.replace(path)
+    atomic.write_text(governor_path(), json.dumps(asdict(state)))
 
 
 def governor_decide(state: GovernorState, drifted: bool, *, debounce: int, cooldown_s: float,

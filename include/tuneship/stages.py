@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuneship import config
+from tuneship import atomic, config
 from tuneship.notify import notify
 
 COLOURS = ("blue", "green")
@@ -120,10 +120,7 @@ def validate_and_version(dataset_uri: str, *, run_id: str) -> dict[str, Any]:
         notify(f"Dataset rejected: {dataset_uri}\n{message}", level="error", dataset_uri=dataset_uri)
         raise Refusal(message)
     version = version_dataset(dataset_uri, report, artifacts_root=config.artifacts())
-    pointer = datasets_root() / "LATEST"
-    tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(version.version_id)
-    tmp.replace(pointer)
+    atomic.write_text(datasets_root() / "LATEST", version.version_id)
     result = {"version_id": version.version_id, "manifest_uri": str(version.manifest_uri),
               "path": str(version.path), "created": bool(version.created),
               "data_docs": str(report.data_docs_path) if report.data_docs_path else None,

@@ -188,6 +188,8 @@ def test_validation_runs_nightly_and_when_a_batch_lands(dagbag):
 
     from tuneship import config
 
+    # On unpause the latest nightly run starts beside any manual one: they must queue, not race.
+    assert dagbag.dags["llm_data_validation"].max_active_runs == 1
     tt = dagbag.dags["llm_data_validation"].timetable
     assert (tt.timetable.expression, str(tt.timetable.timezone)) == ("0 2 * * *", "UTC")
     cond = tt.asset_condition
