@@ -56,7 +56,11 @@ def _dags_parsed(ui: AirflowUI) -> bool:
     return r.status_code == 200 and DAG_IDS <= {d["dag_id"] for d in r.json()["dags"]}
 
 
-@pytest.fixture(scope="session")
+# Package scope (tests/browser has an __init__.py for it): Playwright's sync API keeps an
+# event loop running in the main thread while it is open, which makes every later
+# `asyncio.run()` in the session (the triggers' tests) fail; and Airflow should not keep
+# running for the rest of the suite. Both stop when the browser tests are done.
+@pytest.fixture(scope="package")
 def airflow_ui() -> Iterator[AirflowUI]:
     os.environ["TUNESHIP_PORT_AIRFLOW"] = str(free_port())
     try:
@@ -80,7 +84,7 @@ def chromium_path() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -114,7 +118,7 @@ def screenshot(page):
     return _shot
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def _session_cookies() -> list[dict]:
     return []
 
