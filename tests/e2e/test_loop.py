@@ -14,17 +14,16 @@ while live traffic and `@champion` stay where they were.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from envs import override_env
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -127,22 +126,6 @@ def test_post_switch_guard_held_and_previous_colour_retired(demo):
 # ---------------------------------------------------------------- failure paths, same stack
 
 
-@contextlib.contextmanager
-def _stack_env(env: dict[str, str]) -> Iterator[None]:
-    """This process talks to the demo's stack (config reads TUNESHIP_HOME and the ports)."""
-    keys = [k for k in env if k.startswith("TUNESHIP_")]
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: env[k] for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _champion(env: dict[str, str]) -> str | None:
     code = "from tuneship import registry; c = registry.by_alias('champion'); print(c.version if c else '')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -195,7 +178,8 @@ def run_failure_paths(demo: dict[str, Any]) -> dict[str, dict[str, Any]]:
     home, env = demo["home"], demo["env"]
     good = str(demo["summary"]["cycles"][0]["finetune"]["model"]["version"])  # cycle 1's, since retired
     out: dict[str, dict[str, Any]] = {}
-    with _stack_env(env):
+    # this process talks to the demo's stack (config reads TUNESHIP_HOME and the ports)
+    with override_env(**{k: v for k, v in env.items() if k.startswith("TUNESHIP_")}):
         api = demo_mod.api_client()
         loop = demo_mod.Loop(api, timeout=1500)
         # a candidate no better than the base model: below the floor and behind the champion

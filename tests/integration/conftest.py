@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -32,26 +31,14 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `serving` lives at the repo root (not an installed package)
     sys.path.insert(0, str(REPO))
 
+from envs import override_env  # noqa: E402
+
 from tuneship import tritonserver  # noqa: E402
 
 ECHO_MODEL = REPO / "tests" / "fixtures" / "triton_models" / "echo_llm"
 MODELS = {"llm_blue": 0, "llm_green": 0, "llm_slow": 1000, "llm_stream": 0, "llm_gated": 0}  # name -> delay_ms
 DECOUPLED = {"llm_stream"}  # streams one word per response, like the compiled model
 GATED = {"llm_stream", "llm_gated"}  # hold answers until the test creates `<model dir>/gate`
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def copy_echo_model(repository: Path, name: str, delay_ms: int = 0, decoupled: bool = False,
@@ -95,7 +82,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
     repo = tmp_path_factory.mktemp("triton_repo")
     for name, delay in MODELS.items():
         copy_echo_model(repo, name, delay, decoupled=name in DECOUPLED, gated=name in GATED)
-    with _env(TUNESHIP_HOME=str(install_home)):
+    with override_env(TUNESHIP_HOME=str(install_home)):
         tritonserver.install()
         server = tritonserver.TritonServer(
             repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),

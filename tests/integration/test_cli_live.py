@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import _env, free_port
+from envs import override_env
+from ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +144,7 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     home = tmp_path_factory.mktemp("cli-airflow")
     env = {"TUNESHIP_HOME": str(home), "TUNESHIP_PORT_AIRFLOW": str(free_port()),
            "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "1", "XDG_CONFIG_HOME": str(home / "xdg")}
-    with _env(**env):
+    with override_env(**env):
         try:
             services.start(AIRFLOW, timeout=240)
             api = AirflowAPI(f"http://127.0.0.1:{env['TUNESHIP_PORT_AIRFLOW']}", services.ADMIN_USER,
@@ -175,7 +176,7 @@ def test_trigger_failing_run_exits_1_with_the_tasks_reason(airflow_env, tmp_path
 def test_trigger_no_wait_then_runs_wait_succeeds_with_a_token(airflow_env):
     from tuneship import services
 
-    with _env(**airflow_env):
+    with override_env(**airflow_env):
         password = services.admin_password()
     url = f"http://127.0.0.1:{airflow_env['TUNESHIP_PORT_AIRFLOW']}"
     token = httpx.post(f"{url}/auth/token", json={"username": "admin", "password": password}).json()["access_token"]
