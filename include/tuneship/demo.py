@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from tuneship import config, services
-from tuneship.runwatch import RunWatcher
+from tuneship.runwatch import RunWatcher, failures
 
 DAGS = ("llm_data_validation", "llm_finetune", "llm_release", "llm_drift_monitor")
 
@@ -108,8 +108,6 @@ class Loop(RunWatcher):
     def wait_run(self, dag_id: str, run_id: str) -> dict:
         """As RunWatcher's, and a failed run prints each failed task's last log lines: the
         reason, without opening the UI."""
-        from tuneship.runwatch import failures
-
         run = super().wait_run(dag_id, run_id)
         if run["state"] == "failed":
             run["failed_tasks"] = [f.to_json() for f in failures(self.api, dag_id, run_id, lines=25)]
