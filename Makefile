@@ -14,10 +14,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install chromium demo test bench up down status lock lint clean
 
-$(VENV)/.installed: requirements.txt serving/triton/requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt serving/triton/requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	$(UV) pip install --quiet --python $(PY) $(FIND_LINKS) -r requirements.txt
+	$(UV) pip install --quiet --python $(PY) --no-deps --require-hashes -r requirements-nodeps.txt
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	$(PY) -m tuneship.tritonserver install
 	@touch $@
