@@ -1,12 +1,14 @@
 """
 ### llm_drift_monitor
 
-Hourly: compares the recent inference log (prompts the live model answered) with the
-reference text profile stored in the champion's training-dataset manifest (length-
-distribution PSI and token-distribution divergence, `tuneship.profile`). A retrain
-governor (debounce: N drifted checks in a row; cooldown between requests) decides whether
-to emit `retrain_request`, which triggers `llm_finetune`. A drift chart is written beside
-the run's reports.
+Hourly, for each task (one mapped task instance per task file): compares the task's
+recent inference log (prompts its live model answered) with the reference text profile
+stored in its champion's training-dataset manifest (length-distribution PSI and
+token-distribution divergence, `tuneship.profile`). The task's retrain governor (debounce:
+N drifted checks in a row; cooldown between requests) decides whether to emit
+`retrain_request` (extra: `task`), which triggers `llm_finetune`. A drift chart is written
+beside the run's reports. The settings come from the task file's `drift:` section; a Param
+given here replaces it for this run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from tuneship.tasks import task_names
 from tuneship_airflow.assets import retrain_request
 
 
@@ -28,32 +31,42 @@ from tuneship_airflow.assets import retrain_request
     tags=["tuneship", "monitoring"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(minutes=1)},
     params={
-        "window_hours": Param(1.0, type="number", exclusiveMinimum=0, title="Window (hours)",
-                              description="How much recent traffic to compare with the training reference."),
-        "threshold": Param(0.2, type="number", exclusiveMinimum=0, title="Drift threshold"),
-        "min_requests": Param(50, type="integer", minimum=1, title="Min requests in the window"),
-        "debounce": Param(2, type="integer", minimum=1, title="Drifted checks in a row before a retrain"),
-        "cooldown_hours": Param(24.0, type="number", minimum=0, title="Cooldown between retrains (hours)"),
+        "window_hours": Param(None, type=["null", "number"], exclusiveMinimum=0, title="Window (hours)",
+                              description="How much recent traffic to compare with the training reference. "
+                                          "Empty: each task's."),
+        "threshold": Param(None, type=["null", "number"], exclusiveMinimum=0, title="Drift threshold",
+                           description="Empty: each task's."),
+        "min_requests": Param(None, type=["null", "integer"], minimum=1, title="Min requests in the window",
+                              description="Empty: each task's."),
+        "debounce": Param(None, type=["null", "integer"], minimum=1, title="Drifted checks in a row before a retrain",
+                          description="Empty: each task's."),
+        "cooldown_hours": Param(None, type=["null", "number"], minimum=0, title="Cooldown between retrains (hours)",
+                                description="Empty: each task's."),
     },
 )
 def llm_drift_monitor():
     @task(outlets=[retrain_request])
-    def detect_drift(params=None, run_id=None, outlet_events=None):
+    def detect_drift(task_name: str, params=None, run_id=None, outlet_events=None):
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from tuneship.stages import check_drift
+        from tuneship.stages import check_drift, drift_settings
+        from tuneship.tasks import load_task
 
+        t = load_task(task_name)
+        s = drift_settings(t, params)
         result = check_drift(
-            window_hours=float(params["window_hours"]),
-            threshold=float(params["threshold"]),
-            min_requests=int(params["min_requests"]),
-            debounce=int(params["debounce"]),
-            cooldown_hours=float(params["cooldown_hours"]),
+            t,
+            window_hours=float(s["window_hours"]),
+            threshold=float(s["threshold"]),
+            min_requests=int(s["min_requests"]),
+            debounce=int(s["debounce"]),
+            cooldown_hours=float(s["cooldown_hours"]),
             run_id=run_id,
         )
         if not result["fire"]:
-            raise AirflowSkipException(f"no retrain: {result['reason']} (score {result.get('score')})")
+            raise AirflowSkipException(f"{task_name}: no retrain: {result['reason']} (score {result.get('score')})")
         outlet_events[retrain_request].extra = {
+            "task": task_name,
             "score": result["score"],
             "champion": result["champion"],
             "dataset_version": result["dataset_version"],
@@ -61,7 +74,7 @@ def llm_drift_monitor():
         }
         return result
 
-    detect_drift()
+    detect_drift.expand(task_name=task_names())
 
 
 llm_drift_monitor()

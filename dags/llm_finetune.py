@@ -3,8 +3,12 @@
 
 LoRA fine-tune → MLflow registration (`@challenger`) → evaluation gates → compile for Triton.
 
+Fine-tunes one task (`task` Param, else the task named by the triggering event; the task
+file `include/tasks/<task>.yaml` gives the base model, recipe, suites and registered model).
 Runs when `validated_dataset` (new accepted data) or `retrain_request` (the drift monitor)
-is updated, or from the UI form. A drift-triggered retrain first validates and versions any
+is updated, or from the UI form. Events for several tasks that arrive in the same run: the
+newest event's task is trained, and the others are named in the log and on Slack so they can
+be triggered (one task per run for now). A drift-triggered retrain first validates and versions any
 labelled data that landed since the last accepted version, then trains on the newest. The trainer is one entrypoint (`python -m tuneship.train`)
 with the same arguments on every runner: `local` (a worker subprocess, the embedded
 default), `docker` (DockerOperator with GPU device requests) or `kubernetes`
@@ -21,6 +25,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import Param, dag, task
 
+from tuneship.tasks import task_names
 from tuneship_airflow.assets import release_candidate, retrain_request, validated_dataset
 from tuneship_airflow.operators import LocalTrainerOperator
 from tuneship_airflow.refusals import fail_on_refusal
@@ -40,9 +45,11 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
     tags=["tuneship", "training"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=30)},
     params={
+        "task": Param(None, type=["null", "string"], enum=[None, *task_names()], title="Task",
+                      description="include/tasks/<task>.yaml. Empty: the triggering event's task, else the default."),
         "base_model": Param(None, type=["null", "string"], title="Base model",
-                            description="HF model id or local path. Empty: the embedded tiny Llama."),
-        "recipe": Param("tiny-lora", type="string", title="Recipe",
+                            description="HF model id, local path or packaged model name. Empty: the task's."),
+        "recipe": Param(None, type=["null", "string"], title="Recipe",
                         description="A recipe under include/tuneship/train/recipes (name) or a YAML path. "
                         "The fields below override it; leave them empty to keep the recipe's value."),
         "lora_r": Param(None, type=["null", "integer"], minimum=1, maximum=256, title="LoRA rank",
@@ -63,21 +70,24 @@ def llm_finetune():
     @task
     @fail_on_refusal  # a retrain's landed batch can be rejected by validation
     def plan(params=None, run_id=None, triggering_asset_events=None):
-        from tuneship.stages import StageFailed, dataset_for_retrain, finetune_plan, latest_dataset
+        from tuneship.stages import (
+            StageFailed,
+            dataset_for_retrain,
+            finetune_plan,
+            finetune_trigger,
+            latest_dataset,
+        )
+        from tuneship.tasks import load_task
 
-        trigger, dataset = "manual", None
-        for asset, events in (triggering_asset_events or {}).items():
-            if events and getattr(asset, "name", "") == "validated_dataset":
-                trigger, extra = "validated_dataset", dict(events[-1].extra or {})
-                dataset = {k: extra[k] for k in ("version_id", "manifest_uri", "path") if k in extra}
-            elif events and trigger == "manual":
-                trigger = getattr(asset, "name", "asset")
-        if trigger == "retrain_request":
-            dataset = dataset_for_retrain(run_id)
-        dataset = dataset or latest_dataset()
+        chosen = finetune_trigger(params["task"], triggering_asset_events)
+        task = load_task(chosen["task"])
+        dataset = chosen["dataset"]
+        if chosen["trigger"] == "retrain_request":
+            dataset = dataset_for_retrain(task, run_id)
+        dataset = dataset or latest_dataset(task)
         if not dataset:
-            raise StageFailed("no validated dataset yet: run llm_data_validation first")
-        return finetune_plan(dataset=dataset, params=dict(params), run_key=run_id, trigger=trigger)
+            raise StageFailed(f"no validated dataset for task {task.name} yet: run llm_data_validation first")
+        return finetune_plan(task, dataset=dataset, params=dict(params), run_key=run_id, trigger=chosen["trigger"])
 
     @task.branch
     def choose_runner(p: dict):
@@ -106,15 +116,18 @@ def llm_finetune():
     @fail_on_refusal
     def evaluate(candidate: dict, p: dict):
         from tuneship.stages import evaluate_candidate
+        from tuneship.tasks import load_task
 
-        return evaluate_candidate(candidate, p["dataset"])
+        return evaluate_candidate(load_task(p["task"]), candidate, p["dataset"])
 
     @task(outlets=[release_candidate])
-    def compile_model(candidate: dict, gates: dict, outlet_events=None):
+    def compile_model(candidate: dict, gates: dict, p: dict, outlet_events=None):
         from tuneship.stages import compile_candidate
+        from tuneship.tasks import load_task
 
-        compiled = compile_candidate(candidate)
+        compiled = compile_candidate(load_task(p["task"]), candidate)
         outlet_events[release_candidate].extra = {
+            "task": p["task"],
             "version": candidate["version"],
             "package": compiled["package"],
             "gates": gates["metrics"],
@@ -128,7 +141,7 @@ def llm_finetune():
     candidate = register(p)
     trained >> candidate
     gates = evaluate(candidate, p)
-    compile_model(candidate, gates)
+    compile_model(candidate, gates, p)
 
 
 llm_finetune()

@@ -1,7 +1,10 @@
 """
 ### llm_release
 
-Blue/green release of a `release_candidate`: first reconcile Triton with the routing state
+Blue/green release of a task's `release_candidate` (the event's `task`, or the `task` Param
+with a `version`): each task has its own colours in Triton (`<task>_blue`, `<task>_green`),
+its own routes in the gateway (its served model) and its own inference log; nothing here
+touches another task's. First reconcile the task's Triton colours with its routing state
 (recovers from a release, Triton or gateway that died mid-way), then load the candidate
 into the idle Triton colour, confirm readiness, run warm-up requests straight to it, run the
 smoke suite through the gateway to that colour only (scores below the suite's gates: the
@@ -41,6 +44,7 @@ import pendulum
 from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import Param, dag, task
 
+from tuneship.tasks import task_names
 from tuneship_airflow.assets import model_promoted, release_candidate
 from tuneship_airflow.operators import PostSwitchWindowOperator, ShadowWindowOperator
 from tuneship_airflow.refusals import fail_on_refusal
@@ -72,70 +76,82 @@ from tuneship_airflow.refusals import fail_on_refusal
                                    title="Retention of the previous colour (minutes)",
                                    description="After a clean post-switch window the previous colour stays loaded "
                                                "this long (instant rollback), then it is unloaded."),
+        "task": Param(None, type=["null", "string"], enum=[None, *task_names()], title="Task",
+                      description="include/tasks/<task>.yaml. Empty: the triggering candidate's task, else the default."),
         "version": Param(None, type=["null", "string"], title="Registry version",
-                         description="Release this version instead of the triggering candidate."),
+                         description="Release this version of the task's registered model instead of the "
+                                     "triggering candidate."),
     },
 )
 def llm_release():
     @task
-    def reconcile():
-        """A release (or Triton, or the gateway) that died mid-way is recovered from here:
-        Triton's colour models are made to match the routing state before anything moves."""
-        from tuneship.stages import reconcile_serving
-        from tuneship_airflow.hooks import GatewayHook, TritonHook
+    def which_task(params=None, triggering_asset_events=None):
+        from tuneship.stages import release_trigger
 
-        return reconcile_serving(GatewayHook().routes(), TritonHook())
+        return release_trigger(params["task"], params["version"], triggering_asset_events)
 
     @task
-    def plan(params=None, triggering_asset_events=None):
+    def reconcile(chosen: dict):
+        """A release (or Triton, or the gateway) that died mid-way is recovered from here:
+        the task's Triton colour models are made to match its routing state before anything moves."""
+        from tuneship.stages import reconcile_serving
+        from tuneship.tasks import load_task
+        from tuneship_airflow.hooks import GatewayHook, TritonHook
+
+        task = load_task(chosen["task"])
+        return reconcile_serving(task, GatewayHook(model=task.served_model).routes(), TritonHook())
+
+    @task
+    def plan(chosen: dict, params=None):
         from airflow.sdk import Variable
 
-        from tuneship.stages import StageFailed, idle_colour, release_plan, release_windows
+        from tuneship.stages import StageFailed, release_plan, release_windows
+        from tuneship.tasks import load_task
         from tuneship_airflow.hooks import GatewayHook
 
-        candidate = None
-        for asset, events in (triggering_asset_events or {}).items():
-            if events and getattr(asset, "name", "") == "release_candidate":
-                candidate = dict(events[-1].extra or {})
+        task = load_task(chosen["task"])
+        candidate = chosen["candidate"]
         windows = release_windows(
             params,
             shadow_hours_override=Variable.get("tuneship_shadow_hours_override", default=None),
             post_switch_minutes_override=Variable.get("tuneship_post_switch_minutes_override", default=None),
             retention_minutes_override=Variable.get("tuneship_retention_minutes_override", default=None),
         )
-        routes = GatewayHook().routes()
-        result = release_plan(candidate, params["version"] or None, routes)
+        routes = GatewayHook(model=task.served_model).routes()
+        result = release_plan(task, candidate, params["version"] or None, routes)
         if result is None:
-            raise StageFailed("nothing to release: no triggering candidate and no `version` given")
-        result["colour"] = idle_colour(routes)
+            raise StageFailed(f"nothing to release for task {task.name}: no triggering candidate and no `version` given")
         result.update(windows)
         return result
 
     @task
     def load_candidate(p: dict):
         from tuneship.stages import stage_into_repository, warm_up_candidate
+        from tuneship.tasks import load_task
         from tuneship_airflow.hooks import TritonHook
 
-        model = stage_into_repository(p["package"], p["colour"])
+        model = stage_into_repository(p["package"], p["model"])
         triton = TritonHook()
         triton.load(model)  # returns once Triton reports the model ready
-        print(f"warm-up: {warm_up_candidate(model, triton)}")
+        print(f"warm-up: {warm_up_candidate(load_task(p['task']), model, triton)}")
         return model
 
     @task
     @fail_on_refusal
     def smoke(model: str, p: dict):
         from tuneship.stages import smoke_candidate
+        from tuneship.tasks import load_task
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
-        return smoke_candidate(model, p["version"], gateway=GatewayHook(), triton=TritonHook())
+        return smoke_candidate(load_task(p["task"]), model, p["version"],
+                               gateway=GatewayHook(model=p["served_model"]), triton=TritonHook())
 
     @task
     def start_shadow(model: str, p: dict, smoke_result: dict):
         from tuneship.stages import route_for
         from tuneship_airflow.hooks import GatewayHook
 
-        hook = GatewayHook()
+        hook = GatewayHook(model=p["served_model"])
         routes = hook.routes()
         route = route_for(p, model)
         if routes.get("live"):
@@ -146,6 +162,7 @@ def llm_release():
 
     window = ShadowWindowOperator(
         task_id="shadow_window",
+        task="{{ ti.xcom_pull(task_ids='plan')['task'] }}",
         candidate_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
         window_hours="{{ ti.xcom_pull(task_ids='plan')['shadow_hours'] }}",
         thresholds={"max_error_rate": "{{ params.max_error_rate }}", "max_p95_ms": "{{ params.max_p95_ms }}",
@@ -164,12 +181,13 @@ def llm_release():
 
         verdict = ti.xcom_pull(task_ids="shadow_window")
         switched_at = time.time()  # the post-switch window counts the new version's answers from here
-        result = finish_release(p, slot, verdict, gateway=GatewayHook(), triton=TritonHook())
-        outlet_events[model_promoted].extra = {"version": p["version"], "colour": p["colour"]}
+        result = finish_release(p, slot, verdict, gateway=GatewayHook(model=p["served_model"]), triton=TritonHook())
+        outlet_events[model_promoted].extra = {"task": p["task"], "version": p["version"], "colour": p["colour"]}
         return {**result, "switched_at": switched_at}
 
     post_window = PostSwitchWindowOperator(
         task_id="post_switch_window",
+        served_model="{{ ti.xcom_pull(task_ids='plan')['served_model'] }}",
         version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
         switched_at="{{ ti.xcom_pull(task_ids='decide')['switched_at'] }}",
         window_minutes="{{ ti.xcom_pull(task_ids='plan')['post_switch_minutes'] }}",
@@ -188,7 +206,7 @@ def llm_release():
 
         verdict = ti.xcom_pull(task_ids="post_switch_window")
         return guard_release(p, verdict, retention_minutes=p["retention_minutes"],
-                             gateway=GatewayHook(), triton=TritonHook())
+                             gateway=GatewayHook(model=p["served_model"]), triton=TritonHook())
 
     retention = DateTimeSensorAsync(
         task_id="retention_window",
@@ -200,10 +218,11 @@ def llm_release():
         from tuneship.stages import retire_previous as retire
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
-        return retire(p, gateway=GatewayHook(), triton=TritonHook())
+        return retire(p, gateway=GatewayHook(model=p["served_model"]), triton=TritonHook())
 
-    p = plan()
-    reconcile() >> p
+    chosen = which_task()
+    p = plan(chosen)
+    reconcile(chosen) >> p
     model = load_candidate(p)
     smoked = smoke(model, p)
     slot = start_shadow(model, p, smoked)

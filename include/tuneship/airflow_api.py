@@ -76,10 +76,11 @@ class AirflowAPI:
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+        """A task instance's XCom (`map_index`: which instance of a mapped task); None when absent."""
         try:
             return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
-                                params={"deserialize": True, "stringify": False})["value"]
+                                params={"deserialize": True, "stringify": False, "map_index": map_index})["value"]
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code == 404:
                 return None

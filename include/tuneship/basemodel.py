@@ -1,11 +1,9 @@
-"""The base model: a tiny Llama built and pre-trained locally, or an HF model in production.
+"""The base model: an HF model (id or directory), or a tiny Llama built locally for fast tests.
 
-Nothing can be downloaded on the embedded default, so the demo base model is made here from
-scratch: a byte-level BPE tokenizer trained on generic support text, and a 2-layer
-LlamaForCausalLM pre-trained briefly on the same text. It is a real (small) language model of
-the domain that has never seen the triage answer format, so fine-tuning has work to do.
-The build is deterministic from its seed and idempotent: a directory whose manifest matches
-is reused, not rebuilt.
+The tiny model is made here from scratch for unit tests, where speed matters more than
+realism: a byte-level BPE tokenizer trained on a corpus the caller gives (a task's demo
+text), and a 2-layer LlamaForCausalLM pre-trained briefly on it. The build is deterministic
+from its seed and idempotent: a directory whose manifest matches is reused, not rebuilt.
 """
 
 from __future__ import annotations
@@ -18,11 +16,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tuneship import config
-from tuneship.datagen import pretrain_corpus
 
 BUILDER_VERSION = 1
 MANIFEST = "base_model.json"
@@ -68,7 +66,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
+def _train_tokenizer(corpus: list[str], vocab_size: int, vocab_texts: Sequence[str] = ()) -> Any:
     """Byte-level BPE (never emits <unk>), with a post-processor that prepends <s>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -82,12 +80,7 @@ def _train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     # The answer vocabulary is part of the language, so label words become whole tokens.
-    from tuneship.datagen import CATEGORIES, PRIORITIES
-
-    extra = [
-        f"Triage: category={c} priority={p} assistant: user:"
-        for c in CATEGORIES for p in PRIORITIES
-    ] * 100
+    extra = list(vocab_texts) * 100
     tok.train_from_iterator(corpus + extra, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
@@ -140,12 +133,17 @@ def _manifest_matches(out: Path, spec: dict[str, Any], seed: int) -> bool:
 
 
 def build_base_model(
-    out_dir: str | os.PathLike[str] | None = None,
+    out_dir: str | os.PathLike[str] | None,
+    corpus: Callable[[int, int], list[str]],
     seed: int = 0,
     spec: dict[str, Any] | None = None,
     log: Any = print,
+    vocab_texts: Sequence[str] = (),
 ) -> Path:
     """Build (or reuse) the tiny pre-trained Llama in out_dir; returns the directory.
+
+    `corpus(n, seed)` gives the pre-training documents (e.g. a task's `pretrain_corpus`);
+    `vocab_texts` are strings whose words should become whole tokens (answer vocabulary).
 
     Deterministic: seeded RNGs, deterministic algorithms, a fixed thread count for the
     build. Atomic: built in a sibling temp dir and renamed into place.
@@ -155,6 +153,9 @@ def build_base_model(
 
     out = Path(out_dir) if out_dir is not None else default_dir()
     spec = {**DEFAULT_SPEC, **(spec or {})}
+    docs = corpus(int(spec["corpus_docs"]), seed)
+    # the corpus decides the weights too: a manifest made from other text does not match
+    spec["corpus_sha256"] = hashlib.sha256("\x00".join([*docs, "\x01", *vocab_texts]).encode()).hexdigest()
     if _manifest_matches(out, spec, seed):
         log(f"base model: reusing {out} (manifest matches)")
         return out
@@ -171,8 +172,7 @@ def build_base_model(
     torch.use_deterministic_algorithms(True)
     try:
         torch.manual_seed(seed)
-        corpus = pretrain_corpus(int(spec["corpus_docs"]), seed)
-        tokenizer = _wrap_tokenizer(_train_tokenizer(corpus, int(spec["vocab_size"])))
+        tokenizer = _wrap_tokenizer(_train_tokenizer(docs, int(spec["vocab_size"]), vocab_texts))
         data = _pack_corpus(tokenizer, corpus, int(spec["seq_len"]))
 
         cfg = LlamaConfig(
@@ -235,7 +235,7 @@ def build_base_model(
             "parameters": sum(p.numel() for p in model.parameters()),
             "weights_sha256": sha256_file(tmp / "model.safetensors"),
             "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
-            "corpus_docs": len(corpus),
+            "corpus_docs": len(docs),
             "corpus_tokens": int(data.numel()),
             "final_loss": round(final_loss, 6),
             "build_seconds": round(time.perf_counter() - t0, 2),
@@ -305,8 +305,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=None, help=f"output directory (default {default_dir()})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--task", required=True, help="the task whose demo text pre-trains it (demo.pretrain_corpus)")
     args = p.parse_args(argv)
-    out = build_base_model(args.out, seed=args.seed)
+    from tuneship.tasks import load_task
+
+    task = load_task(args.task)
+    if task.demo is None or task.demo.pretrain_corpus is None:
+        p.error(f"task {task.name} declares no demo.pretrain_corpus in {task.path}")
+    out = build_base_model(args.out, task.resolve(task.demo.pretrain_corpus), seed=args.seed,
+                           vocab_texts=task.demo.vocab)
     print(out)
     return 0
 

@@ -25,12 +25,11 @@ from tuneship.basemodel import sha256_file
 
 TRITON_TEMPLATE_DIR = config.REPO_ROOT / "serving" / "triton" / "llm"
 LOGIT_TOLERANCE = 1e-3
-PARITY_PROMPTS = [
-    "Ticket: I was charged twice for my order, please fix this asap.\nTriage:",
-    "Ticket: My package has not arrived yet and tracking has not moved.\nTriage:",
-    "Ticket: hey, the app crashes when I open my cart. no rush\nTriage:",
-    "Ticket: I want to return the blue sneakers, they are the wrong size.\nTriage:",
+# Used when a caller gives no parity prompts of its own (a task gives its smoke prompts).
+GENERIC_PARITY_PROMPTS = [
     "Hello",
+    "The weather today is",
+    "Question: what is two plus two?\nAnswer:",
 ]
 OPSET = 18
 
@@ -99,7 +98,7 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> float:
             "install the pinned requirements.txt"
         ) from e
     wrapper = _LogitsOnly.wrap(model)
-    ids = tokenizer(PARITY_PROMPTS[0], add_special_tokens=True)["input_ids"]
+    ids = tokenizer(GENERIC_PARITY_PROMPTS[2], add_special_tokens=True)["input_ids"]
     example = torch.tensor([ids, ids], dtype=torch.long)  # batch 2 so batch stays symbolic
     max_ctx = int(getattr(model.config, "max_position_embeddings", 2048))
     dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1, max=max_ctx)}
@@ -128,7 +127,7 @@ def check_parity(
 
     from tuneship.generate import generate_ids
 
-    prompts = prompts or PARITY_PROMPTS
+    prompts = [*(prompts or []), *GENERIC_PARITY_PROMPTS]
     session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     wrapper = _LogitsOnly.wrap(model)
     max_diff = 0.0
@@ -186,8 +185,12 @@ def compile_for_triton(
     deployment: dict[str, Any] | None = None,
     max_new_tokens: int = 16,
     tolerance: float = LOGIT_TOLERANCE,
+    parity_prompts: list[str] | None = None,
 ) -> dict[str, Any]:
     """Build repo_dir/model_name/{config.pbtxt, <version>/...} for Triton; returns a report.
+
+    `parity_prompts`: text the compiled model must reproduce eager PyTorch on (the task's own
+    prompts, rendered as the model sees them), besides a few generic ones.
 
     The whole model directory is staged next to its destination and swapped in with a rename.
     Raises ParityError (nothing is written) when the compiled model is not faithful.
@@ -218,7 +221,7 @@ def compile_for_triton(
             "decoding": "greedy",
         }
         (vdir / "generation.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
-        parity = check_parity(model, tokenizer, vdir, tolerance=tolerance,
+        parity = check_parity(model, tokenizer, vdir, prompts=parity_prompts, tolerance=tolerance,
                               max_new_tokens=max_new_tokens)
         onnx_sha = sha256_file(onnx_path)
         deployment.setdefault("onnx_sha256", onnx_sha)

@@ -1,6 +1,7 @@
 """`make demo`: the whole loop on the embedded default, through Airflow's real scheduler.
 
-1. build the tiny base model, land a generated batch of support tickets in `incoming/`;
+1. prepare the demo task's base model, land a generated batch of its data in its landing
+   location (`include/tasks/<task>.yaml`);
 2. start Airflow (api-server, scheduler, dag-processor, triggerer), MLflow, Triton, gateway;
 3. trigger `llm_data_validation`; Assets chain it to `llm_finetune` and `llm_release`
    (validate → fine-tune → gates → compile → blue/green with shadow → promotion) while a
@@ -37,8 +38,10 @@ def say(msg: str) -> None:
 
 @dataclass
 class Traffic:
-    """Replays support tickets through the gateway at a steady rate once it is ready."""
+    """Replays a task's production-like prompts through the gateway at a steady rate once
+    its served model is ready."""
 
+    task: Any = None  # tuneship.tasks.Task
     rps: float = 4.0
     drift: float = 0.0
     api_key: str | None = None  # the embedded default's client key (ensure_client_key)
@@ -58,29 +61,30 @@ class Traffic:
             self._thread.join(timeout=30)
 
     def _loop(self) -> None:
-        from tuneship.datagen import traffic_prompts
-
+        task = self.task
+        traffic_prompts = task.resolve(task.demo.traffic)
         url = config.gateway_url()
         seed = 1000
-        served: str | None = None
+        served = task.served_model
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         with httpx.Client(base_url=url, timeout=30.0, headers=headers) as c:
             while not self._stop.is_set():
                 try:
-                    ready = c.get("/health/ready").status_code == 200
-                except httpx.HTTPError:
+                    ready = any(m["id"] == served for m in c.get("/v1/models").json().get("data", []))
+                except (httpx.HTTPError, ValueError):
                     ready = False
                 if not ready:
                     self._stop.wait(1.0)
                     continue
-                if served is None:
-                    served = c.get("/v1/models").json()["data"][0]["id"]
                 seed += 1
                 drift = self.drift
-                prompt = traffic_prompts(1, seed=seed, drift=drift)[0]
+                prompt = task.render_prompt(traffic_prompts(1, seed=seed, drift=drift)[0])
+                body = {"model": served, "max_tokens": 12, "temperature": 0}
                 try:
-                    r = c.post("/v1/completions", json={"model": served, "prompt": prompt,
-                                                         "max_tokens": 12, "temperature": 0})
+                    if isinstance(prompt, str):
+                        r = c.post("/v1/completions", json={**body, "prompt": prompt})
+                    else:
+                        r = c.post("/v1/chat/completions", json={**body, "messages": prompt})
                     self.ok += r.status_code == 200
                     self.failed += r.status_code != 200
                 except httpx.HTTPError:
@@ -140,17 +144,35 @@ def reset_state() -> None:
     say(f"reset the embedded state under {config.home()} (kept: models, triton install, reports)")
 
 
-def prepare_inputs() -> Path:
-    from tuneship.datagen import write_dataset
-    from tuneship.stages import ensure_base_model
+def demo_task() -> Any:
+    """The task the demo runs (TUNESHIP_DEMO_TASK, default: the default task)."""
+    import os
 
+    from tuneship.tasks import default_task, load_task
+
+    return load_task(os.environ.get("TUNESHIP_DEMO_TASK") or default_task())
+
+
+def prepare_base_model(task: Any) -> str:
+    """The task's base model, ready to load: a packaged model converted once, or the tiny
+    test model built from the task's demo corpus; an HF id or directory as given."""
+    from tuneship import basemodel
+
+    ref = task.base_model
+    if ref == basemodel.DEFAULT_NAME and task.demo and task.demo.pretrain_corpus:
+        basemodel.build_base_model(config.home() / "models" / ref, task.resolve(task.demo.pretrain_corpus),
+                                   vocab_texts=task.demo.vocab)
+    return basemodel.resolve_base_ref(ref)[0]
+
+
+def prepare_inputs(task: Any) -> Path:
     t = time.monotonic()
-    ensure_base_model()
-    say(f"base model ready ({time.monotonic() - t:.0f}s)")
-    batch = config.incoming() / "batch-0001"
+    prepare_base_model(task)
+    say(f"base model {task.base_model} ready ({time.monotonic() - t:.0f}s)")
+    batch = task.landing() / "batch-0001"
     if not (batch / "train.jsonl").exists():
-        write_dataset(batch, seed=0)
-    say(f"training data landed: {batch}")
+        task.resolve(task.demo.generator)(batch, seed=0)
+    say(f"training data for task {task.name} landed: {batch}")
     return batch
 
 
@@ -161,13 +183,13 @@ def start_services() -> None:
     say(f"services up ({time.monotonic() - t:.0f}s)")
 
 
-def _prepare_while_services_start() -> Path:
+def _prepare_while_services_start(task: Any) -> Path:
     """Building the base model is CPU work and Airflow's start is mostly waiting: overlap them."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         starting = pool.submit(start_services)
-        batch = prepare_inputs()
+        batch = prepare_inputs(task)
         starting.result()
     return batch
 
@@ -204,12 +226,13 @@ def print_urls() -> None:
 
 def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
     started = time.monotonic()
-    summary: dict[str, Any] = {"cycles": []}
-    traffic = Traffic()
+    task = demo_task()
+    summary: dict[str, Any] = {"task": task.name, "cycles": []}
+    traffic = Traffic(task=task)
     failed = False
     try:
         reset_state()
-        batch = _prepare_while_services_start()
+        batch = _prepare_while_services_start(task)
         traffic.api_key = ensure_client_key()
         api = api_client()
         loop = Loop(api, timeout)
@@ -222,7 +245,8 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         # ---------------- cycle 1: new data -> release
         say("cycle 1: validate -> fine-tune -> gates -> compile -> release (shadow) -> promote")
         before = {d: _run_ids(api, d) for d in DAGS}
-        cycle = _cycle(api, loop, before, trigger=("llm_data_validation", {"dataset_uri": str(batch)}))
+        cycle = _cycle(api, loop, before, ("llm_data_validation", {"task": task.name, "dataset_uri": str(batch)}),
+                       task.name)
         summary["cycles"].append(cycle)
         if not cycle["ok"]:
             failed = True
@@ -232,17 +256,16 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         say("cycle 2: traffic drifts; the drift monitor should request a retrain")
         drift_from = time.time()
         traffic.drift = 0.8
-        from tuneship.datagen import write_dataset
-
-        write_dataset(config.incoming() / "batch-0002", seed=1, drift=0.3)
-        say("labelled examples of the new kinds of ticket landed: incoming/batch-0002")
+        task.resolve(task.demo.generator)(task.landing() / "batch-0002", seed=1, drift=0.3)
+        say(f"labelled examples of the new kinds of request landed: {task.landing() / 'batch-0002'}")
         start_count = traffic.sent
         while traffic.sent - start_count < 60:
             loop.tick("drifted traffic")
         window_h = max((time.time() - drift_from) / 3600, 0.001)
         before = {d: _run_ids(api, d) for d in DAGS}
-        cycle = _cycle(api, loop, before, trigger=("llm_drift_monitor", {
-            "window_hours": window_h, "threshold": 0.2, "min_requests": 40, "debounce": 1, "cooldown_hours": 0}))
+        cycle = _cycle(api, loop, before, ("llm_drift_monitor", {
+            "window_hours": window_h, "threshold": 0.2, "min_requests": 40, "debounce": 1, "cooldown_hours": 0}),
+            task.name)
         summary["cycles"].append(cycle)
         failed = not cycle["ok"]
         return 1 if failed else 0
@@ -256,7 +279,8 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         summary["traffic"] = {"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed}
         summary["wall_s"] = round(time.monotonic() - started, 1)
         try:
-            summary["live"] = httpx.get(f"{config.gateway_url()}/version", timeout=5).json()
+            summary["live"] = httpx.get(f"{config.gateway_url()}/version", params={"model": task.served_model},
+                                        timeout=5).json()
         except (httpx.HTTPError, ValueError):
             summary["live"] = None
         from tuneship.report import write_demo_report
@@ -269,18 +293,23 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
             services.stop()
 
 
-def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict]) -> dict[str, Any]:
+def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict], task: str) -> dict[str, Any]:
     dag_id, conf = trigger
     cycle: dict[str, Any] = {"trigger": dag_id, "ok": False}
     run_id = api.trigger(dag_id, conf)
     say(f"triggered {dag_id} ({run_id})")
     run = loop.wait_run(dag_id, run_id)
     first_task = "validate_and_version" if dag_id == "llm_data_validation" else "detect_drift"
-    cycle[dag_id] = {"run_id": run_id, "state": run["state"], "result": api.xcom(dag_id, run_id, first_task)}
+    from tuneship.tasks import task_names
+
+    # validation maps over the tasks given (one here); the drift monitor over every task
+    index = task_names().index(task) if dag_id == "llm_drift_monitor" else 0
+    cycle[dag_id] = {"run_id": run_id, "state": run["state"],
+                     "result": api.xcom(dag_id, run_id, first_task, map_index=index)}
     if dag_id == "llm_drift_monitor":
-        cycle["drift"] = _latest_drift(run_id)
-        tis = {t["task_id"]: t["state"] for t in api.task_instances(dag_id, run_id)}
-        if tis.get("detect_drift") != "success":
+        cycle["drift"] = _latest_drift(task, run_id)
+        tis = {(t["task_id"], t.get("map_index", -1)): t["state"] for t in api.task_instances(dag_id, run_id)}
+        if tis.get(("detect_drift", index)) != "success":
             say(f"drift monitor did not fire: {cycle['drift']}")
             return cycle
     if run["state"] != "success":
@@ -303,10 +332,10 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
     return cycle
 
 
-def _latest_drift(run_id: str) -> dict | None:
+def _latest_drift(task: str | None, run_id: str) -> dict | None:
     from tuneship.stages import slug
 
-    path = config.home() / "monitor" / f"drift-{slug(run_id)}.json"
+    path = config.home() / "monitor" / str(task) / f"drift-{slug(run_id)}.json"
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -355,14 +384,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the services running after the demo")
     args = parser.parse_args(argv)
     if args.up:
-        prepare_inputs()
+        from tuneship.gateway_admin import GatewayAdmin
+        from tuneship.stages import reconcile_serving
+        from tuneship.tasks import load_tasks
+        from tuneship.triton_control import TritonControl
+
+        prepare_inputs(demo_task())
         start_services()
         ensure_client_key()
-        from tuneship.stages import reconcile_serving
-
-        done = reconcile_serving()
-        if done["loaded"]:
-            say(f"re-loaded into Triton what the gateway routes to: {', '.join(done['loaded'])}")
+        for task in load_tasks().values():
+            routes = GatewayAdmin.from_env(model=task.served_model).routes()
+            done = reconcile_serving(task, routes, TritonControl(config.triton_url()))
+            if done["loaded"]:
+                say(f"re-loaded into Triton what the gateway routes to: {', '.join(done['loaded'])}")
         loop = Loop(api_client(), 300)
         loop.wait_parsed()
         print_urls()

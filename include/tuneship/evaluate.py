@@ -75,7 +75,7 @@ class Suite(_Strict):
     name: str
     version: int
     description: str = ""
-    parser: str
+    parser: str | None = None  # module:function; a task's suites use the task's own parser
     generation: Generation = Generation()
     cases: Cases
     metrics: list[Metric]
@@ -89,7 +89,12 @@ class Suite(_Strict):
                 raise ValueError(f"gate names unknown metric {gate.metric!r}; metrics are {sorted(names)}")
         return self
 
-    def parse_fn(self) -> Callable[[str], dict[str, Any]]:
+    def parse_fn(self, parse: Callable[[str], dict[str, Any]] | None = None) -> Callable[[str], dict[str, Any]]:
+        """The parser to score with: the caller's (the task's), else the suite's own."""
+        if parse is not None:
+            return parse
+        if not self.parser:
+            raise SuiteError(f"eval suite {self.name!r} has no `parser`: score it with a task's parser")
         module, _, attr = self.parser.partition(":")
         return getattr(importlib.import_module(module), attr)
 
@@ -116,13 +121,14 @@ def load_suite(name_or_path: str | Path) -> Suite:
         raise SuiteError(f"{path}: {problems}") from exc
 
 
-def load_cases(suite: Suite, dataset_dir: Path | None = None) -> list[Case]:
+def load_cases(suite: Suite, dataset_dir: Path | None = None,
+               parse: Callable[[str], dict[str, Any]] | None = None) -> list[Case]:
     if suite.cases.source == "inline":
         cases = list(suite.cases.items)
     else:
         if dataset_dir is None:
             raise SuiteError(f"suite {suite.name!r} reads the dataset eval split: pass dataset_dir")
-        parse = suite.parse_fn()
+        parse = suite.parse_fn(parse)
         cases = []
         with open(Path(dataset_dir) / "eval.jsonl", encoding="utf-8") as fh:
             for line in fh:
@@ -144,10 +150,11 @@ class SuiteResult:
         return asdict(self)
 
 
-def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str]) -> SuiteResult:
+def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str],
+          parse: Callable[[str], dict[str, Any]] | None = None) -> SuiteResult:
     if len(cases) != len(completions):
         raise ValueError(f"{len(completions)} completions for {len(cases)} cases")
-    parse = suite.parse_fn()
+    parse = suite.parse_fn(parse)
     parsed = [parse(c) for c in completions]
     metrics: dict[str, float] = {}
     n = max(len(cases), 1)
@@ -165,9 +172,10 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str]) -> Su
     return SuiteResult(suite.name, suite.version, metrics, len(cases), samples)
 
 
-def run_suite(suite: Suite, generate: Callable[[list[str], int], list[str]], cases: Sequence[Case]) -> SuiteResult:
+def run_suite(suite: Suite, generate: Callable[[list[str], int], list[str]], cases: Sequence[Case],
+              parse: Callable[[str], dict[str, Any]] | None = None) -> SuiteResult:
     completions = generate([c.prompt for c in cases], suite.generation.max_new_tokens)
-    return score(suite, cases, completions)
+    return score(suite, cases, completions, parse)
 
 
 @dataclass

@@ -50,20 +50,3 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
     """Greedy completions for prompts (deterministic; model switched to eval mode)."""
     model.eval()
     return [generate_ids(model, tokenizer, p, max_new_tokens)[0] for p in prompts]
-
-
-def triage_accuracy(
-    model: Any, tokenizer: Any, rows: list[dict[str, str]], max_new_tokens: int = 16
-) -> dict[str, float]:
-    """Exact-match triage accuracy (category and priority both right) by generating."""
-    from tuneship.datagen import parse_triage
-
-    preds = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens)
-    exact = cat = pri = 0
-    for row, pred in zip(rows, preds, strict=True):
-        want, got = parse_triage(row["completion"]), parse_triage(pred)
-        cat += got["category"] == want["category"]
-        pri += got["priority"] == want["priority"]
-        exact += got == want
-    n = max(len(rows), 1)
-    return {"exact_match": exact / n, "category": cat / n, "priority": pri / n, "n": len(rows)}

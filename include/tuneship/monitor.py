@@ -1,7 +1,8 @@
 """Production monitoring: the shadow verdict and drift detection, both read from the inference log.
 
 Shadow verdict: how did the candidate answer real (or replayed) traffic in the window —
-error rate, p95 latency, triage format rate, and agreement with live when live exists.
+error rate, p95 latency, the task's format rate (its answer check), and agreement with live
+(the task's parsed fields) when live exists.
 Post-switch verdict: once the candidate is live, its own live answers since the switch, on
 error rate and p95 latency only, so a regression the shadow window missed is caught within
 minutes and traffic goes back.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,14 @@ from tuneship import atomic, config
 
 def log_root() -> Path:
     return config.home() / "inference_log"
+
+
+def task_records(served_model: str, *, since: float | None = None) -> list[dict]:
+    """One served model's inference-log records since `since` (epoch seconds)."""
+    from tuneship.inference_log import read_inference_log
+
+    return [r for r in read_inference_log(log_root(), since=since)
+            if r.get("served_model", served_model) == served_model]
 
 
 def _p95(values: list[float]) -> float | None:
@@ -61,21 +71,21 @@ def candidate_responses(records: list[dict], version: str) -> list[dict]:
     return out
 
 
-def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds) -> dict[str, Any]:
-    from tuneship.datagen import parse_triage
-
+def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds, *,
+                   conforms: Callable[[str], bool], parse: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """`conforms` and `parse` are the task's answer check and parser (`tuneship.tasks.Task`):
+    the format rate counts conforming answers, agreement compares every parsed field."""
     answers = candidate_responses(records, version)
     n = len(answers)
     errors = [a for a in answers if not is_ok(a)]
     ok = [a for a in answers if is_ok(a)]
-    parsed = [parse_triage(a.get("completion") or "") for a in ok]
-    format_rate = sum(p["category"] is not None and p["priority"] is not None for p in parsed) / max(len(ok), 1)
+    format_rate = sum(bool(conforms(a.get("completion") or "")) for a in ok) / max(len(ok), 1)
     agree_pairs = [
-        (parse_triage(a.get("completion") or ""), parse_triage(a["request"]["live"].get("completion") or ""))
+        (parse(a.get("completion") or ""), parse(a["request"]["live"].get("completion") or ""))
         for a in ok
         if a["slot"] == "shadow" and is_ok(a["request"].get("live") or {})
     ]
-    agreement = (sum(s["category"] == lv["category"] for s, lv in agree_pairs) / len(agree_pairs)) if agree_pairs else None
+    agreement = (sum(s == lv for s, lv in agree_pairs) / len(agree_pairs)) if agree_pairs else None
     p95 = _p95([float(a["latency_ms"]) for a in ok if a.get("latency_ms") is not None])
     error_rate = len(errors) / n if n else 0.0
     reasons = []
@@ -225,17 +235,18 @@ class GovernorState:
     last_request_ts: float | None = None
 
 
-def governor_path() -> Path:
-    return config.home() / "monitor" / "governor.json"
+def governor_path(task: str) -> Path:
+    """Each task's retrain governor keeps its own streak and cooldown."""
+    return config.home() / "monitor" / task / "governor.json"
 
 
-def load_governor() -> GovernorState:
-    path = governor_path()
+def load_governor(task: str) -> GovernorState:
+    path = governor_path(task)
     return GovernorState(**json.loads(path.read_text())) if path.exists() else GovernorState()
 
 
-def save_governor(state: GovernorState) -> None:
-    atomic.write_text(governor_path(), json.dumps(asdict(state)))
+def save_governor(task: str, state: GovernorState) -> None:
+    atomic.write_text(governor_path(task), json.dumps(asdict(state)))
 
 
 def governor_decide(state: GovernorState, drifted: bool, *, debounce: int, cooldown_s: float,

@@ -3,7 +3,8 @@
 Idempotency is by key, not by luck: every run and model version carries the tag
 `tuneship.run_key` (the DAG run that made it), so a retried or re-run task finds and
 reuses what the first attempt created instead of registering a second version.
-Promotion moves aliases (`@challenger`, `@champion`), never stages.
+Promotion moves aliases (`@challenger`, `@champion`), never stages. Each task has its own
+registered model (`registered_model` in its task file): every call names it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 from tuneship import config
 
-MODEL_NAME = "tuneship-triage"
 EXPERIMENT = "tuneship-finetune"
 RUN_KEY = "tuneship.run_key"
 
@@ -58,7 +58,8 @@ def start_run(run_key: str, *, run_name: str, tags: dict[str, str] | None = None
     return run.info.run_id
 
 
-def log_training(run_id: str, *, params: dict[str, Any], train_out: Path, dataset: dict[str, str]) -> None:
+def log_training(run_id: str, *, params: dict[str, Any], train_out: Path, dataset: dict[str, str],
+                 dataset_name: str) -> None:
     """Params, per-step metrics, system metrics, the dataset version as an input, the adapter and plots.
 
     System metrics are the trainer's samples (`metrics.json` `system`, see
@@ -88,7 +89,7 @@ def log_training(run_id: str, *, params: dict[str, Any], train_out: Path, datase
         c.log_batch(run_id, metrics=batch[i:i + 900])
     if not run.inputs or not run.inputs.dataset_inputs:
         source = resolve_dataset_source(dataset["path"])
-        ds = MetaDataset(source=source, name=f"triage-{dataset['version_id']}", digest=dataset["version_id"][:36])
+        ds = MetaDataset(source=source, name=dataset_name, digest=dataset["version_id"][:36])
         with mlflow.start_run(run_id=run_id):
             mlflow.log_input(ds, context="training")
     c.log_artifacts(run_id, str(train_out / "adapter"), artifact_path="adapter")
@@ -110,14 +111,14 @@ def _as_version(mv) -> ModelVersion:
     return ModelVersion(mv.name, str(mv.version), mv.run_id, mv.source, dict(mv.tags))
 
 
-def register(run_id: str, run_key: str, *, tags: dict[str, str], name: str = MODEL_NAME,
-             alias: str | None = "challenger") -> ModelVersion:
+def register(run_id: str, run_key: str, *, tags: dict[str, str], name: str,
+             alias: str | None = "challenger", description: str | None = None) -> ModelVersion:
     """Register the run's adapter once; a retry returns the version the first attempt made."""
     c = client()
     try:
         c.get_registered_model(name)
     except Exception:  # noqa: BLE001 - MLflow raises RestException/MlflowException by store
-        c.create_registered_model(name, description="LoRA adapters for support-ticket triage (Tuneship)")
+        c.create_registered_model(name, description=description or f"LoRA adapters for {name} (Tuneship)")
     found = c.search_model_versions(f"name = '{name}' and tags.`{RUN_KEY}` = '{run_key}'")
     if found:
         mv = found[0]
@@ -129,7 +130,7 @@ def register(run_id: str, run_key: str, *, tags: dict[str, str], name: str = MOD
     return _as_version(c.get_model_version(name, str(mv.version)))
 
 
-def by_alias(alias: str, name: str = MODEL_NAME) -> ModelVersion | None:
+def by_alias(alias: str, name: str) -> ModelVersion | None:
     c = client()
     try:
         return _as_version(c.get_model_version_by_alias(name, alias))
@@ -137,19 +138,19 @@ def by_alias(alias: str, name: str = MODEL_NAME) -> ModelVersion | None:
         return None
 
 
-def get_version(version: str, name: str = MODEL_NAME) -> ModelVersion:
+def get_version(version: str, name: str) -> ModelVersion:
     return _as_version(client().get_model_version(name, str(version)))
 
 
-def set_alias(alias: str, version: str, name: str = MODEL_NAME) -> None:
+def set_alias(alias: str, version: str, name: str) -> None:
     client().set_registered_model_alias(name, alias, str(version))
 
 
-def delete_alias(alias: str, name: str = MODEL_NAME) -> None:
+def delete_alias(alias: str, name: str) -> None:
     client().delete_registered_model_alias(name, alias)
 
 
-def set_version_tags(version: str, tags: dict[str, str], name: str = MODEL_NAME) -> None:
+def set_version_tags(version: str, tags: dict[str, str], name: str) -> None:
     c = client()
     for key, value in tags.items():
         c.set_model_version_tag(name, str(version), key, str(value))

@@ -2,7 +2,8 @@
 
 Every function takes and returns references (paths, version ids, run ids) and is
 idempotent for the same inputs, so a retried task never registers a second model version
-or trains twice. The DAG files only wire these together.
+or trains twice. The DAG files only wire these together. Each stage works for one task
+(`tuneship.tasks.Task`): its data, registered model, suites and colours, never another's.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneship import atomic, config
 from tuneship.notify import notify
+
+if TYPE_CHECKING:
+    from tuneship.tasks import Task
 
 COLOURS = ("blue", "green")
 
@@ -33,70 +37,66 @@ class Refusal(StageFailed):
     without a retry (`tuneship_airflow.refusals`)."""
 
 
-def default_base_model() -> str:
-    return os.environ.get("TUNESHIP_BASE_MODEL", str(config.home() / "models" / "tiny-llama"))
-
-
-def ensure_base_model(ref: str | None = None) -> str:
-    """A local tiny base model is built on first use; a real HF id/path is used as given."""
-    ref = ref or default_base_model()
-    if ref == default_base_model() and not (Path(ref) / "base_model.json").exists():
-        from tuneship.basemodel import build_base_model
-
-        build_base_model(Path(ref))
-    return ref
+def base_model_for(task: Task, override: str | None = None) -> str:
+    """The base model a fine-tune of `task` starts from: the run's override, else
+    TUNESHIP_BASE_MODEL (a whole deployment on one local model), else the task's."""
+    return override or os.environ.get("TUNESHIP_BASE_MODEL") or task.base_model
 
 
 # ------------------------------------------------------------------ data
 
 
-def datasets_root() -> Path:
-    return config.artifacts() / "datasets"
+def datasets_root(task: Task) -> Path:
+    return config.artifacts() / "tasks" / task.name / "datasets"
 
 
-def latest_dataset() -> dict[str, str] | None:
-    pointer = datasets_root() / "LATEST"
+def latest_dataset(task: Task) -> dict[str, str] | None:
+    root = datasets_root(task)
+    pointer = root / "LATEST"
     if not pointer.exists():
         return None
     vid = pointer.read_text().strip()
-    return {"version_id": vid, "path": str(datasets_root() / vid),
-            "manifest_uri": str(datasets_root() / vid / "manifest.json")}
+    return {"task": task.name, "version_id": vid, "path": str(root / vid),
+            "manifest_uri": str(root / vid / "manifest.json")}
 
 
-def incoming_batch() -> str | None:
-    """The newest batch directory that landed in the incoming location, if any."""
-    root = config.incoming()
+def incoming_batch(task: Task) -> str | None:
+    """The newest batch directory that landed in the task's landing location, if any."""
+    root = task.landing()
     batches = [p for p in root.iterdir() if p.is_dir() and any(p.glob("train.*"))] if root.exists() else []
     return str(max(batches, key=lambda p: p.stat().st_mtime)) if batches else None
 
 
-def batches_to_validate(dataset_uri: str | None, triggering_asset_events: Any) -> list[str]:
-    """What a validation run takes in: the `dataset_uri` Param if set; else every batch the
-    incoming-data watcher announced for this run (`extra.payload.dataset_uri`, in landing
-    order: several landings can start one run); else the newest batch in the incoming
-    location (the nightly run)."""
+def batches_to_validate(tasks: list[Task], dataset_uri: str | None,
+                        triggering_asset_events: Any) -> list[tuple[Task, str]]:
+    """What a validation run takes in, as (task, batch) pairs: the `dataset_uri` Param if set
+    (for the one task given); else every batch the incoming-data watcher announced for this
+    run (`extra.payload`: `task` and `dataset_uri`, in landing order: several landings can
+    start one run); else the newest batch in each task's landing location (the nightly run)."""
+    by_name = {t.name: t for t in tasks}
     if dataset_uri:
-        return [dataset_uri]
-    uris = [
-        (event.extra or {}).get("payload", {}).get("dataset_uri")
-        for events in (triggering_asset_events or {}).values()
-        for event in events
-    ]
-    landed = list(dict.fromkeys(u for u in uris if u))
+        if len(tasks) != 1:
+            raise StageFailed(f"dataset_uri {dataset_uri} needs the task it belongs to: choose one of {sorted(by_name)}")
+        return [(tasks[0], dataset_uri)]
+    landed: dict[tuple[str, str], None] = {}
+    for events in (triggering_asset_events or {}).values():
+        for event in events:
+            payload = (event.extra or {}).get("payload", {})
+            if payload.get("dataset_uri") and payload.get("task") in by_name:
+                landed[(payload["task"], payload["dataset_uri"])] = None
     if landed:
-        return landed
-    newest = incoming_batch()
-    return [newest] if newest else []
+        return [(by_name[name], uri) for name, uri in landed]
+    return [(t, newest) for t in tasks if (newest := incoming_batch(t))]
 
 
-def validate_batches(uris: list[str], *, run_id: str) -> dict[str, Any] | None:
+def validate_batches(task: Task, uris: list[str], *, run_id: str) -> dict[str, Any] | None:
     """Validate and version each batch; the newest newly versioned one (None: nothing new).
     Every batch is validated even when an earlier one is rejected, and the run then fails
     with all the rejections, so none goes unreported."""
     created, rejected = [], []
     for uri in uris:
         try:
-            result = validate_and_version(uri, run_id=run_id)
+            result = validate_and_version(task, uri, run_id=run_id)
         except Refusal as exc:
             rejected.append(str(exc))
             continue
@@ -107,38 +107,51 @@ def validate_batches(uris: list[str], *, run_id: str) -> dict[str, Any] | None:
     return created[-1] if created else None
 
 
-def validate_and_version(dataset_uri: str, *, run_id: str) -> dict[str, Any]:
-    """Validate with Great Expectations, version what is accepted, explain what is not."""
+def validate_and_version(task: Task, dataset_uri: str, *, run_id: str) -> dict[str, Any]:
+    """Validate with Great Expectations and the task's answer check, version what is
+    accepted, explain what is not."""
     from tuneship.data import validate_dataset, version_dataset
 
-    workdir = config.home() / "validation" / slug(run_id)
-    previous = latest_dataset()
+    workdir = config.home() / "validation" / task.name / slug(run_id)
+    previous = latest_dataset(task)
     prev_manifest = json.loads(Path(previous["manifest_uri"]).read_text()) if previous else None
-    report = validate_dataset(dataset_uri, previous_manifest=prev_manifest, workdir=workdir)
+    report = validate_dataset(dataset_uri, previous_manifest=prev_manifest, workdir=workdir,
+                              answer_check=task_answer_check(task))
     if not report.accepted:
         message = report.summary()
-        notify(f"Dataset rejected: {dataset_uri}\n{message}", level="error", dataset_uri=dataset_uri)
+        notify(f"Dataset rejected for task {task.name}: {dataset_uri}\n{message}", level="error",
+               dataset_uri=dataset_uri, task=task.name)
         raise Refusal(message)
-    version = version_dataset(dataset_uri, report, artifacts_root=config.artifacts())
-    atomic.write_text(datasets_root() / "LATEST", version.version_id)
-    result = {"version_id": version.version_id, "manifest_uri": str(version.manifest_uri),
+    version = version_dataset(dataset_uri, report, artifacts_root=datasets_root(task).parent)
+    atomic.write_text(datasets_root(task) / "LATEST", version.version_id)
+    result = {"task": task.name, "version_id": version.version_id, "manifest_uri": str(version.manifest_uri),
               "path": str(version.path), "created": bool(version.created),
               "data_docs": str(report.data_docs_path) if report.data_docs_path else None,
               "quarantined": report.quarantine_count}
     if version.created:
-        notify(f"Dataset {version.version_id} accepted from {dataset_uri}", level="success", **result)
+        notify(f"Dataset {version.version_id} accepted for task {task.name} from {dataset_uri}",
+               level="success", **result)
     return result
 
 
-def dataset_for_retrain(run_id: str) -> dict[str, str] | None:
+def task_answer_check(task: Task) -> Any:
+    """The data gate's view of the task: does an answer have the task's shape?"""
+    from tuneship.data.checks import AnswerCheck
+
+    ref = task.answers.check
+    return AnswerCheck(task=task.name, module_file=str(task.module_file(ref)), function=ref.partition(":")[2],
+                       min_share=task.data.min_conforming, describe=ref)
+
+
+def dataset_for_retrain(task: Task, run_id: str) -> dict[str, str] | None:
     """A drift-triggered retrain first takes in labelled data that landed since the last
     accepted version (the same GE checks and versioning as llm_data_validation; already
     versioned content is a no-op), then trains on the newest accepted version."""
-    batch = incoming_batch()
+    batch = incoming_batch(task)
     if batch is not None:
-        result = validate_and_version(batch, run_id=run_id)
-        return {k: result[k] for k in ("version_id", "manifest_uri", "path")}
-    return latest_dataset()
+        result = validate_and_version(task, batch, run_id=run_id)
+        return {k: result[k] for k in ("task", "version_id", "manifest_uri", "path")}
+    return latest_dataset(task)
 
 
 def slug(text: str) -> str:
@@ -148,21 +161,55 @@ def slug(text: str) -> str:
 # ------------------------------------------------------------------ fine-tune
 
 
-def finetune_plan(*, dataset: dict[str, str], params: dict[str, Any], run_key: str,
+def finetune_trigger(task_param: str | None, triggering_asset_events: Any) -> dict[str, Any]:
+    """Which task a fine-tune run trains and why: the `task` Param, else the newest
+    triggering event's task (`validated_dataset` carries its dataset; `retrain_request`
+    asks for a retrain on the newest data), else the default task. Events of other tasks in
+    the same run are named on Slack (one task per run)."""
+    from tuneship.tasks import default_task
+
+    events = sorted(
+        ((getattr(e, "timestamp", None) or 0, getattr(asset, "name", "asset"), dict(e.extra or {}))
+         for asset, evs in (triggering_asset_events or {}).items() for e in evs),
+        key=lambda x: str(x[0]))
+    if task_param:
+        mine = [e for e in events if e[2].get("task") == task_param]
+        trigger = mine[-1][1] if mine else "manual"
+        name, extra = task_param, (mine[-1][2] if mine else {})
+    elif events:
+        _, trigger, extra = events[-1]
+        name = extra.get("task") or default_task()
+    else:
+        name, trigger, extra = default_task(), "manual", {}
+    others = sorted({e[2].get("task") for e in events if e[2].get("task") and e[2].get("task") != name})
+    if others:
+        notify(f"llm_finetune trains task {name} in this run; events for {', '.join(others)} arrived in the same "
+               f"run: trigger llm_finetune with task={others[0]} for each", level="warning", tasks=others)
+    dataset = None
+    if trigger == "validated_dataset":
+        dataset = {k: extra[k] for k in ("task", "version_id", "manifest_uri", "path") if k in extra} or None
+    return {"task": name, "trigger": trigger, "dataset": dataset}
+
+
+def finetune_plan(task: Task, *, dataset: dict[str, str], params: dict[str, Any], run_key: str,
                   trigger: str) -> dict[str, Any]:
     """Everything the trainer needs, as references; identical for every runner."""
     from tuneship.runners import trainer_command
 
-    base = ensure_base_model(params.get("base_model") or None)
+    base = base_model_for(task, params.get("base_model") or None)
     fields = {"lora.r": "lora_r", "lora.alpha": "lora_alpha", "epochs": "epochs",
               "learning_rate": "learning_rate", "seed": "seed"}
     overrides = {key: params[name] for key, name in fields.items() if params.get(name) is not None}
     out = config.artifacts() / "runs" / slug(run_key) / "train"
     from tuneship.train.recipe import default_recipe_path
 
-    recipe = params.get("recipe") or "tiny-lora"
-    recipe = recipe if recipe.endswith((".yaml", ".yml")) else str(default_recipe_path(recipe))
+    recipe = params.get("recipe")
+    recipe = (recipe if recipe.endswith((".yaml", ".yml")) else str(default_recipe_path(recipe))) if recipe \
+        else str(task.recipe_path())
     return {
+        "task": task.name,
+        "registered_model": task.registered_model,
+        "description": f"{task.description} (task {task.name}, LoRA adapters, Tuneship)".strip(),
         "run_key": run_key,
         "trigger": trigger,
         "dataset": dataset,
@@ -193,15 +240,19 @@ def register_training(plan: dict[str, Any]) -> dict[str, Any]:
         raise StageFailed(f"training output {out} is incomplete (no manifest.json): the trainer did not finish")
     recipe = load_recipe(plan["recipe"], plan["overrides"])
     rhash = recipe_hash(recipe)
-    run_id = registry.start_run(plan["run_key"], run_name=f"finetune {plan['dataset']['version_id']}",
-                                tags={"runner": plan["runner"], "trigger": plan["trigger"]})
-    params = {"base_model": plan["base_model"], "recipe": Path(plan["recipe"]).name, "recipe_hash": rhash,
+    run_id = registry.start_run(plan["run_key"], run_name=f"finetune {plan['task']} {plan['dataset']['version_id']}",
+                                tags={"runner": plan["runner"], "trigger": plan["trigger"], "task": plan["task"]})
+    params = {"task": plan["task"], "base_model": plan["base_model"], "recipe": Path(plan["recipe"]).name,
+              "recipe_hash": rhash,
               "runner": plan["runner"], **{k: v for k, v in plan["overrides"].items()}}
-    registry.log_training(run_id, params=params, train_out=out, dataset=plan["dataset"])
+    registry.log_training(run_id, params=params, train_out=out, dataset=plan["dataset"],
+                          dataset_name=f"{plan['task']}-{plan['dataset']['version_id']}")
     from tuneship.basemodel import sha256_file
 
     adapter_sha = sha256_file(out / "adapter" / "adapter_model.safetensors")
-    mv = registry.register(run_id, plan["run_key"], tags={
+    mv = registry.register(run_id, plan["run_key"], name=plan["registered_model"],
+                           description=plan.get("description"), tags={
+        "task": plan["task"],
         "base_model": plan["base_model"],
         "dataset_version": plan["dataset"]["version_id"],
         "dataset_manifest": plan["dataset"]["manifest_uri"],
@@ -212,27 +263,28 @@ def register_training(plan: dict[str, Any]) -> dict[str, Any]:
         "adapter_sha256": adapter_sha,
     })
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"name": mv.name, "version": mv.version, "run_id": run_id, "adapter_sha256": adapter_sha,
+    return {"task": plan["task"], "name": mv.name, "version": mv.version, "run_id": run_id,
+            "adapter_sha256": adapter_sha,
             "train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
             "tokens_per_s": metrics.get("tokens_per_s"), "loss_curve": str(out / "loss_curve.png")}
 
 
-def _adapter_dir(version: str) -> Path:
+def _adapter_dir(task: Task, version: str) -> Path:
     """A local copy of a registered version's adapter (downloaded once)."""
     from tuneship import registry
 
-    dest = config.artifacts() / "registry-cache" / f"v{version}"
+    dest = config.artifacts() / "tasks" / task.name / "registry-cache" / f"v{version}"
     adapter = dest / "adapter"
     if not (adapter / "adapter_model.safetensors").exists():
-        registry.download_adapter(registry.get_version(version), dest)
+        registry.download_adapter(registry.get_version(version, task.registered_model), dest)
     return adapter
 
 
 def _generator(base_ref: str, adapter_dir: Path | None):
-    from tuneship.basemodel import load_base
+    from tuneship.basemodel import load_base, resolve_base_ref
     from tuneship.generate import generate
 
-    model, tokenizer = load_base(base_ref)
+    model, tokenizer = load_base(resolve_base_ref(base_ref)[0])
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -241,60 +293,86 @@ def _generator(base_ref: str, adapter_dir: Path | None):
     return lambda prompts, max_new: generate(model, tokenizer, prompts, max_new_tokens=max_new)
 
 
-def evaluate_candidate(candidate: dict[str, Any], dataset: dict[str, str], suite_name: str = "triage") -> dict[str, Any]:
-    """Score candidate and reference (champion, else base model) on the same cases; apply gates."""
+def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str, str]) -> dict[str, Any]:
+    """Score candidate and reference (champion, else base model) on the same cases with each of
+    the task's gating suites; apply every suite's gates."""
     from tuneship import registry
     from tuneship.evaluate import apply_gates, load_cases, load_suite, run_suite
 
-    suite = load_suite(suite_name)
-    cases = load_cases(suite, Path(dataset["path"]))
-    mv = registry.get_version(candidate["version"])
+    name = task.registered_model
+    mv = registry.get_version(candidate["version"], name)
     base = mv.tags["base_model"]
-    cand = run_suite(suite, _generator(base, _adapter_dir(candidate["version"])), cases)
-    champion = registry.by_alias("champion")
+    champion = registry.by_alias("champion", name)
     if champion and champion.version != candidate["version"]:
         ref_name = f"champion v{champion.version}"
-        ref = run_suite(suite, _generator(champion.tags["base_model"], _adapter_dir(champion.version)), cases)
+        ref_gen = _generator(champion.tags["base_model"], _adapter_dir(task, champion.version))
     else:
-        ref_name = "base model"
-        ref = run_suite(suite, _generator(base, None), cases)
-    gates = apply_gates(suite, cand, ref, ref_name)
-    registry.log_metrics(mv.run_id, {f"eval_{k}": v for k, v in cand.metrics.items()})
-    registry.set_version_tags(candidate["version"], {"gates": "passed" if gates.passed else "failed",
-                                                     **{f"eval_{k}": f"{v:.4f}" for k, v in cand.metrics.items()}})
-    result = {"suite": f"{suite.name}@v{suite.version}", "candidate": cand.to_dict(), "reference": ref.to_dict(),
-              "reference_name": ref_name, "gates": gates.to_dict(), "passed": gates.passed}
-    out = config.artifacts() / "evals" / f"v{candidate['version']}.json"
+        ref_name, ref_gen = "base model", _generator(base, None)
+    cand_gen = _generator(base, _adapter_dir(task, candidate["version"]))
+    suites, passed, summaries, metrics, ref_metrics = [], True, [], {}, {}
+    for suite_name in task.eval.suites:
+        suite = load_suite(suite_name)
+        cases = load_cases(suite, Path(dataset["path"]), task.parser)
+        cand = run_suite(suite, cand_gen, cases, task.parser)
+        ref = run_suite(suite, ref_gen, cases, task.parser)
+        gates = apply_gates(suite, cand, ref, ref_name)
+        passed &= gates.passed
+        summaries.append(f"{suite.name}@v{suite.version}:\n{gates.summary()}")
+        prefix = "" if len(task.eval.suites) == 1 else f"{suite.name}/"
+        metrics.update({prefix + k: v for k, v in cand.metrics.items()})
+        ref_metrics.update({prefix + k: v for k, v in ref.metrics.items()})
+        suites.append({"suite": f"{suite.name}@v{suite.version}", "candidate": cand.to_dict(),
+                       "reference": ref.to_dict(), "gates": gates.to_dict(), "passed": gates.passed})
+    registry.log_metrics(mv.run_id, {f"eval_{k}": v for k, v in metrics.items()})
+    registry.set_version_tags(candidate["version"], {"gates": "passed" if passed else "failed",
+                                                     **{f"eval_{k}": f"{v:.4f}" for k, v in metrics.items()}},
+                              name)
+    result = {"task": task.name, "suites": suites, "reference_name": ref_name, "passed": passed}
+    out = config.artifacts() / "tasks" / task.name / "evals" / f"v{candidate['version']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     registry.log_artifact(mv.run_id, out, "evaluation")
-    if not gates.passed:
-        notify(f"Model v{candidate['version']} failed its gates against {ref_name}:\n{gates.summary()}",
-               level="error", version=candidate["version"])
-        raise Refusal(f"gates failed against {ref_name}:\n{gates.summary()}")
-    return {"passed": True, "metrics": cand.metrics, "reference": ref.metrics, "reference_name": ref_name,
+    summary = "\n".join(summaries)
+    if not passed:
+        notify(f"{task.name} v{candidate['version']} failed its gates against {ref_name}:\n{summary}",
+               level="error", version=candidate["version"], task=task.name)
+        raise Refusal(f"gates failed against {ref_name}:\n{summary}")
+    return {"passed": True, "metrics": metrics, "reference": ref_metrics, "reference_name": ref_name,
             "report": str(out)}
 
 
-def compile_candidate(candidate: dict[str, Any]) -> dict[str, Any]:
+def parity_prompts(task: Task) -> list[str]:
+    """What the compiled model must reproduce: the task's own prompts (declared, else its
+    smoke suite's), rendered as the task's clients send them."""
+    from tuneship.evaluate import load_cases, load_suite
+
+    prompts = list(task.compile.parity_prompts) or [c.prompt for c in load_cases(load_suite(task.eval.smoke))]
+    return prompts
+
+
+def compile_candidate(task: Task, candidate: dict[str, Any]) -> dict[str, Any]:
     """ONNX export + ONNX Runtime parity: a Triton-ready package. (TensorRT is not built here:
     `tuneship.compile.tensorrt_build_command` renders its command, checked by contract.)"""
     from tuneship import registry
     from tuneship.compile import compile_for_triton
 
     version = candidate["version"]
-    package = config.artifacts() / "compiled" / f"v{version}"
+    package = config.artifacts() / "tasks" / task.name / "compiled" / f"v{version}"
     marker = package / "COMPILED.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    mv = registry.get_version(version)
-    deployment = {"model": mv.name, "version": version, "adapter_sha256": mv.tags.get("adapter_sha256"),
+    mv = registry.get_version(version, task.registered_model)
+    deployment = {"task": task.name, "model": mv.name, "version": version,
+                  "adapter_sha256": mv.tags.get("adapter_sha256"),
                   "base_model": mv.tags.get("base_model"), "dataset_version": mv.tags.get("dataset_version")}
-    info = compile_for_triton(mv.tags["base_model"], _adapter_dir(version), package, "llm", deployment=deployment)
+    info = compile_for_triton(mv.tags["base_model"], _adapter_dir(task, version), package, "llm",
+                              deployment=deployment, parity_prompts=parity_prompts(task))
     # Round-trip through JSON so the XCom holds plain values (paths become strings).
-    result = json.loads(json.dumps({"version": version, "package": str(package / "llm"), **info}, default=str))
+    result = json.loads(json.dumps({"task": task.name, "version": version, "package": str(package / "llm"), **info},
+                                   default=str))
     marker.write_text(json.dumps(result, indent=2))
-    registry.set_version_tags(version, {"compiled": "onnx", "onnx_sha256": str(info.get("sha256", ""))})
+    registry.set_version_tags(version, {"compiled": "onnx", "onnx_sha256": str(info.get("sha256", ""))},
+                              task.registered_model)
     return result
 
 
@@ -306,9 +384,9 @@ def idle_colour(routes: dict[str, Any]) -> str:
     return "green" if live == "blue" else "blue"
 
 
-def stage_into_repository(package: str, colour: str) -> str:
-    """Copy the compiled package into Triton's repository as `llm_<colour>`, atomically."""
-    name = f"llm_{colour}"
+def stage_into_repository(package: str, name: str) -> str:
+    """Copy the compiled package into Triton's repository as `name` (the task's colour model,
+    `<task>_<colour>`), atomically."""
     repo = config.triton_repository()
     repo.mkdir(parents=True, exist_ok=True)
     tmp = repo / f".{name}.staging"
@@ -331,13 +409,13 @@ def stage_into_repository(package: str, colour: str) -> str:
     return name
 
 
-def warm_up_candidate(model: str, triton: Any, suite_name: str = "smoke") -> dict[str, Any]:
+def warm_up_candidate(task: Task, model: str, triton: Any) -> dict[str, Any]:
     """After the load and readiness, before smoke and traffic: the smoke suite's prompts go
     straight to the candidate through Triton (`triton`: TritonHook or TritonControl). A
     failed warm-up is a failed load: live traffic is untouched and the message says why."""
     from tuneship.evaluate import load_cases, load_suite
 
-    prompts = [case.prompt for case in load_cases(load_suite(suite_name))]
+    prompts = [case.prompt for case in load_cases(load_suite(task.eval.smoke))]
     try:
         return triton.warm_up(model, prompts)
     except RuntimeError as exc:
@@ -345,80 +423,104 @@ def warm_up_candidate(model: str, triton: Any, suite_name: str = "smoke") -> dic
         raise StageFailed(str(exc)) from exc
 
 
-def smoke_through_gateway(colour_model: str, *, base_url: str, token: str, suite_name: str = "smoke") -> dict[str, Any]:
-    """Smoke cases through the gateway, addressed to the candidate colour only."""
+def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token: str) -> dict[str, Any]:
+    """The task's smoke cases through the gateway as its clients send them (its served model,
+    completions or chat), addressed to the candidate colour only."""
     import httpx
 
     from tuneship.evaluate import apply_gates, load_cases, load_suite, score
 
-    suite = load_suite(suite_name)
+    suite = load_suite(task.eval.smoke)
     cases = load_cases(suite)
     outs = []
-    colour = colour_model.removeprefix("llm_")
+    colour = colour_model.removeprefix(f"{task.name}_")
     with httpx.Client(base_url=base_url, timeout=60.0,
                       headers={"Authorization": f"Bearer {token}", "X-Tuneship-Target": colour}) as c:
-        served = c.get("/admin/routes").json()["served_model"]
         for case in cases:
-            r = c.post("/v1/completions", json={"model": served, "prompt": case.prompt,
-                                                 "max_tokens": suite.generation.max_new_tokens, "temperature": 0})
+            body: dict[str, Any] = {"model": task.served_model, "max_tokens": suite.generation.max_new_tokens,
+                                    "temperature": 0}
+            prompt = task.render_prompt(case.prompt)
+            if isinstance(prompt, str):
+                r = c.post("/v1/completions", json={**body, "prompt": prompt})
+            else:
+                r = c.post("/v1/chat/completions", json={**body, "messages": prompt})
             if r.status_code != 200:
                 raise StageFailed(f"smoke request to {colour_model} failed: HTTP {r.status_code} {r.text[:300]}")
-            outs.append(r.json()["choices"][0]["text"])
-    result = score(suite, cases, outs)
+            choice = r.json()["choices"][0]
+            outs.append(choice["text"] if isinstance(prompt, str) else choice["message"]["content"])
+    result = score(suite, cases, outs, task.parser)
     gates = apply_gates(suite, result, None)  # the same gate logic as evaluation; no reference here
     return {"metrics": result.metrics, "passed": gates.passed, "samples": result.samples[:3],
             "failed": [g.metric for g in gates.gates if not g.passed], "gates": gates.summary()}
 
 
-def smoke_candidate(colour_model: str, version: str, *, gateway: Any, triton: Any) -> dict[str, Any]:
+def smoke_candidate(task: Task, colour_model: str, version: str, *, gateway: Any, triton: Any) -> dict[str, Any]:
     """Smoke is a gate: scores below it are a decision (Slack once, the candidate unloaded,
     Refusal); a smoke request the gateway could not answer is a fault (StageFailed, retried).
     Live traffic is untouched either way: nothing routes to the candidate yet.
 
     `gateway` and `triton` are the Airflow hooks (anything with the same methods)."""
     base_url, token = gateway.endpoint()
-    result = smoke_through_gateway(colour_model, base_url=base_url, token=token)
+    result = smoke_through_gateway(task, colour_model, base_url=base_url, token=token)
     if result["passed"]:
         return result
     figures = ", ".join(f"{m} {result['metrics'][m]:.3f}" for m in result["failed"])
     if triton.is_ready(colour_model):
         triton.unload(colour_model)
-    notify(f"v{version} failed smoke on {colour_model} ({figures}); candidate unloaded, live traffic untouched",
-           level="error", version=version, smoke=result)
+    notify(f"{task.name} v{version} failed smoke on {colour_model} ({figures}); candidate unloaded, "
+           "live traffic untouched", level="error", version=version, task=task.name, smoke=result)
     raise Refusal(f"smoke failed on {colour_model} (v{version}): {figures} below the smoke suite's gates; "
                   f"samples: {result['samples']}")
 
 
-def release_plan(candidate: dict[str, Any] | None, version: str | None, routes: dict[str, Any]) -> dict[str, Any] | None:
-    """Which version to release and from which compiled package."""
+def release_trigger(task_param: str | None, version: str | None, triggering_asset_events: Any) -> dict[str, Any]:
+    """Which task a release run releases, and the triggering candidate (None for a manual
+    `version`): the `task` Param, else the newest `release_candidate` event's task."""
+    from tuneship.tasks import default_task
+
+    candidate = None
+    for asset, events in (triggering_asset_events or {}).items():
+        if events and getattr(asset, "name", "") == "release_candidate":
+            candidate = dict(events[-1].extra or {})
+    name = task_param or (candidate or {}).get("task") or default_task()
+    if candidate and candidate.get("task", name) != name:
+        candidate = None  # the event is another task's candidate; this run releases `version`
+    if version:
+        candidate = None
+    return {"task": name, "candidate": candidate}
+
+
+def release_plan(task: Task, candidate: dict[str, Any] | None, version: str | None,
+                 routes: dict[str, Any]) -> dict[str, Any] | None:
+    """Which version of `task` to release, from which compiled package, into which colour
+    (the idle one of this task's two; another task's colours are never considered)."""
     from tuneship import registry
 
     if version:
-        compiled = compile_candidate({"version": version})
+        compiled = compile_candidate(task, {"version": version})
         candidate = {"version": version, "package": compiled["package"]}
     if not candidate:
         return None
-    mv = registry.get_version(candidate["version"])
+    mv = registry.get_version(candidate["version"], task.registered_model)
+    if mv.tags.get("task", task.name) != task.name:
+        raise StageFailed(f"{task.registered_model} v{mv.version} was trained for task {mv.tags['task']!r}, "
+                          f"not {task.name!r}")
     live = routes.get("live") or {}
-    dataset = mv.tags.get("dataset_version")
-    manifest = datasets_root() / str(dataset) / "manifest.json"
-    schema = json.loads(manifest.read_text()).get("schema") if dataset and manifest.exists() else None
-    return {"version": str(candidate["version"]), "package": candidate["package"],
-            "adapter_sha256": mv.tags.get("adapter_sha256"), "dataset_version": dataset,
-            "dataset_schema": schema,
+    colour = idle_colour(routes)
+    return {"task": task.name, "registered_model": task.registered_model, "served_model": task.served_model,
+            "version": str(candidate["version"]), "package": candidate["package"],
+            "adapter_sha256": mv.tags.get("adapter_sha256"), "dataset_version": mv.tags.get("dataset_version"),
+            "prompt_format": task.prompt_format, "colour": colour, "model": task.colour_model(colour),
             "previous_version": live.get("version"), "previous_colour": live.get("colour")}
 
 
 def route_for(plan: dict[str, Any], model: str) -> dict[str, Any]:
     """The gateway route for a loaded colour (what /version reports)."""
-    from tuneship import registry
-
     return {"colour": plan["colour"], "model": model, "version": str(plan["version"]),
-            "registered_model": registry.MODEL_NAME, "adapter_sha256": plan.get("adapter_sha256"),
+            "registered_model": plan["registered_model"], "adapter_sha256": plan.get("adapter_sha256"),
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            # prompt/completion-trained models take a chat's user turn as the plain prompt
-            "metadata": {"dataset_version": plan.get("dataset_version"),
-                         "prompt_format": "chat" if plan.get("dataset_schema") == "chat" else "plain"}}
+            "metadata": {"task": plan["task"], "dataset_version": plan.get("dataset_version"),
+                         "prompt_format": plan["prompt_format"]}}
 
 
 def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:
@@ -427,13 +529,13 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
     `gateway` and `triton` are the Airflow hooks (anything with the same methods)."""
     from tuneship import registry
 
-    version, model = plan["version"], f"llm_{plan['colour']}"
+    version, model, name = plan["version"], plan["model"], plan["registered_model"]
     if verdict["verdict"] == "promote":
         if slot == "shadow":
             gateway.switch()
-        registry.set_alias("champion", version)
+        registry.set_alias("champion", version, name)
         registry.set_version_tags(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                            "colour": plan["colour"]})
+                                            "colour": plan["colour"]}, name)
         notify(f"v{version} is live on {plan['colour']} (shadow: {verdict['requests']} requests, "
                f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms)",
                level="success", version=version, verdict=verdict)
@@ -517,7 +619,7 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
     `gateway` and `triton` are the Airflow hooks (anything with the same methods)."""
     from tuneship import registry
 
-    version, model = str(plan["version"]), f"llm_{plan['colour']}"
+    version, model, name = str(plan["version"]), plan["model"], plan["registered_model"]
     now = time.time() if now is None else now
     status = verdict.get("verdict")
     if status in ("healthy", "insufficient"):
@@ -560,21 +662,21 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
                f"FAILED: {exc}. Act now: POST /admin/rollback", level="error", version=version, verdict=verdict)
         raise
     live_now = routes.get("live")
-    champion = registry.by_alias("champion")
+    champion = registry.by_alias("champion", name)
     if champion is not None and champion.version == version:
         if live_now and not _same_route(live_now, model, version) and live_now.get("version"):
-            registry.set_alias("champion", str(live_now["version"]))
+            registry.set_alias("champion", str(live_now["version"]), name)
         elif not live_now:
-            registry.delete_alias("champion")
+            registry.delete_alias("champion", name)
     registry.set_version_tags(version, {"post_switch_breach_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                        "post_switch_breach": why[:500]})
+                                        "post_switch_breach": why[:500]}, name)
     if not _same_route(live_now, model, version):
         if _same_route(routes.get("previous"), model, version):
             routes = gateway.put_routes({**routes, "previous": None})
         if model not in {(routes.get(s) or {}).get("model") for s in ("live", "shadow", "previous")} \
                 and triton.is_ready(model):
             triton.unload(model)
-    champ = registry.by_alias("champion")
+    champ = registry.by_alias("champion", name)
     notify(f"v{version} breached the post-switch guard: {why} ({figs}). {action}. "
            f"@champion: {'v' + champ.version if champ else 'none'}.",
            level="error", version=version, verdict=verdict)
@@ -593,7 +695,7 @@ def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[
     old_version, old_colour = plan.get("previous_version"), plan.get("previous_colour")
     if not old_version or not old_colour:
         return {"retired": None, "reason": "first release: no previous colour"}
-    old_model = f"llm_{old_colour}"
+    old_model = f"{plan['task']}_{old_colour}"
     routes = gateway.routes()
     cleared = False
     if _same_route(routes.get("previous"), old_model, old_version) and \
@@ -612,64 +714,68 @@ def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[
 # ------------------------------------------------------------------ drift
 
 
-def check_drift(*, window_hours: float, threshold: float, min_requests: int, debounce: int,
-                cooldown_hours: float, run_id: str) -> dict[str, Any]:
-    """Recent live prompts vs the champion's training reference; the governor decides."""
-    from tuneship import monitor, registry
-    from tuneship.inference_log import read_inference_log
+def drift_settings(task: Task, params: dict[str, Any] | None = None) -> dict[str, float]:
+    """The task's drift settings, each replaced by a run's Param when one is given."""
+    out = task.drift.model_dump()
+    for key, value in (params or {}).items():
+        if key in out and value is not None:
+            out[key] = value
+    return out
 
-    champion = registry.by_alias("champion")
+
+def check_drift(task: Task, *, window_hours: float, threshold: float, min_requests: int, debounce: int,
+                cooldown_hours: float, run_id: str) -> dict[str, Any]:
+    """The task's recent live prompts vs its champion's training reference; its governor decides."""
+    from tuneship import monitor, registry
+
+    base = {"task": task.name}
+    champion = registry.by_alias("champion", task.registered_model)
     if champion is None:
-        return {"status": "no_champion", "fire": False, "reason": "no model in production yet"}
+        return {**base, "status": "no_champion", "fire": False, "reason": "no model in production yet"}
     manifest = json.loads(Path(champion.tags["dataset_manifest"]).read_text())
     since = time.time() - window_hours * 3600
-    records = read_inference_log(monitor.log_root(), since=since)
+    records = monitor.task_records(task.served_model, since=since)
     prompts = [r["prompt"] for r in records if monitor.is_ok(r.get("live") or {})]
     report = monitor.drift_report(manifest["reference"], prompts, threshold=threshold, min_requests=min_requests)
-    state = monitor.load_governor()
+    state = monitor.load_governor(task.name)
     fire, new_state, reason = monitor.governor_decide(state, report["drifted"], debounce=debounce,
                                                       cooldown_s=cooldown_hours * 3600)
-    monitor.save_governor(new_state)
-    out = {k: v for k, v in report.items() if k not in ("current", "details")}
+    monitor.save_governor(task.name, new_state)
+    out = {**base, **{k: v for k, v in report.items() if k not in ("current", "details")}}
     out.update({"fire": fire, "reason": reason, "champion": champion.version,
                 "dataset_version": champion.tags.get("dataset_version")})
     if report["status"] == "ok":
-        chart = config.home() / "reports" / f"drift-{slug(run_id)}.png"
+        chart = config.home() / "reports" / f"drift-{task.name}-{slug(run_id)}.png"
         monitor.drift_chart(manifest["reference"], report["current"], chart,
                             f"drift score {report['score']:.3f} (threshold {threshold})")
         out["chart"] = str(chart)
         out["details"] = {k: v for k, v in report["details"].items() if isinstance(v, (int, float, str))}
-        path = config.home() / "monitor" / f"drift-{slug(run_id)}.json"
+        path = config.home() / "monitor" / task.name / f"drift-{slug(run_id)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2, default=str))
     if fire:
-        notify(f"Drift on champion v{champion.version}: score {report['score']:.3f} >= {threshold}; "
-               "retrain requested", level="warning", **{k: out[k] for k in ("score", "requests")})
+        notify(f"Drift on {task.name} champion v{champion.version}: score {report['score']:.3f} >= {threshold}; "
+               "retrain requested", level="warning", **{k: out[k] for k in ("task", "score", "requests")})
     return out
 
 
 # ------------------------------------------------------------------ serving state
 
 
-def reconcile_serving(routes: dict[str, Any] | None = None, triton: Any = None) -> dict[str, list[str]]:
-    """Make Triton's colour models match the routing state (explicit model control starts
-    empty after a restart, and a release that died mid-way can leave a colour loaded that
-    nothing routes to): load what the routes' live/shadow/previous point at, unload the
-    other `llm_<colour>` models. `routes` default: the gateway's routes file; `triton`: any
-    object with is_ready/load/unload/index (the Airflow TritonHook, or TritonControl)."""
-    from tuneship.triton_control import TritonControl
-
-    if routes is None:
-        routes_path = config.home() / "gateway" / "routes.json"
-        routes = json.loads(routes_path.read_text()) if routes_path.exists() else {}
-    triton = triton or TritonControl(config.triton_url())
+def reconcile_serving(task: Task, routes: dict[str, Any], triton: Any) -> dict[str, list[str]]:
+    """Make Triton's colour models of `task` match its routing state (explicit model control
+    starts empty after a restart, and a release that died mid-way can leave a colour loaded
+    that nothing routes to): load what the task's live/shadow/previous point at, unload its
+    other colour models. Another task's models are never touched. `routes`: the task's
+    routes (GET /admin/routes?model=<served>); `triton`: any object with
+    is_ready/load/unload/index (the Airflow TritonHook, or TritonControl)."""
     wanted = {r["model"] for slot in ("live", "shadow", "previous") if (r := routes.get(slot))}
     loaded = []
     for model in sorted(wanted):
         if (config.triton_repository() / model).exists() and not triton.is_ready(model):
             triton.load(model)
             loaded.append(model)
-    colours = {f"llm_{c}" for c in COLOURS}
+    colours = task.colour_models()
     stale = sorted(
         m["name"]
         for m in triton.index()

@@ -6,7 +6,7 @@ import os
 
 from airflow.sdk import Asset, AssetWatcher
 
-from tuneship import config
+from tuneship.tasks import load_tasks
 from tuneship_airflow.triggers import IncomingBatchTrigger
 
 validated_dataset = Asset(name="validated_dataset", uri="tuneship://datasets/validated")
@@ -14,9 +14,11 @@ retrain_request = Asset(name="retrain_request", uri="tuneship://monitor/retrain-
 release_candidate = Asset(name="release_candidate", uri="tuneship://registry/release-candidate")
 model_promoted = Asset(name="model_promoted", uri="tuneship://serving/model-promoted")
 
-# Event-driven: the triggerer watches the incoming location; a batch marked complete
-# (`_SUCCESS`) updates this Asset, which starts llm_data_validation without waiting for the
-# night. TUNESHIP_INCOMING is read at parse time (the triggerer and the workers share it).
+# Event-driven: the triggerer watches each task's landing location; a batch marked complete
+# (`_SUCCESS`) updates this Asset (payload: task, dataset_uri), which starts
+# llm_data_validation without waiting for the night. The task files and TUNESHIP_INCOMING
+# are read at parse time (the triggerer and the workers share them); a broken task file
+# fails the parse here, naming the file and the key.
 incoming_training_data = Asset(
     name="incoming_training_data",
     uri="tuneship://datasets/incoming",
@@ -24,7 +26,7 @@ incoming_training_data = Asset(
         AssetWatcher(
             name="incoming_batch_watcher",
             trigger=IncomingBatchTrigger(
-                directory=str(config.incoming()),
+                directories={name: str(task.landing()) for name, task in load_tasks().items()},
                 poke_interval=float(os.environ.get("TUNESHIP_INCOMING_POKE_SECONDS", "30")),
             ),
         )

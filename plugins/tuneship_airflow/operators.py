@@ -23,29 +23,35 @@ from tuneship_airflow.triggers import PostSwitchWindowTrigger, ShadowWindowTrigg
 class ShadowWindowOperator(BaseOperator):
     """Wait out the shadow window on the triggerer, then return the verdict.
 
-    The verdict is computed from the inference log by `tuneship.monitor.shadow_verdict`.
+    The verdict is computed from the task's partition of the inference log by
+    `tuneship.monitor.shadow_verdict`, with the task's answer check and parser.
     `thresholds` (fields of `ShadowThresholds`) is templated, so it can come from Params.
     """
 
-    template_fields: Sequence[str] = ("candidate_version", "window_hours", "thresholds")
+    template_fields: Sequence[str] = ("task", "candidate_version", "window_hours", "thresholds")
     ui_color = "#e8dff5"
 
-    def __init__(self, *, candidate_version: str, window_hours: float | str = 72.0,
+    def __init__(self, *, task: str, candidate_version: str, window_hours: float | str = 72.0,
                  poll_interval: float = 10.0, thresholds: dict[str, float] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.task = task
         self.candidate_version = candidate_version
         self.window_hours = window_hours
         self.poll_interval = poll_interval
         self.thresholds = thresholds or {}
 
     def execute(self, context: Any) -> None:
+        from tuneship.tasks import load_task
+
         hours = float(self.window_hours)
         if hours <= 0:
             raise ValueError(f"window_hours must be > 0, got {hours}")
         now = time.time()
-        self.log.info("shadow window for version %s: %.3f h", self.candidate_version, hours)
+        task = load_task(self.task)
+        self.log.info("shadow window for %s version %s: %.3f h", task.name, self.candidate_version, hours)
         self.defer(
             trigger=ShadowWindowTrigger(
+                served_model=task.served_model,
                 candidate_version=str(self.candidate_version),
                 ends_at=now + hours * 3600,
                 since=now,
@@ -57,16 +63,19 @@ class ShadowWindowOperator(BaseOperator):
         )
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        from tuneship.inference_log import read_inference_log
-        from tuneship.monitor import ShadowThresholds, log_root, shadow_verdict
+        from tuneship.monitor import ShadowThresholds, shadow_verdict, task_records
+        from tuneship.tasks import load_task
 
         if not event or event.get("status") not in {"complete", "breach"}:
             raise RuntimeError(f"shadow window ended without a usable event: {event!r}")
+        task = load_task(self.task)
         # rendered templates are strings: cast each to its field's type
-        th = ShadowThresholds(**{k: (int(float(v)) if k == "min_requests" else float(v))
+        th = ShadowThresholds(min_format_rate=task.release.min_format_rate,
+                              **{k: (int(float(v)) if k == "min_requests" else float(v))
                                  for k, v in self.thresholds.items() if k in ShadowThresholds.__annotations__})
         since = float(event["at"]) - float(self.window_hours) * 3600
-        verdict = shadow_verdict(read_inference_log(log_root(), since=since), str(self.candidate_version), th)
+        verdict = shadow_verdict(task_records(task.served_model, since=since), str(self.candidate_version), th,
+                                 conforms=task.conforms, parse=task.parser)
         if event["status"] == "breach" and verdict["verdict"] == "promote":
             verdict = {**verdict, "verdict": "rollback", "reasons": ["error budget breached during the window"]}
         verdict["window_event"] = event
@@ -84,13 +93,14 @@ class PostSwitchWindowOperator(BaseOperator):
     `thresholds`: `max_error_rate`, `max_p95_ms`, `min_requests` (templated, so they can
     come from Params)."""
 
-    template_fields: Sequence[str] = ("version", "switched_at", "window_minutes", "thresholds")
+    template_fields: Sequence[str] = ("served_model", "version", "switched_at", "window_minutes", "thresholds")
     ui_color = "#f5dfe3"
 
-    def __init__(self, *, version: str, switched_at: float | str | None = None,
+    def __init__(self, *, served_model: str, version: str, switched_at: float | str | None = None,
                  window_minutes: float | str = 30.0, thresholds: dict[str, Any] | None = None,
                  poll_interval: float = 15.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.served_model = served_model
         self.version = version
         self.switched_at = switched_at
         self.window_minutes = window_minutes
@@ -107,6 +117,7 @@ class PostSwitchWindowOperator(BaseOperator):
                       time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since)))
         self.defer(
             trigger=PostSwitchWindowTrigger(
+                served_model=str(self.served_model),
                 version=str(self.version),
                 since=since,
                 ends_at=since + minutes * 60,

@@ -25,6 +25,7 @@ class ShadowWindowTrigger(BaseTrigger):
     def __init__(
         self,
         *,
+        served_model: str,
         candidate_version: str,
         ends_at: float,
         since: float,
@@ -33,6 +34,7 @@ class ShadowWindowTrigger(BaseTrigger):
         min_requests: int = 20,
     ) -> None:
         super().__init__()
+        self.served_model = served_model
         self.candidate_version = str(candidate_version)
         self.ends_at = float(ends_at)
         self.since = float(since)
@@ -44,6 +46,7 @@ class ShadowWindowTrigger(BaseTrigger):
         return (
             "tuneship_airflow.triggers.ShadowWindowTrigger",
             {
+                "served_model": self.served_model,
                 "candidate_version": self.candidate_version,
                 "ends_at": self.ends_at,
                 "since": self.since,
@@ -54,10 +57,9 @@ class ShadowWindowTrigger(BaseTrigger):
         )
 
     def _count(self) -> tuple[int, int]:
-        from tuneship.inference_log import read_inference_log
-        from tuneship.monitor import candidate_responses, is_ok, log_root
+        from tuneship.monitor import candidate_responses, is_ok, task_records
 
-        answers = candidate_responses(read_inference_log(log_root(), since=self.since), self.candidate_version)
+        answers = candidate_responses(task_records(self.served_model, since=self.since), self.candidate_version)
         return len(answers), sum(not is_ok(a) for a in answers)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -89,6 +91,7 @@ class PostSwitchWindowTrigger(BaseTrigger):
     def __init__(
         self,
         *,
+        served_model: str,
         version: str,
         since: float,
         ends_at: float,
@@ -98,6 +101,7 @@ class PostSwitchWindowTrigger(BaseTrigger):
         min_requests: int = 20,
     ) -> None:
         super().__init__()
+        self.served_model = served_model
         self.version = str(version)
         self.since = float(since)
         self.ends_at = float(ends_at)
@@ -110,6 +114,7 @@ class PostSwitchWindowTrigger(BaseTrigger):
         return (
             "tuneship_airflow.triggers.PostSwitchWindowTrigger",
             {
+                "served_model": self.served_model,
                 "version": self.version,
                 "since": self.since,
                 "ends_at": self.ends_at,
@@ -121,12 +126,11 @@ class PostSwitchWindowTrigger(BaseTrigger):
         )
 
     def judge(self, window_over: bool) -> dict[str, Any]:
-        from tuneship.inference_log import read_inference_log
-        from tuneship.monitor import PostSwitchThresholds, log_root, post_switch_verdict
+        from tuneship.monitor import PostSwitchThresholds, post_switch_verdict, task_records
 
         th = PostSwitchThresholds(min_requests=self.min_requests, max_error_rate=self.max_error_rate,
                                   max_p95_ms=self.max_p95_ms)
-        records = read_inference_log(log_root(), since=self.since)
+        records = task_records(self.served_model, since=self.since)
         return post_switch_verdict(records, self.version, th, since=self.since, window_over=window_over)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -149,54 +153,56 @@ class PostSwitchWindowTrigger(BaseTrigger):
 
 
 class IncomingBatchTrigger(BaseEventTrigger):
-    """Fires when a batch of training data has finished landing in the incoming location.
+    """Fires when a batch of training data has finished landing in a task's landing location.
 
-    A batch is a directory under `directory` holding train/eval files; the uploader marks it
+    `directories` maps each task to its landing location. A batch is a directory under one
+    of them holding train/eval files; the uploader marks it
     complete by writing `marker` (`_SUCCESS`, the Hadoop/Spark convention) after the data
     files, so a half-copied batch is never validated. The trigger claims each marker by
     renaming it to `<marker>.claimed` (atomic, so a restarted triggerer or a second one never
     fires twice for a batch) and yields one event per batch, oldest first, with the batch's
-    `dataset_uri`; it keeps watching. The directory is scanned in a thread so the triggerer's
+    `task` and `dataset_uri`; it keeps watching. The directory is scanned in a thread so the triggerer's
     loop never blocks.
     """
 
-    def __init__(self, *, directory: str, marker: str = "_SUCCESS", poke_interval: float = 30.0):
+    def __init__(self, *, directories: dict[str, str], marker: str = "_SUCCESS", poke_interval: float = 30.0):
         super().__init__()
-        self.directory = directory
+        self.directories = dict(directories)
         self.marker = marker
         self.poke_interval = poke_interval
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             "tuneship_airflow.triggers.IncomingBatchTrigger",
-            {"directory": self.directory, "marker": self.marker, "poke_interval": self.poke_interval},
+            {"directories": self.directories, "marker": self.marker, "poke_interval": self.poke_interval},
         )
 
-    def claim_ready(self) -> list[str]:
-        """Claim every batch whose marker is present; return their paths, oldest first."""
+    def claim_ready(self) -> list[tuple[str, str]]:
+        """Claim every batch whose marker is present; return (task, path), oldest first."""
         import os
 
-        try:
-            entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return []
         ready = []
-        for e in entries:
-            marker = os.path.join(e.path, self.marker)
-            if e.is_dir() and os.path.isfile(marker):
-                ready.append((os.stat(marker).st_mtime, e.path, marker))
+        for task, directory in sorted(self.directories.items()):
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            for e in entries:
+                marker = os.path.join(e.path, self.marker)
+                if e.is_dir() and os.path.isfile(marker):
+                    ready.append((os.stat(marker).st_mtime, task, e.path, marker))
         claimed = []
-        for _, path, marker in sorted(ready):
+        for _, task, path, marker in sorted(ready):
             try:
                 os.replace(marker, marker + ".claimed")
             except FileNotFoundError:  # another triggerer claimed it first
                 continue
-            claimed.append(path)
+            claimed.append((task, path))
         return claimed
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         while True:
-            for path in await asyncio.to_thread(self.claim_ready):
-                self.log.info("training data landed: %s", path)
-                yield TriggerEvent({"dataset_uri": path})
+            for task, path in await asyncio.to_thread(self.claim_ready):
+                self.log.info("training data landed for task %s: %s", task, path)
+                yield TriggerEvent({"task": task, "dataset_uri": path})
             await asyncio.sleep(self.poke_interval)

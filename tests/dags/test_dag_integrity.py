@@ -89,7 +89,7 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     import re
 
     dag = dagbag.dags["llm_release"]
-    order = ["reconcile", "plan", "load_candidate", "smoke", "start_shadow", "shadow_window", "decide",
+    order = ["which_task", "reconcile", "plan", "load_candidate", "smoke", "start_shadow", "shadow_window", "decide",
              "post_switch_window", "post_switch_guard", "retention_window", "retire_previous"]
     assert set(dag.task_ids) == set(order)
     for before, after in zip(order, order[1:], strict=False):
@@ -103,6 +103,17 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
             (name,) = re.findall(r"params\.(\w+)", value)
             assert name in dag.params, (op.task_id, name)
     assert "post_switch_min_requests" in watch.thresholds["min_requests"]
+
+
+def test_every_dag_takes_the_task_as_a_param_listing_the_task_files(dagbag):
+    """The trigger form's Task dropdown lists include/tasks/*.yaml; empty means "from the event"."""
+    from tuneship.tasks import task_names
+
+    assert "triage" in task_names()
+    for dag_id in ("llm_data_validation", "llm_finetune", "llm_release"):
+        schema = dagbag.dags[dag_id].params.get_param("task").schema
+        assert schema["enum"] == [None, *task_names()], dag_id
+        assert dagbag.dags[dag_id].params["task"] is None
 
 
 def test_asset_chain(dagbag):
@@ -183,10 +194,11 @@ def test_ruff_air3_clean():
 
 def test_validation_runs_nightly_and_when_a_batch_lands(dagbag):
     """Cron at 02:00 UTC OR the incoming-data Asset, whose watcher runs IncomingBatchTrigger
-    (an event trigger, serialisable for the triggerer) on the configured incoming location."""
+    (an event trigger, serialisable for the triggerer) on each task's landing location."""
     from airflow.triggers.base import BaseEventTrigger
 
     from tuneship import config
+    from tuneship.tasks import load_tasks
 
     # On unpause the latest nightly run starts beside any manual one: they must queue, not race.
     assert dagbag.dags["llm_data_validation"].max_active_runs == 1
@@ -199,7 +211,9 @@ def test_validation_runs_nightly_and_when_a_batch_lands(dagbag):
     assert isinstance(watcher.trigger, BaseEventTrigger)
     path, kwargs = watcher.trigger.serialize()
     assert path == "tuneship_airflow.triggers.IncomingBatchTrigger"
-    assert kwargs["directory"] == str(config.incoming()) and kwargs["marker"] == "_SUCCESS"
+    assert kwargs["marker"] == "_SUCCESS"
+    assert kwargs["directories"] == {n: str(t.landing()) for n, t in load_tasks().items()}
+    assert kwargs["directories"]["triage"] == str(config.incoming() / "triage")
 
 
 # The tasks whose stage can refuse (a gate's decision): each must fail once, without a retry.

@@ -1,4 +1,6 @@
-"""Demo data: customer-support ticket triage for an online store.
+"""The triage task's own code: its answer parser and its demo data (support-ticket triage
+for an online store). Referenced from triage.yaml as `triage_task:<function>`; the library
+never imports it.
 
 Everything is template-generated from a seed so the whole loop (pre-train, fine-tune,
 evaluate, drift) is reproducible on one machine without downloading anything. The label is
@@ -195,7 +197,7 @@ def make_completion(category: str, priority: str) -> str:
     return COMPLETION_TEMPLATE.format(category=category, priority=priority)
 
 
-def parse_triage(text: str) -> dict[str, str | None]:
+def parse_answer(text: str) -> dict[str, str | None]:
     """Read `category=... priority=...` from a completion; None for anything unparseable."""
     m = _TRIAGE_RE.search(text or "")
     if not m:
@@ -205,6 +207,12 @@ def parse_triage(text: str) -> dict[str, str | None]:
         "category": category if category in CATEGORIES else None,
         "priority": priority if priority in PRIORITIES else None,
     }
+
+
+def answer_conforms(text: str) -> bool:
+    """A triage answer names a known category and a known priority."""
+    parsed = parse_answer(text)
+    return parsed["category"] is not None and parsed["priority"] is not None
 
 
 def examples(n: int, seed: int) -> list[dict[str, str]]:
@@ -347,7 +355,7 @@ def pretrain_corpus(n: int, seed: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tuneship.datagen", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python include/tasks/triage_task.py", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for train.jsonl and eval.jsonl")
     p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--n-eval", type=int, default=120)

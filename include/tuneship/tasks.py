@@ -1,0 +1,316 @@
+"""Task files: what a team ships, declared in YAML (`include/tasks/<name>.yaml`), not coded.
+
+A task names everything the loop needs to know about one model a team ships: the registered
+and served names, the base model and recipe, the prompt format, where its data lands, how its
+answers are parsed and checked, its eval suites, release thresholds and drift settings. The
+library never names a task; the stages take a `Task` and ask it.
+
+Functions a task refers to (`module:function`) are looked up in a module beside the task file
+first (`include/tasks/triage_task.py` for `triage_task:parse_answer`), then as an importable
+module, so a user's task in its own directory needs no change to the library.
+
+A bad task file fails when it is loaded (DAG parse, `tuneship tasks check`, pre-commit) with
+the file and the key named, never half-way through a release.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from tuneship import config
+
+SCHEMA_VERSION = 1
+TASKS_DIR = config.REPO_ROOT / "include" / "tasks"
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
+SERVED_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
+REF_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class TaskError(ValueError):
+    """A task file that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    landing: str = Field(min_length=1, description="under TUNESHIP_HOME/incoming/, or an absolute path / URI")
+    min_conforming: float = Field(default=0.95, ge=0.0, le=1.0,
+                                  description="share of a batch's answers that must pass the answer check")
+
+
+class AnswerSpec(_Strict):
+    parser: str = Field(pattern=REF_PATTERN, description="module:function, answer text -> dict of fields")
+    fields: list[str] = Field(min_length=1)
+    check: str = Field(pattern=REF_PATTERN, description="module:function, answer text -> bool: does an "
+                       "answer have the task's shape? (the data gate and the shadow's format rate)")
+
+
+class EvalSpec(_Strict):
+    suites: list[str] = Field(min_length=1, description="gating suites, eval_suites/<name>.yaml")
+    smoke: str = Field(min_length=1, description="inline suite sent through the gateway before traffic moves")
+
+
+class CompileSpec(_Strict):
+    parity_prompts: list[str] = Field(default_factory=list,
+                                      description="prompts the compiled model must reproduce (empty: the smoke suite's)")
+
+
+class ReleaseSpec(_Strict):
+    shadow_hours: float = Field(default=72.0, gt=0)
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_p95_ms: float = Field(default=2000.0, gt=0)
+    min_requests: int = Field(default=20, ge=1)
+    min_format_rate: float = Field(default=0.9, ge=0, le=1)
+
+
+class DriftSpec(_Strict):
+    window_hours: float = Field(default=1.0, gt=0)
+    threshold: float = Field(default=0.2, gt=0)
+    min_requests: int = Field(default=50, ge=1)
+    debounce: int = Field(default=2, ge=1)
+    cooldown_hours: float = Field(default=24.0, ge=0)
+
+
+class DemoSpec(_Strict):
+    """What the embedded demo (and the tests) need to make this task's data and traffic."""
+
+    generator: str = Field(pattern=REF_PATTERN, description="(out_dir, n_train, n_eval, seed) -> paths")
+    traffic: str = Field(pattern=REF_PATTERN, description="(n, seed, drift) -> prompts")
+    pretrain_corpus: str | None = Field(default=None, pattern=REF_PATTERN,
+                                        description="(n, seed) -> documents: pre-trains the tiny test model")
+    vocab: list[str] = Field(default_factory=list, description="answer strings the tiny model's tokenizer keeps whole")
+
+
+class Task(_Strict):
+    """One task file, validated. `path` is where it was read from."""
+
+    schema_version: int = Field(ge=1, le=SCHEMA_VERSION)
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    registered_model: str = Field(min_length=1, max_length=200)
+    served_model: str = Field(pattern=SERVED_PATTERN)
+    base_model: str = Field(min_length=1)
+    recipe: str = Field(min_length=1)
+    prompt_format: Literal["plain", "chat"]
+    system_prompt: str | None = None
+    data: DataSpec
+    answers: AnswerSpec
+    eval: EvalSpec
+    compile: CompileSpec = CompileSpec()
+    release: ReleaseSpec = ReleaseSpec()
+    drift: DriftSpec = DriftSpec()
+    demo: DemoSpec | None = None
+
+    _path: Path = PrivateAttr()
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _system_prompt(cls, v: str | None) -> str | None:
+        return v if v is None or v.strip() else None
+
+    # -- where things are ---------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def colour_model(self, colour: str) -> str:
+        """The Triton model that holds this task's `colour` (`triage_blue`)."""
+        return f"{self.name}_{colour}"
+
+    def colour_models(self) -> set[str]:
+        return {self.colour_model(c) for c in ("blue", "green")}
+
+    def landing(self) -> Path:
+        """Where this task's new training-data batches land."""
+        p = Path(self.data.landing)
+        return p if p.is_absolute() else config.incoming() / p
+
+    def recipe_path(self) -> Path:
+        from tuneship.train.recipe import default_recipe_path
+
+        if self.recipe.endswith((".yaml", ".yml")):
+            p = Path(self.recipe)
+            return p if p.is_absolute() else self.path.parent / p
+        return default_recipe_path(self.recipe)
+
+    # -- the task's functions -----------------------------------------------------------
+    def resolve(self, ref: str) -> Callable[..., Any]:
+        """`module:function`: a module beside the task file first, else an importable one."""
+        module_name, _, attr = ref.partition(":")
+        local = self.path.parent / (module_name.replace(".", "/") + ".py")
+        if local.is_file():
+            key = f"tuneship_task_{self.name}.{module_name}"
+            module = sys.modules.get(key)
+            if module is None or getattr(module, "__file__", None) != str(local):
+                spec = importlib.util.spec_from_file_location(key, local)
+                if spec is None or spec.loader is None:
+                    raise TaskError(f"{self.path}: cannot import {local}")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[key] = module
+                spec.loader.exec_module(module)
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise TaskError(f"{self.path}: {ref!r}: no module {module_name}.py beside the task file "
+                                f"and none importable ({exc})") from None
+        fn = getattr(module, attr, None)
+        if not callable(fn):
+            raise TaskError(f"{self.path}: {ref!r}: {module_name} has no function {attr!r}")
+        return fn
+
+    @cached_property
+    def parser(self) -> Callable[[str], dict[str, Any]]:
+        return self.resolve(self.answers.parser)
+
+    def conforms(self, answer: str) -> bool:
+        """Does one answer have the task's shape (its declared check)?"""
+        return bool(self.resolve(self.answers.check)(answer))
+
+    def module_file(self, ref: str) -> Path:
+        """The file that defines `module:function` (for a process that must load it anew)."""
+        module_name = ref.partition(":")[0]
+        local = self.path.parent / (module_name.replace(".", "/") + ".py")
+        if local.is_file():
+            return local
+        spec = importlib.util.find_spec(module_name)
+        if spec is None or not spec.origin:
+            raise TaskError(f"{self.path}: {ref!r}: cannot find the file of module {module_name}")
+        return Path(spec.origin)
+
+    def render_prompt(self, prompt: str) -> str | list[dict[str, str]]:
+        """What a case or a client sends: the text itself (plain) or the chat messages."""
+        if self.prompt_format == "plain":
+            return prompt
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": prompt}]
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def task_dirs() -> list[Path]:
+    """`include/tasks/`, then any directories in TUNESHIP_TASK_PATH (os.pathsep-separated)."""
+    extra = [Path(p) for p in os.environ.get("TUNESHIP_TASK_PATH", "").split(os.pathsep) if p.strip()]
+    return [TASKS_DIR, *extra]
+
+
+def _format(err: ValidationError, source: Path) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "<top>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against include/tasks/README.md)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        parts.append(f"key '{key}': {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _check_refs(task: Task) -> None:
+    """Every referenced suite, recipe and function must exist, so a typo fails at load time."""
+    from tuneship.evaluate import SuiteError, load_suite
+
+    for suite in [*task.eval.suites, task.eval.smoke]:
+        key = "eval.smoke" if suite == task.eval.smoke else "eval.suites"
+        try:
+            load_suite(suite)
+        except SuiteError as exc:
+            raise TaskError(f"{task.path}: key '{key}': {exc}") from None
+    if not task.recipe_path().is_file():
+        raise TaskError(f"{task.path}: key 'recipe': no recipe {task.recipe_path()} (a shipped recipe name "
+                        "or a YAML path relative to the task file)")
+    refs: dict[str, str] = {"answers.parser": task.answers.parser, "answers.check": task.answers.check}
+    if task.demo:
+        refs.update({"demo.generator": task.demo.generator, "demo.traffic": task.demo.traffic,
+                     "demo.pretrain_corpus": task.demo.pretrain_corpus or ""})
+    for key, ref in refs.items():
+        if ref:
+            try:
+                task.resolve(ref)
+            except TaskError as exc:
+                raise TaskError(f"key '{key}': {exc}") from None
+
+
+def load_task_file(path: str | os.PathLike[str], *, check_refs: bool = True) -> Task:
+    p = Path(path)
+    if not p.is_file():
+        raise TaskError(f"{p}: no such task file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise TaskError(f"{p}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise TaskError(f"{p}: top level must be a mapping of keys")
+    try:
+        task = Task.model_validate(raw)
+    except ValidationError as exc:
+        raise TaskError(_format(exc, p)) from None
+    if task.name != p.stem:
+        raise TaskError(f"{p}: key 'name': {task.name!r} must equal the file name ({p.stem!r})")
+    task._path = p.resolve()
+    if check_refs:
+        _check_refs(task)
+    return task
+
+
+def task_files() -> dict[str, Path]:
+    """name -> file, over every task directory; a name defined twice is an error."""
+    found: dict[str, Path] = {}
+    for d in task_dirs():
+        for p in sorted(d.glob("*.yaml")) if d.is_dir() else []:
+            if p.stem in found:
+                raise TaskError(f"{p}: task {p.stem!r} is already defined in {found[p.stem]}")
+            found[p.stem] = p
+    return found
+
+
+def task_names() -> list[str]:
+    """Names only (no validation): cheap enough for DAG parse (the trigger form's dropdown)."""
+    return sorted(task_files())
+
+
+def load_tasks() -> dict[str, Task]:
+    """Every task, validated, with names that must not clash across tasks."""
+    tasks = {name: load_task_file(p) for name, p in task_files().items()}
+    for key in ("served_model", "registered_model"):
+        seen: dict[str, str] = {}
+        for task in tasks.values():
+            other = seen.setdefault(getattr(task, key), task.name)
+            if other != task.name:
+                raise TaskError(f"{task.path}: key '{key}': {getattr(task, key)!r} is already used by "
+                                f"task {other!r} ({tasks[other].path}); each task needs its own")
+    return tasks
+
+
+def load_task(name_or_path: str | os.PathLike[str] | None) -> Task:
+    """A task by name (any task directory) or by file path. Names are checked against the
+    other tasks too, so a clash is found whichever task is loaded."""
+    if name_or_path is None or str(name_or_path).strip() == "":
+        raise TaskError(f"no task given; choose one of {task_names()}")
+    ref = str(name_or_path)
+    if ref.endswith((".yaml", ".yml")) or os.sep in ref:
+        return load_task_file(ref)
+    files = task_files()
+    if ref not in files:
+        raise TaskError(f"no task {ref!r}; tasks are {sorted(files)} (files in {', '.join(map(str, task_dirs()))})")
+    return load_tasks()[ref]
+
+
+def default_task() -> str:
+    """The task a DAG run takes when none is given: TUNESHIP_DEFAULT_TASK, else the first."""
+    names = task_names()
+    return os.environ.get("TUNESHIP_DEFAULT_TASK") or (names[0] if names else "")
