@@ -13,7 +13,10 @@ import json
 import random
 from pathlib import Path
 
-from tuneship.datagen import _ticket, make_completion, make_prompt
+from tests.tasks import triage
+
+_triage = triage()
+_ticket, make_completion, make_prompt = _triage._ticket, _triage.make_completion, _triage.make_prompt
 
 HOSTILE_SHARE = 0.003
 # Part of the cached data directory's name: bump when the generated rows change.

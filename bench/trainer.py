@@ -82,8 +82,11 @@ class NotOnGpu(RuntimeError):
 
 
 def _data_dir() -> Path:
+    from tests.tasks import triage
     from tuneship import config
-    from tuneship.datagen import write_dataset
+
+    _triage = triage()
+    write_dataset = _triage.write_dataset
 
     d = config.home() / "bench" / "trainer-data-{n_train}-{n_eval}-seed{seed}".format(**DATA)
     if not (d / ".complete").exists():

@@ -21,18 +21,28 @@ def shared_dir(tmp_path_factory) -> Path:
     return d
 
 
-def base_model(tmp_path_factory) -> Path:
-    """The real demo base model (default spec), built once."""
-    if "base" not in _CACHE:
-        from tuneship.basemodel import build_base_model
+def build_tiny(out: Path, **kwargs) -> Path:
+    """The tiny test model, pre-trained on the triage task's demo text (its task file's
+    demo.pretrain_corpus and demo.vocab)."""
+    from tuneship.basemodel import build_base_model
+    from tuneship.tasks import load_task
 
-        _CACHE["base"] = build_base_model(shared_dir(tmp_path_factory) / "tiny-llama", seed=0)
+    task = load_task("triage")
+    return build_base_model(out, task.resolve(task.demo.pretrain_corpus), vocab_texts=task.demo.vocab, **kwargs)
+
+
+def base_model(tmp_path_factory) -> Path:
+    """The tiny test base model (default spec), built once."""
+    if "base" not in _CACHE:
+        _CACHE["base"] = build_tiny(shared_dir(tmp_path_factory) / "tiny-llama", seed=0)
     return _CACHE["base"]
 
 
 def dataset(tmp_path_factory) -> Path:
     if "data" not in _CACHE:
-        from tuneship.datagen import write_dataset
+        from tests.tasks import triage
+
+        write_dataset = triage().write_dataset
 
         out = shared_dir(tmp_path_factory) / "dataset"
         write_dataset(out, n_train=600, n_eval=120, seed=0)

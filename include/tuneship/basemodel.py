@@ -173,7 +173,7 @@ def build_base_model(
     try:
         torch.manual_seed(seed)
         tokenizer = _wrap_tokenizer(_train_tokenizer(docs, int(spec["vocab_size"]), vocab_texts))
-        data = _pack_corpus(tokenizer, corpus, int(spec["seq_len"]))
+        data = _pack_corpus(tokenizer, docs, int(spec["seq_len"]))
 
         cfg = LlamaConfig(
             vocab_size=len(tokenizer),

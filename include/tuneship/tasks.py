@@ -146,9 +146,8 @@ class Task(_Strict):
         return default_recipe_path(self.recipe)
 
     # -- the task's functions -----------------------------------------------------------
-    def resolve(self, ref: str) -> Callable[..., Any]:
-        """`module:function`: a module beside the task file first, else an importable one."""
-        module_name, _, attr = ref.partition(":")
+    def module(self, module_name: str) -> Any:
+        """A module beside the task file (loaded once per process), else an importable one."""
         local = self.path.parent / (module_name.replace(".", "/") + ".py")
         if local.is_file():
             key = f"tuneship_task_{self.name}.{module_name}"
@@ -160,13 +159,17 @@ class Task(_Strict):
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[key] = module
                 spec.loader.exec_module(module)
-        else:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError as exc:
-                raise TaskError(f"{self.path}: {ref!r}: no module {module_name}.py beside the task file "
-                                f"and none importable ({exc})") from None
-        fn = getattr(module, attr, None)
+            return module
+        try:
+            return importlib.import_module(module_name)
+        except ImportError as exc:
+            raise TaskError(f"{self.path}: no module {module_name}.py beside the task file "
+                            f"and none importable ({exc})") from None
+
+    def resolve(self, ref: str) -> Callable[..., Any]:
+        """`module:function`: a module beside the task file first, else an importable one."""
+        module_name, _, attr = ref.partition(":")
+        fn = getattr(self.module(module_name), attr, None)
         if not callable(fn):
             raise TaskError(f"{self.path}: {ref!r}: {module_name} has no function {attr!r}")
         return fn

@@ -247,8 +247,11 @@ def test_chat_prompt_is_the_training_rendering_token_for_token():
     tokenizer carrying the base model's chat template, and tokenizes to the same ids once
     Triton's tokenizer adds BOS itself."""
     from serving.gateway import chat
+    from tests.tasks import triage
     from tuneship import basemodel
-    from tuneship.datagen import pretrain_corpus
+
+    _triage = triage()
+    pretrain_corpus = _triage.pretrain_corpus
     from tuneship.train.trainer import split_prompt_completion
 
     tok = basemodel._wrap_tokenizer(basemodel._train_tokenizer(pretrain_corpus(300, 0), 600))

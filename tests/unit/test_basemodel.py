@@ -7,6 +7,7 @@ import json
 import pytest
 from ml_fixtures import base_model
 
+from tests.ml_fixtures import build_tiny
 from tuneship import basemodel
 from tuneship.generate import generate
 
@@ -32,15 +33,15 @@ def test_build_writes_model_tokenizer_and_manifest(base_dir):
 def test_reuse_when_manifest_matches(base_dir):
     before = (base_dir / "model.safetensors").stat().st_mtime_ns
     said: list[str] = []
-    assert basemodel.build_base_model(base_dir, seed=0, log=said.append) == base_dir
+    assert build_tiny(base_dir, seed=0, log=said.append) == base_dir
     assert said == [f"base model: reusing {base_dir} (manifest matches)"], said  # nothing trained
     assert (base_dir / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_build_is_deterministic_and_seed_sensitive(tmp_path):
-    a = basemodel.build_base_model(tmp_path / "a", seed=1, spec=TINY, log=lambda m: None)
-    b = basemodel.build_base_model(tmp_path / "b", seed=1, spec=TINY, log=lambda m: None)
-    c = basemodel.build_base_model(tmp_path / "c", seed=2, spec=TINY, log=lambda m: None)
+    a = build_tiny(tmp_path / "a", seed=1, spec=TINY, log=lambda m: None)
+    b = build_tiny(tmp_path / "b", seed=1, spec=TINY, log=lambda m: None)
+    c = build_tiny(tmp_path / "c", seed=2, spec=TINY, log=lambda m: None)
     sha = [json.loads((d / basemodel.MANIFEST).read_text())["weights_sha256"] for d in (a, b, c)]
     assert sha[0] == sha[1] != sha[2]
 
@@ -49,7 +50,7 @@ def test_refuses_to_overwrite_foreign_directory(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a Tuneship base model"):
-        basemodel.build_base_model(tmp_path / "x", spec=TINY)
+        build_tiny(tmp_path / "x", spec=TINY)
     assert (tmp_path / "x" / "precious.txt").read_text() == "keep me"
 
 

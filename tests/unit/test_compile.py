@@ -70,8 +70,11 @@ def test_onnx_parity_report(compiled):
 
 def test_triton_generator_matches_eager_generate(compiled, tmp_path_factory):
     """The class Triton runs (numpy + onnxruntime + tokenizers only) == tuneship.generate."""
+    from tests.tasks import triage
     from tuneship.compile import merged_model
-    from tuneship.datagen import parse_triage
+
+    _triage = triage()
+    parse_triage = _triage.parse_answer
     from tuneship.generate import generate_ids
 
     report, repo = compiled

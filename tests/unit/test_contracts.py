@@ -572,7 +572,7 @@ def test_trainer_image_installs_every_package_the_trainer_imports():
            if ln.strip() and not ln.startswith("#")}
     include = REPO / "include" / "tuneship"
     modules = _third_party_imports([*(include / "train").glob("*.py"), include / "basemodel.py",
-                                    include / "datagen.py"])
+                                    include / "tasks.py"])
     assert {"bitsandbytes", "torch", "peft"} <= modules  # the lazy imports were scanned
     missing = _missing_from_image(modules, _image_packages(dockerfile, "TRAINER_PACKAGES") | gpu)
     assert not missing, f"Dockerfile.trainer TRAINER_PACKAGES lacks: {missing}"

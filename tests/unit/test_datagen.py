@@ -6,8 +6,10 @@ import json
 import re
 from collections import Counter
 
-from tuneship import datagen
-from tuneship.datagen import parse_triage
+from tests.tasks import triage
+
+datagen = triage()
+parse_triage = datagen.parse_answer
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):

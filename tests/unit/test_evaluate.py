@@ -78,7 +78,10 @@ def test_regression_gate_without_reference_is_refused_not_passed(tmp_path: Path)
 
 
 def test_dataset_cases_read_eval_split(tmp_path: Path):
-    from tuneship.datagen import write_dataset
+    from tests.tasks import triage
+
+    _triage = triage()
+    write_dataset = _triage.write_dataset
 
     write_dataset(tmp_path, n_train=20, n_eval=15, seed=3)
     suite = load_suite("triage")

@@ -14,9 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from tuneship import datagen, notify
+from tests.tasks import triage
+from tuneship import notify
 from tuneship.stages import Refusal, batches_to_validate, validate_batches
 from tuneship_airflow.triggers import IncomingBatchTrigger
+
+datagen = triage()
 
 
 async def _events(trigger: IncomingBatchTrigger, n: int, timeout: float = 5.0) -> list[dict]:

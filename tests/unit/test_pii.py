@@ -42,7 +42,10 @@ def test_heldout_file_covers_the_formats_the_issue_names() -> None:
 def test_validation_quarantines_exactly_the_heldout_positives(tmp_path: Path) -> None:
     """Recall and precision 1.0 on the held-out file, through the real validator: held-out
     texts go into a batch of the demo's own tickets, which must all be kept."""
-    from tuneship.datagen import examples
+    from tests.tasks import triage
+
+    _triage = triage()
+    examples = _triage.examples
 
     clean = examples(1200, seed=11)
     train = list(clean[:1000])
@@ -136,7 +139,10 @@ def test_screens_fire_on_every_heldout_positive() -> None:
 
 def test_screens_stay_quiet_on_the_demo_data() -> None:
     """The 1M-row figure rests on clean rows not reaching the Python detectors."""
-    from tuneship.datagen import drifted_examples, examples
+    from tests.tasks import triage
+
+    _triage = triage()
+    drifted_examples, examples = _triage.drifted_examples, _triage.examples
 
     rows = examples(2000, seed=3) + drifted_examples(500, seed=4)
     texts = [f"{r['prompt']}\n{r['completion']}" for r in rows]

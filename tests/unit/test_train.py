@@ -13,8 +13,11 @@ import pytest
 import yaml
 from ml_fixtures import base_model, dataset, finetuned, read_jsonl, run_trainer
 
-from tuneship import config, datagen
+from tests.tasks import triage
+from tuneship import config
 from tuneship.train.recipe import RecipeError, default_recipe_path, load_recipe, recipe_hash
+
+datagen = triage()
 
 RECIPE = default_recipe_path()
 
