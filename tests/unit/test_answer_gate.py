@@ -59,6 +59,12 @@ def answer_conforms(text: str) -> bool:
     return fields["category"] is not None and fields["priority"] is not None
 
 
+def answer_or_raise(text: str) -> bool:
+    if "APY" in text:
+        raise RuntimeError("cannot parse bank prose")
+    return answer_conforms(text)
+
+
 NOT_A_FUNCTION = 3
 '''
 DESCRIBE = "triage_task:answer_conforms (fields category, priority)"
@@ -263,6 +269,24 @@ def test_chat_rows_are_judged_by_their_last_assistant_message(
     assert report.schema == "chat"
     assert report.check("answer_format").sample_lines == {"train.jsonl": [3]}
     assert report.quarantined_lines == {"train": [3], "eval": []}
+
+
+def test_a_function_raising_on_an_answer_rejects_that_row(
+    task_module: Path, tmp_path: Path
+) -> None:
+    rows = tickets(132, seed=6)
+    rows[9] = {**rows[9], "completion": faq_answer(0)}  # savings APY prose: the function raises
+    rows[10] = {**rows[10], "completion": faq_answer(1)}  # other prose: returns False
+    ds = write_dataset(tmp_path / "ds", rows[:120], rows[120:])
+    report = validate_dataset(
+        ds, workdir=tmp_path / "wd", answer_check=gate(task_module, function="answer_or_raise")
+    )
+    reasons = {k[1]: r["reasons"]["answer_format"] for k, r in misfit_rows(report).items()}
+    assert reasons == {
+        10: f"answer does not fit task 'triage' ({DESCRIBE}): answer_or_raise raised "
+        "RuntimeError: cannot parse bank prose",
+        11: f"answer does not fit task 'triage' ({DESCRIBE})",
+    }
 
 
 # --------------------------------------------------------------------- worker processes

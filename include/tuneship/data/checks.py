@@ -764,31 +764,45 @@ class RowScreen:
         )
 
     def _misfits(self, answers: list[str], valid: Any) -> dict[int, str]:
-        """{row: reason} for the valid rows whose answer the task's function rejects. A
-        function raising on an answer rejects it (the reason says what it raised); one
-        returning something other than a bool is a broken declaration and raises."""
+        """{row: reason} for the valid rows whose answer the task's function rejects. The
+        function is a pure text -> bool, so each distinct answer in the chunk is judged
+        once (a label-shaped task repeats a handful of answers across every row)."""
+        import numpy as np
+
+        verdicts: dict[str, str | None] = {}  # answer -> reason, None when it conforms
+        out: dict[int, str] = {}
+        for i in np.flatnonzero(valid).tolist():
+            answer = answers[i]
+            if answer in verdicts:
+                reason = verdicts[answer]
+            else:
+                reason = verdicts[answer] = self._judge(answer)
+            if reason is not None:
+                out[i] = reason
+        return out
+
+    def _judge(self, answer: str) -> str | None:
+        """Why `answer` does not fit the task, or None when it does. A function raising on
+        an answer rejects it (the reason says what it raised); one returning anything but
+        a bool is a broken declaration and raises."""
         import numpy as np
 
         check, fn = self.answer_check, self._answer
         assert check is not None and fn is not None
         misfit = f"answer does not fit task {check.task!r} ({check.describe})"
-        out: dict[int, str] = {}
-        for i in np.flatnonzero(valid).tolist():
-            try:
-                ok = fn(answers[i])
-            except Exception as exc:  # the task's code on untrusted text: reject the row
-                out[i] = f"{misfit}: {check.function} raised {type(exc).__name__}: {exc}"[:300]
-                continue
-            if ok is True or ok is np.True_:
-                continue
-            if ok is not False and ok is not np.False_:
-                raise ValueError(
-                    f"task {check.task!r}: answer check {check.function} in "
-                    f"{check.module_file} returned {type(ok).__name__} {ok!r:.80}; it must "
-                    "return True (the answer fits the task) or False"
-                )
-            out[i] = misfit
-        return out
+        try:
+            ok = fn(answer)
+        except Exception as exc:  # the task's code on untrusted text: reject the row
+            return f"{misfit}: {check.function} raised {type(exc).__name__}: {exc}"[:300]
+        if ok is True or ok is np.True_:
+            return None
+        if ok is False or ok is np.False_:
+            return misfit
+        raise ValueError(
+            f"task {check.task!r}: answer check {check.function} in {check.module_file} "
+            f"returned {type(ok).__name__} {ok!r:.80}; it must return True (the answer fits "
+            "the task) or False"
+        )
 
 
 @dataclass
