@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib.util
 import re
+import sys
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tuneship.data import pii
 from tuneship.data.reader import CHAT_ROLES, DatasetError, Shape, canonical_json, detect_shape
@@ -43,6 +52,7 @@ ROW_CHECKS: tuple[str, ...] = (
     "leakage",
     "pii",
     "prompt_injection",
+    "answer_format",  # only with a task's AnswerCheck (see below)
 )
 
 
@@ -101,6 +111,23 @@ class InjectionCheck(RowCheck):
         return v
 
 
+class AnswerFormatCheck(RowCheck):
+    """The task's data gate. Its threshold is the task's (`AnswerCheck.min_share`), so the
+    suite may not declare one: a second number here could only disagree with the task."""
+
+    severity: Severity = "error"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_threshold(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_fraction" in data:
+            raise ValueError(
+                "max_fraction is not set here: the task declares its answers' minimum "
+                "conforming share (AnswerCheck.min_share); remove the key"
+            )
+        return data
+
+
 class MinRowsCheck(_Strict):
     severity: Severity = "error"
     enabled: bool = True
@@ -124,6 +151,7 @@ class Checks(_Strict):
     leakage: RowCheck
     pii: PiiCheck
     prompt_injection: InjectionCheck
+    answer_format: AnswerFormatCheck = AnswerFormatCheck()  # absent from suites before v4
     min_rows: MinRowsCheck
     drift_vs_previous: DriftCheck = DriftCheck()
 
@@ -175,6 +203,93 @@ def load_config(path: str | Path | None = None) -> SuiteConfig:
     return cfg.model_copy(
         update={"path": str(p.resolve()), "sha256": hashlib.sha256(raw_bytes).hexdigest()}
     )
+
+
+# --------------------------------------------------------------------------- the task's data gate
+
+
+@dataclass(frozen=True)
+class AnswerCheck:
+    """How a task says what its answers look like, for the `answer_format` row check.
+
+    Plain strings and a float, so it pickles into spawned worker processes, which import
+    `module_file` themselves (`answer_function`). `min_share` is the share of each split's
+    rows whose answer must conform; it is the check's threshold (max_fraction = 1 -
+    min_share), and the suite YAML may not declare another.
+    """
+
+    task: str  # task name, for messages
+    module_file: str  # absolute path of the .py file holding the function
+    function: str  # name of a function: answer text -> bool (True = conforms)
+    min_share: float  # share of a split's rows that must conform (e.g. 0.95)
+    describe: str  # how the check is declared, for messages
+
+    def __post_init__(self) -> None:
+        who = f"task {self.task!r}: answer check"
+        if isinstance(self.min_share, bool) or not isinstance(self.min_share, int | float) or not (
+            0.0 <= self.min_share <= 1.0
+        ):
+            raise ValueError(f"{who} min_share is {self.min_share!r}; expected a share from 0 to 1")
+        if not Path(self.module_file).is_absolute():
+            raise ValueError(
+                f"{who} module_file {self.module_file!r} is not an absolute path; "
+                "worker processes import it by path, so give it in full"
+            )
+        if not self.function.isidentifier():
+            raise ValueError(f"{who} function {self.function!r} is not a Python function name")
+
+    @property
+    def max_fraction(self) -> float:
+        """Share of a split's rows allowed not to conform (rounded: 1 - 0.95 is not 0.05)."""
+        return round(1.0 - float(self.min_share), 12)
+
+
+def answer_function(check: AnswerCheck) -> Callable[[str], Any]:
+    """The task's answer function, its module imported by path once per process (kept in
+    `sys.modules` under a name derived from the path, so every RowScreen of a process and
+    every block a worker screens share one import)."""
+    path = Path(check.module_file)
+    name = "tuneship_answer_check_" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    module = sys.modules.get(name)
+    who = f"task {check.task!r}: answer check {check.describe}"
+    if module is None:
+        if not path.is_file():
+            raise ValueError(
+                f"{who}: module file {path} does not exist; fix module_file in the task's "
+                "declaration or restore the file"
+            )
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"{who}: {path} cannot be imported as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[name]
+            raise ValueError(
+                f"{who}: importing {path} failed ({type(exc).__name__}: {exc}); fix the module"
+            ) from exc
+    fn = getattr(module, check.function, None)
+    if not callable(fn):
+        found = "is not a function" if hasattr(module, check.function) else "is not defined"
+        raise ValueError(
+            f"{who}: {check.function} {found} in {path}; define "
+            f"`def {check.function}(answer: str) -> bool` there or fix function in the "
+            "task's declaration"
+        )
+    return fn
+
+
+def with_answer_check(cfg: SuiteConfig, check: AnswerCheck | None) -> SuiteConfig:
+    """The suite as run for one batch: `answer_format` takes the task's threshold, and is
+    off (not run, not reported) without a task check."""
+    af = cfg.checks.answer_format
+    update: dict[str, Any] = (
+        {"enabled": False} if check is None else {"max_fraction": check.max_fraction}
+    )
+    checks = cfg.checks.model_copy(update={"answer_format": af.model_copy(update=update)})
+    return cfg.model_copy(update={"checks": checks})
 
 
 # --------------------------------------------------------------------------- detectors
@@ -419,17 +534,30 @@ class RowScreen:
     bulk; the Python detectors confirm the few rows a prefilter flags.
     """
 
-    def __init__(self, cfg: SuiteConfig, shape: Shape, tokenizer: Tokenizer | None = None):
+    def __init__(
+        self,
+        cfg: SuiteConfig,
+        shape: Shape,
+        tokenizer: Tokenizer | None = None,
+        answer_check: AnswerCheck | None = None,
+    ):
         self.cfg = cfg
         self.shape = shape
         self.tokenizer = tokenizer
+        # answer_format runs only with a task's check (validate_dataset turns it off without)
+        self.answer_check = answer_check if cfg.enabled("answer_format") else None
+        self._answer = answer_function(self.answer_check) if self.answer_check else None
         patterns = cfg.checks.prompt_injection.patterns
         self._injection = [re.compile(p, re.IGNORECASE) for p in patterns]
         supersets = [re2_superset(p) for p in patterns]
         wide = [f"(?:{t})" for t in supersets if t is not None]
         self._injection_re2 = "(?i)" + "|".join(wide) if wide else None
         self._injection_everywhere = any(t is None for t in supersets)
-        self.enabled = [k for k in ROW_CHECKS if cfg.enabled(k)]
+        self.enabled = [
+            k
+            for k in ROW_CHECKS
+            if cfg.enabled(k) and (k != "answer_format" or self._answer is not None)
+        ]
         self.error_checks = [k for k in self.enabled if cfg.severity(k) == "error"]
 
     def screen(
@@ -555,6 +683,8 @@ class RowScreen:
             if matches := [m for pat in self._injection if (m := pat.search(joined[i]))]:
                 injection[i] = matches
 
+        misfits = self._misfits(completions, valid) if self._answer is not None else {}
+
         flags = {
             "schema": ~valid,
             "required_fields": valid & (empty > 0),
@@ -563,6 +693,7 @@ class RowScreen:
             "length": length_bad,
             "pii": _mask(n, pii_found),
             "prompt_injection": _mask(n, injection),
+            "answer_format": _mask(n, misfits),
         }
         local = [k for k in self.enabled if k in flags]
         local_error = np.zeros(n, dtype=bool)
@@ -598,6 +729,8 @@ class RowScreen:
                     r[k] = ", ".join(pii_found[i])
                 elif k == "prompt_injection":
                     r[k] = f"matches {injection[i][0].group()!r}"
+                elif k == "answer_format":
+                    r[k] = misfits[i]
             reasons[i] = r
 
         schema = np.where(valid, shape, "").astype(object)
@@ -618,6 +751,8 @@ class RowScreen:
                 (len(injection.get(i, ())) for i in range(n)), np.int64, count=n
             ),
         }
+        if self._answer is not None:
+            features["answer_misfit"] = _nullable(flags["answer_format"].astype(np.int64), valid)
         counts = None
         lengths = np.zeros(0, dtype=np.int64)
         if split == "train":
@@ -626,6 +761,47 @@ class RowScreen:
             lengths = np.asarray(plen, dtype=np.int64)[kept]
         return Screened(
             split, lines, features, reasons, local_error, row_texts, folds, counts, lengths,
+        )
+
+    def _misfits(self, answers: list[str], valid: Any) -> dict[int, str]:
+        """{row: reason} for the valid rows whose answer the task's function rejects. The
+        function is a pure text -> bool, so each distinct answer in the chunk is judged
+        once (a label-shaped task repeats a handful of answers across every row)."""
+        import numpy as np
+
+        verdicts: dict[str, str | None] = {}  # answer -> reason, None when it conforms
+        out: dict[int, str] = {}
+        for i in np.flatnonzero(valid).tolist():
+            answer = answers[i]
+            if answer in verdicts:
+                reason = verdicts[answer]
+            else:
+                reason = verdicts[answer] = self._judge(answer)
+            if reason is not None:
+                out[i] = reason
+        return out
+
+    def _judge(self, answer: str) -> str | None:
+        """Why `answer` does not fit the task, or None when it does. A function raising on
+        an answer rejects it (the reason says what it raised); one returning anything but
+        a bool is a broken declaration and raises."""
+        import numpy as np
+
+        check, fn = self.answer_check, self._answer
+        assert check is not None and fn is not None
+        misfit = f"answer does not fit task {check.task!r} ({check.describe})"
+        try:
+            ok = fn(answer)
+        except Exception as exc:  # the task's code on untrusted text: reject the row
+            return f"{misfit}: {check.function} raised {type(exc).__name__}: {exc}"[:300]
+        if ok is True or ok is np.True_:
+            return None
+        if ok is False or ok is np.False_:
+            return misfit
+        raise ValueError(
+            f"task {check.task!r}: answer check {check.function} in {check.module_file} "
+            f"returned {type(ok).__name__} {ok!r:.80}; it must return True (the answer fits "
+            "the task) or False"
         )
 
 

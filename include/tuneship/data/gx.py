@@ -152,6 +152,16 @@ def _expectations(cfg: SuiteConfig, split: str, shape: str) -> list[Any]:
                 meta=meta("prompt_injection"),
             )
         )
+    if c.answer_format.enabled:  # on only with a task's AnswerCheck (checks.with_answer_check)
+        out.append(
+            gxe.ExpectColumnValuesToBeBetween(
+                column="answer_misfit",
+                min_value=0,
+                max_value=0,
+                mostly=mostly("answer_format"),
+                meta=meta("answer_format"),
+            )
+        )
     # Quarantine budget: the share of rows failing any error check.
     out.append(
         gxe.ExpectColumnValuesToBeInSet(

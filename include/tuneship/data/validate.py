@@ -23,12 +23,15 @@ from typing import Any
 from tuneship import config
 from tuneship.data.checks import (
     ROW_CHECKS,
+    AnswerCheck,
     ChunkInspector,
     RowScreen,
     Screened,
     Tokenizer,
+    answer_function,
     load_config,
     unknown_schema,
+    with_answer_check,
 )
 from tuneship.data.reader import (
     SPLITS,
@@ -145,6 +148,14 @@ class ValidationReport:
         if self.data_docs_path:
             lines.append(f"Data Docs: {self.data_docs_path}")
         if not self.accepted:
+            gate = self.config.get("answer_check")
+            if gate and any(c.name == "answer_format" for c in self.failed_checks):
+                lines.append(
+                    f"The answers do not fit task {gate['task']!r}: at least "
+                    f"{_fmt(float(gate['min_share']))} of each split must pass "
+                    f"{gate['describe']}. If this batch belongs to another task, land it "
+                    "there; the threshold is the task's (its declaration), not the suite's."
+                )
             lines.append(
                 "Fix the listed lines in the source files (or, if the rule is wrong, change "
                 f"its threshold in {self.config.get('path')}) and re-run the validation."
@@ -189,8 +200,9 @@ def original_row(block: RawBlock, line: int) -> dict[str, Any]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cfg: Any) -> None:
+def _init_worker(cfg: Any, answer_check: AnswerCheck | None = None) -> None:
     _WORKER["cfg"] = cfg
+    _WORKER["answer_check"] = answer_check  # its module is imported by the first RowScreen
     # pyarrow imports pandas on the first pa.array() of Python objects (seconds): pay it
     # while booting, not on the first block
     import pandas  # noqa: F401
@@ -199,7 +211,9 @@ def _init_worker(cfg: Any) -> None:
 
 def _screen_block(block: RawBlock, split: str, where: str, shape: str) -> Screened:
     if shape not in _WORKER:
-        _WORKER[shape] = RowScreen(_WORKER["cfg"], shape)  # type: ignore[arg-type]
+        _WORKER[shape] = RowScreen(
+            _WORKER["cfg"], shape, answer_check=_WORKER["answer_check"]  # type: ignore[arg-type]
+        )
     chunk = decode_block(block, where)
     return _WORKER[shape].screen(split, chunk.lines, chunk.records, where)
 
@@ -209,10 +223,18 @@ class _Screener:
     (spawned, so nothing of the caller's state is inherited) when the files are large.
     At most two blocks per worker are in flight, so memory stays bounded."""
 
-    def __init__(self, source: Any, cfg: Any, tokenizer: Tokenizer | None, workers: int | None):
+    def __init__(
+        self,
+        source: Any,
+        cfg: Any,
+        tokenizer: Tokenizer | None,
+        workers: int | None,
+        answer_check: AnswerCheck | None = None,
+    ):
         self.source = source
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.answer_check = answer_check
         self.screen: RowScreen | None = None
         self.pool: Any = None
         self._booting: list[Any] = []
@@ -230,7 +252,7 @@ class _Screener:
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(cfg,),
+                initargs=(cfg, answer_check),
             )
             # spawn them all now; until one is up, the caller screens blocks itself
             self._booting = [self.pool.submit(int) for _ in range(self.workers)]
@@ -254,7 +276,7 @@ class _Screener:
                 shape = detect_shape(chunk.records[0])
                 if shape is None:
                     raise unknown_schema(where, chunk.lines[0], chunk.records[0])
-                self.screen = RowScreen(self.cfg, shape, self.tokenizer)
+                self.screen = RowScreen(self.cfg, shape, self.tokenizer, self.answer_check)
             booting = self.pool is not None and not any(f.done() for f in self._booting)
             if (self.pool is None or booting) and not pending:
                 chunk = chunk or decode_block(block, where)
@@ -311,6 +333,7 @@ def validate_dataset(
     previous_manifest: str | Path | Mapping[str, Any] | None = None,
     workdir: str | Path | None = None,
     workers: int | None = None,
+    answer_check: AnswerCheck | None = None,
 ) -> ValidationReport:
     """Validate a dataset directory against the check suite; never modifies the source.
 
@@ -321,13 +344,22 @@ def validate_dataset(
     `previous_manifest` (path/URI or dict) enables the drift_vs_previous check.
     `workers`: processes that decode and screen blocks in parallel (default: up to
     `MAX_WORKERS` CPUs when the files hold at least `PARALLEL_MIN_BYTES`; 0 or 1: inline).
+    `answer_check`: the task's data gate (`answer_format`): each row's answer (completion,
+    or last assistant message) must pass the task's function, in at least
+    `answer_check.min_share` of each split's rows (the task's threshold, not the suite's).
+    Without it the check is not run nor reported. A module file or function that cannot be
+    loaded raises ValueError before any data is read.
     The report is also saved as `<workdir>/report.json`.
     """
     import pandas as pd
 
     from tuneship.data.gx import run_expectations
 
-    cfg = load_config(config_path)
+    cfg = with_answer_check(load_config(config_path), answer_check)
+    if not cfg.enabled("answer_format"):
+        answer_check = None  # the suite switched the gate off (or no task check was given)
+    if answer_check is not None:
+        answer_function(answer_check)  # a broken declaration fails here, not in a worker
     source = resolve_dataset(dataset_uri)
     wd = Path(workdir) if workdir else _default_workdir()
     wd.mkdir(parents=True, exist_ok=True)
@@ -337,8 +369,9 @@ def validate_dataset(
     frames: dict[str, pd.DataFrame] = {}
     failing: dict[str, dict[str, list[int]]] = {c: {s: [] for s in SPLITS} for c in ROW_CHECKS}
     quarantined_lines: dict[str, list[int]] = {s: [] for s in SPLITS}
+    first_reason: dict[str, str] = {}  # check -> "file:line: reason" of its first failing row
     profiler = TextProfiler()
-    screener = _Screener(source, cfg, tokenizer, workers)
+    screener = _Screener(source, cfg, tokenizer, workers, answer_check)
     # Hash before reading: a file changing while we read it would make the report lie.
     fingerprints = {s: file_sha256(source, s) for s in SPLITS}
     inspector: ChunkInspector | None = None
@@ -354,8 +387,9 @@ def validate_dataset(
                 quarantined = res.features["quarantined"]
                 for i, reasons in sorted(res.reasons.items()):
                     line = res.lines[i]
-                    for check in reasons:
+                    for check, reason in reasons.items():
                         failing[check][split].append(line)
+                        first_reason.setdefault(check, f"{name}:{line}: {reason}")
                     if quarantined[i]:
                         quarantined_lines[split].append(line)
                         qf.write(
@@ -403,6 +437,9 @@ def validate_dataset(
             continue
         figures: dict[str, Any] = {}
         sample: dict[str, list[int]] = {}
+        if check == "answer_format" and answer_check is not None:
+            figures["task"] = answer_check.task
+            figures["declared"] = answer_check.describe
         if check in ROW_CHECKS:
             by = failing[check]
             n_fail = sum(len(v) for v in by.values())
@@ -412,8 +449,13 @@ def validate_dataset(
                 (len(by[s]) / rows[s] for s in denominators), default=0.0
             )
             figures["max_fraction"] = cfg.checks.get(check).max_fraction
+            if check == "answer_format" and answer_check is not None:
+                figures["conforming_share"] = 1.0 - figures["failing_fraction"]
+                figures["min_share"] = answer_check.min_share
             if cfg.severity(check) == "error":
                 figures["quarantined_rows"] = n_fail
+            if check in first_reason:
+                figures["first_reason"] = first_reason[check]
             sample = samples(by)
         elif check == "quarantine":
             figures["quarantined_rows"] = sum(len(v) for v in quarantined_lines.values())
@@ -492,7 +534,13 @@ def validate_dataset(
         quarantined_lines=quarantined_lines,
         data_docs_path=str(docs_index) if docs_index.exists() else None,
         workdir=str(wd),
-        config={"name": cfg.name, "version": cfg.version, "path": cfg.path, "sha256": cfg.sha256},
+        config={
+            "name": cfg.name,
+            "version": cfg.version,
+            "path": cfg.path,
+            "sha256": cfg.sha256,
+            **({"answer_check": asdict(answer_check)} if answer_check is not None else {}),
+        },
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         reference=reference,
     )
