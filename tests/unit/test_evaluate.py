@@ -6,25 +6,28 @@ from pathlib import Path
 
 import pytest
 
+from tests.tasks import triage
 from tuneship.evaluate import SuiteError, apply_gates, load_cases, load_suite, score
+
+PARSE = triage().parse_answer
 
 
 def test_shipped_suites_load():
-    for name in ("triage", "smoke"):
+    for name in ("triage", "triage-smoke"):
         suite = load_suite(name)
         assert suite.version >= 1 and suite.metrics and suite.gates
 
 
 def test_suite_errors_name_file_and_field(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nversion: 1\nparser: tuneship.datagen:parse_triage\n"
+    bad.write_text("name: x\nversion: 1\n"
                    "cases: {source: inline}\nmetrics: [{name: m, kind: parse_rate}]\n"
                    "gates: [{metric: nope, min: 0.5}]\nsurprise: 1\n")
     with pytest.raises(SuiteError) as err:
         load_suite(bad)
     msg = str(err.value)
     assert str(bad) in msg and "surprise" in msg and "cases" in msg
-    bad.write_text("name: x\nversion: 1\nparser: tuneship.datagen:parse_triage\n"
+    bad.write_text("name: x\nversion: 1\n"
                    "cases: {source: dataset_eval_split}\nmetrics: [{name: m, kind: parse_rate}]\n"
                    "gates: [{metric: nope, min: 0.5}]\n")
     with pytest.raises(SuiteError, match="unknown metric 'nope'"):
@@ -34,13 +37,13 @@ def test_suite_errors_name_file_and_field(tmp_path: Path):
 
 
 def test_scores_come_from_completions():
-    suite = load_suite("smoke")
+    suite = load_suite("triage-smoke")
     cases = load_cases(suite)
     perfect = [f" category={c.expected['category']} priority=normal" for c in cases]
-    res = score(suite, cases, perfect)
+    res = score(suite, cases, perfect, PARSE)
     assert res.metrics == {"format_rate": 1.0, "category_accuracy": 1.0}
     garbage = ["hello"] * len(cases)
-    res = score(suite, cases, garbage)
+    res = score(suite, cases, garbage, PARSE)
     assert res.metrics["format_rate"] == 0.0 and res.metrics["category_accuracy"] == 0.0
 
 
@@ -69,10 +72,10 @@ def test_regression_gate_without_reference_is_refused_not_passed(tmp_path: Path)
     with pytest.raises(SuiteError, match="'category_accuracy' is `max_regression`, but no reference"):
         apply_gates(triage, SuiteResult("triage", 3, {"category_accuracy": 0.0, "priority_accuracy": 0.0,
                                                       "format_rate": 1.0}, 10), None)
-    smoke = load_suite("smoke")
+    smoke = load_suite("triage-smoke")
     cases = load_cases(smoke)
     half = [f" category={c.expected['category'] if i % 2 else 'nope'} priority=low" for i, c in enumerate(cases)]
-    report = apply_gates(smoke, score(smoke, cases, half), None)
+    report = apply_gates(smoke, score(smoke, cases, half, PARSE), None)
     assert not report.passed  # 2 of 5 right is below the smoke floor of 0.6
     assert "FAIL category_accuracy >= 0.600: 0.400" in report.summary()
 
@@ -85,6 +88,6 @@ def test_dataset_cases_read_eval_split(tmp_path: Path):
 
     write_dataset(tmp_path, n_train=20, n_eval=15, seed=3)
     suite = load_suite("triage")
-    cases = load_cases(suite, tmp_path)
+    cases = load_cases(suite, tmp_path, PARSE)
     assert len(cases) == 15
     assert all(c.prompt.startswith("Ticket:") and c.expected["category"] for c in cases)

@@ -39,48 +39,64 @@ async def _events(trigger: IncomingBatchTrigger, n: int, timeout: float = 5.0) -
 
 
 def test_trigger_fires_once_per_completed_batch(tmp_path: Path) -> None:
-    trigger = IncomingBatchTrigger(directory=str(tmp_path), poke_interval=0.05)
+    """Each task's landing location is watched; an event names the batch and its task."""
+    dirs = {"triage": str(tmp_path / "triage"), "faq": str(tmp_path / "faq")}
+    trigger = IncomingBatchTrigger(directories=dirs, poke_interval=0.05)
     assert trigger.serialize() == (
         "tuneship_airflow.triggers.IncomingBatchTrigger",
-        {"directory": str(tmp_path), "marker": "_SUCCESS", "poke_interval": 0.05},
+        {"directories": dirs, "marker": "_SUCCESS", "poke_interval": 0.05},
     )
-    half = tmp_path / "batch-a"
+    half = tmp_path / "triage" / "batch-a"
     datagen.write_dataset(half, n_train=5, n_eval=2)
     # still uploading (no marker): nothing fires
     assert asyncio.run(_events(trigger, 1, timeout=0.3)) == []
 
     (half / "_SUCCESS").touch()
-    later = tmp_path / "batch-b"
+    later = tmp_path / "faq" / "batch-b"
     datagen.write_dataset(later, n_train=5, n_eval=2)
     (later / "_SUCCESS").touch()
     events = asyncio.run(_events(trigger, 2))
-    assert events == [{"dataset_uri": str(half)}, {"dataset_uri": str(later)}]
+    assert events == [{"task": "triage", "dataset_uri": str(half)}, {"task": "faq", "dataset_uri": str(later)}]
     assert (half / "_SUCCESS.claimed").exists() and not (half / "_SUCCESS").exists()
     # a restarted triggerer does not fire again for claimed batches
-    fresh = IncomingBatchTrigger(directory=str(tmp_path), poke_interval=0.05)
+    fresh = IncomingBatchTrigger(directories=dirs, poke_interval=0.05)
     assert asyncio.run(_events(fresh, 1, timeout=0.3)) == []
 
 
 def test_missing_incoming_directory_is_not_an_error(tmp_path: Path) -> None:
-    trigger = IncomingBatchTrigger(directory=str(tmp_path / "absent"), poke_interval=0.05)
+    trigger = IncomingBatchTrigger(directories={"triage": str(tmp_path / "absent")}, poke_interval=0.05)
     assert asyncio.run(_events(trigger, 1, timeout=0.2)) == []
 
 
-def _event(uri: str) -> SimpleNamespace:
-    return SimpleNamespace(extra={"from_trigger": True, "payload": {"dataset_uri": uri}})
+def _event(uri: str, task: str = "triage") -> SimpleNamespace:
+    return SimpleNamespace(extra={"from_trigger": True, "payload": {"task": task, "dataset_uri": uri}})
 
 
 def test_what_a_run_takes_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneship.stages import StageFailed
+    from tuneship.tasks import load_task
+
     monkeypatch.setenv("TUNESHIP_INCOMING", str(tmp_path))
-    assert batches_to_validate("", None) == []
-    datagen.write_dataset(tmp_path / "nightly", n_train=5, n_eval=2)
-    assert batches_to_validate("", {}) == [str(tmp_path / "nightly")]  # the nightly run
-    events = {"incoming_training_data": [_event("/a"), _event("/b"), _event("/a")]}
-    assert batches_to_validate("", events) == ["/a", "/b"]  # every landing, once, in order
-    assert batches_to_validate("/manual", events) == ["/manual"]  # the Param wins
+    task = load_task("triage")
+
+    def names(pairs):
+        return [(t.name, uri) for t, uri in pairs]
+
+    assert batches_to_validate([task], "", None) == []
+    datagen.write_dataset(tmp_path / "triage" / "nightly", n_train=5, n_eval=2)
+    datagen.write_dataset(tmp_path / "elsewhere", n_train=5, n_eval=2)  # not a task's landing location
+    assert names(batches_to_validate([task], "", {})) == [("triage", str(tmp_path / "triage" / "nightly"))]
+    events = {"incoming_training_data": [_event("/a"), _event("/b"), _event("/a"), _event("/c", "gone")]}
+    # every landing of a known task, once, in order
+    assert names(batches_to_validate([task], "", events)) == [("triage", "/a"), ("triage", "/b")]
+    assert names(batches_to_validate([task], "/manual", events)) == [("triage", "/manual")]  # the Param wins
+    with pytest.raises(StageFailed, match="needs the task it belongs to"):
+        batches_to_validate([task, task.model_copy()], "/manual", None)
 
 
 def test_rejected_batch_fails_with_details_and_says_so_on_slack(tmp_path: Path) -> None:
+    from tuneship.tasks import load_task
+
     good = tmp_path / "good"
     datagen.write_dataset(good, n_train=150, n_eval=20, seed=4)
     bad = tmp_path / "bad"
@@ -92,7 +108,7 @@ def test_rejected_batch_fails_with_details_and_says_so_on_slack(tmp_path: Path) 
 
     before = len(notify.read_sink())  # the sink is shared with earlier tests of the session
     with pytest.raises(Refusal) as info:  # a decision: the task fails once, without a retry
-        validate_batches([str(bad), str(good)], run_id="manual__landing_test")
+        validate_batches(load_task("triage"), [str(bad), str(good)], run_id="manual__landing_test")
     message = str(info.value)
     assert "REJECTED" in message and "train.jsonl" in message
     assert "pii [error]" in message and "train.jsonl:1,6,11" in message

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tuneship.monitor import GovernorState, ShadowThresholds, governor_decide, shadow_verdict
+from tests.tasks import triage
+from tuneship.monitor import GovernorState, ShadowThresholds, governor_decide
+from tuneship.monitor import shadow_verdict as _verdict
+
+_TASK = triage()
+
+
+def shadow_verdict(records, version, th):
+    """The verdict with the triage task's own answer check and parser."""
+    return _verdict(records, version, th, conforms=_TASK.answer_conforms, parse=_TASK.parse_answer)
 
 
 def rec(live_v, live_text, shadow_v=None, shadow_text=None, shadow_status=200, latency=20.0):
@@ -42,6 +51,12 @@ def test_pending_and_dropped_copies_are_not_answers():
     records += [rec("1", GOOD, "2", GOOD)] * 20
     v = shadow_verdict(records, "2", ShadowThresholds())
     assert v["requests"] == 20 and v["errors"] == 0 and v["verdict"] == "promote"
+
+
+def test_agreement_compares_every_parsed_field():
+    other_priority = " category=billing priority=low"
+    records = [rec("1", GOOD, "2", other_priority)] * 10 + [rec("1", GOOD, "2", GOOD)] * 10
+    assert shadow_verdict(records, "2", ShadowThresholds())["agreement_with_live"] == 0.5
 
 
 def test_bootstrap_candidate_in_live_slot():
