@@ -358,9 +358,13 @@ def main(argv: list[str] | None = None) -> int:
         prepare_inputs()
         start_services()
         ensure_client_key()
+        from tuneship.gateway_admin import GatewayAdmin, admin_token
         from tuneship.stages import reconcile_serving
 
-        done = reconcile_serving()
+        # The routes as the gateway serves them (per served model since issue 11; the gateway
+        # migrated a legacy routes.json on start-up), not a file path guessed here.
+        with GatewayAdmin(config.gateway_url(), admin_token()) as gw:
+            done = reconcile_serving(gw.routes())
         if done["loaded"]:
             say(f"re-loaded into Triton what the gateway routes to: {', '.join(done['loaded'])}")
         loop = Loop(api_client(), 300)
