@@ -99,7 +99,7 @@ def llm_release():
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
         task = load_task(chosen["task"])
-        return reconcile_serving(task, GatewayHook(model=task.served_model).routes(), TritonHook())
+        return reconcile_serving(task, GatewayHook(served_model=task.served_model).routes(), TritonHook())
 
     @task
     def plan(chosen: dict, params=None):
@@ -117,7 +117,7 @@ def llm_release():
             post_switch_minutes_override=Variable.get("tuneship_post_switch_minutes_override", default=None),
             retention_minutes_override=Variable.get("tuneship_retention_minutes_override", default=None),
         )
-        routes = GatewayHook(model=task.served_model).routes()
+        routes = GatewayHook(served_model=task.served_model).routes()
         result = release_plan(task, candidate, params["version"] or None, routes)
         if result is None:
             raise StageFailed(f"nothing to release for task {task.name}: no triggering candidate and no `version` given")
@@ -144,14 +144,14 @@ def llm_release():
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
         return smoke_candidate(load_task(p["task"]), model, p["version"],
-                               gateway=GatewayHook(model=p["served_model"]), triton=TritonHook())
+                               gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
 
     @task
     def start_shadow(model: str, p: dict, smoke_result: dict):
         from tuneship.stages import route_for
         from tuneship_airflow.hooks import GatewayHook
 
-        hook = GatewayHook(model=p["served_model"])
+        hook = GatewayHook(served_model=p["served_model"])
         routes = hook.routes()
         route = route_for(p, model)
         if routes.get("live"):
@@ -181,7 +181,7 @@ def llm_release():
 
         verdict = ti.xcom_pull(task_ids="shadow_window")
         switched_at = time.time()  # the post-switch window counts the new version's answers from here
-        result = finish_release(p, slot, verdict, gateway=GatewayHook(model=p["served_model"]), triton=TritonHook())
+        result = finish_release(p, slot, verdict, gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
         outlet_events[model_promoted].extra = {"task": p["task"], "version": p["version"], "colour": p["colour"]}
         return {**result, "switched_at": switched_at}
 
@@ -206,7 +206,7 @@ def llm_release():
 
         verdict = ti.xcom_pull(task_ids="post_switch_window")
         return guard_release(p, verdict, retention_minutes=p["retention_minutes"],
-                             gateway=GatewayHook(model=p["served_model"]), triton=TritonHook())
+                             gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
 
     retention = DateTimeSensorAsync(
         task_id="retention_window",
@@ -218,7 +218,7 @@ def llm_release():
         from tuneship.stages import retire_previous as retire
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
-        return retire(p, gateway=GatewayHook(model=p["served_model"]), triton=TritonHook())
+        return retire(p, gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
 
     chosen = which_task()
     p = plan(chosen)

@@ -392,8 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         prepare_inputs(demo_task())
         start_services()
         ensure_client_key()
+        from tuneship.gateway_admin import admin_token
+
+        # The routes as the gateway serves them, per task's served model (the gateway
+        # migrated a legacy routes.json on start-up), not a file path guessed here.
         for task in load_tasks().values():
-            routes = GatewayAdmin.from_env(model=task.served_model).routes()
+            with GatewayAdmin(config.gateway_url(), admin_token(), served_model=task.served_model) as gw:
+                routes = gw.routes() if task.served_model in gw.version().get("served_models", {}) else {}
             done = reconcile_serving(task, routes, TritonControl(config.triton_url()))
             if done["loaded"]:
                 say(f"re-loaded into Triton what the gateway routes to: {', '.join(done['loaded'])}")

@@ -65,15 +65,22 @@ class GatewayAdminError(Exception):
 
 
 class GatewayAdmin:
-    """A client for the gateway's admin API (/admin/*, /version): routes, rollback, client keys.
-    Used by the `tuneship` CLI; it speaks plain HTTP so it runs anywhere a CI job does."""
+    """A client for the gateway's admin API (/admin/*, /version): routes, switch, rollback,
+    canary for one served model, and client keys. The one client: the `tuneship` CLI and the
+    Airflow `GatewayHook` both use it; it speaks plain HTTP so it runs anywhere a CI job does.
 
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+    `served_model`: the model whose routes the calls read and change (sent as `?model=`).
+    None lets the gateway pick -- its only served model, or its default when it has none --
+    and is refused (HTTP 400, code `model_required`) once several served models exist."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0,
+                 served_model: str | None = None) -> None:
         import httpx  # here, not at module level: the gateway imports this module for its token only
 
         self._httpx = httpx
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
+        self.served_model = served_model
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
@@ -101,14 +108,36 @@ class GatewayAdmin:
             raise GatewayAdminError(method, path, r.status_code, message, code)
         return r.json() if r.content else None
 
+    def _params(self, force: bool = False, **extra: Any) -> dict[str, str]:
+        params = {k: str(v) for k, v in extra.items() if v is not None}
+        if self.served_model is not None:
+            params["model"] = self.served_model
+        if force:
+            params["force"] = "true"
+        return params
+
     def version(self) -> dict[str, Any]:
-        return self._call("GET", "/version")
+        """/version: this served model's live facts at the top level (when one is chosen or
+        the gateway has only one), and every model's under `served_models`."""
+        return self._call("GET", "/version", params=self._params())
 
     def routes(self) -> dict[str, Any]:
-        return self._call("GET", "/admin/routes")
+        return self._call("GET", "/admin/routes", params=self._params())
+
+    def put_routes(self, routes: dict[str, Any], force: bool = False) -> dict[str, Any]:
+        """Replace the routing state (a GET body, edited, PUT back: its generation guards it)."""
+        return self._call("PUT", "/admin/routes", json=routes, params=self._params(force))
+
+    def switch(self, colour: str | None = None, force: bool = False) -> dict[str, Any]:
+        """Candidate (shadow) -> live; `colour` guards which colour is expected to go live."""
+        return self._call("POST", "/admin/switch", params=self._params(force, colour=colour))
 
     def rollback(self, force: bool = False) -> dict[str, Any]:
-        return self._call("POST", "/admin/rollback", params={"force": "true"} if force else None)
+        return self._call("POST", "/admin/rollback", params=self._params(force))
+
+    def canary(self, weight: int, force: bool = False) -> dict[str, Any]:
+        """Share (0-100 %) of live traffic the candidate answers."""
+        return self._call("POST", "/admin/canary", json={"weight": weight}, params=self._params(force))
 
     def keys(self) -> list[dict[str, Any]]:
         return self._call("GET", "/admin/keys")["keys"]

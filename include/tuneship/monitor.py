@@ -31,8 +31,7 @@ def task_records(served_model: str, *, since: float | None = None) -> list[dict]
     """One served model's inference-log records since `since` (epoch seconds)."""
     from tuneship.inference_log import read_inference_log
 
-    return [r for r in read_inference_log(log_root(), since=since)
-            if r.get("served_model", served_model) == served_model]
+    return read_inference_log(log_root(), since=since, model=served_model)
 
 
 def _p95(values: list[float]) -> float | None:

@@ -435,7 +435,8 @@ def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token
     outs = []
     colour = colour_model.removeprefix(f"{task.name}_")
     with httpx.Client(base_url=base_url, timeout=60.0,
-                      headers={"Authorization": f"Bearer {token}", "X-Tuneship-Target": colour}) as c:
+                      headers={"Authorization": f"Bearer {token}", "X-Tuneship-Target": colour,
+                               "X-Tuneship-Target-Model": colour_model}) as c:
         for case in cases:
             body: dict[str, Any] = {"model": task.served_model, "max_tokens": suite.generation.max_new_tokens,
                                     "temperature": 0}

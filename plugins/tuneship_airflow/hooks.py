@@ -62,16 +62,21 @@ class TritonHook(BaseHook):
 
 
 class GatewayHook(BaseHook):
-    """The gateway's admin API: routes, switch, rollback; plus completions for smoke tests."""
+    """The gateway's admin API for one served model: routes, switch, rollback, canary.
+
+    The connection gives the URL and admin token; the calls are `tuneship.gateway_admin.
+    GatewayAdmin`'s (one client for the CLI and Airflow). `served_model`: the task's served
+    model (the OpenAI `model` id); None lets the gateway pick its only one."""
 
     conn_name_attr = "gateway_conn_id"
     default_conn_name = "tuneship_gateway_default"
     conn_type = "http"
     hook_name = "Tuneship gateway"
 
-    def __init__(self, gateway_conn_id: str = default_conn_name) -> None:
+    def __init__(self, gateway_conn_id: str = default_conn_name, served_model: str | None = None) -> None:
         super().__init__()
         self.gateway_conn_id = gateway_conn_id
+        self.served_model = served_model
 
     def endpoint(self) -> tuple[str, str]:
         """(base URL, admin token) of the gateway this hook drives."""
@@ -84,31 +89,32 @@ class GatewayHook(BaseHook):
         return config.gateway_url(), gateway_admin.admin_token()
 
     def get_conn(self):
-        import httpx
+        """A `GatewayAdmin` for this connection and served model (close it, or use `with`)."""
+        from tuneship.gateway_admin import GatewayAdmin
 
         base, token = self.endpoint()
-        return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30.0)
+        return GatewayAdmin(base, token, served_model=self.served_model)
+
+    def version(self) -> dict[str, Any]:
+        with self.get_conn() as admin:
+            return admin.version()
 
     def routes(self) -> dict[str, Any]:
-        with self.get_conn() as c:
-            r = c.get("/admin/routes")
-            r.raise_for_status()
-            return r.json()
+        with self.get_conn() as admin:
+            return admin.routes()
 
-    def put_routes(self, routes: dict[str, Any]) -> dict[str, Any]:
-        with self.get_conn() as c:
-            r = c.put("/admin/routes", json=routes)
-            r.raise_for_status()
-            return r.json()
+    def put_routes(self, routes: dict[str, Any], force: bool = False) -> dict[str, Any]:
+        with self.get_conn() as admin:
+            return admin.put_routes(routes, force=force)
 
-    def switch(self) -> dict[str, Any]:
-        with self.get_conn() as c:
-            r = c.post("/admin/switch")
-            r.raise_for_status()
-            return r.json()
+    def switch(self, colour: str | None = None, force: bool = False) -> dict[str, Any]:
+        with self.get_conn() as admin:
+            return admin.switch(colour, force=force)
 
-    def rollback(self) -> dict[str, Any]:
-        with self.get_conn() as c:
-            r = c.post("/admin/rollback")
-            r.raise_for_status()
-            return r.json()
+    def rollback(self, force: bool = False) -> dict[str, Any]:
+        with self.get_conn() as admin:
+            return admin.rollback(force=force)
+
+    def canary(self, weight: int, force: bool = False) -> dict[str, Any]:
+        with self.get_conn() as admin:
+            return admin.canary(weight, force=force)

@@ -3,19 +3,27 @@
     POST /v1/completions        OpenAI completions (stream: true as server-sent events)
     POST /v1/chat/completions   OpenAI chat; messages -> prompt as training rendered chat rows
                                 (serving.gateway.chat); stream: true as server-sent events
-    GET  /v1/models[/{id}]      the served model id (while a live colour is set)
-    GET  /version               registry facts of the live route
+    GET  /v1/models[/{id}]      every served model that has a live colour
+    GET  /version               registry facts of each served model's live route (?model=: one)
     GET  /health/live           process is up
-    GET  /health/ready          503 until a live colour is set and Triton reports it ready
+    GET  /health/ready          per served model; 503 until some model has a live colour and every
+                                live colour is ready on Triton (?model=: that model alone)
     GET  /metrics               Prometheus
-    GET  /admin/routes          routing state            (admin bearer token)
-    PUT  /admin/routes          replace it               (admin; If-Match: <generation>; ?force)
-    POST /admin/switch          shadow -> live, live -> previous   (admin; ?colour=, ?force)
-    POST /admin/rollback        previous -> live, live -> previous (admin; ?force)
-    POST /admin/canary          {"weight": 0-100}: share of traffic the candidate answers (admin)
+    GET  /admin/routes          a served model's routing state      (admin bearer token; ?model=)
+    PUT  /admin/routes          replace it; creates the model's routes (admin; ?model=, If-Match, ?force)
+    POST /admin/switch          shadow -> live, live -> previous   (admin; ?model=, ?colour=, ?force)
+    POST /admin/rollback        previous -> live, live -> previous (admin; ?model=, ?force)
+    POST /admin/canary          {"weight": 0-100}: share of traffic the candidate answers (admin; ?model=)
     GET  /admin/keys            client keys: ids, names, limits, state (admin; never digests)
     POST /admin/keys            {"name", "rpm", "burst"}: create one; the key is in this answer only (admin)
     DELETE /admin/keys/{id}     revoke (disable) a key; 404 if there is no such id (admin)
+
+Several served models (one per task) sit side by side, each with its own routes file
+(`serving.gateway.routing.RouteRegistry`), blue/green colours, metrics label and
+inference-log partition. The request's `model` (required, as in OpenAI's API: 400 when
+missing) picks the served model; an unknown one is a 404 `model_not_found` naming the
+served models. The admin endpoints take `?model=`: required once two or more served models
+have routes; with exactly one it defaults to it, with none to `default_served_model`.
 
 An inference request goes: body size limit (413, `bodylimit`) -> client key (401) -> the
 key's rate limit (429 + Retry-After) -> JSON body (400) -> model (404), prompt and
@@ -71,7 +79,7 @@ from serving.gateway.keys import DEFAULT_RPM, ClientKey, KeyStore
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.mirror import Mirror, ShadowJob
 from serving.gateway.ratelimit import TokenBuckets
-from serving.gateway.routing import RouteStore, RoutesUpdate, RoutingState
+from serving.gateway.routing import RouteRegistry, RoutesUpdate, RoutingState, check_served_model
 from serving.gateway.settings import GatewaySettings
 from serving.gateway.triton import Completion, TritonClient, UpstreamError
 from tuneship.inference_log import format_ts, parse_ts, utcnow
@@ -154,7 +162,7 @@ class Gateway:
     """Per-process state hung off app.state.gw."""
 
     settings: GatewaySettings
-    store: RouteStore
+    routes: RouteRegistry
     admin: AdminAuth
     clients: ClientAuth
     metrics: GatewayMetrics
@@ -214,8 +222,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     token = settings.admin_token or load_or_create_token(settings.admin_token_path)
     gw = Gateway(
         settings=settings,
-        store=RouteStore(settings.routes_path, settings.default_served_model, writer_id=settings.replica_id,
-                         default_mirror_sample=settings.mirror_sample),
+        routes=RouteRegistry(settings.routes_dir, writer_id=settings.replica_id,
+                             default_mirror_sample=settings.mirror_sample, legacy_path=settings.legacy_routes_path),
         admin=AdminAuth(token),
         clients=ClientAuth(KeyStore(settings.api_keys_path), settings.client_auth),
         metrics=GatewayMetrics(),
@@ -236,13 +244,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         gw.writer = InferenceLogWriter(settings.log_root, settings.replica_id, settings.log_queue_size, gw.metrics,
                                        transform=redactor)
         gw.writer.start()
-        gw.mirror = Mirror(gw.triton, gw.writer, gw.metrics, settings.replica_id, lambda: gw.store.current().shadow,
+        gw.mirror = Mirror(gw.triton, gw.writer, gw.metrics, settings.replica_id,
+                           lambda name: gw.routes.current(name).shadow,
                            settings.shadow_queue_size, settings.shadow_workers, settings.shadow_timeout_s)
         gw.mirror.start()
-        state = gw.store.current()
-        log.info("gateway %s up: triton=%s routes=%s generation=%s live=%s client_keys=%s pii_redaction=%s",
-                 settings.replica_id, settings.triton_url, settings.routes_path, state.generation,
-                 state.live.colour if state.live else None,
+        served = {name: f"{st.live.colour if st.live else None}@{st.generation}"
+                  for name, st in gw.routes.states().items()}
+        log.info("gateway %s up: triton=%s routes=%s served models (live@generation)=%s client_keys=%s "
+                 "pii_redaction=%s", settings.replica_id, settings.triton_url, settings.routes_dir, served or "none yet",
                  "enforced" if gw.clients.enforced() else "not enforced (no keys issued yet)", settings.redact_pii)
         if not gw.clients.enforced():
             log.warning("no client API keys exist in %s: /v1 is open until the first key is created "
@@ -261,7 +270,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     def count_rejected(path: str) -> None:
         if path in _INFERENCE:
-            gw.metrics.requests.labels(path, "none", "none", "413", "none").inc()
+            gw.metrics.requests.labels("none", path, "none", "none", "413", "none").inc()
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=count_rejected)
     _install_error_handlers(app)
@@ -286,8 +295,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         if request.url.path.startswith("/v1/"):  # rejected before the handler: count it here
             m = _gw(request).metrics
-            m.requests.labels(request.url.path, "none", "none", "400", "none").inc()
-            m.latency.labels("none", "none", "400").observe(0.0)
+            m.requests.labels("none", request.url.path, "none", "none", "400", "none").inc()
+            m.latency.labels("none", "none", "none", "400").observe(0.0)
         return _validation_error(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -337,93 +346,131 @@ def _install_routes(app: FastAPI) -> None:
 
     @app.get("/v1/models", dependencies=[Depends(require_client)])
     async def list_models(request: Request) -> dict[str, Any]:
-        state = _gw(request).store.current()
-        return {"object": "list", "data": [_model_card(state)] if state.live else []}
+        states = _gw(request).routes.states()
+        return {"object": "list", "data": [_model_card(st) for st in states.values() if st.live]}
 
     @app.get("/v1/models/{model_id}", dependencies=[Depends(require_client)])
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        state = _gw(request).store.current()
-        if state.live is None or model_id != state.served_model:
-            raise model_not_found(model_id)
+        gw = _gw(request)
+        store = gw.routes.get(model_id)
+        state = store.current() if store is not None else None
+        if state is None or state.live is None:
+            raise model_not_found(model_id, _served_names(gw))
         return _model_card(state)
 
     # -- operations -----------------------------------------------------------------------
     @app.get("/version")
-    async def version(request: Request) -> dict[str, Any]:
+    async def version(request: Request, model: str | None = None) -> dict[str, Any]:
+        """Every served model's live facts under `served_models`; the selected model's (the
+        one named by ?model=, or the only one) also at the top level, as before several
+        models existed."""
         gw = _gw(request)
-        state = gw.store.current()
-        live = state.live
-        return {
-            "served_model": state.served_model,
-            "model": (live.registered_model or live.model) if live else None,
-            "version": live.version if live else None,
-            "colour": live.colour if live else None,
-            "triton_model": live.model if live else None,
-            "adapter_sha256": live.adapter_sha256 if live else None,
-            "deployed_at": live.deployed_at if live else None,
-            "metadata": live.metadata if live else {},
-            "shadow": {"colour": state.shadow.colour, "version": state.shadow.version} if state.shadow else None,
-            "generation": state.generation,
-            "replica": gw.settings.replica_id,
-        }
+        states = gw.routes.states()
+        out: dict[str, Any] = {"replica": gw.settings.replica_id,
+                               "served_models": {name: _version(st) for name, st in states.items()}}
+        if model is not None:
+            if model not in states:
+                raise model_not_found(model, list(states))
+            out.update(_version(states[model]))
+        elif len(states) <= 1:
+            out.update(_version(next(iter(states.values()), None)
+                                or gw.routes.current(gw.settings.default_served_model)))
+        return out
 
     @app.get("/health/live")
     async def health_live() -> dict[str, str]:
         return {"status": "ok"}
 
     @app.get("/health/ready")
-    async def health_ready(request: Request) -> JSONResponse:
+    async def health_ready(request: Request, model: str | None = None) -> JSONResponse:
+        """Ready (200) when at least one served model has a live colour and every live colour
+        is ready on Triton. A model with routes but no live colour yet (its first release in
+        progress) is reported, not counted: it must not take the other models' traffic out of
+        the load balancer. `?model=`: that model alone (503 without a ready live colour)."""
         gw = _gw(request)
-        state = gw.store.current()
-        if state.live is None:
-            return JSONResponse({"status": "not_ready", "reason": "no live route"}, status_code=503)
+        states = gw.routes.states()
+        if model is not None:
+            if model not in states:
+                raise model_not_found(model, list(states))
+            states = {model: states[model]}
         assert gw.triton is not None
-        if not await gw.triton.model_ready(state.live.model, gw.settings.ready_timeout_s):
-            return JSONResponse({"status": "not_ready", "reason": f"model {state.live.model} not ready on Triton",
-                                 "colour": state.live.colour}, status_code=503)
-        return JSONResponse({"status": "ready", "colour": state.live.colour, "model": state.live.model,
-                             "generation": state.generation})
+        live = {name: st for name, st in states.items() if st.live is not None}
+        ready = await asyncio.gather(*(gw.triton.model_ready(st.live.model, gw.settings.ready_timeout_s)
+                                       for st in live.values() if st.live is not None))
+        per_model: dict[str, dict[str, Any]] = {}
+        for name, st in states.items():
+            if st.live is None:
+                per_model[name] = {"status": "no_live_route", "generation": st.generation}
+        for (name, st), ok in zip(live.items(), ready, strict=True):
+            assert st.live is not None
+            entry: dict[str, Any] = {"status": "ready" if ok else "not_ready", "colour": st.live.colour,
+                                     "model": st.live.model, "generation": st.generation}
+            if not ok:
+                entry["reason"] = f"model {st.live.model} not ready on Triton"
+            per_model[name] = entry
+        body: dict[str, Any] = {"status": "ready", "models": dict(sorted(per_model.items()))}
+        if not live:
+            body.update(status="not_ready", reason="no live route")
+        elif not all(ready):
+            body.update(status="not_ready", reason="; ".join(
+                f"{name}: {e['reason']}" for name, e in body["models"].items() if e["status"] == "not_ready"))
+        if len(per_model) == 1:  # one served model: its facts at the top level too (as before)
+            only = next(iter(per_model.values()))
+            body.update({k: v for k, v in only.items() if k in ("colour", "model", "generation")})
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         gw = _gw(request)
-        gw.metrics.route_generation.set(gw.store.current().generation)
+        for name, st in gw.routes.states().items():
+            gw.metrics.child(gw.metrics.route_generation, name).set(st.generation)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- admin ----------------------------------------------------------------------------
     admin = [Depends(require_admin)]
+    model_query = Query(default=None, description="the served model; required when several have routes")
 
     @app.get("/admin/routes", dependencies=admin)
-    async def get_routes(request: Request) -> dict[str, Any]:
-        return _gw(request).store.current().model_dump(mode="json")
+    async def get_routes(request: Request, model: str | None = model_query) -> dict[str, Any]:
+        """A served model with no routes file yet reads as the empty state (generation 0),
+        so GET, edit, PUT creates it."""
+        gw = _gw(request)
+        return gw.routes.current(_admin_model(gw, model)).model_dump(mode="json")
 
     @app.put("/admin/routes", dependencies=admin)
     async def put_routes(
         update: RoutesUpdate,
         request: Request,
+        model: str | None = model_query,
         force: bool = False,
         if_match: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         gw = _gw(request)
+        name = _admin_model(gw, model if model is not None else update.served_model)
+        if update.served_model is not None and update.served_model != name:
+            raise bad_request(f"The body's served_model {update.served_model!r} is not the model these routes "
+                              f"belong to ({name!r}); a served model cannot be renamed.", param="served_model")
         expected = _expected_generation(if_match, update.generation)
         if update.live is not None and not force:
             await _require_ready(gw, update.live)
         if update.canary_weight and update.shadow is not None and not force:
             await _require_ready(gw, update.shadow)
-        new = await _update(gw, update.apply, expected)
-        log.info("routes replaced (generation %s): live=%s shadow=%s sample=%s", new.generation,
+        new = await _update(gw, name, update.apply, expected)
+        log.info("routes of %s replaced (generation %s): live=%s shadow=%s sample=%s", name, new.generation,
                  _label(new.live), _label(new.shadow), new.mirror_sample)
         return new.model_dump(mode="json")
 
     @app.post("/admin/switch", dependencies=admin)
     async def switch(
         request: Request,
+        model: str | None = model_query,
         colour: str | None = Query(default=None, description="guard: the colour expected to go live"),
         force: bool = False,
         if_match: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         gw = _gw(request)
-        snap = gw.store.current()
+        name = _admin_model(gw, model, existing=True)
+        snap = gw.routes.current(name)
         if snap.shadow is None:
             raise conflict("No shadow/candidate colour to switch to.", code="no_candidate")
         if colour is not None and colour != snap.shadow.colour:
@@ -431,45 +478,52 @@ def _install_routes(app: FastAPI) -> None:
         if not force:
             await _require_ready(gw, snap.shadow)
         expected = _expected_generation(if_match, None)
-        new = await _update(gw, routing.switch, snap.generation if expected is None else expected)
-        log.info("switched (generation %s): live %s -> %s", new.generation, _label(new.previous), _label(new.live))
+        new = await _update(gw, name, routing.switch, snap.generation if expected is None else expected)
+        log.info("%s switched (generation %s): live %s -> %s", name, new.generation, _label(new.previous),
+                 _label(new.live))
         return new.model_dump(mode="json")
 
     @app.post("/admin/rollback", dependencies=admin)
     async def rollback(
         request: Request,
+        model: str | None = model_query,
         force: bool = False,
         if_match: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         gw = _gw(request)
-        snap = gw.store.current()
+        name = _admin_model(gw, model, existing=True)
+        snap = gw.routes.current(name)
         if snap.previous is None:
             raise conflict("No previous colour to roll back to.", code="no_previous")
         if not force:
             await _require_ready(gw, snap.previous)
         expected = _expected_generation(if_match, None)
-        new = await _update(gw, routing.rollback, snap.generation if expected is None else expected)
-        log.warning("rolled back (generation %s): live %s -> %s", new.generation, _label(new.previous), _label(new.live))
+        new = await _update(gw, name, routing.rollback, snap.generation if expected is None else expected)
+        log.warning("%s rolled back (generation %s): live %s -> %s", name, new.generation, _label(new.previous),
+                    _label(new.live))
         return new.model_dump(mode="json")
 
     @app.post("/admin/canary", dependencies=admin)
     async def canary(
         update: CanaryUpdate,
         request: Request,
+        model: str | None = model_query,
         force: bool = False,
         if_match: Annotated[str | None, Header()] = None,
     ) -> dict[str, Any]:
         gw = _gw(request)
-        snap = gw.store.current()
+        name = _admin_model(gw, model, existing=True)
+        snap = gw.routes.current(name)
         if update.weight > 0:
             if snap.shadow is None or snap.live is None:
                 raise conflict("A canary needs a live colour and a candidate (shadow) colour.", code="no_candidate")
             if not force:
                 await _require_ready(gw, snap.shadow)
         expected = _expected_generation(if_match, None)
-        new = await _update(gw, lambda s: s.model_copy(update={"canary_weight": update.weight}),
+        new = await _update(gw, name, lambda s: s.model_copy(update={"canary_weight": update.weight}),
                             snap.generation if expected is None else expected)
-        log.info("canary weight %s%% (generation %s) on %s", new.canary_weight, new.generation, _label(new.shadow))
+        log.info("%s canary weight %s%% (generation %s) on %s", name, new.canary_weight, new.generation,
+                 _label(new.shadow))
         return new.model_dump(mode="json")
 
 
@@ -516,6 +570,46 @@ def _label(route: routing.Route | None) -> str | None:
     return f"{route.colour}({route.model} v{route.version})" if route else None
 
 
+def _served_names(gw: Gateway) -> list[str]:
+    """The served models a client can call (a live colour set): what /v1/models lists."""
+    return [name for name, st in gw.routes.states().items() if st.live is not None]
+
+
+def _admin_model(gw: Gateway, model: str | None, existing: bool = False) -> str:
+    """The served model an admin call acts on: `model` when given; else the only served
+    model with routes; else (none yet) `default_served_model`. Several and none named: 400.
+    `existing`: the model must have routes already (404 naming those that do)."""
+    names = gw.routes.names()
+    if model is None:
+        if len(names) > 1:
+            raise bad_request(f"Several served models have routes ({', '.join(names)}); name one with the "
+                              "`model` query parameter.", param="model", code="model_required")
+        model = names[0] if names else gw.settings.default_served_model
+    try:
+        check_served_model(model, "model")
+    except ValueError as exc:
+        raise bad_request(str(exc), param="model", code="invalid_value") from None
+    if existing and model not in names:
+        raise model_not_found(model, names, what="routes")
+    return model
+
+
+def _version(state: RoutingState) -> dict[str, Any]:
+    live = state.live
+    return {
+        "served_model": state.served_model,
+        "model": (live.registered_model or live.model) if live else None,
+        "version": live.version if live else None,
+        "colour": live.colour if live else None,
+        "triton_model": live.model if live else None,
+        "adapter_sha256": live.adapter_sha256 if live else None,
+        "deployed_at": live.deployed_at if live else None,
+        "metadata": live.metadata if live else {},
+        "shadow": {"colour": state.shadow.colour, "version": state.shadow.version} if state.shadow else None,
+        "generation": state.generation,
+    }
+
+
 def _model_card(state: RoutingState) -> dict[str, Any]:
     created = 0
     if state.live and state.live.deployed_at:
@@ -542,9 +636,9 @@ async def _require_ready(gw: Gateway, route: routing.Route) -> None:
                        code="model_not_ready")
 
 
-async def _update(gw: Gateway, change: Any, expected: int | None) -> RoutingState:
+async def _update(gw: Gateway, model: str, change: Any, expected: int | None) -> RoutingState:
     try:
-        return await asyncio.to_thread(gw.store.update, change, expected)
+        return await asyncio.to_thread(gw.routes.update, model, change, expected)
     except routing.ConcurrentUpdate as exc:
         raise conflict(f"{exc}; re-read the routes and retry.", code="generation_mismatch") from None
     except routing.InvalidTransition as exc:
@@ -595,7 +689,7 @@ async def _inference(gw: Gateway, request: Request, endpoint: str) -> Response:
     """Both OpenAI inference endpoints: auth, limits, parsing, then `_answer`, then shaping."""
     t0 = time.perf_counter()
     rid = uuid.uuid4().hex
-    labels = {"colour": "none", "model": "none", "status": "500", "role": "none"}
+    labels = {"served_model": "none", "colour": "none", "model": "none", "status": "500", "role": "none"}
     try:
         pinned = request.headers.get("x-tuneship-target")
         if pinned:
@@ -633,8 +727,9 @@ async def _inference(gw: Gateway, request: Request, endpoint: str) -> Response:
     finally:
         elapsed = time.perf_counter() - t0  # for a stream: until the first event can go out
         m = gw.metrics
-        m.child(m.requests, endpoint, labels["colour"], labels["model"], labels["status"], labels["role"]).inc()
-        m.child(m.latency, labels["colour"], labels["model"], labels["status"]).observe(elapsed)
+        served = labels["served_model"]
+        m.child(m.requests, served, endpoint, labels["colour"], labels["model"], labels["status"], labels["role"]).inc()
+        m.child(m.latency, served, labels["colour"], labels["model"], labels["status"]).observe(elapsed)
 
 
 @dataclass
@@ -648,7 +743,6 @@ class _Call:
     client_rid: str | None
     endpoint: str
     served_model: str
-    requested_model: str
     live: routing.Route
     role: str
     key_id: str | None
@@ -663,7 +757,7 @@ class _Call:
     def log(self, completion: str | None, status: int, c: Completion | None, error: str | None,
             shadow: dict[str, Any] | None) -> None:
         if self.logged:
-            _log_request(self.gw, self.ts, self.rid, self.client_rid, self.endpoint, self.requested_model,
+            _log_request(self.gw, self.ts, self.rid, self.client_rid, self.endpoint, self.served_model,
                          self.prompt, self.max_tokens, self.live, self.role, self.key_id, completion, status,
                          time.perf_counter() - self.t0, shadow, c, error)
 
@@ -674,8 +768,8 @@ class _Call:
 
     def answered(self, c: Completion) -> None:
         m = self.gw.metrics
-        m.child(m.prompt_tokens, self.live.colour, self.live.model).inc(c.prompt_tokens)
-        m.child(m.completion_tokens, self.live.colour, self.live.model).inc(c.completion_tokens)
+        m.child(m.prompt_tokens, self.served_model, self.live.colour, self.live.model).inc(c.prompt_tokens)
+        m.child(m.completion_tokens, self.served_model, self.live.colour, self.live.model).inc(c.completion_tokens)
         self.log(c.text, 200, c, None, self.mirror())
 
 
@@ -686,10 +780,15 @@ def _prepare(
     t0 = time.perf_counter()
     ts = utcnow()
     s = gw.settings
-    state = gw.store.current()
     # -- validation that needs no upstream ----------------------------------------------------
-    if body.model != state.served_model:
-        raise model_not_found(body.model)
+    store = gw.routes.get(body.model)
+    if store is not None:
+        state = store.current()
+    elif pinned and routing.SERVED_MODEL.match(body.model):
+        state = gw.routes.current(body.model)  # an admin smoke-testing a new model's first candidate
+    else:
+        raise model_not_found(body.model, _served_names(gw))
+    labels["served_model"] = state.served_model
     if isinstance(body, ChatCompletionRequest):
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -710,8 +809,7 @@ def _prepare(
     if pinned:
         if not routing.COLOUR.match(pinned):
             raise bad_request("X-Tuneship-Target must be a colour name.", param="X-Tuneship-Target")
-        known = [r for r in (state.shadow, state.live, state.previous) if r is not None and r.colour == pinned]
-        live, shadow, role = (known[0] if known else routing.Route(colour=pinned, model=f"llm_{pinned}")), None, "pinned"
+        live, shadow, role = _pinned_route(state, pinned, request.headers.get("x-tuneship-target-model")), None, "pinned"
     else:
         live, shadow, role = routing.route_request(state, rid)
     if live is None:
@@ -742,12 +840,28 @@ def _prepare(
             shadow_prompt = prompt_for(shadow)
         except OpenAIError:
             shadow_prompt = None  # the candidate's format cannot take these messages: not mirrored
-        sent = shadow_prompt is not None and gw.mirror.offer(ShadowJob(rid, ts, shadow, shadow_prompt, max_tokens))
+        sent = shadow_prompt is not None and gw.mirror.offer(
+            ShadowJob(rid, state.served_model, ts, shadow, shadow_prompt, max_tokens))
         return {"colour": shadow.colour, "version": shadow.version, "model": shadow.model,
                 "status": "pending" if sent else "dropped"}
 
-    return _Call(gw, t0, ts, rid, _client_request_id(request), endpoint, state.served_model, body.model, live,
+    return _Call(gw, t0, ts, rid, _client_request_id(request), endpoint, state.served_model, live,
                  role, key.id if key else None, prompt, max_tokens, mirror)
+
+
+def _pinned_route(state: RoutingState, colour: str, triton_model: str | None) -> routing.Route:
+    """The route an admin's X-Tuneship-Target pins: that colour in the served model's routes
+    (live, shadow or previous), else a colour not routed yet -- a candidate just loaded for
+    its smoke test -- on the Triton model X-Tuneship-Target-Model names (`<task>_<colour>`),
+    or `llm_<colour>` when that header is absent (single-model deployments)."""
+    if triton_model is not None:
+        try:
+            return routing.Route(colour=colour, model=triton_model)
+        except ValidationError:
+            raise bad_request("X-Tuneship-Target-Model must be a Triton model name.",
+                              param="X-Tuneship-Target-Model") from None
+    known = [r for r in (state.shadow, state.live, state.previous) if r is not None and r.colour == colour]
+    return known[0] if known else routing.Route(colour=colour, model=f"llm_{colour}")
 
 
 async def _answer(gw: Gateway, call: _Call) -> Answer:
@@ -889,7 +1003,8 @@ def _one_prompt(prompt: str | list[str]) -> str:
 
 
 def _log_request(
-    gw: Gateway, ts: datetime, rid: str, client_rid: str | None, endpoint: str, model: str, prompt: str, max_tokens: int,
+    gw: Gateway, ts: datetime, rid: str, client_rid: str | None, endpoint: str, served_model: str, prompt: str,
+    max_tokens: int,
     live: routing.Route, role: str, key_id: str | None, completion: str | None, status: int, latency_s: float,
     shadow: dict[str, Any] | None, c: Any, error: str | None,
 ) -> None:
@@ -909,7 +1024,8 @@ def _log_request(
         "client_request_id": client_rid,
         "replica": gw.settings.replica_id,
         "endpoint": endpoint,
-        "model": model,
+        "served_model": served_model,
+        "model": served_model,  # the id the client sent (== served_model; kept for older readers)
         "role": role,
         "key_id": key_id,
         "prompt": prompt,

@@ -41,11 +41,15 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return OpenAIError(400, message, "invalid_request_error", code=code, param=param)
 
 
-def model_not_found(model: str) -> OpenAIError:
-    return OpenAIError(
-        404, f"The model `{model}` does not exist or you do not have access to it.",
-        "invalid_request_error", code="model_not_found", param="model",
-    )
+def model_not_found(model: str, known: list[str] | None = None, what: str = "") -> OpenAIError:
+    """OpenAI's 404 for an unknown `model`, naming the served models (`known`) so a client
+    with a typo sees the right id at once. `what="routes"`: the admin API's wording."""
+    served = f"Served models: {', '.join(known)}." if known else "No model is served yet."
+    if what == "routes":
+        message = f"The served model `{model}` has no routes. {served}"
+    else:
+        message = f"The model `{model}` does not exist or you do not have access to it. {served}"
+    return OpenAIError(404, message, "invalid_request_error", code="model_not_found", param="model")
 
 
 def no_live_route() -> OpenAIError:

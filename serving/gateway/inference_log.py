@@ -1,5 +1,8 @@
 """Background writer for the inference log (layout and reader: `tuneship.inference_log`).
 
+Each record names its `served_model` and goes to that model's partition
+(`<root>/served_model=<name>/dt=.../hour=.../<replica>.jsonl`).
+
 Join strategy: each request is logged once when its live answer is done (`kind: request`,
 shadow = null | {status: "pending"} | {status: "dropped"}); a mirrored call writes a second
 line (`kind: shadow`) with the same request_id and the request's ts when it finishes, so
@@ -32,7 +35,7 @@ from tuneship.inference_log import partition_file
 
 log = logging.getLogger("tuneship.gateway.inference_log")
 
-_MAX_OPEN = 8
+_MAX_OPEN = 32  # (served model, hour) partitions open at once
 _BATCH = 4096
 
 
@@ -49,7 +52,7 @@ class InferenceLogWriter:
         self._stop = threading.Event()
         self._metrics = metrics
         self._files: dict[Path, IO[bytes]] = {}
-        self._paths: dict[int, Path] = {}  # hour since the epoch -> this replica's partition file
+        self._paths: dict[tuple[str, int], Path] = {}  # (served model, hour since the epoch) -> partition file
         self._encode = msgspec.json.Encoder(enc_hook=str).encode
         self._thread: threading.Thread | None = None
         self.written = 0
@@ -79,13 +82,13 @@ class InferenceLogWriter:
         self._thread = None
 
     # -- writer thread -------------------------------------------------------------------
-    def _path(self, ts: datetime) -> Path:
-        hour = int(ts.timestamp() // 3600)
-        path = self._paths.get(hour)
+    def _path(self, ts: datetime, served_model: str) -> Path:
+        key = (served_model, int(ts.timestamp() // 3600))
+        path = self._paths.get(key)
         if path is None:
-            if len(self._paths) > 48:
+            if len(self._paths) > 256:
                 self._paths.clear()
-            path = self._paths[hour] = partition_file(self.root, ts, self.replica)
+            path = self._paths[key] = partition_file(self.root, ts, self.replica, served_model)
         return path
 
     def _file(self, path: Path) -> IO[bytes]:
@@ -121,7 +124,7 @@ class InferenceLogWriter:
             try:
                 if self._transform is not None:
                     record = self._transform(record)
-                path = self._path(ts)
+                path = self._path(ts, record["served_model"])
                 self._file(path).write(self._encode(record) + b"\n")
                 touched.add(path)
                 written += 1

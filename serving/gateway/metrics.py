@@ -3,7 +3,8 @@
 Hot paths take labelled children through `GatewayMetrics.child`, which keeps them:
 prometheus_client's `.labels()` validates, stringifies and locks on every call (about 5 us
 each, five times per request), and the label sets here are few and bounded (colours,
-models, statuses, key ids).
+models, statuses, key ids). Per-request series carry `served_model` (the client's `model`
+once it named a served model; "none" for a request refused before that).
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ class GatewayMetrics:
         self.requests = Counter(
             "tuneship_gateway_requests_total",
             "Inference requests answered by the gateway; role: live, canary, pinned (admin smoke) or none.",
-            ["endpoint", "colour", "model", "status", "role"], registry=r,
+            ["served_model", "endpoint", "colour", "model", "status", "role"], registry=r,
         )
         self.latency = Histogram(
             "tuneship_gateway_request_latency_seconds", "End-to-end latency of inference requests.",
-            ["colour", "model", "status"], buckets=LATENCY_BUCKETS, registry=r,
+            ["served_model", "colour", "model", "status"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.upstream_latency = Histogram(
             "tuneship_gateway_upstream_latency_seconds", "Latency of Triton infer calls.",
@@ -35,11 +36,11 @@ class GatewayMetrics:
         )
         self.completion_tokens = Counter(
             "tuneship_gateway_completion_tokens_total", "Completion tokens returned, by answering colour.",
-            ["colour", "model"], registry=r,
+            ["served_model", "colour", "model"], registry=r,
         )
         self.prompt_tokens = Counter(
             "tuneship_gateway_prompt_tokens_total", "Prompt tokens sent upstream, by answering colour.",
-            ["colour", "model"], registry=r,
+            ["served_model", "colour", "model"], registry=r,
         )
         self.rate_limited = Counter(
             "tuneship_gateway_rate_limited_total", "Requests refused with 429, by client key id.",
@@ -70,8 +71,8 @@ class GatewayMetrics:
             "tuneship_gateway_inference_log_written_total", "Inference-log records written.", registry=r,
         )
         self.route_generation = Gauge(
-            "tuneship_gateway_route_generation", "Generation of the routing state this replica serves.",
-            registry=r,
+            "tuneship_gateway_route_generation", "Generation of each served model's routing state this replica serves.",
+            ["served_model"], registry=r,
         )
 
     def child(self, metric: Any, *values: str) -> Any:

@@ -8,7 +8,7 @@ serving.gateway.inference_log for the join). On shutdown the queue gets a short 
 period to drain, then the workers are cancelled.
 
 A job waits in the queue while the routing state may change. When a worker takes it, the
-job's route must still be the shadow route (same colour, model, version and metadata);
+job's route must still be its served model's shadow route (same colour, model, version and metadata);
 after a switch, a rollback or a cleared/replaced shadow it is dropped instead (reason
 `route_changed`, and a `dropped` shadow line), never sent to a model that is now live or
 unloaded. A copy already in flight when the state changes finishes as it started.
@@ -35,6 +35,7 @@ log = logging.getLogger("tuneship.gateway.mirror")
 @dataclass(frozen=True, slots=True)
 class ShadowJob:
     request_id: str
+    served_model: str  # whose routes the copy follows, and whose log partition it lands in
     ts: datetime  # the request's ts: the shadow line goes to the same partition
     route: Route
     prompt: str
@@ -42,11 +43,12 @@ class ShadowJob:
 
 
 class Mirror:
-    """`shadow_route()` gives the current shadow route (the routing state's, re-read when it
-    changed); a queued job whose route is no longer that one is dropped."""
+    """`shadow_route(served_model)` gives that served model's current shadow route (its
+    routing state's, re-read when it changed); a queued job whose route is no longer that
+    one is dropped."""
 
     def __init__(self, triton: TritonClient, writer: Any, metrics: Any, replica: str,
-                 shadow_route: Callable[[], Route | None],
+                 shadow_route: Callable[[str], Route | None],
                  maxsize: int = 256, workers: int = 2, timeout_s: float = 30.0) -> None:
         self._triton = triton
         self._shadow_route = shadow_route
@@ -90,7 +92,7 @@ class Mirror:
         route = job.route
         m = self._metrics
         result: dict[str, Any] = {"colour": route.colour, "version": route.version, "model": route.model}
-        if self._shadow_route() != route:
+        if self._shadow_route(job.served_model) != route:
             m.child(m.shadow_dropped, route.colour, route.model, "route_changed").inc()
             result.update(completion=None, status="dropped", reason="route_changed")
             self._log(job, result)
@@ -114,6 +116,7 @@ class Mirror:
             "kind": "shadow",
             "ts": format_ts(job.ts),
             "request_id": job.request_id,
+            "served_model": job.served_model,
             "replica": self._replica,
             "completed_at": format_ts(utcnow()),
             "shadow": result,

@@ -1,7 +1,16 @@
 """Routing state: which Triton model is live, which one shadows it, and where to roll back.
 
-The state lives in one JSON file (default home/gateway/routes.json) shared by every replica
-on the host (or a shared volume):
+Each served model (the OpenAI `model` id clients send; one per task) has its own state, in
+its own JSON file `home/gateway/routes/<served_model>.json` shared by every replica on the
+host (or a shared volume). A release or rollback of one served model writes only its file,
+so it never touches another model's traffic. `RouteRegistry` finds the files (a model
+another replica created is seen on its first request) and creates one on the first PUT.
+Served-model names match `SERVED_MODEL` (`^[a-z][a-z0-9_.-]{0,63}$`: a file name, a
+Prometheus label and a log partition, safely). A legacy single `home/gateway/routes.json`
+is migrated once, at start-up, into `routes/<its served_model>.json` and renamed
+`routes.json.migrated` (logged).
+
+One file:
 
     {
       "schema_version": 1,
@@ -18,7 +27,7 @@ on the host (or a shared volume):
       "canary_weight": 0                    # 0-100: % of live traffic answered by the shadow
     }                                       #   (the candidate) instead of live
 
-Writes: under an exclusive flock on `routes.json.lock` (read-modify-write is atomic across
+Writes: under an exclusive flock on `<served_model>.json.lock` (read-modify-write is atomic across
 replicas), to a temp file in the same directory, fsync, then os.replace -- readers see the
 old or the new file, never a torn one. Reads: every request stats the file (one syscall)
 and re-parses only when (inode, mtime_ns, size) changed, so a replica picks up a switch made
@@ -60,6 +69,15 @@ def _to_str(v: Any) -> Any:
 
 
 COLOUR = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+SERVED_MODEL = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+
+
+def check_served_model(name: str, where: str = "served model") -> str:
+    """The name, or ValueError saying what a served-model name may be."""
+    if not isinstance(name, str) or not SERVED_MODEL.match(name):
+        raise ValueError(f"{where} {name!r} is not a valid served-model name: use 1-64 characters "
+                         "a-z 0-9 _ . -, starting with a letter (e.g. 'triage' or 'faq-v2')")
+    return name
 
 
 class Route(BaseModel):
@@ -205,7 +223,8 @@ class RouteStore:
     # -- reading -------------------------------------------------------------------------
     def _parse(self, text: str) -> RoutingState:
         data = json.loads(text)
-        data.setdefault("served_model", self._default.served_model)
+        # The file's name is the served model (a hand-copied file cannot serve under another id).
+        data["served_model"] = self._default.served_model
         return RoutingState.model_validate(data)
 
     def current(self) -> RoutingState:
@@ -265,3 +284,103 @@ class RouteStore:
             self._write(new)
             self._file.invalidate()
             return self.current()
+
+
+class RouteRegistry:
+    """One `RouteStore` per served model, files `<root>/<served_model>.json`.
+
+    The hot path (`get` of a known model) is a dict lookup plus the store's own stat; a name
+    not seen yet costs one more stat, so a model another replica created is found on the
+    next request that names it."""
+
+    def __init__(self, root: Path, writer_id: str = "", default_mirror_sample: float = 1.0,
+                 legacy_path: Path | None = None) -> None:
+        self.root = Path(root)
+        self.writer_id = writer_id
+        self.default_mirror_sample = default_mirror_sample
+        self._stores: dict[str, RouteStore] = {}
+        self.root.mkdir(parents=True, exist_ok=True)
+        if legacy_path is not None:
+            self.migrate_legacy(Path(legacy_path))
+        self._scan()
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}.json"
+
+    def _open(self, name: str) -> RouteStore:
+        store = self._stores.get(name)
+        if store is None:
+            store = self._stores[name] = RouteStore(self._path(name), name, writer_id=self.writer_id,
+                                                    default_mirror_sample=self.default_mirror_sample)
+        return store
+
+    def _scan(self) -> None:
+        present = {p.stem for p in self.root.glob("*.json") if SERVED_MODEL.match(p.stem)}
+        for name in present - self._stores.keys():
+            self._open(name)
+        for name in self._stores.keys() - present:
+            del self._stores[name]  # file removed by hand: the model is gone
+
+    def names(self) -> list[str]:
+        """Served models that have a routes file, sorted (lists the directory: not for the hot path)."""
+        self._scan()
+        return sorted(self._stores)
+
+    def get(self, name: str) -> RouteStore | None:
+        """The store of a served model that has a routes file, else None. A name not seen
+        before costs one stat (a file another replica just created is found at once)."""
+        store = self._stores.get(name)
+        if store is None and SERVED_MODEL.match(name) and self._path(name).exists():
+            store = self._open(name)
+        return store
+
+    def current(self, name: str) -> RoutingState:
+        """`name`'s state; the empty default state (generation 0) while it has no file."""
+        store = self.get(name)
+        if store is not None:
+            return store.current()
+        return RoutingState(served_model=check_served_model(name), mirror_sample=self.default_mirror_sample)
+
+    def states(self) -> dict[str, RoutingState]:
+        """Every served model's current state, by name."""
+        return {name: self._stores[name].current() for name in self.names()}
+
+    def update(self, name: str, change: Callable[[RoutingState], RoutingState],
+               expected_generation: int | None = None) -> RoutingState:
+        """`RouteStore.update` on `name`'s file (created by this write if new). Blocking."""
+        store = self.get(name) or self._open(check_served_model(name))
+        return store.update(change, expected_generation)
+
+    def migrate_legacy(self, legacy: Path) -> str | None:
+        """Move a single-model `routes.json` (before per-model routes) to
+        `<root>/<its served_model>.json` once; the old file is renamed `*.migrated`.
+        Refuses (ValueError naming the file and field) when its served model is not a valid
+        name or that model already has a routes file -- never guesses which one is right."""
+        if not legacy.exists():
+            return None
+        lock = legacy.with_name(legacy.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not legacy.exists():  # another replica migrated it while we waited
+                return None
+            try:
+                data = json.loads(legacy.read_text())
+                name = check_served_model(str(data.get("served_model") or "tuneship"),
+                                          f"{legacy}: field 'served_model'")
+                state = RoutingState.model_validate({**data, "served_model": name})
+            except (ValueError, ValidationError) as exc:
+                raise ValueError(f"cannot migrate the legacy routes file {legacy} to per-model routes: {exc}. "
+                                 f"Fix the file, or move it to {self.root}/<served_model>.json by hand.") from None
+            target = self._path(name)
+            if target.exists():
+                raise ValueError(f"cannot migrate the legacy routes file {legacy}: {target} already exists. "
+                                 f"Keep one of them: delete {legacy} (or rename it) if {target} is current.")
+            RouteStore(target, name, writer_id=self.writer_id)._write(state)
+            os.replace(legacy, legacy.with_name(legacy.name + ".migrated"))
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        log.warning("migrated the legacy routes file %s to %s (served model %r, generation %s); "
+                    "the old file is now %s.migrated", legacy, target, name, state.generation, legacy.name)
+        return name

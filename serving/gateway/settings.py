@@ -39,15 +39,18 @@ class GatewaySettings(BaseSettings):
     shadow_workers: int = 2
     shadow_timeout_s: float = 30.0
     shadow_drain_s: float = 5.0  # on shutdown, wait this long for queued shadow calls
-    mirror_sample: float = Field(default=1.0, ge=0.0, le=1.0)  # until routes.json says otherwise
+    mirror_sample: float = Field(default=1.0, ge=0.0, le=1.0)  # until a model's routes say otherwise
 
     # Inference log
     replica_id: str = Field(default_factory=_default_replica_id)
     log_root: Path = Field(default_factory=lambda: config.home() / "inference_log")
     log_queue_size: int = 10_000
 
-    # Routing state
-    routes_path: Path = Field(default_factory=lambda: config.home() / "gateway" / "routes.json")
+    # Routing state: one file per served model (serving.gateway.routing.RouteRegistry)
+    routes_dir: Path = Field(default_factory=lambda: config.home() / "gateway" / "routes")
+    # A single-model routes file from before per-model routes: migrated into routes_dir at start-up.
+    legacy_routes_path: Path = Field(default_factory=lambda: config.home() / "gateway" / "routes.json")
+    # The admin API's `model` when none is given and no served model has routes yet (a fresh gateway).
     default_served_model: str = "tuneship"
 
     # Request limits
@@ -86,6 +89,13 @@ class GatewaySettings(BaseSettings):
         if not v or v.startswith("."):
             raise ValueError("replica_id must contain [A-Za-z0-9_.-] and not start with '.'")
         return v
+
+    @field_validator("default_served_model")
+    @classmethod
+    def _served_model_name(cls, v: str) -> str:
+        from serving.gateway.routing import check_served_model
+
+        return check_served_model(v, "default_served_model")
 
     @field_validator("triton_url")
     @classmethod

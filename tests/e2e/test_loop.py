@@ -114,7 +114,7 @@ def test_post_switch_guard_held_and_previous_colour_retired(demo):
     """Both releases passed the post-switch guard (no automatic rollback), and after cycle 2's
     retention window the colour it replaced was unloaded and cleared from the routes."""
     home = demo["home"]
-    routes = json.loads((home / "gateway" / "routes.json").read_text())
+    routes = json.loads((home / "gateway" / "routes" / "tuneship.json").read_text())
     promoted = demo["summary"]["cycles"][1]["release"]["decision"]
     assert str(routes["live"]["version"]) == str(promoted["version"])
     assert routes["live"]["colour"] == promoted["colour"]
@@ -147,7 +147,7 @@ def _refusal(api: Any, loop: Any, env: dict[str, str], home: Path, dag_id: str, 
     """Trigger `dag_id` through the REST API, wait for the run, and record what a person would
     check: task states and tries, the routes before/after, @champion, new Slack messages, and
     which release runs exist."""
-    routes_file = home / "gateway" / "routes.json"
+    routes_file = home / "gateway" / "routes" / "tuneship.json"  # the demo serves one model
     before = {"routes": routes_file.read_bytes(), "champion": _champion(env), "sink": len(_sink(home)),
               "releases": {r["dag_run_id"] for r in api.runs("llm_release")}}
     if traffic is not None:
@@ -219,7 +219,7 @@ def test_failed_gates_fail_the_finetune_once_and_nothing_is_released(failures):
     _failed_once(path, "evaluate")
     assert path["tis"]["compile_model"][0] == "upstream_failed"
     assert path["releases"] == set()  # no release_candidate, no llm_release run
-    assert path["routes"] == path["before"]["routes"]  # routes.json byte for byte
+    assert path["routes"] == path["before"]["routes"]  # the routes file byte for byte
     assert path["champion"] == path["before"]["champion"]
     (alert,) = _errors(path)
     assert f"v{path['version']} failed its gates" in alert["text"] and "category_accuracy" in alert["text"]

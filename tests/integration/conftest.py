@@ -2,7 +2,8 @@
 
 * `triton` (session): tritonserver on free ports with a tmp model repository holding copies
   of tests/fixtures/triton_models/echo_llm as llm_blue, llm_green, llm_slow (1 s delay) and
-  llm_stream (decoupled: streams word by word behind a gate file), all loaded. The binary is installed once into a shared, git-ignored home
+  llm_stream (decoupled: streams word by word behind a gate file), all loaded; a test adds
+  more under other names with `triton.add_echo_model(name)` (a second task's colours). The binary is installed once into a shared, git-ignored home
   (env TUNESHIP_TEST_TRITON_HOME, set by tests/conftest.py to the checkout's home, where
   `make install` already put it) -- only a bare checkout downloads it (~55 MB) here.
 * `start_gateway` (function): starts `python -m serving.gateway` subprocesses on free ports,
@@ -74,6 +75,13 @@ class Triton:
     def load(self, model: str) -> None:
         r = httpx.post(f"http://{self.url}/v2/repository/models/{model}/load", timeout=120)
         assert r.status_code == 200, r.text
+
+    def add_echo_model(self, name: str) -> None:
+        """Copy the echo model under another name (e.g. a second task's `faq_blue`) and load
+        it; a model already there is only (re)loaded."""
+        if not (self.server.repository / name).exists():
+            copy_echo_model(self.server.repository, name)
+        self.load(name)
 
 
 @pytest.fixture(scope="session")

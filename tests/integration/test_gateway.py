@@ -77,7 +77,14 @@ def test_ready_and_version_follow_the_live_route(gateway):
     v = httpx.get(f"{gateway.url}/version").json()
     assert v["colour"] is None and v["version"] is None
     assert httpx.get(f"{gateway.url}/v1/models").json() == {"object": "list", "data": []}
+    # No routes at all: the model does not exist (yet), and the 404 says nothing is served.
+    err = assert_openai_error(complete(gateway), 404, "model_not_found")
+    assert "No model is served yet" in err["message"]
+    # Routes without a live colour (a first release's candidate in shadow): 503, not 404.
+    put_routes(gateway, None, route("green"))
     assert_openai_error(complete(gateway), 503, "no_live_route")
+    r = httpx.get(f"{gateway.url}/health/ready")
+    assert r.status_code == 503 and r.json()["models"]["tuneship"]["status"] == "no_live_route"
 
     # A live route on a model Triton has not loaded is refused unless forced...
     r = httpx.put(f"{gateway.url}/admin/routes", headers=gateway.admin,
@@ -139,10 +146,11 @@ def test_official_openai_client(shared_gateway):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tuneship", prompt="hi", n=2)
 
-    # Request metrics, by colour/model/status.
-    assert metric(gateway, "tuneship_gateway_requests_total", colour="blue", model="llm_blue", status="200") == ok0 + 2
+    # Request metrics, by served model/colour/model/status.
+    assert metric(gateway, "tuneship_gateway_requests_total", served_model="tuneship", colour="blue",
+                  model="llm_blue", status="200") == ok0 + 2
     assert metric(gateway, "tuneship_gateway_request_latency_seconds_count", colour="blue", status="200") == lat0 + 2
-    assert metric(gateway, "tuneship_gateway_requests_total", status="404") == nf0 + 1
+    assert metric(gateway, "tuneship_gateway_requests_total", served_model="none", status="404") == nf0 + 1
 
 
 def test_error_bodies(shared_gateway):
@@ -189,7 +197,7 @@ def test_admin_requires_the_token(gateway):
             err = assert_openai_error(r, 401)
             assert err["type"] == "authentication_error"
             assert r.headers["www-authenticate"] == "Bearer"
-    assert not (gateway.home / "gateway" / "routes.json").exists()  # nothing got through
+    assert not (gateway.home / "gateway" / "routes" / "tuneship.json").exists()  # nothing got through
     r = httpx.get(f"{gateway.url}/admin/routes", headers=gateway.admin)
     assert r.status_code == 200 and r.json()["live"] is None and r.json()["generation"] == 0
 
@@ -233,7 +241,7 @@ def test_switch_moves_traffic_and_rollback_returns_it(shared_gateway):
 
     # Routes on disk are the state the API reports.
     import json
-    on_disk = json.loads((gateway.home / "gateway" / "routes.json").read_text())
+    on_disk = json.loads((gateway.home / "gateway" / "routes" / "tuneship.json").read_text())
     assert on_disk == httpx.get(f"{gateway.url}/admin/routes", headers=admin).json()
 
     # Invalid states are rejected with OpenAI-style 400s.
@@ -276,8 +284,10 @@ def test_shadow_mirroring_logs_both_answers(shared_gateway):
         assert rec["shadow"]["status"] == 200
         assert rec["shadow"]["completion"] == rec["live"]["completion"].replace("llm_blue", "llm_green")
         assert rec["prompt_tokens"] == len(rec["prompt"].split()) and rec["completion_tokens"] == 3
-    files = {p.relative_to(gateway.log_root).as_posix() for p in gateway.log_root.glob("*/*/*")}
-    assert all(re.fullmatch(r"dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/shared\.jsonl", f) for f in files), files
+    files = {p.relative_to(gateway.log_root).as_posix() for p in gateway.log_root.glob("*/*/*/*")}
+    assert files and all(re.fullmatch(r"served_model=tuneship/dt=\d{4}-\d{2}-\d{2}/hour=\d{2}/shared\.jsonl", f)
+                         for f in files), files
+    assert all(rec["served_model"] == "tuneship" for rec in recs)
     assert metric(gateway, "tuneship_gateway_shadow_sent_total", colour="green") == sent0 + 5
     assert metric(gateway, "tuneship_gateway_shadow_failed_total") == failed0
 
@@ -415,7 +425,7 @@ def test_second_replica_sees_a_switch_made_through_the_first(start_gateway, tmp_
     assert answered_by(a) == "llm_blue"
     a.terminate(), b.terminate()
     a.stop(), b.stop()
-    replicas = sorted(p.name for p in home.glob("inference_log/dt=*/hour=*/*.jsonl"))
+    replicas = sorted(p.name for p in home.glob("inference_log/served_model=tuneship/dt=*/hour=*/*.jsonl"))
     assert replicas == ["a.jsonl", "b.jsonl"]
     assert len(read_inference_log(home / "inference_log")) == 3  # b twice, a once
 

@@ -67,6 +67,9 @@ def handled(fn: F) -> F:
             raise typer.Exit(EXIT_USAGE) from None
         except GatewayAdminError as exc:
             err(f"error: gateway {exc}")
+            if exc.code == "model_required":  # several served models and no --model: a usage error
+                err("hint: pass --model NAME (one of the served models named above)")
+                raise typer.Exit(EXIT_USAGE) from None
             raise typer.Exit(EXIT_SERVICE) from None
         except httpx.HTTPStatusError as exc:
             err(f"error: Airflow {exc}")
@@ -89,8 +92,13 @@ def _airflow(ep: Endpoints) -> AirflowAPI:
     return AirflowAPI(ep.airflow_url, user, password or "")
 
 
-def _gateway(ep: Endpoints) -> GatewayAdmin:
-    return GatewayAdmin(ep.gateway_url, ep.gateway_token())
+def _gateway(ep: Endpoints, model: str | None = None) -> GatewayAdmin:
+    return GatewayAdmin(ep.gateway_url, ep.gateway_token(), served_model=model)
+
+
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", "-m", help="The served model (the OpenAI `model` id of a task). Required when the gateway "
+                          "serves several; with one it defaults to it.")]
 
 
 @app.callback()
@@ -243,39 +251,57 @@ def _route_line(role: str, route: dict[str, Any] | None) -> str:
 
 @app.command()
 @handled
-def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """What the gateway serves: live, shadow (candidate), and the colour kept for rollback."""
+def status(ctx: typer.Context, model: ModelOpt = None, as_json: JsonOpt = False) -> None:
+    """What the gateway serves: live, shadow (candidate), and the colour kept for rollback,
+    for each served model (or the one --model names)."""
     ep = _endpoints(ctx)
     with _gateway(ep) as gw:
-        routes, version = gw.routes(), gw.version()
+        names = [model] if model else (list(gw.version().get("served_models") or {}) or [None])
+    found: dict[str | None, tuple[dict[str, Any], dict[str, Any]]] = {}
+    for name in names:
+        with _gateway(ep, name) as gw:
+            found[name] = (gw.routes(), gw.version())
     if as_json:
-        out_json({"gateway": ep.gateway_url, "routes": routes, "version": version})
+        if len(found) == 1:
+            routes, version = next(iter(found.values()))
+            out_json({"gateway": ep.gateway_url, "served_model": routes["served_model"],
+                      "routes": routes, "version": version})
+        else:
+            out_json({"gateway": ep.gateway_url,
+                      "models": {r["served_model"]: {"routes": r, "version": v} for r, v in found.values()}})
         return
-    typer.echo(f"gateway    {ep.gateway_url}  (served model {routes['served_model']!r}, "
-               f"generation {routes['generation']})")
-    typer.echo(_route_line("live", routes.get("live")))
-    typer.echo(_route_line("shadow", routes.get("shadow")))
-    if routes.get("shadow"):
-        typer.echo(f"{'':10s} mirror {routes['mirror_sample'] * 100:.0f}% of traffic, canary "
-                   f"{routes['canary_weight']}% answered by it")
-    typer.echo(_route_line("rollback", routes.get("previous")))
+    for i, (routes, _version) in enumerate(found.values()):
+        if i:
+            typer.echo("")
+        typer.echo(f"gateway    {ep.gateway_url}  (served model {routes['served_model']!r}, "
+                   f"generation {routes['generation']})")
+        typer.echo(_route_line("live", routes.get("live")))
+        typer.echo(_route_line("shadow", routes.get("shadow")))
+        if routes.get("shadow"):
+            typer.echo(f"{'':10s} mirror {routes['mirror_sample'] * 100:.0f}% of traffic, canary "
+                       f"{routes['canary_weight']}% answered by it")
+        typer.echo(_route_line("rollback", routes.get("previous")))
 
 
 @app.command()
 @handled
 def rollback(
     ctx: typer.Context,
+    model: ModelOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask; required when stdin is not a terminal.")] = False,
     force: Annotated[bool, typer.Option(help="Switch even if Triton does not report the previous model ready.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Put the colour kept for rollback back live (the live one becomes the rollback colour)."""
+    """Put the colour kept for rollback back live (the live one becomes the rollback colour),
+    for one served model; the others' traffic is untouched."""
     ep = _endpoints(ctx)
-    with _gateway(ep) as gw:
+    with _gateway(ep, model) as gw:
         routes = gw.routes()
         if not routes.get("previous"):
-            err("error: nothing to roll back to: the gateway keeps no previous colour")
+            err(f"error: nothing to roll back to: the gateway keeps no previous colour for "
+                f"served model {routes['served_model']!r}")
             raise typer.Exit(EXIT_SERVICE)
+        err(f"served model {routes['served_model']!r}")
         err(_route_line("live", routes.get("live")))
         err(_route_line("back to", routes["previous"]))
         if not yes:
