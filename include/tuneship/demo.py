@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         # migrated a legacy routes.json on start-up), not a file path guessed here.
         for task in load_tasks().values():
             with GatewayAdmin(config.gateway_url(), admin_token(), served_model=task.served_model) as gw:
-                routes = gw.routes() if task.served_model in gw.version().get("served_models", {}) else {}
+                routes = gw.routes()  # a model with no routes yet reads as the empty state
             done = reconcile_serving(task, routes, TritonControl(config.triton_url()))
             if done["loaded"]:
                 say(f"re-loaded into Triton what the gateway routes to: {', '.join(done['loaded'])}")

@@ -27,7 +27,12 @@ from tuneship import registry
 from tuneship.inference_log import read_inference_log
 from tuneship.notify import read_sink
 from tuneship.stages import Refusal, guard_release, reconcile_serving, retire_previous
+from tuneship.tasks import load_task
 from tuneship.triton_control import TritonControl
+
+NAME = "tuneship-guard-test"  # the registered model of these tests
+# The triage task under the name the session's echo models carry (llm_blue, llm_green).
+LLM = load_task("triage").model_copy(update={"name": "llm", "registered_model": NAME})
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +61,7 @@ class Admin:
 
 
 def route(colour: str, model: str, version: str) -> dict[str, Any]:
-    return {"colour": colour, "model": model, "version": version, "registered_model": registry.MODEL_NAME}
+    return {"colour": colour, "model": model, "version": version, "registered_model": NAME}
 
 
 @pytest.fixture
@@ -69,7 +74,7 @@ def stack(triton, start_gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     versions = []
     for key in ("guard-v1", "guard-v2"):
         run_id = registry.start_run(key, run_name=key)
-        versions.append(registry.register(run_id, key, tags={}).version)
+        versions.append(registry.register(run_id, key, tags={}, name=NAME).version)
     yield gw, Admin(gw), control, versions
     for model in ("llm_blue", "llm_green", "llm_slow"):  # leave the session's Triton as other tests expect
         if not control.is_ready(model):
@@ -91,14 +96,14 @@ def test_breach_after_switch_rolls_back_through_the_real_gateway(stack):
     admin.put_routes({**admin.routes(), "shadow": route("slow", "llm_slow", v2)})
     switched_at = time.time()
     routes = admin.switch()  # what `decide` does on promote
-    registry.set_alias("champion", v2)
+    registry.set_alias("champion", v2, NAME)
     assert routes["live"]["model"] == "llm_slow" and routes["previous"]["model"] == "llm_blue"
 
     answers = _send(gw, 5)  # about 1 s each: p95 far above the 500 ms budget
     assert all(r.status_code == 200 and r.headers["x-tuneship-colour"] == "slow" for r in answers)
     assert wait_for(lambda: len(read_inference_log(gw.log_root, since=switched_at)) >= 5)
 
-    trigger = PostSwitchWindowTrigger(version=v2, since=switched_at, ends_at=switched_at + 3600,
+    trigger = PostSwitchWindowTrigger(served_model="tuneship", version=v2, since=switched_at, ends_at=switched_at + 3600,
                                       poll_interval=0.1, max_error_rate=0.01, max_p95_ms=500, min_requests=5)
 
     async def first_event() -> dict:
@@ -108,12 +113,12 @@ def test_breach_after_switch_rolls_back_through_the_real_gateway(stack):
 
     event = asyncio.run(asyncio.wait_for(first_event(), 30))  # long before the hour is up
     assert event["status"] == "breach", event
-    op = PostSwitchWindowOperator(task_id="post_switch_window", version=v2, switched_at=switched_at,
+    op = PostSwitchWindowOperator(task_id="post_switch_window", served_model="tuneship", version=v2, switched_at=switched_at,
                                   window_minutes=60)
     verdict = op.execute_complete({}, event)
     assert verdict["requests"] == 5 and verdict["p95_ms"] > 500 and verdict["errors"] == 0
 
-    plan = {"version": v2, "colour": "slow", "previous_version": v1, "previous_colour": "blue"}
+    plan = {"task": "llm", "registered_model": NAME, "model": "llm_slow", "version": v2, "colour": "slow", "previous_version": v1, "previous_colour": "blue"}
     sent = len(read_sink())
     with pytest.raises(Refusal, match="p95 latency"):
         guard_release(plan, verdict, retention_minutes=60, gateway=admin, triton=control)
@@ -121,8 +126,8 @@ def test_breach_after_switch_rolls_back_through_the_real_gateway(stack):
     routes = admin.routes()
     assert (routes["live"]["model"], routes["live"]["version"]) == ("llm_blue", v1)
     assert routes["previous"] is None and routes["shadow"] is None
-    assert registry.by_alias("champion").version == v1
-    assert registry.get_version(v2).tags["post_switch_breach"].startswith("p95 latency")
+    assert registry.by_alias("champion", NAME).version == v1
+    assert registry.get_version(v2, NAME).tags["post_switch_breach"].startswith("p95 latency")
     assert not control.is_ready("llm_slow") and control.is_ready("llm_blue")
     (msg,) = read_sink()[sent:]
     assert msg["level"] == "error" and "p95 latency" in msg["text"] and "5 requests" in msg["text"]
@@ -137,7 +142,7 @@ def test_retention_retires_the_previous_colour_and_reconcile_agrees(stack):
     admin.put_routes({"live": route("blue", "llm_blue", v1)})
     admin.put_routes({**admin.routes(), "shadow": route("green", "llm_green", v2)})
     admin.switch()
-    plan = {"version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
+    plan = {"task": "llm", "registered_model": NAME, "model": "llm_green", "version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
 
     out = retire_previous(plan, gateway=admin, triton=control)
 
@@ -148,7 +153,7 @@ def test_retention_retires_the_previous_colour_and_reconcile_agrees(stack):
     assert admin.client.post("/admin/rollback").status_code == 409  # no longer instant: nothing to go back to
     assert _send(gw, 1)[0].headers["x-tuneship-colour"] == "green"
     # reconciliation loads what the routes name: it does not bring the retired colour back
-    assert reconcile_serving(routes, control) == {"loaded": [], "unloaded": []}
+    assert reconcile_serving(LLM, routes, control) == {"loaded": [], "unloaded": []}
     assert not control.is_ready("llm_blue")
 
 
@@ -161,7 +166,7 @@ def _switched(admin: Admin, v1: str, v2: str) -> dict[str, Any]:
     admin.put_routes({"live": route("blue", "llm_blue", v1)})
     admin.put_routes({**admin.routes(), "shadow": route("green", "llm_green", v2)})
     routes = admin.switch()
-    registry.set_alias("champion", v2)
+    registry.set_alias("champion", v2, NAME)
     return routes
 
 
@@ -172,7 +177,7 @@ def test_breach_loads_the_previous_colour_first_when_triton_lost_it(stack):
     _switched(admin, v1, v2)
     control.unload("llm_blue")
     assert admin.client.post("/admin/rollback").status_code != 200  # the gateway will not route to it
-    plan = {"version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
+    plan = {"task": "llm", "registered_model": NAME, "model": "llm_green", "version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
     sent = len(read_sink())
 
     with pytest.raises(Refusal, match=f"v{v2} breached .*rolled back"):
@@ -181,7 +186,7 @@ def test_breach_loads_the_previous_colour_first_when_triton_lost_it(stack):
     routes = admin.routes()
     assert (routes["live"]["model"], routes["live"]["version"]) == ("llm_blue", v1) and routes["previous"] is None
     assert control.is_ready("llm_blue") and not control.is_ready("llm_green")
-    assert registry.by_alias("champion").version == v1
+    assert registry.by_alias("champion", NAME).version == v1
     (msg,) = read_sink()[sent:]
     assert msg["level"] == "error" and f"blue v{v1} again" in msg["text"]
     assert _send(gw, 1)[0].headers["x-tuneship-colour"] == "blue"
@@ -190,8 +195,8 @@ def test_breach_loads_the_previous_colour_first_when_triton_lost_it(stack):
 def test_first_release_breach_takes_the_route_down_and_removes_champion(stack):
     gw, admin, control, (v1, _) = stack
     admin.put_routes({"live": route("blue", "llm_blue", v1)})
-    registry.set_alias("champion", v1)
-    plan = {"version": v1, "colour": "blue", "previous_version": None, "previous_colour": None}
+    registry.set_alias("champion", v1, NAME)
+    plan = {"task": "llm", "registered_model": NAME, "model": "llm_blue", "version": v1, "colour": "blue", "previous_version": None, "previous_colour": None}
     sent = len(read_sink())
 
     with pytest.raises(Refusal, match="first release.*taken down"):
@@ -199,7 +204,7 @@ def test_first_release_breach_takes_the_route_down_and_removes_champion(stack):
 
     routes = admin.routes()
     assert routes["live"] is None and routes["shadow"] is None and routes["previous"] is None
-    assert registry.by_alias("champion") is None
+    assert registry.by_alias("champion", NAME) is None
     assert not control.is_ready("llm_blue")
     (msg,) = read_sink()[sent:]
     assert msg["level"] == "error" and "@champion: none" in msg["text"]
@@ -211,7 +216,7 @@ def test_breach_without_a_previous_route_leaves_traffic_and_says_so(stack):
     gw, admin, control, (v1, v2) = stack
     _switched(admin, v1, v2)
     admin.put_routes({**admin.routes(), "previous": None})  # cleared by hand during the window
-    plan = {"version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
+    plan = {"task": "llm", "registered_model": NAME, "model": "llm_green", "version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
     sent = len(read_sink())
 
     with pytest.raises(Refusal, match="NOT rolled back"):
@@ -219,7 +224,7 @@ def test_breach_without_a_previous_route_leaves_traffic_and_says_so(stack):
 
     routes = admin.routes()
     assert (routes["live"]["model"], routes["live"]["version"]) == ("llm_green", v2)
-    assert registry.by_alias("champion").version == v2
+    assert registry.by_alias("champion", NAME).version == v2
     assert control.is_ready("llm_green") and control.is_ready("llm_blue")
     (msg,) = read_sink()[sent:]
     assert msg["level"] == "error" and "by hand" in msg["text"]
@@ -233,7 +238,7 @@ def test_retention_leaves_a_previous_that_changed_since_the_release(stack):
     gw, admin, control, (v1, v2) = stack
     _switched(admin, v1, v2)
     admin.put_routes({**admin.routes(), "previous": route("blue", "llm_blue", "999")})
-    plan = {"version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
+    plan = {"task": "llm", "registered_model": NAME, "model": "llm_green", "version": v2, "colour": "green", "previous_version": v1, "previous_colour": "blue"}
 
     out = retire_previous(plan, gateway=admin, triton=control)
 

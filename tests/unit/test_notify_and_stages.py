@@ -47,11 +47,11 @@ def test_stage_into_repository_renames_and_replaces(tmp_path: Path, monkeypatch)
     (pkg / "1").mkdir(parents=True)
     (pkg / "config.pbtxt").write_text('name: "llm"\nbackend: "python"\n')
     (pkg / "1" / "model.onnx").write_text("v1")
-    name = stage_into_repository(str(pkg), "green")
+    name = stage_into_repository(str(pkg), "llm_green")
     repo = config.triton_repository()
     assert name == "llm_green"
     assert (repo / "llm_green" / "config.pbtxt").read_text().startswith('name: "llm_green"')
     (pkg / "1" / "model.onnx").write_text("v2")
-    stage_into_repository(str(pkg), "green")
+    stage_into_repository(str(pkg), "llm_green")
     assert (repo / "llm_green" / "1" / "model.onnx").read_text() == "v2"
     assert sorted(p.name for p in repo.iterdir()) == ["llm_green"]  # no staging leftovers

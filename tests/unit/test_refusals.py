@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from tuneship.notify import read_sink
 from tuneship.stages import Refusal, StageFailed, finish_release, smoke_candidate
+from tuneship.tasks import load_task
 from tuneship_airflow.refusals import fail_on_refusal
 
 
@@ -95,7 +96,8 @@ class _Triton:
 
 
 def test_a_shadow_rollback_is_a_refusal_with_one_alert():
-    plan = {"version": "5", "colour": "green", "previous_version": "4", "previous_colour": "blue"}
+    plan = {"task": "llm", "registered_model": "tuneship-test", "model": "llm_green", "version": "5",
+            "colour": "green", "previous_version": "4", "previous_colour": "blue"}
     live = {"colour": "blue", "model": "llm_blue", "version": "4"}
     gateway = _Gateway({"live": live, "shadow": {"colour": "green", "model": "llm_green", "version": "5"}})
     verdict = {"verdict": "rollback", "reasons": ["p95 40 ms > 0.001 ms"], "requests": 30}
@@ -112,6 +114,7 @@ def test_smoke_the_gateway_cannot_answer_is_a_fault_not_a_refusal():
     """No gateway listening: infrastructure, retried; no alert, the candidate stays loaded for the retry."""
     triton = _Triton("llm_green")
     with pytest.raises(Exception) as info:
-        smoke_candidate("llm_green", "5", gateway=_Gateway(), triton=triton)
+        smoke_candidate(load_task("triage").model_copy(update={"name": "llm"}), "llm_green", "5",
+                        gateway=_Gateway(), triton=triton)
     assert not isinstance(info.value, Refusal)
     assert triton.ready == {"llm_green"} and read_sink() == []

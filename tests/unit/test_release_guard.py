@@ -96,17 +96,17 @@ def aliases(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     table: dict[str, str] = {}
     tags: dict[str, dict[str, str]] = {}
 
-    def by_alias(alias: str, name: str = registry.MODEL_NAME):
+    def by_alias(alias: str, name: str = ""):
         v = table.get(alias)
         return registry.ModelVersion(name, v, "run", "src", tags.get(v, {})) if v else None
 
-    def set_alias(alias: str, version: str, name: str = registry.MODEL_NAME) -> None:
+    def set_alias(alias: str, version: str, name: str = "") -> None:
         table[alias] = str(version)
 
-    def set_version_tags(version: str, new: dict[str, str], name: str = registry.MODEL_NAME) -> None:
+    def set_version_tags(version: str, new: dict[str, str], name: str = "") -> None:
         tags.setdefault(str(version), {}).update(new)
 
-    def delete_alias(alias: str, name: str = registry.MODEL_NAME) -> None:
+    def delete_alias(alias: str, name: str = "") -> None:
         table.pop(alias)
 
     monkeypatch.setattr(registry, "by_alias", by_alias)
@@ -117,8 +117,9 @@ def aliases(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return table
 
 
-PLAN = {"version": "7", "colour": "green", "previous_version": "6", "previous_colour": "blue"}
-FIRST = {"version": "1", "colour": "blue", "previous_version": None, "previous_colour": None}
+BASE = {"task": "llm", "registered_model": "tuneship-test"}
+PLAN = {**BASE, "model": "llm_green", "version": "7", "colour": "green", "previous_version": "6", "previous_colour": "blue"}
+FIRST = {**BASE, "model": "llm_blue", "version": "1", "colour": "blue", "previous_version": None, "previous_colour": None}
 BREACH = {"verdict": "breach", "reasons": ["error rate 0.150 (3 of 20) > 0.01"], "requests": 20, "errors": 3,
           "error_rate": 0.15, "p95_ms": 40.0}
 
@@ -233,10 +234,11 @@ def test_release_windows_params_and_overrides():
 # ---------------------------------------------------------------- trigger and operator
 
 
-def write_log(root: Path, version: str, n: int, *, at: float, status: int = 200, latency: float = 15.0) -> None:
+def write_log(root: Path, version: str, n: int, *, at: float, status: int = 200, latency: float = 15.0,
+              served_model: str = "tuneship") -> None:
     for i in range(n):
         ts = parse_ts(at + i * 0.001)
-        path = partition_file(root, ts, "gw0")
+        path = partition_file(root, ts, "gw0", served_model)
         path.parent.mkdir(parents=True, exist_ok=True)
         line = {"kind": "request", "ts": format_ts(ts), "request_id": f"{version}-{at}-{status}-{i}",
                 "role": "live", "prompt": "Ticket: x\nTriage:", "shadow": None,
@@ -267,7 +269,8 @@ def test_trigger_fires_early_on_a_breach(log_root: Path):
     write_log(log_root, "7", 18, at=switch + 1)
     write_log(log_root, "7", 4, at=switch + 2, status=502)  # 4 of 22 = 0.18
     write_log(log_root, "7", 40, at=switch - 60, status=502)  # before the switch: not counted
-    trigger = PostSwitchWindowTrigger(version="7", since=switch, ends_at=switch + 3600, poll_interval=0.05,
+    write_log(log_root, "7", 40, at=switch + 1, status=502, served_model="faq")  # another task's v7: not counted
+    trigger = PostSwitchWindowTrigger(served_model="tuneship", version="7", since=switch, ends_at=switch + 3600, poll_interval=0.05,
                                       max_error_rate=0.05, max_p95_ms=500, min_requests=20)
     path, kwargs = trigger.serialize()
     assert path == "tuneship_airflow.triggers.PostSwitchWindowTrigger"
@@ -282,14 +285,14 @@ def test_trigger_completes_when_the_window_ends(log_root: Path):
 
     switch = time.time() - 5
     write_log(log_root, "7", 25, at=switch + 1)
-    open_window = PostSwitchWindowTrigger(version="7", since=switch, ends_at=time.time() + 60, poll_interval=0.05)
+    open_window = PostSwitchWindowTrigger(served_model="tuneship", version="7", since=switch, ends_at=time.time() + 60, poll_interval=0.05)
     with pytest.raises(TimeoutError):  # healthy so far, window still open: keeps watching
         asyncio.run(first_event(open_window, timeout=0.5))
-    ended = PostSwitchWindowTrigger(version="7", since=switch, ends_at=time.time() + 0.3, poll_interval=0.05)
+    ended = PostSwitchWindowTrigger(served_model="tuneship", version="7", since=switch, ends_at=time.time() + 0.3, poll_interval=0.05)
     event = asyncio.run(first_event(ended))
     assert event["status"] == "complete" and event["verdict"]["verdict"] == "healthy"
     assert event["at"] >= ended.ends_at
-    quiet = PostSwitchWindowTrigger(version="8", since=switch, ends_at=switch + 1, poll_interval=0.05)
+    quiet = PostSwitchWindowTrigger(served_model="tuneship", version="8", since=switch, ends_at=switch + 1, poll_interval=0.05)
     assert asyncio.run(first_event(quiet))["verdict"]["verdict"] == "insufficient"
 
 
@@ -298,7 +301,7 @@ def test_operator_defers_on_the_switch_time_and_checks_the_event():
 
     from tuneship_airflow.operators import PostSwitchWindowOperator
 
-    op = PostSwitchWindowOperator(task_id="post_switch_window", version="7", switched_at="1800000000.5",
+    op = PostSwitchWindowOperator(task_id="post_switch_window", served_model="tuneship", version="7", switched_at="1800000000.5",
                                   window_minutes="2", thresholds={"max_error_rate": "0.05", "max_p95_ms": "900",
                                                                   "min_requests": "10"})
     with pytest.raises(TaskDeferred) as deferred:
@@ -316,4 +319,4 @@ def test_operator_defers_on_the_switch_time_and_checks_the_event():
         with pytest.raises(RuntimeError):
             op.execute_complete({}, bad)
     with pytest.raises(ValueError):
-        PostSwitchWindowOperator(task_id="w", version="7", window_minutes="0").execute({})
+        PostSwitchWindowOperator(task_id="w", served_model="tuneship", version="7", window_minutes="0").execute({})

@@ -50,6 +50,8 @@ def test_registered_finetune_run_has_system_metrics(tmp_path_factory):
 
     data = dataset(tmp_path_factory)
     plan = {
+        "task": "triage",
+        "registered_model": "tuneship-sysmetrics-test",
         "output_dir": str(out),
         "recipe": str(default_recipe_path()),
         "overrides": {"base_model": str(base_model(tmp_path_factory))},
