@@ -103,7 +103,13 @@ def test_demo_finetune_beats_base_on_eval(tmp_path_factory):
     from peft import PeftModel
 
     from tuneship.basemodel import load_base
-    from tuneship.generate import triage_accuracy
+    from tuneship.generate import generate
+
+    def triage_accuracy(model, tok, rows):
+        """Exact match of both parsed fields (the triage task's own parser)."""
+        preds = generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=16)
+        hits = sum(datagen.parse_answer(p) == datagen.parse_answer(r["completion"]) for p, r in zip(preds, rows, strict=True))
+        return {"exact_match": hits / len(rows)}
 
     out = finetuned(tmp_path_factory)
     rows = read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")
