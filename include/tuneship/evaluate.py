@@ -182,31 +182,31 @@ class Suite(_Strict):
     @model_validator(mode="after")
     def _gates_name_metrics(self) -> Suite:
         by_name = {m.name: m for m in self.metrics}
-        for gate in self.gates:
+        for i, gate in enumerate(self.gates):
             metric = by_name.get(gate.metric)
             if metric is None:
-                raise ValueError(f"gate names unknown metric {gate.metric!r}; metrics are {sorted(by_name)}")
+                raise ValueError(f"gates.{i}: gate names unknown metric {gate.metric!r}; metrics are {sorted(by_name)}")
             if metric.higher_is_better and gate.max is not None:
-                raise ValueError(f"gate on {gate.metric!r}: higher is better for kind {metric.kind}; "
+                raise ValueError(f"gates.{i} on {gate.metric!r}: higher is better for kind {metric.kind}; "
                                  "use `min` (a floor), not `max`")
             if not metric.higher_is_better and gate.min is not None:
-                raise ValueError(f"gate on {gate.metric!r}: lower is better for kind {metric.kind}; "
+                raise ValueError(f"gates.{i} on {gate.metric!r}: lower is better for kind {metric.kind}; "
                                  "use `max` (a ceiling), not `min`")
         return self
 
     @model_validator(mode="after")
     def _metrics_can_be_scored(self) -> Suite:
-        for m in self.metrics:
+        for i, m in enumerate(self.metrics):
             if m.kind in DECLINE_KINDS and self.decline is None:
-                raise ValueError(f"metric {m.name!r}: kind {m.kind} needs the suite's `decline` detector "
+                raise ValueError(f"metrics.{i} ({m.name!r}): kind {m.kind} needs the suite's `decline` detector "
                                  "(`decline: {phrases: [...]}` or `decline: {regex: ...}`)")
         if self.cases.source == "inline":
             for i, case in enumerate(self.cases.items):
                 if case.should_decline and self.decline is None:
                     raise ValueError(f"cases.items.{i}.should_decline needs the suite's `decline` detector")
-            for m in self.metrics:
+            for i, m in enumerate(self.metrics):
                 if not any(m.applies(c) for c in self.cases.items):
-                    raise ValueError(f"metric {m.name!r}: {_no_cases(m)}")
+                    raise ValueError(f"metrics.{i} ({m.name!r}): {_no_cases(m)}")
         return self
 
     def needs_parser(self) -> bool:
@@ -250,8 +250,9 @@ def load_suite(name_or_path: str | Path) -> Suite:
     except yaml.YAMLError as exc:
         raise SuiteError(f"{path}: not valid YAML: {exc}") from exc
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+        problems = "; ".join(  # suite-wide checks name their own field (`metrics.2 ...`)
+            ".".join(str(p) for p in err["loc"]) + ": " * bool(err["loc"]) + err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
         )
         raise SuiteError(f"{path}: {problems}") from exc
 
