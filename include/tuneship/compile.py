@@ -116,6 +116,27 @@ def export_onnx(model: Any, tokenizer: Any, path: Path) -> float:
     return seconds
 
 
+def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """The token ids eager generation feeds for a prompt (text, or chat messages)."""
+    from tuneship.generate import render_prompt
+
+    text, add_special = render_prompt(tokenizer, prompt)
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
+def served_text(tokenizer: Any, prompt: Any) -> str:
+    """What the Triton model receives for a prompt: the text as is, or the chat template's
+    rendering less the BOS the model's tokenizer adds itself (as the gateway sends it)."""
+    from tuneship.generate import render_prompt
+
+    text, add_special = render_prompt(tokenizer, prompt)
+    bos = tokenizer.bos_token
+    adds_bos = bool(bos) and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+    if not add_special and adds_bos and text.startswith(bos):
+        text = text[len(bos):]
+    return text
+
+
 def check_parity(
     model: Any, tokenizer: Any, version_dir: Path, prompts: list[str] | None = None,
     tolerance: float = LOGIT_TOLERANCE, max_new_tokens: int = 16,
@@ -132,7 +153,7 @@ def check_parity(
     wrapper = _LogitsOnly.wrap(model)
     max_diff = 0.0
     for p in prompts:
-        ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        ids = prompt_ids(tokenizer, p)
         with torch.no_grad():
             ref = wrapper(torch.tensor([ids], dtype=torch.long)).numpy()
         got = session.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0]
@@ -140,7 +161,7 @@ def check_parity(
             raise ParityError(f"ONNX logits shape {got.shape} != PyTorch {ref.shape} for {p!r}")
         max_diff = max(max_diff, float(np.abs(got - ref).max()))
     # Batch > 1 must work too (dynamic batch axis).
-    ids = tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+    ids = prompt_ids(tokenizer, prompts[0])
     batched = session.run(None, {"input_ids": np.asarray([ids] * 3, dtype=np.int64)})[0]
     if batched.shape[0] != 3:
         raise ParityError(f"ONNX model does not honour a dynamic batch axis: got {batched.shape}")
@@ -153,7 +174,7 @@ def check_parity(
     mismatches = []
     for p in prompts:
         eager = generate_ids(model, tokenizer, p, max_new_tokens)
-        served = generator.generate(p, max_new_tokens)
+        served = generator.generate(served_text(tokenizer, p), max_new_tokens)
         if eager != served:
             mismatches.append({"prompt": p, "pytorch": eager, "triton_model": served})
     if mismatches:

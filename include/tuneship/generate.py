@@ -6,11 +6,38 @@ passed here means the same strings in production. The rule: encode the prompt wi
 tokenizer's special tokens, run the full sequence (no KV cache, like the ONNX graph), take
 the argmax of the last position, stop at eos, at a newline in the decoded completion, or
 after max_new_tokens; return the completion text only (cut before the newline).
+
+Chat prompts (a list of messages, or any prompt with `prompt_format="chat"`) are rendered
+here, in `render_prompt`, with the tokenizer's chat template exactly as training renders a
+chat row's prompt (`tuneship.train.trainer.split_prompt_completion`), so eval scores the
+model on the very text it learned from.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+Prompt = str | list[dict[str, str]]
+PromptFormat = Literal["plain", "chat"]
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt, prompt_format: PromptFormat = "plain") -> tuple[str, bool]:
+    """(text to encode, add_special_tokens). A plain string stays as it is and the tokenizer
+    adds its special tokens; chat messages (a list, or a string taken as one user message when
+    `prompt_format` is "chat") go through the chat template, whose text already holds them."""
+    if prompt_format not in ("plain", "chat"):
+        raise ValueError(f"prompt_format must be 'plain' or 'chat', got {prompt_format!r}")
+    if isinstance(prompt, str):
+        if prompt_format == "plain":
+            return prompt, True
+        prompt = [{"role": "user", "content": prompt}]
+    if not prompt or prompt[-1].get("role") == "assistant":
+        raise ValueError("a chat prompt must end with a user message: there is nothing to answer")
+    from tuneship.train.trainer import split_prompt_completion
+
+    text, _completion, templated = split_prompt_completion(
+        {"messages": [*prompt, {"role": "assistant", "content": ""}]}, tokenizer)
+    return text, not templated
 
 
 def completion_text(tokenizer: Any, ids: list[int]) -> tuple[str, bool]:
@@ -22,12 +49,13 @@ def completion_text(tokenizer: Any, ids: list[int]) -> tuple[str, bool]:
 
 
 def generate_ids(
-    model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 16
+    model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int = 16, prompt_format: PromptFormat = "plain"
 ) -> tuple[str, int, int]:
     """Greedy-decode one prompt; (completion, prompt_tokens, completion_tokens)."""
     import torch
 
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    text, add_special = render_prompt(tokenizer, prompt, prompt_format)
+    prompt_ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
     eos = tokenizer.eos_token_id
     ids = list(prompt_ids)
     out: list[int] = []
@@ -46,7 +74,9 @@ def generate_ids(
     return text, len(prompt_ids), len(out)
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
-    """Greedy completions for prompts (deterministic; model switched to eval mode)."""
+def generate(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int = 16,
+             prompt_format: PromptFormat = "plain") -> list[str]:
+    """Greedy completions for prompts (deterministic; model switched to eval mode). A prompt
+    is a string or chat messages; see `render_prompt` for how each is encoded."""
     model.eval()
-    return [generate_ids(model, tokenizer, p, max_new_tokens)[0] for p in prompts]
+    return [generate_ids(model, tokenizer, p, max_new_tokens, prompt_format)[0] for p in prompts]

@@ -293,6 +293,11 @@ def _generator(base_ref: str, adapter_dir: Path | None):
     return lambda prompts, max_new: generate(model, tokenizer, prompts, max_new_tokens=max_new)
 
 
+def _as_client_sends(task: Task, generate: Any) -> Any:
+    """Prompts rendered as the task's clients send them (chat: messages, system prompt first)."""
+    return lambda prompts, max_new: generate([task.render_prompt(p) for p in prompts], max_new)
+
+
 def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str, str]) -> dict[str, Any]:
     """Score candidate and reference (champion, else base model) on the same cases with each of
     the task's gating suites; apply every suite's gates."""
@@ -309,6 +314,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     else:
         ref_name, ref_gen = "base model", _generator(base, None)
     cand_gen = _generator(base, _adapter_dir(task, candidate["version"]))
+    cand_gen, ref_gen = _as_client_sends(task, cand_gen), _as_client_sends(task, ref_gen)
     suites, passed, summaries, metrics, ref_metrics = [], True, [], {}, {}
     for suite_name in task.eval.suites:
         suite = load_suite(suite_name)
@@ -346,8 +352,8 @@ def parity_prompts(task: Task) -> list[str]:
     smoke suite's), rendered as the task's clients send them."""
     from tuneship.evaluate import load_cases, load_suite
 
-    prompts = list(task.compile.parity_prompts) or [c.prompt for c in load_cases(load_suite(task.eval.smoke))]
-    return prompts
+    prompts = list(task.compile.parity_prompts) or [c.prompt_input() for c in load_cases(load_suite(task.eval.smoke))]
+    return [task.render_prompt(p) for p in prompts]
 
 
 def compile_candidate(task: Task, candidate: dict[str, Any]) -> dict[str, Any]:
@@ -415,7 +421,9 @@ def warm_up_candidate(task: Task, model: str, triton: Any) -> dict[str, Any]:
     failed warm-up is a failed load: live traffic is untouched and the message says why."""
     from tuneship.evaluate import load_cases, load_suite
 
-    prompts = [case.prompt for case in load_cases(load_suite(task.eval.smoke))]
+    # straight to Triton, which takes text: a chat case sends its last user turn as is
+    prompts = [p if isinstance(p := case.prompt_input(), str) else p[-1]["content"]
+               for case in load_cases(load_suite(task.eval.smoke))]
     try:
         return triton.warm_up(model, prompts)
     except RuntimeError as exc:
@@ -440,7 +448,7 @@ def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token
         for case in cases:
             body: dict[str, Any] = {"model": task.served_model, "max_tokens": suite.generation.max_new_tokens,
                                     "temperature": 0}
-            prompt = task.render_prompt(case.prompt)
+            prompt = task.render_prompt(case.prompt_input())
             if isinstance(prompt, str):
                 r = c.post("/v1/completions", json={**body, "prompt": prompt})
             else:

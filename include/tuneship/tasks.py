@@ -193,12 +193,18 @@ class Task(_Strict):
             raise TaskError(f"{self.path}: {ref!r}: cannot find the file of module {module_name}")
         return Path(spec.origin)
 
-    def render_prompt(self, prompt: str) -> str | list[dict[str, str]]:
-        """What a case or a client sends: the text itself (plain) or the chat messages."""
+    def render_prompt(self, prompt: str | list[dict[str, str]]) -> str | list[dict[str, str]]:
+        """What a client of this task sends for a case's prompt: the text itself (plain), or
+        chat messages, a plain string taken as the user's turn and the task's system prompt
+        put first when the messages have none."""
         if self.prompt_format == "plain":
+            if not isinstance(prompt, str):
+                raise TaskError(f"{self.path}: task {self.name} is prompt_format plain, but a case gives chat messages")
             return prompt
-        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        return [*system, {"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        if self.system_prompt and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        return messages
 
 
 # ---------------------------------------------------------------------- loading
