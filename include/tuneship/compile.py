@@ -124,6 +124,11 @@ def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
+def _adds_bos(tokenizer: Any) -> bool:
+    return bool(tokenizer.bos_token) and \
+        tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
 def served_text(tokenizer: Any, prompt: Any) -> str:
     """What the Triton model receives for a prompt: the text as is, or the chat template's
     rendering less the BOS the model's tokenizer adds itself (as the gateway sends it)."""
@@ -131,8 +136,7 @@ def served_text(tokenizer: Any, prompt: Any) -> str:
 
     text, add_special = render_prompt(tokenizer, prompt)
     bos = tokenizer.bos_token
-    adds_bos = bool(bos) and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
-    if not add_special and adds_bos and text.startswith(bos):
+    if not add_special and _adds_bos(tokenizer) and text.startswith(bos):
         text = text[len(bos):]
     return text
 
@@ -240,6 +244,11 @@ def compile_for_triton(
             "max_context": int(getattr(model.config, "max_position_embeddings", 4096)),
             "stop": ["eos", "newline"],
             "decoding": "greedy",
+            # what the gateway needs to render a chat request as training rendered it
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            # the BOS the model's tokenizer adds itself ("" when it adds none): the gateway
+            # strips it from a rendered chat prompt so it is not there twice
+            "bos_token": tokenizer.bos_token if _adds_bos(tokenizer) else "",
         }
         (vdir / "generation.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
         parity = check_parity(model, tokenizer, vdir, prompts=parity_prompts, tolerance=tolerance,

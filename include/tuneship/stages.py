@@ -302,7 +302,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     """Score candidate and reference (champion, else base model) on the same cases with each of
     the task's gating suites; apply every suite's gates."""
     from tuneship import registry
-    from tuneship.evaluate import apply_gates, load_cases, load_suite, run_suite
+    from tuneship.evaluate import apply_gates, load_cases, run_suite
 
     name = task.registered_model
     mv = registry.get_version(candidate["version"], name)
@@ -317,7 +317,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     cand_gen, ref_gen = _as_client_sends(task, cand_gen), _as_client_sends(task, ref_gen)
     suites, passed, summaries, metrics, ref_metrics = [], True, [], {}, {}
     for suite_name in task.eval.suites:
-        suite = load_suite(suite_name)
+        suite = task.suite(suite_name)
         cases = load_cases(suite, Path(dataset["path"]), task.parser)
         cand = run_suite(suite, cand_gen, cases, task.parser)
         ref = run_suite(suite, ref_gen, cases, task.parser)
@@ -350,9 +350,9 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
 def parity_prompts(task: Task) -> list[str]:
     """What the compiled model must reproduce: the task's own prompts (declared, else its
     smoke suite's), rendered as the task's clients send them."""
-    from tuneship.evaluate import load_cases, load_suite
+    from tuneship.evaluate import load_cases
 
-    prompts = list(task.compile.parity_prompts) or [c.prompt_input() for c in load_cases(load_suite(task.eval.smoke))]
+    prompts = list(task.compile.parity_prompts) or [c.prompt_input() for c in load_cases(task.suite(task.eval.smoke))]
     return [task.render_prompt(p) for p in prompts]
 
 
@@ -419,11 +419,11 @@ def warm_up_candidate(task: Task, model: str, triton: Any) -> dict[str, Any]:
     """After the load and readiness, before smoke and traffic: the smoke suite's prompts go
     straight to the candidate through Triton (`triton`: TritonHook or TritonControl). A
     failed warm-up is a failed load: live traffic is untouched and the message says why."""
-    from tuneship.evaluate import load_cases, load_suite
+    from tuneship.evaluate import load_cases
 
     # straight to Triton, which takes text: a chat case sends its last user turn as is
     prompts = [p if isinstance(p := case.prompt_input(), str) else p[-1]["content"]
-               for case in load_cases(load_suite(task.eval.smoke))]
+               for case in load_cases(task.suite(task.eval.smoke))]
     try:
         return triton.warm_up(model, prompts)
     except RuntimeError as exc:
@@ -436,9 +436,9 @@ def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token
     completions or chat), addressed to the candidate colour only."""
     import httpx
 
-    from tuneship.evaluate import apply_gates, load_cases, load_suite, score
+    from tuneship.evaluate import apply_gates, load_cases, score
 
-    suite = load_suite(task.eval.smoke)
+    suite = task.suite(task.eval.smoke)
     cases = load_cases(suite)
     outs = []
     colour = colour_model.removeprefix(f"{task.name}_")
@@ -516,10 +516,13 @@ def release_plan(task: Task, candidate: dict[str, Any] | None, version: str | No
                           f"not {task.name!r}")
     live = routes.get("live") or {}
     colour = idle_colour(routes)
+    generation = Path(candidate["package"]) / "1" / "generation.json"
+    gen = json.loads(generation.read_text()) if generation.is_file() else {}
     return {"task": task.name, "registered_model": task.registered_model, "served_model": task.served_model,
             "version": str(candidate["version"]), "package": candidate["package"],
             "adapter_sha256": mv.tags.get("adapter_sha256"), "dataset_version": mv.tags.get("dataset_version"),
             "prompt_format": task.prompt_format, "colour": colour, "model": task.colour_model(colour),
+            "chat_template": gen.get("chat_template"), "bos_token": gen.get("bos_token"),
             "previous_version": live.get("version"), "previous_colour": live.get("colour")}
 
 
@@ -529,7 +532,9 @@ def route_for(plan: dict[str, Any], model: str) -> dict[str, Any]:
             "registered_model": plan["registered_model"], "adapter_sha256": plan.get("adapter_sha256"),
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "metadata": {"task": plan["task"], "dataset_version": plan.get("dataset_version"),
-                         "prompt_format": plan["prompt_format"]}}
+                         "prompt_format": plan["prompt_format"],
+                         # the gateway renders chat requests with the model's own template
+                         **{k: plan[k] for k in ("chat_template", "bos_token") if plan.get(k) is not None}}}
 
 
 def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ answers are parsed and checked, its eval suites, release thresholds and drift se
 library never names a task; the stages take a `Task` and ask it.
 
 Functions a task refers to (`module:function`) are looked up in a module beside the task file
-first (`include/tasks/triage_task.py` for `triage_task:parse_answer`), then as an importable
+first (`include/tasks/<name>_task.py` for `<name>_task:parse_answer`), then as an importable
 module, so a user's task in its own directory needs no change to the library.
 
 A bad task file fails when it is loaded (DAG parse, `tuneship tasks check`, pre-commit) with
@@ -58,7 +58,8 @@ class AnswerSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    suites: list[str] = Field(min_length=1, description="gating suites, eval_suites/<name>.yaml")
+    suites: list[str] = Field(min_length=1, description="gating suites: eval_suites/<name>.yaml, or a YAML "
+                                                        "path relative to the task file")
     smoke: str = Field(min_length=1, description="inline suite sent through the gateway before traffic moves")
 
 
@@ -126,7 +127,7 @@ class Task(_Strict):
         return self._path
 
     def colour_model(self, colour: str) -> str:
-        """The Triton model that holds this task's `colour` (`triage_blue`)."""
+        """The Triton model that holds this task's `colour` (`<task>_blue`)."""
         return f"{self.name}_{colour}"
 
     def colour_models(self) -> set[str]:
@@ -136,6 +137,15 @@ class Task(_Strict):
         """Where this task's new training-data batches land."""
         p = Path(self.data.landing)
         return p if p.is_absolute() else config.incoming() / p
+
+    def suite(self, ref: str) -> Any:
+        """One of the task's suites: a name under eval_suites/, or a file beside the task."""
+        from tuneship.evaluate import load_suite
+
+        if ref.endswith((".yaml", ".yml")):
+            p = Path(ref)
+            return load_suite(p if p.is_absolute() else self.path.parent / p)
+        return load_suite(ref)
 
     def recipe_path(self) -> Path:
         from tuneship.train.recipe import default_recipe_path
@@ -231,12 +241,12 @@ def _format(err: ValidationError, source: Path) -> str:
 
 def _check_refs(task: Task) -> None:
     """Every referenced suite, recipe and function must exist, so a typo fails at load time."""
-    from tuneship.evaluate import SuiteError, load_suite
+    from tuneship.evaluate import SuiteError
 
     for suite in [*task.eval.suites, task.eval.smoke]:
         key = "eval.smoke" if suite == task.eval.smoke else "eval.suites"
         try:
-            load_suite(suite)
+            task.suite(suite)
         except SuiteError as exc:
             raise TaskError(f"{task.path}: key '{key}': {exc}") from None
     if not task.recipe_path().is_file():
@@ -323,3 +333,52 @@ def default_task() -> str:
     """The task a DAG run takes when none is given: TUNESHIP_DEFAULT_TASK, else the first."""
     names = task_names()
     return os.environ.get("TUNESHIP_DEFAULT_TASK") or (names[0] if names else "")
+
+
+# ---------------------------------------------------------------------- checks
+
+
+def tokenizer_problems(task: Task, tokenizer: Any) -> list[str]:
+    """What would make the task's prompts differ between training, eval and serving: the
+    chat template must render (a generation prompt that is a prefix of the full
+    conversation, so the completion is exactly the answer), its special tokens must be single
+    tokens, and text must survive encode/decode. Empty: the tokenizer fits the task."""
+    problems: list[str] = []
+    sample = "Where is my order #12345? It was due on Monday."
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+    if tokenizer.decode(ids, skip_special_tokens=True) != sample:
+        problems.append(f"text does not survive encode/decode: {sample!r} -> "
+                        f"{tokenizer.decode(ids, skip_special_tokens=True)!r}")
+    if tokenizer.eos_token_id is None:
+        problems.append("the tokenizer has no eos token: generation could not stop")
+    for name in ("bos_token", "eos_token", "pad_token"):
+        tok = getattr(tokenizer, name, None)
+        if tok and len(tokenizer(tok, add_special_tokens=False)["input_ids"]) != 1:
+            problems.append(f"{name} {tok!r} is not a single token")
+    if task.prompt_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            return [*problems, "prompt_format is chat but the tokenizer has no chat_template"]
+        messages = task.render_prompt("How long does shipping take?")
+        assert isinstance(messages, list)
+        answer = [{"role": "assistant", "content": "Standard shipping takes 3-5 business days."}]
+        try:
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            full = tokenizer.apply_chat_template(messages + answer, tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - a template error is the finding
+            return [*problems, f"the chat template does not render: {exc}"]
+        if not full.startswith(prompt):
+            problems.append("the chat template's generation prompt is not a prefix of the rendered conversation: "
+                            "training and serving would see different prompts")
+        for special in sorted(set(tokenizer.all_special_tokens) & set(_special_like(full))):
+            if len(tokenizer(special, add_special_tokens=False)["input_ids"]) != 1:
+                problems.append(f"special token {special!r} in the chat template is not a single token")
+        rendered_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        if tokenizer.decode(rendered_ids, skip_special_tokens=False) != full:
+            problems.append("the rendered conversation does not survive encode/decode")
+    return problems
+
+
+def _special_like(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"<\|[^|>]{1,40}\|>|</?s>", text)

@@ -36,8 +36,10 @@ app = typer.Typer(name="tuneship", no_args_is_help=True, add_completion=False, p
                        "2 usage/config error, 3 service refused or unreachable, 4 timed out.")
 runs_app = typer.Typer(no_args_is_help=True, help="DAG runs already started.")
 keys_app = typer.Typer(no_args_is_help=True, help="Gateway client API keys (through the gateway's admin API).")
+tasks_app = typer.Typer(no_args_is_help=True, help="Task files (include/tasks/*.yaml): list and check them.")
 app.add_typer(runs_app, name="runs")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tasks_app, name="tasks")
 
 F = TypeVar("F", bound=Callable[..., Any])
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of text.")]
@@ -370,6 +372,75 @@ def keys_revoke(
         out_json(rec)
     else:
         err(f"revoked {rec['id']} ({rec['name']})")
+
+
+# -- tasks -----------------------------------------------------------------------------------
+@tasks_app.command("list")
+def tasks_list(as_json: JsonOpt = False) -> None:
+    """Every task: its served and registered model, base model, prompt format, suites."""
+    from tuneship.tasks import TaskError, load_tasks
+
+    try:
+        tasks = load_tasks()
+    except TaskError as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    rows = {name: {"file": str(t.path), "served_model": t.served_model, "registered_model": t.registered_model,
+                   "base_model": t.base_model, "recipe": t.recipe, "prompt_format": t.prompt_format,
+                   "suites": t.eval.suites, "smoke": t.eval.smoke, "landing": str(t.landing())}
+            for name, t in tasks.items()}
+    if as_json:
+        out_json(rows)
+        return
+    for name, r in rows.items():
+        typer.echo(f"{name}: model {r['served_model']} -> {r['registered_model']}, base {r['base_model']} "
+                   f"({r['prompt_format']}), suites {', '.join(r['suites'])} + {r['smoke']}, data {r['landing']}")
+
+
+@tasks_app.command("check")
+def tasks_check(
+    files: Annotated[list[Path] | None, typer.Argument(help="Task, suite or recipe files (default: every task).")] = None,
+    tokenizer: Annotated[bool, typer.Option("--tokenizer", help="Also load each task's tokenizer and check it "
+                                                                 "renders the task's prompts (slower).")] = False,
+) -> None:
+    """Validate task files with everything they name (suites, recipe, functions, names unique
+    across tasks), and eval suites and recipes given on their own; exit 2 on the first
+    broken file, naming the file and the key. Used by the pre-commit hook and CI."""
+    from tuneship.evaluate import SuiteError, load_suite
+    from tuneship.tasks import TaskError, load_task_file, load_tasks, tokenizer_problems
+    from tuneship.train.recipe import RecipeError, load_recipe
+
+    problems: list[str] = []
+    try:
+        tasks = load_tasks()  # every task: names must not clash, whatever file changed
+    except TaskError as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    checked = dict(tasks)
+    for f in files or []:
+        try:
+            if f.parent.name == "tasks" and f.suffix in (".yaml", ".yml"):
+                checked.setdefault(f.stem, load_task_file(f))
+            elif f.parent.name == "eval_suites":
+                load_suite(f)
+            elif f.parent.name == "recipes":
+                load_recipe(f)
+        except (TaskError, SuiteError, RecipeError) as exc:
+            problems.append(str(exc))
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        from tuneship.basemodel import resolve_base_ref
+
+        for task in checked.values():
+            target = resolve_base_ref(task.base_model)[0]
+            found = tokenizer_problems(task, AutoTokenizer.from_pretrained(target))
+            problems += [f"{task.path}: key 'base_model' ({task.base_model}): {p}" for p in found]
+    for p in problems:
+        err(f"error: {p}")
+    if problems:
+        raise typer.Exit(EXIT_USAGE)
+    err(f"ok: {len(checked)} task(s): {', '.join(sorted(checked))}")
 
 
 # -- configuration ---------------------------------------------------------------------------
