@@ -144,13 +144,16 @@ def reset_state() -> None:
     say(f"reset the embedded state under {config.home()} (kept: models, triton install, reports)")
 
 
+DEMO_TASK = "triage"  # the demo's first task file (include/tasks/triage.yaml)
+
+
 def demo_task() -> Any:
-    """The task the demo runs (TUNESHIP_DEMO_TASK, default: the default task)."""
+    """The task the demo runs (TUNESHIP_DEMO_TASK, default: the demo's first task)."""
     import os
 
-    from tuneship.tasks import default_task, load_task
+    from tuneship.tasks import load_task
 
-    return load_task(os.environ.get("TUNESHIP_DEMO_TASK") or default_task())
+    return load_task(os.environ.get("TUNESHIP_DEMO_TASK") or DEMO_TASK)
 
 
 def prepare_base_model(task: Any) -> str:

@@ -330,9 +330,14 @@ def load_task(name_or_path: str | os.PathLike[str] | None) -> Task:
 
 
 def default_task() -> str:
-    """The task a DAG run takes when none is given: TUNESHIP_DEFAULT_TASK, else the first."""
+    """The task a run takes when neither its Params nor its trigger name one:
+    TUNESHIP_DEFAULT_TASK, else the only task; with several, the caller must choose."""
     names = task_names()
-    return os.environ.get("TUNESHIP_DEFAULT_TASK") or (names[0] if names else "")
+    chosen = os.environ.get("TUNESHIP_DEFAULT_TASK") or (names[0] if len(names) == 1 else None)
+    if not chosen:
+        raise TaskError(f"no task given and there are several ({', '.join(names)}): choose one with the "
+                        "`task` Param (or set TUNESHIP_DEFAULT_TASK)")
+    return chosen
 
 
 # ---------------------------------------------------------------------- checks

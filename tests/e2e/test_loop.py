@@ -94,7 +94,7 @@ def test_live_route_registry_and_traffic_agree(demo):
     assert str(live["version"]) == str(promoted)
     assert demo["summary"]["traffic"]["failed"] == 0 and demo["summary"]["traffic"]["ok"] > 50
     env = demo["env"]
-    code = ("from tuneship import registry; print(registry.by_alias('champion').version)")
+    code = ("from tuneship import registry; print(registry.by_alias('champion', 'tuneship-triage').version)")
     champ = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
     assert champ.stdout.strip() == str(promoted), champ.stderr[-2000:]
 
@@ -107,14 +107,14 @@ def test_inference_log_and_slack_sink(demo):
     assert any(r.get("shadow") for r in records), "no mirrored request was logged"
     sink = [json.loads(line) for line in (home / "notifications.jsonl").read_text().splitlines()]
     assert any("is live on" in m["text"] for m in sink)
-    assert any("Drift on champion" in m["text"] for m in sink)
+    assert any("Drift on triage champion" in m["text"] for m in sink)
 
 
 def test_post_switch_guard_held_and_previous_colour_retired(demo):
     """Both releases passed the post-switch guard (no automatic rollback), and after cycle 2's
     retention window the colour it replaced was unloaded and cleared from the routes."""
     home = demo["home"]
-    routes = json.loads((home / "gateway" / "routes" / "tuneship.json").read_text())
+    routes = json.loads((home / "gateway" / "routes" / "triage.json").read_text())
     promoted = demo["summary"]["cycles"][1]["release"]["decision"]
     assert str(routes["live"]["version"]) == str(promoted["version"])
     assert routes["live"]["colour"] == promoted["colour"]
@@ -127,7 +127,7 @@ def test_post_switch_guard_held_and_previous_colour_retired(demo):
 
 
 def _champion(env: dict[str, str]) -> str | None:
-    code = "from tuneship import registry; c = registry.by_alias('champion'); print(c.version if c else '')"
+    code = "from tuneship import registry; c = registry.by_alias('champion', 'tuneship-triage'); print(c.version if c else '')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip() or None
@@ -147,7 +147,7 @@ def _refusal(api: Any, loop: Any, env: dict[str, str], home: Path, dag_id: str, 
     """Trigger `dag_id` through the REST API, wait for the run, and record what a person would
     check: task states and tries, the routes before/after, @champion, new Slack messages, and
     which release runs exist."""
-    routes_file = home / "gateway" / "routes" / "tuneship.json"  # the demo serves one model
+    routes_file = home / "gateway" / "routes" / "triage.json"  # the triage task's served model
     before = {"routes": routes_file.read_bytes(), "champion": _champion(env), "sink": len(_sink(home)),
               "releases": {r["dag_run_id"] for r in api.runs("llm_release")}}
     if traffic is not None:
@@ -174,6 +174,7 @@ def failures(demo) -> dict[str, dict[str, Any]]:
 def run_failure_paths(demo: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The three refusals, one after the other, on the demo's stack (kept running)."""
     from tuneship import demo as demo_mod
+    from tuneship.tasks import load_task
 
     home, env = demo["home"], demo["env"]
     good = str(demo["summary"]["cycles"][0]["finetune"]["model"]["version"])  # cycle 1's, since retired
@@ -183,21 +184,24 @@ def run_failure_paths(demo: dict[str, Any]) -> dict[str, dict[str, Any]]:
         api = demo_mod.api_client()
         loop = demo_mod.Loop(api, timeout=1500)
         # a candidate no better than the base model: below the floor and behind the champion
-        out["gates"] = _refusal(api, loop, env, home, "llm_finetune", {"epochs": 1, "learning_rate": 1e-6})
+        out["gates"] = _refusal(api, loop, env, home, "llm_finetune",
+                                {"task": "triage", "epochs": 1, "learning_rate": 1e-6})
         bad = str(api.xcom("llm_finetune", out["gates"]["run_id"], "register")["version"])
         out["gates"]["version"] = bad
         # the same candidate released by hand (compiled on demand): it answers garbage
-        out["smoke"] = _refusal(api, loop, env, home, "llm_release", {"version": bad})
+        out["smoke"] = _refusal(api, loop, env, home, "llm_release", {"task": "triage", "version": bad})
         out["smoke"]["colour"] = api.xcom("llm_release", out["smoke"]["run_id"], "plan")["colour"]
         # a good model held to an impossible p95 while clients send traffic: the verdict rolls back
-        traffic = demo_mod.Traffic(rps=4.0, api_key=(home / "gateway" / "client_key").read_text().strip())
+        traffic = demo_mod.Traffic(task=load_task("triage"), rps=4.0,
+                                   api_key=(home / "gateway" / "client_key").read_text().strip())
         out["shadow"] = _refusal(api, loop, env, home, "llm_release",
-                                 {"version": good, "max_p95_ms": 0.001, "min_requests": 5}, traffic=traffic)
+                                 {"task": "triage", "version": good, "max_p95_ms": 0.001, "min_requests": 5},
+                                 traffic=traffic)
         out["shadow"]["colour"] = api.xcom("llm_release", out["shadow"]["run_id"], "plan")["colour"]
         out["shadow"]["verdict"] = api.xcom("llm_release", out["shadow"]["run_id"], "shadow_window")
         out["shadow"]["traffic"] = {"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed}
         for path in ("smoke", "shadow"):
-            out[path]["candidate_loaded"] = _ready(env, f"llm_{out[path]['colour']}")
+            out[path]["candidate_loaded"] = _ready(env, f"triage_{out[path]['colour']}")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("before", "routes")}
                       for k, v in out.items()}, indent=1, default=str)[-8000:])
     return out
