@@ -34,7 +34,9 @@ class Refusal(StageFailed):
 
 
 def default_base_model() -> str:
-    return os.environ.get("TUNESHIP_BASE_MODEL", str(config.home() / "models" / "tiny-llama"))
+    from tuneship.basemodel import default_dir
+
+    return os.environ.get("TUNESHIP_BASE_MODEL", str(default_dir()))
 
 
 def ensure_base_model(ref: str | None = None) -> str:
