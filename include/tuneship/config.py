@@ -24,6 +24,12 @@ def artifacts() -> Path:
     return Path(os.environ.get("TUNESHIP_ARTIFACTS", home() / "artifacts"))
 
 
+def models_dir() -> Path:
+    """Where base models live (the tiny builder's output, converted packaged models, names
+    that `resolve_base_ref` looks up): TUNESHIP_MODELS, default `home()/models`."""
+    return Path(os.environ.get("TUNESHIP_MODELS", home() / "models"))
+
+
 def incoming() -> Path:
     """Where new training-data batches land (one directory per batch; `_SUCCESS` marks a
     batch complete for the event-driven watcher)."""
