@@ -144,16 +144,19 @@ def reset_state() -> None:
     say(f"reset the embedded state under {config.home()} (kept: models, triton install, reports)")
 
 
-DEMO_TASK = "triage"  # the demo's first task file (include/tasks/triage.yaml)
-
-
-def demo_task() -> Any:
-    """The task the demo runs (TUNESHIP_DEMO_TASK, default: the demo's first task)."""
+def demo_tasks() -> list[Any]:
+    """The tasks the demo runs: those whose task file declares `demo.cycles` (in name order),
+    or only TUNESHIP_DEMO_TASKS (comma-separated) when set."""
     import os
 
-    from tuneship.tasks import load_task
+    from tuneship.tasks import load_tasks
 
-    return load_task(os.environ.get("TUNESHIP_DEMO_TASK") or DEMO_TASK)
+    tasks = load_tasks()
+    chosen = [n.strip() for n in os.environ.get("TUNESHIP_DEMO_TASKS", "").split(",") if n.strip()]
+    picked = [tasks[n] for n in chosen] if chosen else [t for t in tasks.values() if t.demo and t.demo.cycles]
+    if not picked:
+        raise RuntimeError("no task declares demo.cycles: nothing for the demo to run")
+    return picked
 
 
 def prepare_base_model(task: Any) -> str:
@@ -186,15 +189,15 @@ def start_services() -> None:
     say(f"services up ({time.monotonic() - t:.0f}s)")
 
 
-def _prepare_while_services_start(task: Any) -> Path:
-    """Building the base model is CPU work and Airflow's start is mostly waiting: overlap them."""
+def _prepare_while_services_start(tasks: list[Any]) -> dict[str, Path]:
+    """Preparing base models is CPU work and Airflow's start is mostly waiting: overlap them."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         starting = pool.submit(start_services)
-        batch = prepare_inputs(task)
+        batches = {t.name: prepare_inputs(t) for t in tasks}
         starting.result()
-    return batch
+    return batches
 
 
 def ensure_client_key() -> str:
@@ -228,64 +231,77 @@ def print_urls() -> None:
 
 
 def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
+    """Every demo task (its task file's `demo.cycles`): cycle 1 (new data -> release) for each
+    in turn, then cycle 2 (drift -> retrain -> release) for those that declare it, with a
+    traffic generator per task replaying its prompts through the gateway all along."""
     started = time.monotonic()
-    task = demo_task()
-    summary: dict[str, Any] = {"task": task.name, "cycles": []}
-    traffic = Traffic(task=task)
+    tasks = demo_tasks()
+    summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "cycles": []}
+    traffic = {t.name: Traffic(task=t) for t in tasks}
     failed = False
     try:
         reset_state()
-        batch = _prepare_while_services_start(task)
-        traffic.api_key = ensure_client_key()
+        batches = _prepare_while_services_start(tasks)
+        key = ensure_client_key()
         api = api_client()
         loop = Loop(api, timeout)
         loop.wait_parsed()
         api.set_variable("tuneship_shadow_hours_override", str(shadow_hours))
         for dag_id in DAGS:
             api.unpause(dag_id)
-        traffic.start()
+        for t in traffic.values():
+            t.api_key = key
+            t.start()
 
-        # ---------------- cycle 1: new data -> release
-        say("cycle 1: validate -> fine-tune -> gates -> compile -> release (shadow) -> promote")
-        before = {d: _run_ids(api, d) for d in DAGS}
-        cycle = _cycle(api, loop, before, ("llm_data_validation", {"task": task.name, "dataset_uri": str(batch)}),
-                       task.name)
-        summary["cycles"].append(cycle)
-        if not cycle["ok"]:
-            failed = True
-            return 1
+        # ---------------- cycle 1, per task: new data -> release
+        for task in tasks:
+            say(f"cycle 1 ({task.name}): validate -> fine-tune -> gates -> compile -> release (shadow) -> promote")
+            before = {d: _run_ids(api, d) for d in DAGS}
+            conf = {"task": task.name, "dataset_uri": str(batches[task.name])}
+            cycle = _cycle(api, loop, before, ("llm_data_validation", conf), task.name)
+            summary["cycles"].append(cycle)
+            if not cycle["ok"]:
+                failed = True
+                return 1
 
         # ---------------- cycle 2: drift -> retrain -> release decision
-        say("cycle 2: traffic drifts; the drift monitor should request a retrain")
-        drift_from = time.time()
-        traffic.drift = 0.8
-        task.resolve(task.demo.generator)(task.landing() / "batch-0002", seed=1, drift=0.3)
-        say(f"labelled examples of the new kinds of request landed: {task.landing() / 'batch-0002'}")
-        start_count = traffic.sent
-        while traffic.sent - start_count < 60:
-            loop.tick("drifted traffic")
-        window_h = max((time.time() - drift_from) / 3600, 0.001)
-        before = {d: _run_ids(api, d) for d in DAGS}
-        cycle = _cycle(api, loop, before, ("llm_drift_monitor", {
-            "window_hours": window_h, "threshold": 0.2, "min_requests": 40, "debounce": 1, "cooldown_hours": 0}),
-            task.name)
-        summary["cycles"].append(cycle)
-        failed = not cycle["ok"]
-        return 1 if failed else 0
+        for task in [t for t in tasks if "drift" in t.demo.cycles]:
+            say(f"cycle 2 ({task.name}): traffic drifts; the drift monitor should request a retrain")
+            drift_from = time.time()
+            t = traffic[task.name]
+            t.drift = 0.8
+            task.resolve(task.demo.generator)(task.landing() / "batch-0002", seed=1, drift=0.3)
+            say(f"labelled examples of the new kinds of request landed: {task.landing() / 'batch-0002'}")
+            start_count = t.sent
+            while t.sent - start_count < 60:
+                loop.tick("drifted traffic")
+            window_h = max((time.time() - drift_from) / 3600, 0.001)
+            before = {d: _run_ids(api, d) for d in DAGS}
+            cycle = _cycle(api, loop, before, ("llm_drift_monitor", {
+                "window_hours": window_h, "threshold": 0.2, "min_requests": 40, "debounce": 1, "cooldown_hours": 0}),
+                task.name)
+            summary["cycles"].append(cycle)
+            if not cycle["ok"]:
+                failed = True
+                return 1
+        return 0
     except Exception as exc:  # noqa: BLE001 - the demo reports any failure and exits non-zero
         say(f"FAILED: {exc}")
         summary["error"] = str(exc)
         failed = True
         return 1
     finally:
-        traffic.stop()
-        summary["traffic"] = {"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed}
+        for t in traffic.values():
+            t.stop()
+        summary["traffic"] = {name: {"sent": t.sent, "ok": t.ok, "failed": t.failed} for name, t in traffic.items()}
         summary["wall_s"] = round(time.monotonic() - started, 1)
-        try:
-            summary["live"] = httpx.get(f"{config.gateway_url()}/version", params={"model": task.served_model},
-                                        timeout=5).json()
-        except (httpx.HTTPError, ValueError):
-            summary["live"] = None
+        summary["live"] = {}
+        for task in tasks:
+            try:
+                summary["live"][task.name] = httpx.get(f"{config.gateway_url()}/version",
+                                                       params={"model": task.served_model}, timeout=5).json()
+            except (httpx.HTTPError, ValueError):
+                summary["live"][task.name] = None
         from tuneship.report import write_demo_report
 
         report = write_demo_report(summary)
@@ -298,7 +314,7 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
 
 def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict], task: str) -> dict[str, Any]:
     dag_id, conf = trigger
-    cycle: dict[str, Any] = {"trigger": dag_id, "ok": False}
+    cycle: dict[str, Any] = {"task": task, "trigger": dag_id, "ok": False}
     run_id = api.trigger(dag_id, conf)
     say(f"triggered {dag_id} ({run_id})")
     run = loop.wait_run(dag_id, run_id)
@@ -347,10 +363,12 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
 
     print("\n" + "=" * 72)
     print(f"Tuneship demo {'FAILED' if failed else 'OK'} in {fmt(summary['wall_s'], 's')}")
-    live = summary.get("live") or {}
-    print(f"live model: {live.get('model', '-')} v{live.get('version', '-')} on colour {live.get('colour', '-')}")
+    for name, live in (summary.get("live") or {}).items():
+        live = live or {}
+        print(f"live model ({name}): {live.get('model', '-')} v{live.get('version', '-')} "
+              f"on colour {live.get('colour', '-')}")
     for i, cycle in enumerate(summary["cycles"], 1):
-        print(f"-- cycle {i} (trigger: {cycle['trigger']})")
+        print(f"-- cycle {i} ({cycle.get('task')}, trigger: {cycle['trigger']})")
         if cycle.get("drift"):
             d = cycle["drift"]
             print(f"   drift score {fmt(d.get('score'))} (threshold {fmt(d.get('threshold'))}) over "
@@ -370,8 +388,8 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
             print(f"   release {rel['state']}: shadow verdict {verdict.get('verdict')} "
                   f"({fmt(verdict.get('requests'))} requests, error rate {fmt(verdict.get('error_rate'))}, "
                   f"p95 {fmt(verdict.get('p95_ms'), 'ms')}, slot {verdict.get('slot')})")
-    t = summary.get("traffic", {})
-    print(f"traffic: {fmt(t.get('sent'))} sent, {fmt(t.get('ok'))} ok, {fmt(t.get('failed'))} failed")
+    for name, t in (summary.get("traffic") or {}).items():
+        print(f"traffic ({name}): {fmt(t.get('sent'))} sent, {fmt(t.get('ok'))} ok, {fmt(t.get('failed'))} failed")
     if summary.get("error"):
         print(f"error: {summary['error']}")
     print(f"report: {report}")
@@ -392,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         from tuneship.tasks import load_tasks
         from tuneship.triton_control import TritonControl
 
-        prepare_inputs(demo_task())
+        for task in demo_tasks():
+            prepare_inputs(task)
         start_services()
         ensure_client_key()
         from tuneship.gateway_admin import admin_token

@@ -51,7 +51,8 @@ def fmt(value: Any, unit: str = "") -> str:
 
 
 def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
-    parts = [f"<h2>Cycle {i}: triggered by <code>{html.escape(cycle['trigger'])}</code></h2>"]
+    parts = [f"<h2>Cycle {i} ({html.escape(str(cycle.get('task')))}): triggered by "
+             f"<code>{html.escape(cycle['trigger'])}</code></h2>"]
     drift = cycle.get("drift")
     if drift:
         parts.append("<h3>Drift</h3>" + _table(
@@ -89,13 +90,15 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
 def write_demo_report(summary: dict[str, Any]) -> Path:
     out = config.home() / "reports" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}.html"
     out.parent.mkdir(parents=True, exist_ok=True)
-    live = summary.get("live") or {}
-    t = summary.get("traffic") or {}
+    rows = []
+    for name, live in (summary.get("live") or {}).items():
+        live, t = live or {}, (summary.get("traffic") or {}).get(name) or {}
+        rows.append([name, f"{live.get('model', '-')} v{live.get('version', '-')}", live.get("colour", "-"),
+                     fmt(t.get("sent")), fmt(t.get("ok")), fmt(t.get("failed"))])
     body = [
         "<h1>Tuneship demo report</h1>",
-        f"<p>Wall time {fmt(summary.get('wall_s'), 's')}. Live: <b>{html.escape(str(live.get('model', '-')))} "
-        f"v{html.escape(str(live.get('version', '-')))}</b> on colour <b>{html.escape(str(live.get('colour', '-')))}</b>. "
-        f"Traffic: {t.get('sent')} requests, {t.get('ok')} ok, {t.get('failed')} failed.</p>",
+        f"<p>Wall time {fmt(summary.get('wall_s'), 's')}.</p>",
+        _table(rows, ["task", "live", "colour", "requests", "ok", "failed"]),
     ]
     if summary.get("error"):
         body.append(f"<p style='color:#b00'>Error: {html.escape(summary['error'])}</p>")

@@ -92,6 +92,9 @@ class DemoSpec(_Strict):
     pretrain_corpus: str | None = Field(default=None, pattern=REF_PATTERN,
                                         description="(n, seed) -> documents: pre-trains the tiny test model")
     vocab: list[str] = Field(default_factory=list, description="answer strings the tiny model's tokenizer keeps whole")
+    cycles: list[Literal["data", "drift"]] = Field(
+        default_factory=list, description="what `make demo` runs for this task: `data` (new data -> release), "
+                                          "`drift` (drifted traffic -> retrain -> release); empty: not in the demo")
 
 
 class Task(_Strict):

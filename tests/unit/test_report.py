@@ -14,10 +14,10 @@ RAW = re.compile(r"\d\.\d{4,}")  # a float printed with its binary noise (e.g. 8
 
 SUMMARY = {
     "wall_s": 581.2999999999,
-    "live": {"model": "triage", "version": "2", "colour": "green"},
-    "traffic": {"sent": 1234, "ok": 1234, "failed": 0},
+    "live": {"triage": {"model": "triage", "version": "2", "colour": "green"}},
+    "traffic": {"triage": {"sent": 1234, "ok": 1234, "failed": 0}},
     "cycles": [
-        {"trigger": "llm_data_validation", "ok": True,
+        {"task": "triage", "trigger": "llm_data_validation", "ok": True,
          "finetune": {"state": "success",
                       "model": {"version": "1", "train_loss": 0.41234567891, "eval_loss": 0.5123456789,
                                 "tokens_per_s": 6412.345678},
@@ -28,7 +28,7 @@ SUMMARY = {
                      "verdict": {"verdict": "promote", "requests": 57, "error_rate": 0.0,
                                  "p95_ms": 8.298449999999999, "slot": "live",
                                  "format_rate": 0.9824561403508771, "agreement_with_live": None}}},
-        {"trigger": "llm_drift_monitor", "ok": True,
+        {"task": "triage", "trigger": "llm_drift_monitor", "ok": True,
          "drift": {"score": 0.31578947368421, "threshold": 0.2, "requests": 60, "reason": "fired"}},
     ],
 }
@@ -49,6 +49,7 @@ def test_demo_summary_prints_no_raw_floats(capsys, tmp_path: Path):
     assert not RAW.search(out), RAW.findall(out)
     assert "p95 8.3 ms" in out and "drift score 0.316 (threshold 0.200)" in out
     assert "gate category_accuracy: 0.958 vs base model 0.000" in out and "in 581.3 s" in out
+    assert "live model (triage): triage v2 on colour green" in out and "traffic (triage): 1,234 sent" in out
 
 
 def test_report_prints_no_raw_floats():

@@ -38,7 +38,8 @@ def test_the_library_names_no_demo_task():
     assert found == ""
 
 
-def write_task(tmp_path: Path, name: str = "third", **changes) -> Path:
+def write_task(tmp_path: Path, stem: str = "third", **changes) -> Path:
+    name = stem
     data = yaml.safe_load((TASKS_DIR / "triage.yaml").read_text())
     data.update(name=name, registered_model=f"tuneship-{name}", served_model=name,
                 answers={"parser": "third_task:parse", "fields": ["label"], "check": "third_task:ok"})
