@@ -177,7 +177,7 @@ def check_parity(
     generator = load_triton_model_module().OnnxGreedyGenerator(str(version_dir))
     mismatches = []
     for p in prompts:
-        eager = generate_ids(model, tokenizer, p, max_new_tokens)
+        eager = generate_ids(model, tokenizer, p, max_new_tokens, kv_cache=False)
         served = generator.generate(served_text(tokenizer, p), max_new_tokens)
         if eager != served:
             mismatches.append({"prompt": p, "pytorch": eager, "triton_model": served})

@@ -3,8 +3,8 @@
 Evaluation scores a model by what this function returns, and the Triton model
 (serving/triton/llm/model.py) re-implements exactly this rule on ONNX Runtime, so a gate
 passed here means the same strings in production. The rule: encode the prompt with the
-tokenizer's special tokens, run the full sequence (no KV cache, like the ONNX graph), take
-the argmax of the last position, stop at eos, at a newline in the decoded completion, or
+tokenizer's special tokens, run the model (with its KV cache; the parity check runs it
+without, like the ONNX graph), take the argmax of the last position, stop at eos, at a newline in the decoded completion, or
 after max_new_tokens; return the completion text only (cut before the newline).
 
 Chat prompts (a list of messages, or any prompt with `prompt_format="chat"`) are rendered
@@ -49,9 +49,15 @@ def completion_text(tokenizer: Any, ids: list[int]) -> tuple[str, bool]:
 
 
 def generate_ids(
-    model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int = 16, prompt_format: PromptFormat = "plain"
+    model: Any, tokenizer: Any, prompt: Prompt, max_new_tokens: int = 16, prompt_format: PromptFormat = "plain",
+    *, kv_cache: bool = True,
 ) -> tuple[str, int, int]:
-    """Greedy-decode one prompt; (completion, prompt_tokens, completion_tokens)."""
+    """Greedy-decode one prompt; (completion, prompt_tokens, completion_tokens).
+
+    `kv_cache`: feed only the new token after the first step, reusing the attention keys and
+    values (what a served model does; several times faster). The compile step's parity check
+    turns it off to compare with a graph that recomputes the whole sequence, so the two run
+    the very same arithmetic."""
     import torch
 
     text, add_special = render_prompt(tokenizer, prompt, prompt_format)
@@ -60,9 +66,16 @@ def generate_ids(
     ids = list(prompt_ids)
     out: list[int] = []
     text = ""
+    past = None
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False).logits
+            if kv_cache:
+                feed = ids if past is None else ids[-1:]
+                result = model(input_ids=torch.tensor([feed], dtype=torch.long), past_key_values=past, use_cache=True)
+                past = result.past_key_values
+                logits = result.logits
+            else:
+                logits = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False).logits
             nxt = int(torch.argmax(logits[0, -1]).item())
             if nxt == eos:
                 break

@@ -89,7 +89,7 @@ def test_load_ready_and_exact_answers_whole_and_streamed(served, tmp_path_factor
 
     model, tok = merged_model(str(base_model(tmp_path_factory)), finetuned(tmp_path_factory) / "adapter")
     for row in read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")[:6]:
-        eager = generate_ids(model, tok, row["prompt"], 12)
+        eager = generate_ids(model, tok, row["prompt"], 12, kv_cache=False)
         assert _generate(served, row["prompt"].encode(), 12) == [eager]  # one final response
         # Streamed: several responses while decoding, the same text in order, counts growing,
         # the last one carrying the totals.

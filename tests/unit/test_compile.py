@@ -83,13 +83,16 @@ def test_triton_generator_matches_eager_generate(compiled, tmp_path_factory):
     rows = read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")[:12]
     correct = 0
     for row in rows:
-        eager = generate_ids(model, tok, row["prompt"], 16)
+        eager = generate_ids(model, tok, row["prompt"], 16, kv_cache=False)
         served = gen.generate(row["prompt"], 16)
         assert served == eager, row["prompt"]
         pieces = list(gen.stream(row["prompt"], 16))  # what a streaming request gets, in order
         assert "".join(p[0] for p in pieces) == served[0] and pieces[-1][1:] == served[1:]
         correct += parse_triage(served[0]) == parse_triage(row["completion"])
     assert correct >= 9, "the served model is the fine-tuned one"
+    # evaluation decodes with the KV cache: the same greedy completions as the full recompute
+    assert [generate_ids(model, tok, r["prompt"], 16)[0] for r in rows] == \
+        [generate_ids(model, tok, r["prompt"], 16, kv_cache=False)[0] for r in rows]
     text, n_prompt, n_completion = gen.generate(rows[0]["prompt"], 2)
     assert n_completion == 2 and n_prompt == len(tok(rows[0]["prompt"])["input_ids"])
     with pytest.raises(ValueError, match="MAX_TOKENS"):
