@@ -13,9 +13,9 @@ import json
 import random
 from pathlib import Path
 
-from tests.tasks import triage
+from tuneship.tasks import load_task
 
-_triage = triage()
+_triage = load_task("triage").module("triage_task")
 _ticket, make_completion, make_prompt = _triage._ticket, _triage.make_completion, _triage.make_prompt
 
 HOSTILE_SHARE = 0.003

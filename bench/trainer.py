@@ -2,7 +2,7 @@
 
 Both contenders run the same number of optimizer steps with the same LoRA adapter (rank,
 alpha, dropout, target modules), optimizer hyper-parameters, batch size and gradient
-accumulation, on the same base model and the same demo data (`tuneship.datagen`, the 600
+accumulation, on the same base model and the same demo data (the triage task's generator, the 600
 prompt/completion training rows `make demo` uses), loss on completion tokens only. Each runs
 in its own process; peak memory is the summed RSS of that process tree (sampled every 50 ms)
 and, on CUDA, `torch.cuda.max_memory_allocated()`.
@@ -82,10 +82,10 @@ class NotOnGpu(RuntimeError):
 
 
 def _data_dir() -> Path:
-    from tests.tasks import triage
     from tuneship import config
+    from tuneship.tasks import load_task
 
-    _triage = triage()
+    _triage = load_task("triage").module("triage_task")
     write_dataset = _triage.write_dataset
 
     d = config.home() / "bench" / "trainer-data-{n_train}-{n_eval}-seed{seed}".format(**DATA)
@@ -96,12 +96,12 @@ def _data_dir() -> Path:
 
 
 def _tiny_model() -> Path:
-    """The repo's own tiny base model (reused when its manifest matches, else built: ~35 s)."""
-    from tuneship.basemodel import DEFAULT_SPEC, _manifest_matches, default_dir
+    """The repo's own tiny base model, pre-trained on the triage task's demo text (reused when
+    its manifest matches, else built: ~35 s)."""
+    from tuneship.basemodel import default_dir
 
-    if not _manifest_matches(default_dir(), DEFAULT_SPEC, 0):
-        subprocess.run([sys.executable, "-m", "tuneship.basemodel", "--out", str(default_dir())],
-                       check=True, stdout=sys.stderr)
+    subprocess.run([sys.executable, "-m", "tuneship.basemodel", "--out", str(default_dir()), "--task", "triage"],
+                   check=True, stdout=sys.stderr)
     return default_dir()
 
 

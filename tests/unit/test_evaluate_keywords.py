@@ -241,18 +241,23 @@ def test_dataset_split_cases_from_chat_rows_and_the_callers_parser(tmp_path: Pat
 
 
 def test_shipped_triage_suites_still_score_with_their_own_parser():
-    smoke = load_suite("smoke")
+    from tests.tasks import triage
+
+    smoke = load_suite("triage-smoke")
     cases = load_cases(smoke)
-    res = score(smoke, cases, [f" category={c.expected['category']} priority=low" for c in cases])
+    res = score(smoke, cases, [f" category={c.expected['category']} priority=low" for c in cases],
+                triage().parse_answer)
     assert res.metrics == {"format_rate": 1.0, "category_accuracy": 1.0}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tuneship.basemodel import build_base_model, load_base
+    from ml_fixtures import build_tiny
+
+    from tuneship.basemodel import load_base
 
     spec = {"corpus_docs": 120, "pretrain_steps": 3, "batch_size": 4, "seq_len": 32, "vocab_size": 400}
-    out = build_base_model(tmp_path_factory.mktemp("tiny-chat"), seed=1, spec=spec, log=lambda m: None)
+    out = build_tiny(tmp_path_factory.mktemp("tiny-chat"), seed=1, spec=spec, log=lambda m: None)
     return load_base(str(out))
 
 
