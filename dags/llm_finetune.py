@@ -58,6 +58,8 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
                             description="LoRA scaling alpha (update scale = alpha / r). Empty: the recipe's."),
         "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=100, title="Epochs",
                         description="Passes over the training split. Empty: the recipe's."),
+        "max_steps": Param(None, type=["null", "integer"], minimum=1, maximum=100000, title="Max steps",
+                           description="Optimizer steps; wins over epochs. Empty: the recipe's (or epochs, if given)."),
         "learning_rate": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=1, title="Learning rate",
                                description="Peak learning rate of the schedule. Empty: the recipe's."),
         "runner": Param("local", type="string", enum=["local", "docker", "kubernetes"], title="Runner",

@@ -197,9 +197,11 @@ def finetune_plan(task: Task, *, dataset: dict[str, str], params: dict[str, Any]
     from tuneship.runners import trainer_command
 
     base = base_model_for(task, params.get("base_model") or None)
-    fields = {"lora.r": "lora_r", "lora.alpha": "lora_alpha", "epochs": "epochs",
+    fields = {"lora.r": "lora_r", "lora.alpha": "lora_alpha", "epochs": "epochs", "max_steps": "max_steps",
               "learning_rate": "learning_rate", "seed": "seed"}
     overrides = {key: params[name] for key, name in fields.items() if params.get(name) is not None}
+    if "epochs" in overrides and "max_steps" not in overrides:
+        overrides["max_steps"] = None  # epochs asked for in the form: the recipe's max_steps must not win
     out = config.artifacts() / "runs" / slug(run_key) / "train"
     from tuneship.train.recipe import default_recipe_path
 

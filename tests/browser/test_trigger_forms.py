@@ -17,9 +17,9 @@ pytestmark = pytest.mark.browser
 # Params whose empty value means "use the default": the form must not mark them required.
 EMPTY_MEANS_DEFAULT = {
     "llm_data_validation": ["dataset_uri"],
-    "llm_finetune": ["base_model", "lora_r", "lora_alpha", "epochs", "learning_rate"],
+    "llm_finetune": ["base_model", "recipe", "lora_r", "lora_alpha", "epochs", "max_steps", "learning_rate"],
     "llm_release": ["version"],
-    "llm_drift_monitor": [],
+    "llm_drift_monitor": ["window_hours", "threshold", "min_requests", "debounce", "cooldown_hours"],
 }
 
 
@@ -96,7 +96,12 @@ def test_typed_values_arrive_with_their_json_types(page, airflow_ui, login):
     _field(dialog, "base_model").fill("HuggingFaceTB/SmolLM2-135M-Instruct")
     _field(dialog, "lora_r").fill("8")
     _field(dialog, "learning_rate").fill("0.0005")
-    dialog.get_by_role("combobox").click()
+    task, runner = dialog.get_by_role("combobox").nth(0), dialog.get_by_role("combobox").nth(1)
+    task.click()  # the Task dropdown lists the task files
+    listed = set(page.get_by_role("option").all_inner_texts())
+    assert {"triage", "faq"} <= listed, listed
+    page.get_by_role("option", name="faq", exact=True).click()
+    runner.click()
     page.get_by_role("option", name="docker").click()
     run_id = "browser_typed_llm_finetune"
     _set_run_id(dialog, run_id)
@@ -107,9 +112,9 @@ def test_typed_values_arrive_with_their_json_types(page, airflow_ui, login):
     assert conf["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert conf["lora_r"] == 8 and type(conf["lora_r"]) is int
     assert conf["learning_rate"] == 0.0005 and type(conf["learning_rate"]) is float
-    assert conf["runner"] == "docker"
+    assert conf["runner"] == "docker" and conf["task"] == "faq"
     assert conf["lora_alpha"] is None and conf["epochs"] is None
-    assert conf["recipe"] == "tiny-lora"
+    assert conf["recipe"] is None
 
 
 def test_invalid_value_keeps_the_dialog_open_and_says_why(page, airflow_ui, login, screenshot):
