@@ -37,7 +37,10 @@ install: $(VENV)/.installed chromium
 demo: install
 	$(PY) -m tuneship.demo
 
+# The pre-commit hooks first (ruff, task/suite/recipe files, task tokenizers): CI checks what a
+# commit checks. Then every test.
 test: install
+	$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 	@bash .ci/pytest.sh
 
 # Benchmarks against baselines measured in the same run (not part of `make test`).

@@ -16,6 +16,9 @@ for p in (REPO, REPO / "plugins", REPO / "tests"):
 # Triton is installed once per checkout (make install puts it in <repo>/.tuneship/triton);
 # tests reuse that install instead of downloading the server again.
 os.environ.setdefault("TUNESHIP_TEST_TRITON_HOME", os.environ.get("TUNESHIP_HOME", str(REPO / ".tuneship")))
+# Converted base models (checksummed, written atomically under a lock) are shared the same way,
+# so the packaged SmolLM2 is converted once per checkout, not once per test session.
+os.environ.setdefault("TUNESHIP_MODELS", str(Path(os.environ["TUNESHIP_TEST_TRITON_HOME"]) / "models"))
 
 if "TUNESHIP_TEST_HOME" in os.environ:
     os.environ["TUNESHIP_HOME"] = os.environ["TUNESHIP_TEST_HOME"]

@@ -166,7 +166,7 @@ def prepare_base_model(task: Any) -> str:
 
     ref = task.base_model
     if ref == basemodel.DEFAULT_NAME and task.demo and task.demo.pretrain_corpus:
-        basemodel.build_base_model(config.home() / "models" / ref, task.resolve(task.demo.pretrain_corpus),
+        basemodel.build_base_model(config.models_dir() / ref, task.resolve(task.demo.pretrain_corpus),
                                    vocab_texts=task.demo.vocab)
     return basemodel.resolve_base_ref(ref)[0]
 
