@@ -94,7 +94,8 @@ def failures(api: Any, dag_id: str, run_id: str, lines: int = 20) -> list[TaskFa
             continue
         try_number = int(ti.get("try_number") or 1)
         try:
-            text = api.task_log(dag_id, run_id, ti["task_id"], try_number)
+            # a mapped task instance (one per task file, say) is addressed by its map index
+            text = api.task_log(dag_id, run_id, ti["task_id"], try_number, map_index=int(ti.get("map_index", -1)))
         except Exception as exc:  # noqa: BLE001 - the reason is best effort; the task id still counts
             text = f"(could not read the log: {type(exc).__name__}: {exc})"
         out.append(TaskFailure(ti["task_id"], try_number, log_tail(text, lines)))

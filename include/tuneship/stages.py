@@ -433,15 +433,19 @@ def warm_up_candidate(task: Task, model: str, triton: Any) -> dict[str, Any]:
         raise StageFailed(str(exc)) from exc
 
 
-def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token: str) -> dict[str, Any]:
-    """The task's smoke cases through the gateway as its clients send them (its served model,
-    completions or chat), addressed to the candidate colour only."""
+def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token: str,
+                          base_model: str | None = None) -> dict[str, Any]:
+    """The task's smoke cases through the gateway to its served model, addressed to the
+    candidate colour only. A chat case is rendered here with the base model's chat template
+    (exactly the text the compile step's parity check fed the model) and sent as a
+    completion: a colour not routed yet carries no chat template in the gateway's routes."""
     import httpx
 
     from tuneship.evaluate import apply_gates, load_cases, score
 
     suite = task.suite(task.eval.smoke)
     cases = load_cases(suite)
+    tokenizer = None
     outs = []
     colour = colour_model.removeprefix(f"{task.name}_")
     with httpx.Client(base_url=base_url, timeout=60.0,
@@ -451,14 +455,20 @@ def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token
             body: dict[str, Any] = {"model": task.served_model, "max_tokens": suite.generation.max_new_tokens,
                                     "temperature": 0}
             prompt = task.render_prompt(case.prompt_input())
-            if isinstance(prompt, str):
-                r = c.post("/v1/completions", json={**body, "prompt": prompt})
-            else:
-                r = c.post("/v1/chat/completions", json={**body, "messages": prompt})
+            if not isinstance(prompt, str):
+                if tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    from tuneship.basemodel import resolve_base_ref
+
+                    tokenizer = AutoTokenizer.from_pretrained(resolve_base_ref(base_model or task.base_model)[0])
+                from tuneship.compile import served_text
+
+                prompt = served_text(tokenizer, prompt)
+            r = c.post("/v1/completions", json={**body, "prompt": prompt})
             if r.status_code != 200:
                 raise StageFailed(f"smoke request to {colour_model} failed: HTTP {r.status_code} {r.text[:300]}")
-            choice = r.json()["choices"][0]
-            outs.append(choice["text"] if isinstance(prompt, str) else choice["message"]["content"])
+            outs.append(r.json()["choices"][0]["text"])
     result = score(suite, cases, outs, task.parser)
     gates = apply_gates(suite, result, None)  # the same gate logic as evaluation; no reference here
     return {"metrics": result.metrics, "passed": gates.passed, "samples": result.samples[:3],
@@ -471,8 +481,14 @@ def smoke_candidate(task: Task, colour_model: str, version: str, *, gateway: Any
     Live traffic is untouched either way: nothing routes to the candidate yet.
 
     `gateway` and `triton` are the Airflow hooks (anything with the same methods)."""
+    from tuneship import registry
+
     base_url, token = gateway.endpoint()
-    result = smoke_through_gateway(task, colour_model, base_url=base_url, token=token)
+    try:
+        base = registry.get_version(version, task.registered_model).tags.get("base_model")
+    except Exception:  # noqa: BLE001 - MLflow down: the smoke requests below say what is wrong
+        base = None
+    result = smoke_through_gateway(task, colour_model, base_url=base_url, token=token, base_model=base)
     if result["passed"]:
         return result
     figures = ", ".join(f"{m} {result['metrics'][m]:.3f}" for m in result["failed"])

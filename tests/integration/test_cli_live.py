@@ -160,7 +160,7 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 def test_trigger_failing_run_exits_1_with_the_tasks_reason(airflow_env, tmp_path):
     missing = tmp_path / "no-such-batch"
-    r = cli("trigger", "llm_data_validation", "--param", f"dataset_uri={missing}", "--unpause",
+    r = cli("trigger", "llm_data_validation", "--task", "triage", "--param", f"dataset_uri={missing}", "--unpause",
             "--poll", "1", "--timeout", "240", "--json", env=airflow_env, timeout=300)
     assert r.returncode == 1, r.stderr
     result = json.loads(r.stdout)

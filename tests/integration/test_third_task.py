@@ -86,7 +86,7 @@ def test_a_third_task_goes_through_validation_finetune_gates_and_compile(tmp_pat
     (tasks_dir / "suites" / "urgency-smoke.yaml").write_text(yaml.safe_dump(SMOKE))
     (tasks_dir / "recipes" / "urgency-lora.yaml").write_text(
         (Path(stages.__file__).parent / "train" / "recipes" / "tiny-lora.yaml").read_text()
-        .replace("epochs: 6", "epochs: 4"))
+        .replace("name: tiny-lora", "name: urgency-lora"))
     (tasks_dir / "urgency.yaml").write_text(yaml.safe_dump({
         "schema_version": 1, "name": "urgency", "description": "Is a support message urgent?",
         "registered_model": "acme-urgency", "served_model": "urgency",
@@ -109,7 +109,7 @@ def test_a_third_task_goes_through_validation_finetune_gates_and_compile(tmp_pat
         stages.validate_and_version(task, str(wrong), run_id="manual__wrong")
     assert stages.latest_dataset(task) is None
 
-    batch = write_batch(tmp_path / "landing" / "batch-0001", 400, 60, seed=2)
+    batch = write_batch(tmp_path / "landing" / "batch-0001", 600, 60, seed=2)
     assert stages.incoming_batch(task) == str(batch)
     dataset = stages.validate_and_version(task, str(batch), run_id="manual__urgency")
     assert dataset["created"] and stages.latest_dataset(task)["version_id"] == dataset["version_id"]
