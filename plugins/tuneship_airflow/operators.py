@@ -175,7 +175,7 @@ class ReleaseSlotOperator(BaseOperator):
         self.log.info("waiting for the release slot of task %s: held by run %s (%s) since %s",
                       self.task, held["run_id"], result["holder_state"], held.get("taken_at"))
         self.defer(
-            trigger=ReleaseSlotTrigger(task=self.task, run_id=run_id, dag_id=self.dag_id,
+            trigger=ReleaseSlotTrigger(task_name=self.task, run_id=run_id, dag_id=self.dag_id,
                                        poll_interval=self.poll_interval),
             method_name="execute_complete",
         )

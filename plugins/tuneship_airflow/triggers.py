@@ -166,16 +166,16 @@ def dag_run_state(dag_id: str, run_id: str) -> str | None:
 
 
 class ReleaseSlotTrigger(BaseTrigger):
-    """Takes `task`'s release slot for `run_id` as soon as it is free (`tuneship.release_slot`),
+    """Takes `task_name`'s release slot for `run_id` as soon as it is free (`tuneship.release_slot`),
     then fires `{"status": "taken", "holder", "took_over"}`; an exception is an `error` event.
 
     A holder whose run has finished or is gone is taken over (its give-back never ran), so
     a killed release never blocks its task. The slot file and the dag-run lookups run in a
     thread; the loop only sleeps."""
 
-    def __init__(self, *, task: str, run_id: str, dag_id: str = "llm_release", poll_interval: float = 15.0) -> None:
+    def __init__(self, *, task_name: str, run_id: str, dag_id: str = "llm_release", poll_interval: float = 15.0) -> None:
         super().__init__()
-        self.task = task
+        self.task_name = task_name  # not `task`: BaseTrigger has a read-only `task`
         self.run_id = run_id
         self.dag_id = dag_id
         self.poll_interval = float(poll_interval)
@@ -183,13 +183,14 @@ class ReleaseSlotTrigger(BaseTrigger):
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             "tuneship_airflow.triggers.ReleaseSlotTrigger",
-            {"task": self.task, "run_id": self.run_id, "dag_id": self.dag_id, "poll_interval": self.poll_interval},
+            {"task_name": self.task_name, "run_id": self.run_id, "dag_id": self.dag_id,
+             "poll_interval": self.poll_interval},
         )
 
     def try_take(self) -> dict[str, Any]:
         from tuneship.release_slot import try_take
 
-        return try_take(self.task, self.run_id, dag_id=self.dag_id, run_state=dag_run_state)
+        return try_take(self.task_name, self.run_id, dag_id=self.dag_id, run_state=dag_run_state)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
@@ -198,7 +199,7 @@ class ReleaseSlotTrigger(BaseTrigger):
                 if result["taken"]:
                     yield TriggerEvent({"status": "taken", "holder": result["holder"], "took_over": result["took_over"]})
                     return
-                self.log.info("release slot of task %s held by run %s (%s); waiting", self.task,
+                self.log.info("release slot of task %s held by run %s (%s); waiting", self.task_name,
                               result["holder"]["run_id"], result["holder_state"])
                 await asyncio.sleep(self.poll_interval)
         except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides

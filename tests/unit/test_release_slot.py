@@ -101,3 +101,23 @@ def test_processes_racing_for_one_slot_get_exactly_one_holder(tmp_path):
     winners = [run for run, taken in results.items() if taken]
     assert len(winners) == 1, results
     assert release_slot.holder("triage")["run_id"] == winners[0]
+
+
+def test_the_slot_trigger_serializes_ids_only_and_takes_a_free_slot():
+    """What the triggerer re-creates from the database: ids and timings, and the same trigger."""
+    import asyncio
+
+    from tuneship_airflow.triggers import ReleaseSlotTrigger
+
+    trigger = ReleaseSlotTrigger(task_name="faq", run_id="run-a", poll_interval=5)
+    path, kwargs = trigger.serialize()
+    assert path == "tuneship_airflow.triggers.ReleaseSlotTrigger"
+    assert kwargs == {"task_name": "faq", "run_id": "run-a", "dag_id": "llm_release", "poll_interval": 5.0}
+    assert ReleaseSlotTrigger(**kwargs).serialize() == (path, kwargs)
+
+    async def first_event():
+        return await anext(aiter(trigger.run()))
+
+    event = asyncio.run(first_event())
+    assert event.payload["status"] == "taken" and event.payload["holder"]["run_id"] == "run-a"
+    assert release_slot.holder("faq")["run_id"] == "run-a"
