@@ -104,7 +104,7 @@ def llm_release():
     take_slot = ReleaseSlotOperator(
         task_id="take_release_slot",
         task="{{ ti.xcom_pull(task_ids='which_task')['task'] }}",
-        poll_interval=10.0,
+        poll_interval=5.0,
     )
 
     @task

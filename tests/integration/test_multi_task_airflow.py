@@ -3,8 +3,8 @@
 * two `validated_dataset` events for two tasks collapse into one `llm_finetune` run, and
   each task still gets its own fine-tune run (the fan-out);
 * releases of two tasks overlap, while a second release of the same task waits, deferred,
-  until the first gives its slot back (here: after the first failed), and a slot left behind
-  by a finished run is taken over.
+  until the first gives its slot back (here: after the first failed); a slot left behind
+  by a finished run is taken over; a release marked failed by hand still gives its slot back.
 
 No model is needed: the events name dataset versions that do not exist, so each fine-tune's
 `plan` refuses at once (after the fan-out), and no gateway listens on the releases' port, so
@@ -168,8 +168,12 @@ def test_releases_of_two_tasks_overlap_and_one_task_releases_one_at_a_time(airfl
     assert release_slot.try_take("faq", b, run_state=lambda *_: None)["taken"]
     d = api.trigger("llm_release", {"task": "faq"})
 
-    runs = wait(lambda: finished(api, "llm_release", [c, d]), "the later releases to finish", 180)
-    tc, td = tis(api, "llm_release", c), tis(api, "llm_release", d)
+    def past_slot(run_id: str) -> dict | None:
+        t = tis(api, "llm_release", run_id)
+        return t if t.get("reconcile", {}).get("start_date") else None
+
+    tc = wait(lambda: past_slot(c), "triage's second release to get past its slot", 180)
+    td = wait(lambda: past_slot(d), "faq's second release to get past its slot", 60)
     # The same task waited (deferred on the triggerer) for the failed first release's give-back.
     log_c = api.task_log("llm_release", c, "take_release_slot")
     assert f"waiting for the release slot of task triage: held by run {a} (running)" in log_c, log_c[-2000:]
@@ -180,4 +184,12 @@ def test_releases_of_two_tasks_overlap_and_one_task_releases_one_at_a_time(airfl
     log_d = api.task_log("llm_release", d, "take_release_slot")
     assert f"over from run {b} (failed)" in log_d and "waiting for" not in log_d, log_d[-2000:]
     assert td["take_release_slot"]["state"] == "success"
+
+    # Marked failed by hand mid-release: the teardown still runs and gives the slot back.
+    for run_id in (c, d):
+        api.request("PATCH", f"/dags/llm_release/dagRuns/{run_id}", json={"state": "failed"})
+    wait(lambda: finished(api, "llm_release", [c, d]), "the later releases to finish", 120)
+    for run_id, task in ((c, "triage"), (d, "faq")):
+        assert tis(api, "llm_release", run_id)["give_back_release_slot"]["state"] == "success"
+        assert api.xcom("llm_release", run_id, "give_back_release_slot") == {"task": task, "given_back": True}
     assert release_slot.holder("triage") is None and release_slot.holder("faq") is None
