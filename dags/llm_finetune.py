@@ -6,10 +6,14 @@ LoRA fine-tune → MLflow registration (`@challenger`) → evaluation gates → 
 Fine-tunes one task (`task` Param, else the task named by the triggering event; the task
 file `include/tasks/<task>.yaml` gives the base model, recipe, suites and registered model).
 Runs when `validated_dataset` (new accepted data) or `retrain_request` (the drift monitor)
-is updated, or from the UI form. Events for several tasks that arrive in the same run: the
-newest event's task is trained, and the others are named in the log and on Slack so they can
-be triggered (one task per run for now). A drift-triggered retrain first validates and versions any
-labelled data that landed since the last accepted version, then trains on the newest. The trainer is one entrypoint (`python -m tuneship.train`)
+is updated, or from the UI form. No trigger is lost: events that arrive close together
+collapse into one run (one run at a time), so this run trains one task (the newest event's)
+and `fan_out` starts one `llm_finetune` run per OTHER task with an event in it (conf: that
+task, its trigger and the event's `dataset_version`; run id `fan_out__<task>__<this run id>`,
+so a retry never starts a second one). `dataset_version` (Param) trains on that accepted
+version; empty: the event's, else the newest. A drift-triggered retrain first validates and
+versions any labelled data that landed since the last accepted version, then trains on the
+newest. The trainer is one entrypoint (`python -m tuneship.train`)
 with the same arguments on every runner: `local` (a worker subprocess, the embedded
 default), `docker` (DockerOperator with GPU device requests) or `kubernetes`
 (KubernetesPodOperator in deferrable mode from the pod template in `serving/k8s/`).
@@ -23,6 +27,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
 
 from tuneship.tasks import task_names
@@ -47,6 +52,9 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
     params={
         "task": Param(None, type=["null", "string"], enum=[None, *task_names()], title="Task",
                       description="include/tasks/<task>.yaml. Empty: the triggering event's task, else the default."),
+        "dataset_version": Param(None, type=["null", "string"], title="Dataset version",
+                                 description="An accepted version id of the task's data (llm_data_validation). "
+                                             "Empty: the triggering event's, else the newest."),
         "base_model": Param(None, type=["null", "string"], title="Base model",
                             description="HF model id, local path or packaged model name. Empty: the task's."),
         "recipe": Param(None, type=["null", "string"], title="Recipe",
@@ -70,25 +78,35 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
 )
 def llm_finetune():
     @task
-    @fail_on_refusal  # a retrain's landed batch can be rejected by validation
-    def plan(params=None, run_id=None, triggering_asset_events=None):
-        from tuneship.stages import (
-            StageFailed,
-            dataset_for_retrain,
-            finetune_plan,
-            finetune_trigger,
-            latest_dataset,
-        )
+    def which_task(params=None, run_id=None, dag_run=None, triggering_asset_events=None):
+        """The task this run trains and the runs to start for the other tasks' events."""
+        from tuneship.stages import finetune_trigger
+
+        chosen = finetune_trigger(params["task"], triggering_asset_events, run_id=run_id,
+                                  dataset_version=params["dataset_version"],
+                                  trigger=(dag_run.conf or {}).get("trigger"))
+        print(f"training task {chosen['task']} ({chosen['trigger']}); fanning out: "
+              f"{[f['conf'] for f in chosen['fan_out']] or 'nothing'}")
+        return chosen
+
+    @task
+    def other_tasks(chosen: dict) -> list[dict]:
+        """fan_out's kwargs, one per other task: `trigger_run_id` and `conf`."""
+        return chosen["fan_out"]
+
+    # One run per other task in the events; an existing run id (a retry) is skipped, not doubled.
+    fan_out = TriggerDagRunOperator.partial(
+        task_id="fan_out", trigger_dag_id="llm_finetune", skip_when_already_exists=True,
+    )
+
+    @task
+    @fail_on_refusal  # a retrain's landed batch can be rejected by validation; an unknown dataset_version
+    def plan(chosen: dict, params=None, run_id=None):
+        from tuneship.stages import finetune_dataset, finetune_plan
         from tuneship.tasks import load_task
 
-        chosen = finetune_trigger(params["task"], triggering_asset_events)
         task = load_task(chosen["task"])
-        dataset = chosen["dataset"]
-        if chosen["trigger"] == "retrain_request":
-            dataset = dataset_for_retrain(task, run_id)
-        dataset = dataset or latest_dataset(task)
-        if not dataset:
-            raise StageFailed(f"no validated dataset for task {task.name} yet: run llm_data_validation first")
+        dataset = finetune_dataset(task, chosen, run_id=run_id)
         return finetune_plan(task, dataset=dataset, params=dict(params), run_key=run_id, trigger=chosen["trigger"])
 
     @task.branch
@@ -136,7 +154,9 @@ def llm_finetune():
         }
         return compiled
 
-    p = plan()
+    chosen = which_task()
+    fan_out.expand_kwargs(other_tasks(chosen))
+    p = plan(chosen)
     branch = choose_runner(p)
     trained = [train_local, train_docker, train_kubernetes]
     branch >> trained

@@ -23,8 +23,15 @@ gets the figures and the run fails (no retry). A first release has nothing to go
 its live route is taken down and `@champion` removed. Too little traffic to judge is a
 Slack warning, not a failure. After a clean window the previous colour stays loaded for
 `retention_minutes` (default 120; a rollback stays instant), then it is unloaded from
-Triton and cleared from the routes' `previous`, if nothing routes to it by then. The next
-release waits for this run (`max_active_runs=1`), retention included.
+Triton and cleared from the routes' `previous`, if nothing routes to it by then.
+
+One release per task at a time, any number of tasks side by side: the run first takes its
+task's release slot (`take_release_slot`, a setup task; waiting for it is deferred to the
+triggerer, so a release queued behind its task's 72-hour window holds no worker) and gives it
+back at the end (`give_back_release_slot`, a teardown: it runs when the release fails too).
+A slot whose holder no longer runs (killed, marked failed, deleted) is taken over. The next
+release of the same task therefore waits for this run, retention included; another task's
+does not (`max_active_runs` bounds them all).
 
 A refusal (smoke below its gates, a shadow rollback, a post-switch breach) is a decision:
 the task fails once, without a retry, and Slack hears it once. Retries stay for faults
@@ -46,7 +53,11 @@ from airflow.sdk import Param, dag, task
 
 from tuneship.tasks import task_names
 from tuneship_airflow.assets import model_promoted, release_candidate
-from tuneship_airflow.operators import PostSwitchWindowOperator, ShadowWindowOperator
+from tuneship_airflow.operators import (
+    PostSwitchWindowOperator,
+    ReleaseSlotOperator,
+    ShadowWindowOperator,
+)
 from tuneship_airflow.refusals import fail_on_refusal
 
 
@@ -54,7 +65,7 @@ from tuneship_airflow.refusals import fail_on_refusal
     schedule=[release_candidate],
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=8,  # releases of different tasks overlap; one per task (the release slot)
     doc_md=__doc__,
     tags=["tuneship", "serving"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
@@ -89,6 +100,19 @@ def llm_release():
         from tuneship.stages import release_trigger
 
         return release_trigger(params["task"], params["version"], triggering_asset_events)
+
+    take_slot = ReleaseSlotOperator(
+        task_id="take_release_slot",
+        task="{{ ti.xcom_pull(task_ids='which_task')['task'] }}",
+        poll_interval=5.0,
+    )
+
+    @task
+    def give_back_release_slot(chosen: dict, run_id=None):
+        """The release's teardown: runs after the last step, failed or not."""
+        from tuneship.release_slot import give_back
+
+        return {"task": chosen["task"], "given_back": give_back(chosen["task"], run_id)}
 
     @task
     def reconcile(chosen: dict):
@@ -221,14 +245,17 @@ def llm_release():
         return retire(p, gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
 
     chosen = which_task()
+    chosen >> take_slot
     p = plan(chosen)
-    reconcile(chosen) >> p
+    take_slot >> reconcile(chosen) >> p
     model = load_candidate(p)
     smoked = smoke(model, p)
     slot = start_shadow(model, p, smoked)
     decided = decide(p, slot)
     slot >> window >> decided >> post_window
-    post_window >> post_switch_guard(p) >> retention >> retire_previous(p)
+    retired = retire_previous(p)
+    post_window >> post_switch_guard(p) >> retention >> retired
+    retired >> give_back_release_slot(chosen).as_teardown(setups=take_slot)
 
 
 llm_release()

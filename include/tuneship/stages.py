@@ -161,34 +161,72 @@ def slug(text: str) -> str:
 # ------------------------------------------------------------------ fine-tune
 
 
-def finetune_trigger(task_param: str | None, triggering_asset_events: Any) -> dict[str, Any]:
-    """Which task a fine-tune run trains and why: the `task` Param, else the newest
-    triggering event's task (`validated_dataset` carries its dataset; `retrain_request`
-    asks for a retrain on the newest data), else the default task. Events of other tasks in
-    the same run are named on Slack (one task per run)."""
+def finetune_trigger(task_param: str | None, triggering_asset_events: Any, *, run_id: str,
+                     dataset_version: str | None = None, trigger: str | None = None) -> dict[str, Any]:
+    """Which task this fine-tune run trains, on what, and which other runs it must start.
+
+    Asset events that arrive close together collapse into one run (`max_active_runs=1`), and
+    no task's event may be lost: this run trains one task (the `task` Param, else the newest
+    event's task, else the default task) and every OTHER task with an event in the run gets
+    its own `llm_finetune` run (`fan_out`: conf `task`, `trigger` and, for a
+    `validated_dataset` event, `dataset_version`), with a run id derived from this run's id
+    and the task, so a retried fan-out never starts a second one.
+
+    `trigger` (`validated_dataset`, `retrain_request`; a fanned-out run's conf) and
+    `dataset_version` (the Param) describe a run started without events; `dataset_version`
+    is the event's version id for a `validated_dataset` event, else the Param's (None: the
+    newest accepted version, after a retrain's intake of landed data)."""
     from tuneship.tasks import default_task
 
     events = sorted(
-        ((getattr(e, "timestamp", None) or 0, getattr(asset, "name", "asset"), dict(e.extra or {}))
+        ((str(getattr(e, "timestamp", None) or ""), getattr(asset, "name", "asset"), dict(e.extra or {}))
          for asset, evs in (triggering_asset_events or {}).items() for e in evs),
-        key=lambda x: str(x[0]))
-    if task_param:
-        mine = [e for e in events if e[2].get("task") == task_param]
-        trigger = mine[-1][1] if mine else "manual"
-        name, extra = task_param, (mine[-1][2] if mine else {})
-    elif events:
-        _, trigger, extra = events[-1]
-        name = extra.get("task") or default_task()
-    else:
-        name, trigger, extra = default_task(), "manual", {}
-    others = sorted({e[2].get("task") for e in events if e[2].get("task") and e[2].get("task") != name})
-    if others:
-        notify(f"llm_finetune trains task {name} in this run; events for {', '.join(others)} arrived in the same "
-               f"run: trigger llm_finetune with task={others[0]} for each", level="warning", tasks=others)
-    dataset = None
-    if trigger == "validated_dataset":
-        dataset = {k: extra[k] for k in ("task", "version_id", "manifest_uri", "path") if k in extra} or None
-    return {"task": name, "trigger": trigger, "dataset": dataset}
+        key=lambda x: x[0])
+    newest: dict[str, tuple[str, dict[str, Any]]] = {}
+    for _, asset, extra in events:  # oldest first: each task keeps its newest event
+        newest[extra.get("task") or default_task()] = (asset, extra)
+    name = task_param or (events[-1][2].get("task") or default_task() if events else default_task())
+    asset, extra = newest.get(name, (trigger or "manual", {}))
+
+    def version_of(asset: str, extra: dict[str, Any]) -> str | None:
+        return extra.get("version_id") if asset == "validated_dataset" else None
+
+    fan_out = []
+    for other, (o_asset, o_extra) in sorted(newest.items()):
+        if other == name:
+            continue
+        conf = {"task": other, "trigger": o_asset}
+        if version_of(o_asset, o_extra):
+            conf["dataset_version"] = version_of(o_asset, o_extra)
+        fan_out.append({"trigger_run_id": f"fan_out__{other}__{run_id}", "conf": conf})
+    return {"task": name, "trigger": asset, "dataset_version": version_of(asset, extra) or dataset_version,
+            "fan_out": fan_out}
+
+
+def dataset_by_version(task: Task, version_id: str) -> dict[str, str]:
+    """An accepted dataset version of `task`, by id; a Refusal (no retry: the same id will be
+    missing again) when the task has no such version."""
+    root = datasets_root(task)
+    path = root / version_id
+    if not (path / "manifest.json").is_file():
+        known = sorted(p.name for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+        message = (f"task {task.name} has no accepted dataset version {version_id!r} (no {path / 'manifest.json'}); "
+                   f"known versions: {', '.join(known[-5:]) or 'none'}. Leave dataset_version empty for the newest, "
+                   "or run llm_data_validation first")
+        notify(message, level="error", task=task.name, dataset_version=version_id)
+        raise Refusal(message)
+    return {"task": task.name, "version_id": version_id, "path": str(path), "manifest_uri": str(path / "manifest.json")}
+
+
+def finetune_dataset(task: Task, chosen: dict[str, Any], *, run_id: str) -> dict[str, str]:
+    """The dataset a fine-tune trains on: the version `finetune_trigger` chose (the event's or
+    the Param's), else, for a retrain, the newest after taking in landed data, else the newest."""
+    if chosen.get("dataset_version"):
+        return dataset_by_version(task, chosen["dataset_version"])
+    dataset = dataset_for_retrain(task, run_id) if chosen["trigger"] == "retrain_request" else latest_dataset(task)
+    if not dataset:
+        raise StageFailed(f"no validated dataset for task {task.name} yet: run llm_data_validation first")
+    return dataset
 
 
 def finetune_plan(task: Task, *, dataset: dict[str, str], params: dict[str, Any], run_key: str,

@@ -1,4 +1,5 @@
-"""Operators: the deferrable shadow and post-switch windows, and the local fine-tune runner.
+"""Operators: the deferrable shadow and post-switch windows, the release slot, and the local
+fine-tune runner.
 
 The Kubernetes and Docker runners use the providers' own KubernetesPodOperator and
 DockerOperator (see dags/llm_finetune.py); the local runner below runs exactly the same
@@ -17,7 +18,12 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from tuneship_airflow.triggers import PostSwitchWindowTrigger, ShadowWindowTrigger
+from tuneship_airflow.triggers import (
+    PostSwitchWindowTrigger,
+    ReleaseSlotTrigger,
+    ShadowWindowTrigger,
+    dag_run_state,
+)
 
 
 class ShadowWindowOperator(BaseOperator):
@@ -138,6 +144,54 @@ class PostSwitchWindowOperator(BaseOperator):
         verdict["window_event"] = {"status": event["status"], "at": event.get("at")}
         self.log.info("post-switch verdict: %s", verdict)
         return verdict
+
+
+class ReleaseSlotOperator(BaseOperator):
+    """Take `task`'s release slot for this run: one release per task at a time, any number of
+    tasks side by side (`tuneship.release_slot`). The release's setup task; its teardown gives
+    the slot back, even when the release fails.
+
+    A free slot (or one this run already holds: a retry) is taken at once. A held one is
+    waited for on the triggerer (`ReleaseSlotTrigger`), so a release queued behind another
+    task-mate's 72-hour shadow window holds no worker. A holder whose run no longer runs is
+    taken over. Returns the holder record (and `took_over`, the stale holder replaced)."""
+
+    template_fields: Sequence[str] = ("task",)
+    ui_color = "#fdf1d6"
+
+    def __init__(self, *, task: str, poll_interval: float = 15.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.task = task
+        self.poll_interval = poll_interval
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from tuneship.release_slot import try_take
+
+        run_id = context["run_id"]
+        result = try_take(self.task, run_id, dag_id=self.dag_id, run_state=dag_run_state)
+        if result["taken"]:
+            return self._taken(result)
+        held = result["holder"]
+        self.log.info("waiting for the release slot of task %s: held by run %s (%s) since %s",
+                      self.task, held["run_id"], result["holder_state"], held.get("taken_at"))
+        self.defer(
+            trigger=ReleaseSlotTrigger(task_name=self.task, run_id=run_id, dag_id=self.dag_id,
+                                       poll_interval=self.poll_interval),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        if not event or event.get("status") != "taken" or event.get("holder", {}).get("run_id") != context["run_id"]:
+            raise RuntimeError(f"release slot of task {self.task} not taken: {event!r}")
+        return self._taken(event)
+
+    def _taken(self, result: dict[str, Any]) -> dict[str, Any]:
+        stale = result.get("took_over")
+        if stale:
+            self.log.warning("took the release slot of task %s over from run %s (%s): its give-back never ran",
+                             self.task, stale["run_id"], stale["state"])
+        self.log.info("release slot of task %s taken by run %s", self.task, result["holder"]["run_id"])
+        return {**result["holder"], "took_over": stale}
 
 
 class LocalTrainerOperator(BaseOperator):

@@ -3,7 +3,8 @@
 `ShadowWindowTrigger` watches the inference log for a release's shadow window;
 `PostSwitchWindowTrigger` watches the new live version's own answers right after the
 switch; `IncomingBatchTrigger` is the AssetWatcher trigger that starts llm_data_validation
-when a batch finishes landing.
+when a batch finishes landing. `ReleaseSlotTrigger` waits for a task's release slot (one
+release at a time per task) without holding a worker.
 
 `serialize()` holds ids and timings only (no secrets, no payloads). `run()` never blocks
 the triggerer's loop: log reads go to a thread. The window triggers fire once: when the
@@ -148,6 +149,59 @@ class PostSwitchWindowTrigger(BaseTrigger):
                 self.log.info("post-switch window: v%s %d live responses, %d errors, %.0fs left",
                               self.version, verdict["requests"], verdict["errors"], self.ends_at - now)
                 await asyncio.sleep(min(self.poll_interval, max(self.ends_at - now, 0.1)))
+        except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides
+            yield TriggerEvent({"status": "error", "message": str(exc)})
+
+
+def dag_run_state(dag_id: str, run_id: str) -> str | None:
+    """Airflow's state of a dag run (`queued`, `running`, `success`, `failed`), None when no
+    such run exists (deleted). Asked through the Task SDK, as ExternalTaskSensor's trigger does
+    in Airflow 3: works on a worker and on the triggerer, with no database access of its own."""
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    if RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id]) == 0:
+        return None
+    state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+    return str(getattr(state, "value", state))
+
+
+class ReleaseSlotTrigger(BaseTrigger):
+    """Takes `task_name`'s release slot for `run_id` as soon as it is free (`tuneship.release_slot`),
+    then fires `{"status": "taken", "holder", "took_over"}`; an exception is an `error` event.
+
+    A holder whose run has finished or is gone is taken over (its give-back never ran), so
+    a killed release never blocks its task. The slot file and the dag-run lookups run in a
+    thread; the loop only sleeps."""
+
+    def __init__(self, *, task_name: str, run_id: str, dag_id: str = "llm_release", poll_interval: float = 15.0) -> None:
+        super().__init__()
+        self.task_name = task_name  # not `task`: BaseTrigger has a read-only `task`
+        self.run_id = run_id
+        self.dag_id = dag_id
+        self.poll_interval = float(poll_interval)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            "tuneship_airflow.triggers.ReleaseSlotTrigger",
+            {"task_name": self.task_name, "run_id": self.run_id, "dag_id": self.dag_id,
+             "poll_interval": self.poll_interval},
+        )
+
+    def try_take(self) -> dict[str, Any]:
+        from tuneship.release_slot import try_take
+
+        return try_take(self.task_name, self.run_id, dag_id=self.dag_id, run_state=dag_run_state)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            while True:
+                result = await asyncio.to_thread(self.try_take)
+                if result["taken"]:
+                    yield TriggerEvent({"status": "taken", "holder": result["holder"], "took_over": result["took_over"]})
+                    return
+                self.log.info("release slot of task %s held by run %s (%s); waiting", self.task_name,
+                              result["holder"]["run_id"], result["holder_state"])
+                await asyncio.sleep(self.poll_interval)
         except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides
             yield TriggerEvent({"status": "error", "message": str(exc)})
 

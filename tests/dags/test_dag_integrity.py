@@ -89,8 +89,9 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     import re
 
     dag = dagbag.dags["llm_release"]
-    order = ["which_task", "reconcile", "plan", "load_candidate", "smoke", "start_shadow", "shadow_window", "decide",
-             "post_switch_window", "post_switch_guard", "retention_window", "retire_previous"]
+    order = ["which_task", "take_release_slot", "reconcile", "plan", "load_candidate", "smoke", "start_shadow",
+             "shadow_window", "decide", "post_switch_window", "post_switch_guard", "retention_window",
+             "retire_previous", "give_back_release_slot"]
     assert set(dag.task_ids) == set(order)
     for before, after in zip(order, order[1:], strict=False):
         assert after in dag.get_task(before).downstream_task_ids, (before, after)
@@ -103,6 +104,37 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
             (name,) = re.findall(r"params\.(\w+)", value)
             assert name in dag.params, (op.task_id, name)
     assert "post_switch_min_requests" in watch.thresholds["min_requests"]
+
+
+def test_release_runs_tasks_side_by_side_one_per_task(dagbag):
+    """Several release runs at once (different tasks), serialised per task by a slot taken in a
+    setup task (deferrable wait) and given back in a teardown, which runs when the release fails."""
+    dag = dagbag.dags["llm_release"]
+    assert dag.max_active_runs > 1
+    take, give = dag.get_task("take_release_slot"), dag.get_task("give_back_release_slot")
+    assert take.is_setup and type(take).__name__ == "ReleaseSlotOperator" and "task" in take.template_fields
+    assert give.is_teardown and give.trigger_rule == "all_done_setup_success"
+    assert take.task_id in give.upstream_task_ids
+    # everything that touches serving runs between taking and giving back the slot
+    for t in dag.tasks:
+        if t.task_id not in ("which_task", take.task_id, give.task_id):
+            assert take.task_id in t.get_flat_relative_ids(upstream=True), t.task_id
+            assert give.task_id in t.get_flat_relative_ids(upstream=False), t.task_id
+
+
+def test_finetune_fans_out_the_other_tasks_events(dagbag):
+    """which_task -> fan_out (one llm_finetune run per other task, mapped) beside plan, so a
+    plan that fails for this run's task never stops the other tasks' runs."""
+    dag = dagbag.dags["llm_finetune"]
+    assert dag.max_active_runs == 1
+    fan_out = dag.get_task("fan_out")
+    assert type(fan_out).__name__ == "MappedOperator" and fan_out.operator_name == "TriggerDagRunOperator"
+    assert fan_out.partial_kwargs["trigger_dag_id"] == "llm_finetune"
+    assert fan_out.partial_kwargs["skip_when_already_exists"] is True
+    assert dag.get_task("other_tasks").upstream_task_ids == {"which_task"}
+    assert fan_out.upstream_task_ids == {"other_tasks"}
+    assert dag.get_task("plan").upstream_task_ids == {"which_task"}
+    assert "dataset_version" in dag.params
 
 
 def test_every_dag_takes_the_task_as_a_param_listing_the_task_files(dagbag):

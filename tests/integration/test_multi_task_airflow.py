@@ -1,0 +1,195 @@
+"""Several tasks side by side through Airflow's REAL scheduler, triggerer and workers (issue 11):
+
+* two `validated_dataset` events for two tasks collapse into one `llm_finetune` run, and
+  each task still gets its own fine-tune run (the fan-out);
+* releases of two tasks overlap, while a second release of the same task waits, deferred,
+  until the first gives its slot back (here: after the first failed); a slot left behind
+  by a finished run is taken over; a release marked failed by hand still gives its slot back.
+
+No model is needed: the events name dataset versions that do not exist, so each fine-tune's
+`plan` refuses at once (after the fan-out), and no gateway listens on the releases' port, so
+each release fails in `reconcile` (after taking its slot; retries 20 s apart keep it holding
+the slot for that long). What is observed is what the scheduler did: runs, confs, task
+instance states, start/end times, XComs and logs, all through the REST API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+from envs import override_env
+from ports import free_port
+
+pytestmark = pytest.mark.integration
+
+# The scheduler is started by the tests (the fan-out test posts its events before it runs).
+AIRFLOW = ["airflow-api-server", "airflow-dag-processor", "airflow-triggerer"]
+SCHEDULER = "airflow-scheduler"
+FINISHED = {"success", "failed"}
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One Airflow for the module, in its own home, on free ports; the gateway and Triton
+    ports are free ports nothing listens on."""
+    from tuneship import services
+    from tuneship.airflow_api import AirflowAPI
+
+    home = tmp_path_factory.mktemp("multi-airflow")
+    gateway_port = free_port()
+    env = {"TUNESHIP_HOME": str(home), "TUNESHIP_PORT_AIRFLOW": str(free_port()),
+           "TUNESHIP_PORT_GATEWAY": str(gateway_port), "TUNESHIP_GATEWAY_URL": f"http://127.0.0.1:{gateway_port}",
+           "TUNESHIP_PORT_TRITON_HTTP": str(free_port()), "TUNESHIP_TRITON_URL": f"127.0.0.1:{free_port()}",
+           "TUNESHIP_DEFAULT_TASK": "triage", "TUNESHIP_INCOMING_POKE_SECONDS": "3600"}
+    with override_env(**env):
+        try:
+            services.start(AIRFLOW, timeout=240)
+            api = AirflowAPI(f"http://127.0.0.1:{env['TUNESHIP_PORT_AIRFLOW']}", services.ADMIN_USER,
+                             services.admin_password())
+            wait(lambda: {"llm_finetune", "llm_release"} <= set(api.dags()) or api.import_errors(),
+                 "llm_finetune and llm_release to be parsed", 240)
+            assert not api.import_errors(), api.import_errors()
+            for dag_id in ("llm_finetune", "llm_release"):
+                api.unpause(dag_id)
+            yield api
+        finally:
+            services.stop([SCHEDULER, *AIRFLOW])
+
+
+def wait(check: Callable[[], Any], what: str, timeout: float) -> Any:
+    """Poll `check` until it returns something truthy (a deadline, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def tis(api: Any, dag_id: str, run_id: str) -> dict[str, dict]:
+    return {(t["task_id"] if t["map_index"] < 0 else f"{t['task_id']}[{t['map_index']}]"): t
+            for t in api.task_instances(dag_id, run_id)}
+
+
+def when(ti: dict, field: str) -> datetime:
+    return datetime.fromisoformat(ti[field].replace("Z", "+00:00"))
+
+
+def finished(api: Any, dag_id: str, run_ids: list[str]) -> dict[str, dict] | None:
+    runs = {r: api.run(dag_id, r) for r in run_ids}
+    return runs if all(r["state"] in FINISHED for r in runs.values()) else None
+
+
+def test_collapsed_events_of_two_tasks_get_one_fine_tune_run_each(airflow):
+    from tuneship import services
+
+    api = airflow
+    # Stopped scheduler: both events wait in the queue and the next scheduler loop makes ONE
+    # run of them, as it does for events that arrive while a fine-tune runs (max_active_runs=1).
+    # Two assets, because Airflow 3.3 leaves a second event of the SAME asset that arrives
+    # while one is queued to a later run (apache/airflow#56050): see docs/CONTRACTS.md.
+    services.stop([SCHEDULER])
+    assets = {a["name"]: a["id"] for a in api.request("GET", "/assets", params={"limit": 100})["assets"]}
+    for asset, extra in (("retrain_request", {"task": "faq"}),
+                         ("validated_dataset", {"task": "triage", "version_id": "tri-missing-1"})):
+        api.request("POST", "/assets/events", json={"asset_id": assets[asset], "extra": extra})
+    services.start([SCHEDULER])
+
+    [parent] = wait(lambda: [r for r in api.runs("llm_finetune") if r["run_type"] == "asset_triggered"],
+                    "the asset-triggered llm_finetune run", 120)
+    parent_id = parent["dag_run_id"]
+    child_id = f"fan_out__faq__{parent_id}"
+    consumed = api.request("GET", f"/dags/llm_finetune/dagRuns/{parent_id}/upstreamAssetEvents")
+    assert sorted(e["extra"]["task"] for e in consumed["asset_events"]) == ["faq", "triage"]
+
+    # The collapsed run trains the newest event's task on that event's dataset version (which
+    # does not exist: plan refuses at once, without a retry) and fans the other task out.
+    runs = wait(lambda: finished(api, "llm_finetune", [parent_id]), "the collapsed run to finish", 120)
+    assert runs[parent_id]["state"] == "failed"
+    first = tis(api, "llm_finetune", parent_id)
+    assert first["fan_out[0]"]["state"] == "success" and "fan_out[1]" not in first
+    chosen = api.xcom("llm_finetune", parent_id, "which_task")
+    assert (chosen["task"], chosen["trigger"], chosen["dataset_version"]) == \
+        ("triage", "validated_dataset", "tri-missing-1")
+    assert (first["plan"]["state"], first["plan"]["try_number"]) == ("failed", 1), first["plan"]
+    log = api.task_log("llm_finetune", parent_id, "plan")
+    assert "task triage has no accepted dataset version 'tri-missing-1'" in log, log[-2000:]
+
+    # faq's own run (queued behind the first: one fine-tune at a time) retrains faq.
+    child = wait(lambda: next((r for r in api.runs("llm_finetune") if r["dag_run_id"] == child_id), None),
+                 "faq's fanned-out run", 60)
+    assert child["conf"] == {"task": "faq", "trigger": "retrain_request"}
+    plan = wait(lambda: (t := tis(api, "llm_finetune", child_id).get("plan")) and
+                t["state"] in ("up_for_retry", "failed") and t, "faq's plan to run", 120)
+    chosen = api.xcom("llm_finetune", child_id, "which_task")
+    assert (chosen["task"], chosen["trigger"], chosen["fan_out"]) == ("faq", "retrain_request", [])
+    log = api.task_log("llm_finetune", child_id, "plan")
+    assert "no validated dataset for task faq yet" in log, log[-2000:]  # a fault: retried, unlike a refusal
+    assert plan["try_number"] == 1
+    assert len(api.runs("llm_finetune")) == 2  # one run per task, nothing more
+    api.request("PATCH", f"/dags/llm_finetune/dagRuns/{child_id}", json={"state": "failed"})  # no need to wait it out
+
+
+def test_releases_of_two_tasks_overlap_and_one_task_releases_one_at_a_time(airflow):
+    from tuneship import release_slot, services
+
+    api = airflow
+    services.start([SCHEDULER])
+    a = api.trigger("llm_release", {"task": "triage"})
+    b = api.trigger("llm_release", {"task": "faq"})
+
+    def slot_taken(run_id: str) -> bool:
+        state = tis(api, "llm_release", run_id).get("take_release_slot", {}).get("state")
+        assert state not in ("failed", "upstream_failed"), (run_id, state)
+        return state == "success"
+
+    wait(lambda: slot_taken(a), "triage's first release to take its slot", 120)
+    # Only now the second triage release: it finds the slot held by a running release.
+    c = api.trigger("llm_release", {"task": "triage"})
+    runs = wait(lambda: finished(api, "llm_release", [a, b]), "the first two releases to finish", 180)
+    assert {runs[a]["state"], runs[b]["state"]} == {"failed"}
+
+    ta, tb = tis(api, "llm_release", a), tis(api, "llm_release", b)
+    for t in (ta, tb):
+        # failed in reconcile (no gateway), after its retry; the teardown still gave the slot back
+        assert (t["reconcile"]["state"], t["reconcile"]["try_number"]) == ("failed", 2)
+        assert t["give_back_release_slot"]["state"] == "success"
+    assert api.xcom("llm_release", a, "give_back_release_slot") == {"task": "triage", "given_back": True}
+    # Different tasks overlap: each took its slot before the other gave its own back.
+    assert when(ta["take_release_slot"], "end_date") < when(tb["give_back_release_slot"], "start_date")
+    assert when(tb["take_release_slot"], "end_date") < when(ta["give_back_release_slot"], "start_date")
+    assert "waiting for the release slot" not in api.task_log("llm_release", b, "take_release_slot")
+
+    # A slot that a finished run never gave back (a killed teardown): faq's, left held by b.
+    assert release_slot.try_take("faq", b, run_state=lambda *_: None)["taken"]
+    d = api.trigger("llm_release", {"task": "faq"})
+
+    def past_slot(run_id: str) -> dict | None:
+        t = tis(api, "llm_release", run_id)
+        return t if t.get("reconcile", {}).get("start_date") else None
+
+    tc = wait(lambda: past_slot(c), "triage's second release to get past its slot", 180)
+    td = wait(lambda: past_slot(d), "faq's second release to get past its slot", 60)
+    # The same task waited (deferred on the triggerer) for the failed first release's give-back.
+    log_c = api.task_log("llm_release", c, "take_release_slot")
+    assert f"waiting for the release slot of task triage: held by run {a} (running)" in log_c, log_c[-2000:]
+    assert tc["take_release_slot"]["state"] == "success"
+    assert when(tc["take_release_slot"], "end_date") > when(ta["give_back_release_slot"], "end_date")
+    assert when(tc["reconcile"], "start_date") > when(ta["give_back_release_slot"], "end_date")
+    # The left-behind slot was taken over at once, after asking Airflow about its holder.
+    log_d = api.task_log("llm_release", d, "take_release_slot")
+    assert f"over from run {b} (failed)" in log_d and "waiting for" not in log_d, log_d[-2000:]
+    assert td["take_release_slot"]["state"] == "success"
+
+    # Marked failed by hand mid-release: the teardown still runs and gives the slot back.
+    for run_id in (c, d):
+        api.request("PATCH", f"/dags/llm_release/dagRuns/{run_id}", json={"state": "failed"})
+    wait(lambda: finished(api, "llm_release", [c, d]), "the later releases to finish", 120)
+    for run_id, task in ((c, "triage"), (d, "faq")):
+        assert tis(api, "llm_release", run_id)["give_back_release_slot"]["state"] == "success"
+        assert api.xcom("llm_release", run_id, "give_back_release_slot") == {"task": task, "given_back": True}
+    assert release_slot.holder("triage") is None and release_slot.holder("faq") is None
