@@ -212,17 +212,23 @@ def compile_for_triton(
     max_new_tokens: int = 16,
     tolerance: float = LOGIT_TOLERANCE,
     parity_prompts: list[str] | None = None,
+    instances: int = 2,
 ) -> dict[str, Any]:
     """Build repo_dir/model_name/{config.pbtxt, <version>/...} for Triton; returns a report.
 
     `parity_prompts`: text the compiled model must reproduce eager PyTorch on (the task's own
     prompts, rendered as the model sees them), besides a few generic ones.
+    `instances`: Triton model instances (processes, each with the model loaded once). One
+    instance runs its requests one after another; two let a second request decode while the
+    first is still generating (threads inside one instance measured no gain: bench/compile.py).
 
     The whole model directory is staged next to its destination and swapped in with a rename.
     Raises ParityError (nothing is written) when the compiled model is not faithful.
     """
     if version < 1:
         raise ValueError(f"version must be >= 1 (Triton numbering), got {version}")
+    if instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
     deployment = dict(deployment or {})
     repo = Path(repo_dir)
     repo.mkdir(parents=True, exist_ok=True)
@@ -266,7 +272,7 @@ def compile_for_triton(
                 "adapter_sha256", sha256_file(Path(adapter_dir) / "adapter_model.safetensors")
             )
         (vdir / "deployment.json").write_text(json.dumps(deployment, indent=2, sort_keys=True, default=str))
-        (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment))
+        (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment, instance_count=instances))
         os.chmod(stage, 0o755)
         if final.exists():
             old = repo / f".{model_name}.old-{os.getpid()}"

@@ -51,6 +51,7 @@ def test_model_directory_layout(compiled):
     cfg = (repo / "llm_blue" / "config.pbtxt").read_text()
     assert 'name: "llm_blue"' in cfg and "KIND_CPU" in cfg and "max_batch_size: 0" in cfg
     assert 'backend: "python"' in cfg and "versions: [ 3 ]" in cfg and "$" not in cfg
+    assert "count: 2" in cfg  # a second request decodes while the first is still generating
     for name, typ in (("PROMPT", "TYPE_STRING"), ("MAX_TOKENS", "TYPE_INT32"), ("COMPLETION", "TYPE_STRING"),
                       ("PROMPT_TOKENS", "TYPE_INT32"), ("COMPLETION_TOKENS", "TYPE_INT32")):
         assert f'name: "{name}"\n    data_type: {typ}' in cfg, name

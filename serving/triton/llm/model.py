@@ -141,7 +141,9 @@ def _error(pb_utils: Any, e: Exception) -> Any:
 
 
 class TritonPythonModel:
-    """Triton entry points; one generator per model instance, per-request errors as responses.
+    """Triton entry points: the model loaded once per instance, a fresh generator (its own KV
+    cache) per request, per-request errors as responses. An instance runs its requests one
+    after another; config.pbtxt asks for two instances so a second request is not held up.
 
     Deployed decoupled (config.pbtxt `model_transaction_policy`): a request with STREAM true
     gets one response per decoded piece of text as it is generated (Triton's
