@@ -11,7 +11,7 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "trainer", "gateway")
+BENCHES = ("validation", "trainer", "gateway", "compile")
 
 
 def main(argv: list[str]) -> int:

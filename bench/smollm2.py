@@ -11,10 +11,10 @@ fixed number of torch threads (default 2), one pass through the stages the demo 
 4. fine-tune: the real trainer entrypoint as `runners.trainer_command` builds it
    (`python -m tuneship.train`), with the `smollm2-lora` recipe (overrides via --set);
 5. fine-tuned accuracy on the same rows, from the merged model `compile` deploys;
-6. compile: `compile_for_triton` (merge, ONNX export, logit and generation parity) wall time;
-7. latency of the compiled model through the Triton model class (`OnnxGreedyGenerator`):
-   the eval prompts as real requests, and a forced 12-token answer (the same session and
-   decode loop, not stopping at eos), at 1 ORT thread (Triton's default) and at --threads.
+6. compile: `compile_for_triton` (merge, ONNX Runtime GenAI build, logit and generation parity) wall time;
+7. latency of the compiled model through the Triton model class (`GenaiGreedyGenerator`):
+   the eval prompts as real requests, and a forced 12-token answer (the same model and
+   generator set-up, not stopping at eos), at 1 ORT thread (Triton's default) and at --threads.
 
 JSON goes to stdout (last line) and to TUNESHIP_HOME/bench/smollm2.json (or --out). The
 load average at the start and end is recorded: on a shared machine the times are upper
@@ -65,22 +65,17 @@ def _accuracy(model: Any, tokenizer: Any, rows: list[dict[str, str]]) -> dict[st
 
 
 def _forced_decode_s(gen: Any, prompt: str, n_tokens: int) -> float:
-    """Seconds for prompt + n_tokens greedy steps through the generator's own ONNX session,
-    never stopping early (what a 12-token answer costs, whatever the model would say)."""
-    import numpy as np
+    """Seconds for prompt + n_tokens greedy steps through the generator's own ONNX Runtime
+    GenAI set-up, never stopping early (what a 12-token answer costs, whatever the model says)."""
+    from bench.compile import _served_forced
 
-    ids = gen.tokenizer.encode(prompt, add_special_tokens=True).ids
-    t0 = time.perf_counter()
-    for _ in range(n_tokens):
-        logits = gen.session.run(None, {gen.input_name: np.asarray([ids], dtype=np.int64)})[0]
-        ids.append(int(np.argmax(logits[0, -1])))
-    return time.perf_counter() - t0
+    return _served_forced(gen, gen.encode(prompt), n_tokens)
 
 
 def _latency(version_dir: Path, prompts: list[str], threads: int) -> dict[str, Any]:
     from tuneship.compile import load_triton_model_module
 
-    gen = load_triton_model_module().OnnxGreedyGenerator(str(version_dir), threads=threads)
+    gen = load_triton_model_module().GenaiGreedyGenerator(str(version_dir), threads=threads)
     gen.generate(prompts[0], ANSWER_TOKENS)  # warm-up (session init, allocator)
     per_request, tokens = [], []
     for p in prompts:
@@ -199,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_compile:
         from tuneship.compile import compile_for_triton
 
-        say("compiling for Triton (ONNX export + parity) ...")
+        say("compiling for Triton (ONNX Runtime GenAI build + parity) ...")
         t0 = time.perf_counter()
         report = compile_for_triton(NAME, run / "adapter", work / "triton", "llm",
                                     deployment={"bench": "smollm2"})

@@ -1,10 +1,12 @@
-"""Compile a fine-tuned model for Triton: merge the adapter, export ONNX, prove parity.
+"""Compile a fine-tuned model for Triton: merge the adapter, build an ONNX Runtime GenAI model, prove parity.
 
-Embedded default: ONNX (torch.export-based exporter, needs onnxscript) served by the Python
-backend on ONNX Runtime. Production: a TensorRT-LLM engine; `tensorrt_build_command` renders
-the build that a GPU node runs. Either way nothing reaches Triton unless the compiled model
-matches eager PyTorch: logits within a tolerance AND identical greedy completions through the
-exact class Triton will run. The model directory is assembled in a temp dir and renamed into
+Embedded default: the merged model saved as an HF directory and turned by ONNX Runtime
+GenAI's model builder (`onnxruntime_genai.models.builder`, fp32, CPU) into an ONNX decoder
+with a KV cache (GroupQueryAttention), served by the Python backend through ONNX Runtime
+GenAI. Production: a TensorRT-LLM engine; `tensorrt_build_command` renders the build that a
+GPU node runs. Either way nothing reaches Triton unless the compiled model matches eager
+PyTorch: prompt logits within a tolerance AND identical greedy completions through the exact
+class Triton will run. The model directory is assembled in a temp dir and renamed into
 place, so Triton never loads a half-written version.
 """
 
@@ -15,6 +17,8 @@ import json
 import os
 import shutil
 import string
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +35,12 @@ GENERIC_PARITY_PROMPTS = [
     "The weather today is",
     "Question: what is two plus two?\nAnswer:",
 ]
-OPSET = 18
+# What ONNX Runtime GenAI's builder writes that the served model needs (its copies of the
+# tokenizer files are replaced by the HF tokenizer's own tokenizer.json, see model.py).
+BUILD_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
+BUILD_PRECISION, BUILD_PROVIDER = "fp32", "cpu"
+# The CPU GroupQueryAttention kernel the builder emits for fp32 rejects other head sizes.
+HEAD_SIZE_MULTIPLE = 16
 
 
 class ParityError(RuntimeError):
@@ -65,55 +74,50 @@ def merged_model(base_ref: str, adapter_dir: str | os.PathLike[str] | None) -> t
     return model, tokenizer
 
 
-class _LogitsOnly:
-    """Factory for a wrapper module: input_ids -> logits, no cache, no mask (single sequence)."""
-
-    @staticmethod
-    def wrap(model: Any) -> Any:
-        import torch
-
-        class LogitsOnly(torch.nn.Module):
-            def __init__(self, inner: Any) -> None:
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, input_ids: Any) -> Any:
-                return self.inner(input_ids=input_ids, use_cache=False).logits
-
-        return LogitsOnly(model).eval()
+def _head_size(model_config: Any) -> int:
+    head = getattr(model_config, "head_dim", None)
+    return int(head) if head else int(model_config.hidden_size) // int(model_config.num_attention_heads)
 
 
-def export_onnx(model: Any, tokenizer: Any, path: Path) -> float:
-    """Export input_ids [batch, seq] -> logits [batch, seq, vocab]; returns seconds taken."""
-    import warnings
+def build_genai_model(model: Any, tokenizer: Any, out_dir: Path, work_dir: Path) -> float:
+    """Save the merged model as an HF directory under work_dir and run ONNX Runtime GenAI's
+    model builder on it (fp32, CPU) into out_dir; returns the seconds the build took.
 
-    import onnx
-    import torch
-
-    try:
-        import onnxscript  # noqa: F401 - the torch.export-based exporter needs it
-    except ImportError as e:
-        raise RuntimeError(
-            "ONNX export needs the onnxscript package (torch's exporter); "
-            "install the pinned requirements.txt"
-        ) from e
-    wrapper = _LogitsOnly.wrap(model)
-    ids = tokenizer(GENERIC_PARITY_PROMPTS[2], add_special_tokens=True)["input_ids"]
-    example = torch.tensor([ids, ids], dtype=torch.long)  # batch 2 so batch stays symbolic
-    max_ctx = int(getattr(model.config, "max_position_embeddings", 2048))
-    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=1, max=max_ctx)}
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper, (example,), input_names=["input_ids"], output_names=["logits"],
-            dynamic_shapes={"input_ids": dims}, dynamo=True, opset_version=OPSET,
-            external_data=False, verbose=False,
+    The builder runs as a subprocess: it puts its own modules on sys.path and loads the
+    weights again, neither of which belongs in the calling process."""
+    head = _head_size(model.config)
+    if head % HEAD_SIZE_MULTIPLE:
+        raise ValueError(
+            f"ONNX Runtime GenAI's CPU attention (GroupQueryAttention) needs a head size that is a "
+            f"multiple of {HEAD_SIZE_MULTIPLE}; this model has {head} (hidden_size "
+            f"{model.config.hidden_size} / {model.config.num_attention_heads} heads). Pick "
+            "num_attention_heads (or head_dim) so the head size is a multiple of 16."
         )
-        program.save(str(path), external_data=False)
+    hf_dir = work_dir / "hf"
+    model.save_pretrained(str(hf_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(hf_dir))
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
+           "-p", BUILD_PRECISION, "-e", BUILD_PROVIDER, "-c", str(work_dir / "cache")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work_dir)
     seconds = time.perf_counter() - t0
-    onnx.checker.check_model(str(path), full_check=True)
+    missing = [f for f in BUILD_FILES if not (out_dir / f).is_file()]
+    if proc.returncode != 0 or missing:
+        tail = (proc.stderr or proc.stdout or "").strip()[-4000:]
+        raise RuntimeError(
+            f"ONNX Runtime GenAI model builder failed (exit {proc.returncode}"
+            f"{', missing ' + ', '.join(missing) if missing else ''}): {' '.join(cmd)}\n{tail}"
+        )
     return seconds
+
+
+def model_sha256(version_dir: Path) -> str:
+    """One digest for the served model: graph and external weights (a fine-tune changes only
+    the weights, so the graph's digest alone would not tell two versions apart)."""
+    import hashlib
+
+    lines = "".join(f"{name} {sha256_file(version_dir / name)}\n" for name in BUILD_FILES)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
@@ -142,42 +146,39 @@ def served_text(tokenizer: Any, prompt: Any) -> str:
 
 
 def check_parity(
-    model: Any, tokenizer: Any, version_dir: Path, prompts: list[str] | None = None,
+    model: Any, tokenizer: Any, version_dir: Path, prompts: list[Any] | None = None,
     tolerance: float = LOGIT_TOLERANCE, max_new_tokens: int = 16,
 ) -> dict[str, Any]:
-    """Compare ONNX Runtime with eager PyTorch: logits and greedy completions. Raises ParityError."""
+    """Compare the built model, through the class Triton runs, with eager PyTorch: the prompt
+    pass's logits (every position) and greedy completions. Raises ParityError."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from tuneship.generate import generate_ids
 
     prompts = [*(prompts or []), *GENERIC_PARITY_PROMPTS]
-    session = ort.InferenceSession(str(version_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    wrapper = _LogitsOnly.wrap(model)
+    generator = load_triton_model_module().GenaiGreedyGenerator(str(version_dir))
     max_diff = 0.0
     for p in prompts:
         ids = prompt_ids(tokenizer, p)
+        served_ids = generator.encode(served_text(tokenizer, p))
+        if served_ids != ids:
+            raise ParityError(f"the served tokenizer encodes {p!r} as {served_ids}, eager as {ids}")
         with torch.no_grad():
-            ref = wrapper(torch.tensor([ids], dtype=torch.long)).numpy()
-        got = session.run(None, {"input_ids": np.asarray([ids], dtype=np.int64)})[0]
+            ref = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False).logits[0].numpy()
+        got = generator.prompt_logits(ids)
         if got.shape != ref.shape:
-            raise ParityError(f"ONNX logits shape {got.shape} != PyTorch {ref.shape} for {p!r}")
+            raise ParityError(f"ONNX Runtime GenAI logits shape {got.shape} != PyTorch {ref.shape} for {p!r}")
         max_diff = max(max_diff, float(np.abs(got - ref).max()))
-    # Batch > 1 must work too (dynamic batch axis).
-    ids = prompt_ids(tokenizer, prompts[0])
-    batched = session.run(None, {"input_ids": np.asarray([ids] * 3, dtype=np.int64)})[0]
-    if batched.shape[0] != 3:
-        raise ParityError(f"ONNX model does not honour a dynamic batch axis: got {batched.shape}")
     if max_diff > tolerance:
         raise ParityError(
-            f"ONNX Runtime logits differ from PyTorch by {max_diff:.3g} (> tolerance {tolerance}); "
-            "the export is not faithful, do not deploy it"
+            f"ONNX Runtime GenAI logits differ from PyTorch by {max_diff:.3g} (> tolerance {tolerance}); "
+            "the build is not faithful, do not deploy it"
         )
-    generator = load_triton_model_module().OnnxGreedyGenerator(str(version_dir))
     mismatches = []
     for p in prompts:
-        eager = generate_ids(model, tokenizer, p, max_new_tokens, kv_cache=False)
+        # eager with its KV cache, as evaluation decodes: the same rule the served model follows
+        eager = generate_ids(model, tokenizer, p, max_new_tokens, kv_cache=True)
         served = generator.generate(served_text(tokenizer, p), max_new_tokens)
         if eager != served:
             mismatches.append({"prompt": p, "pytorch": eager, "triton_model": served})
@@ -211,28 +212,38 @@ def compile_for_triton(
     max_new_tokens: int = 16,
     tolerance: float = LOGIT_TOLERANCE,
     parity_prompts: list[str] | None = None,
+    instances: int = 2,
 ) -> dict[str, Any]:
     """Build repo_dir/model_name/{config.pbtxt, <version>/...} for Triton; returns a report.
 
     `parity_prompts`: text the compiled model must reproduce eager PyTorch on (the task's own
     prompts, rendered as the model sees them), besides a few generic ones.
+    `instances`: Triton model instances (processes, each with the model loaded once). One
+    instance runs its requests one after another; two let a second request decode while the
+    first is still generating (threads inside one instance measured no gain: bench/compile.py).
 
     The whole model directory is staged next to its destination and swapped in with a rename.
     Raises ParityError (nothing is written) when the compiled model is not faithful.
     """
     if version < 1:
         raise ValueError(f"version must be >= 1 (Triton numbering), got {version}")
+    if instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
     deployment = dict(deployment or {})
     repo = Path(repo_dir)
     repo.mkdir(parents=True, exist_ok=True)
     final = repo / model_name
     stage = Path(tempfile.mkdtemp(prefix=f".{model_name}.staging-", dir=repo))
+    work = tempfile.mkdtemp(prefix="tuneship-compile-")  # the merged HF dir, the builder's cache
     try:
         model, tokenizer = merged_model(base_ref, adapter_dir)
         vdir = stage / str(version)
         vdir.mkdir()
-        onnx_path = vdir / "model.onnx"
-        export_s = export_onnx(model, tokenizer, onnx_path)
+        built = stage / "build"
+        export_s = build_genai_model(model, tokenizer, built, Path(work))
+        for name in BUILD_FILES:
+            os.replace(built / name, vdir / name)
+        shutil.rmtree(built)
         shutil.copy2(TRITON_TEMPLATE_DIR / "model.py", vdir / "model.py")
         tokenizer.backend_tokenizer.save(str(vdir / "tokenizer.json"))
         generation = {
@@ -253,7 +264,7 @@ def compile_for_triton(
         (vdir / "generation.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
         parity = check_parity(model, tokenizer, vdir, prompts=parity_prompts, tolerance=tolerance,
                               max_new_tokens=max_new_tokens)
-        onnx_sha = sha256_file(onnx_path)
+        onnx_sha = model_sha256(vdir)
         deployment.setdefault("onnx_sha256", onnx_sha)
         deployment.setdefault("base_model", base_ref)
         if adapter_dir is not None and (Path(adapter_dir) / "adapter_model.safetensors").is_file():
@@ -261,7 +272,7 @@ def compile_for_triton(
                 "adapter_sha256", sha256_file(Path(adapter_dir) / "adapter_model.safetensors")
             )
         (vdir / "deployment.json").write_text(json.dumps(deployment, indent=2, sort_keys=True, default=str))
-        (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment))
+        (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment, instance_count=instances))
         os.chmod(stage, 0o755)
         if final.exists():
             old = repo / f".{model_name}.old-{os.getpid()}"
@@ -273,13 +284,17 @@ def compile_for_triton(
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "model_dir": str(final),
         "onnx_path": str(final / str(version) / "model.onnx"),
         "onnx_sha256": onnx_sha,
-        "onnx_bytes": (final / str(version) / "model.onnx").stat().st_size,
+        "onnx_bytes": sum((final / str(version) / n).stat().st_size for n in BUILD_FILES[:2]),
         "parity": parity,
-        "export_seconds": round(export_s, 2),
+        "export_seconds": round(export_s, 2),  # the model builder's run (incl. its start-up)
+        "builder": {"tool": "onnxruntime_genai.models.builder", "precision": BUILD_PRECISION,
+                    "execution_provider": BUILD_PROVIDER},
         "version": version,
         "model_name": model_name,
     }

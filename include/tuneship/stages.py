@@ -417,7 +417,7 @@ def compile_candidate(task: Task, candidate: dict[str, Any]) -> dict[str, Any]:
     result = json.loads(json.dumps({"task": task.name, "version": version, "package": str(package / "llm"), **info},
                                    default=str))
     marker.write_text(json.dumps(result, indent=2))
-    registry.set_version_tags(version, {"compiled": "onnx", "onnx_sha256": str(info.get("sha256", ""))},
+    registry.set_version_tags(version, {"compiled": "onnxruntime-genai", "onnx_sha256": str(info.get("onnx_sha256", ""))},
                               task.registered_model)
     return result
 

@@ -1,7 +1,7 @@
 """The compiled fine-tuned model served by the real tritonserver, called with tritonclient.
 
 What `llm_release` relies on: the package `compile_for_triton` writes loads through Triton's
-model-control API (Python backend, ONNX Runtime inside, its own NumPy 1.x environment) and
+model-control API (Python backend, ONNX Runtime GenAI inside, its own NumPy 1.x environment) and
 answers exactly what eager PyTorch generates; bad requests come back as errors, not crashes.
 """
 

@@ -1,9 +1,11 @@
-"""Compile for Triton: ONNX parity with PyTorch, the Triton model class, atomic writes, TRT contract."""
+"""Compile for Triton: the ONNX Runtime GenAI build, its parity with PyTorch, the Triton model
+class, atomic writes, the TRT contract."""
 
 from __future__ import annotations
 
 import json
 import string
+from pathlib import Path
 
 import pytest
 from ml_fixtures import base_model, dataset, finetuned, read_jsonl
@@ -37,39 +39,62 @@ def test_model_directory_layout(compiled):
     report, repo = compiled
     vdir = repo / "llm_blue" / "3"
     assert {p.name for p in vdir.iterdir()} == {
-        "model.py", "model.onnx", "tokenizer.json", "generation.json", "deployment.json"}
+        "model.py", "model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "generation.json",
+        "deployment.json"}
     assert not [p for p in repo.iterdir() if p.name.startswith(".")], "no staging leftovers"
     deployment = json.loads((vdir / "deployment.json").read_text())
     assert deployment["registry_version"] == "7" and deployment["colour"] == "blue"
-    assert deployment["onnx_sha256"] == report["onnx_sha256"]
+    assert deployment["onnx_sha256"] == report["onnx_sha256"] == tcompile.model_sha256(vdir)
     assert len(deployment["adapter_sha256"]) == 64
     gen = json.loads((vdir / "generation.json").read_text())
     assert gen["eos_token_id"] == 2 and gen["max_new_tokens"] == 16
     cfg = (repo / "llm_blue" / "config.pbtxt").read_text()
     assert 'name: "llm_blue"' in cfg and "KIND_CPU" in cfg and "max_batch_size: 0" in cfg
     assert 'backend: "python"' in cfg and "versions: [ 3 ]" in cfg and "$" not in cfg
+    assert "count: 2" in cfg  # a second request decodes while the first is still generating
     for name, typ in (("PROMPT", "TYPE_STRING"), ("MAX_TOKENS", "TYPE_INT32"), ("COMPLETION", "TYPE_STRING"),
                       ("PROMPT_TOKENS", "TYPE_INT32"), ("COMPLETION_TOKENS", "TYPE_INT32")):
         assert f'name: "{name}"\n    data_type: {typ}' in cfg, name
 
 
-def test_onnx_parity_report(compiled):
+def test_build_is_a_kv_cache_decoder_with_parity_report(compiled):
     import onnx
 
     report, _ = compiled
-    print(f"ONNX parity: max |logit diff| {report['parity']['max_abs_logit_diff']:.3g}, "
-          f"export {report['export_seconds']}s")
+    print(f"ORT GenAI parity: max |logit diff| {report['parity']['max_abs_logit_diff']:.3g}, "
+          f"build {report['export_seconds']}s")
     assert report["parity"]["max_abs_logit_diff"] < 1e-3
-    assert report["parity"]["prompts"] >= 3
-    model = onnx.load(report["onnx_path"])
-    inp, out = model.graph.input[0], model.graph.output[0]
-    assert inp.name == "input_ids" and out.name == "logits"
-    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
-    assert all(isinstance(d, str) for d in dims), f"batch and seq must be dynamic, got {dims}"
+    assert report["parity"]["prompts"] >= 3 and report["parity"]["generation_equal"] is True
+    assert report["builder"] == {"tool": "onnxruntime_genai.models.builder", "precision": "fp32",
+                                 "execution_provider": "cpu"}
+    graph = onnx.load(report["onnx_path"], load_external_data=False).graph
+    inputs = {i.name for i in graph.input}
+    outputs = {o.name for o in graph.output}
+    # the decoder takes and returns the attention keys/values: one position per new token
+    assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= inputs
+    assert {"logits", "present.0.key", "present.1.value"} <= outputs
+    assert any(n.op_type == "GroupQueryAttention" for n in graph.node)
+    genai = json.loads((Path(report["onnx_path"]).parent / "genai_config.json").read_text())
+    assert genai["model"]["eos_token_id"] == 2 and genai["model"]["decoder"]["num_hidden_layers"] == 2
+
+
+def test_served_tokenizer_encodes_as_the_eager_one(compiled, tmp_path_factory):
+    """The served model encodes prompts with the build's tokenizer.json: the same ids as the
+    eager tokenizer, BOS and special tokens included (ONNX Runtime GenAI's own tokenizer
+    drops the BOS, which is why it is not used)."""
+    from tuneship.compile import merged_model, prompt_ids, served_text
+
+    _, repo = compiled
+    gen = load_triton_model_module().GenaiGreedyGenerator(str(repo / "llm_blue" / "3"))
+    _, tok = merged_model(str(base_model(tmp_path_factory)), None)
+    chat = [{"role": "user", "content": "My card was declined."}]
+    for prompt in ("Hello", "Ticket: caf\u00e9 order late\nTriage:", "</s> inside <s> text", chat):
+        assert gen.encode(served_text(tok, prompt)) == prompt_ids(tok, prompt), prompt
+    assert gen.encode("Hello")[0] == tok.bos_token_id == 1
 
 
 def test_triton_generator_matches_eager_generate(compiled, tmp_path_factory):
-    """The class Triton runs (numpy + onnxruntime + tokenizers only) == tuneship.generate."""
+    """The class Triton runs (numpy + onnxruntime-genai + tokenizers only) == tuneship.generate."""
     from tests.tasks import triage
     from tuneship.compile import merged_model
 
@@ -78,7 +103,7 @@ def test_triton_generator_matches_eager_generate(compiled, tmp_path_factory):
     from tuneship.generate import generate_ids
 
     report, repo = compiled
-    gen = load_triton_model_module().OnnxGreedyGenerator(str(repo / "llm_blue" / "3"))
+    gen = load_triton_model_module().GenaiGreedyGenerator(str(repo / "llm_blue" / "3"))
     model, tok = merged_model(str(base_model(tmp_path_factory)), finetuned(tmp_path_factory) / "adapter")
     rows = read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")[:12]
     correct = 0
@@ -100,19 +125,24 @@ def test_triton_generator_matches_eager_generate(compiled, tmp_path_factory):
 
 
 def _unfaithful_copy(compiled, dest, change):
-    """The compiled version directory with one weight of its ONNX graph changed."""
+    """The compiled version directory with one weight of the built model changed in place,
+    in model.onnx.data where the graph's external-data reference points."""
     import shutil
 
     import numpy as np
     import onnx
-    from onnx import numpy_helper
 
     _, repo = compiled
     shutil.copytree(repo / "llm_blue" / "3", dest)
-    model = onnx.load(str(dest / "model.onnx"))
-    norm = next(t for t in model.graph.initializer if t.name.endswith("norm.weight") and "layers" not in t.name)
-    norm.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(norm)).astype(np.float32), norm.name))
-    onnx.save(model, str(dest / "model.onnx"))
+    graph = onnx.load(str(dest / "model.onnx"), load_external_data=False).graph
+    norm = next(t for t in graph.initializer if t.name.endswith("final_norm_layernorm.weight"))
+    where = {e.key: e.value for e in norm.external_data}
+    offset, length = int(where.get("offset", 0)), int(where["length"])
+    with open(dest / where["location"], "r+b") as f:
+        f.seek(offset)
+        weight = np.frombuffer(f.read(length), dtype=np.float32)
+        f.seek(offset)
+        f.write(change(weight).astype(np.float32).tobytes())
     return dest
 
 
@@ -122,7 +152,7 @@ def _unfaithful_copy(compiled, dest, change):
 ])
 def test_parity_check_refuses_an_unfaithful_export(compiled, tmp_path, tmp_path_factory, change, tolerance, refusal):
     """The check that guards every deployment bites: the final norm's weights altered in the
-    exported graph are refused, by the logit comparison and, past it, by the greedy answers."""
+    built model are refused, by the logit comparison and, past it, by the greedy answers."""
     from tuneship.compile import check_parity, merged_model
 
     model, tok = merged_model(str(base_model(tmp_path_factory)), finetuned(tmp_path_factory) / "adapter")
@@ -134,7 +164,7 @@ def test_parity_check_refuses_an_unfaithful_export(compiled, tmp_path, tmp_path_
 def test_stream_holds_back_an_incomplete_utf8_character():
     """A byte-level token can end mid-character (decoded as U+FFFD): that piece waits for
     the token that completes it, so a client never sees a replacement character."""
-    cls = load_triton_model_module().OnnxGreedyGenerator
+    cls = load_triton_model_module().GenaiGreedyGenerator
     gen = cls.__new__(cls)  # the decoding loop replaced by a scripted one
     gen._steps = lambda prompt, max_tokens: iter(
         [("", 3, 0), (" ca", 3, 1), (" caf\ufffd", 3, 2), (" café", 3, 3), (" café!", 3, 4)])
@@ -144,18 +174,42 @@ def test_stream_holds_back_an_incomplete_utf8_character():
 
 
 def test_failed_parity_leaves_nothing_behind(tmp_path, tmp_path_factory, monkeypatch):
-    def fake_export(model, tok, path):
-        path.write_bytes(b"not onnx")
+    def fake_build(model, tok, out_dir, work_dir):
+        out_dir.mkdir(parents=True)
+        for name in tcompile.BUILD_FILES:
+            (out_dir / name).write_bytes(b"not a model")
         return 0.0
 
     def failing_parity(*a, **k):
         raise ParityError("logits differ")
 
-    monkeypatch.setattr(tcompile, "export_onnx", fake_export)
+    monkeypatch.setattr(tcompile, "build_genai_model", fake_build)
     monkeypatch.setattr(tcompile, "check_parity", failing_parity)
     with pytest.raises(ParityError):
         compile_for_triton(str(base_model(tmp_path_factory)), None, tmp_path, "llm_green")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_head_size_the_cpu_attention_cannot_run_is_refused_before_building(tmp_path):
+    """ONNX Runtime GenAI's fp32 CPU attention needs head sizes in multiples of 16; the
+    builder would write a model that fails at its first request, so compile refuses first."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(config=SimpleNamespace(hidden_size=96, num_attention_heads=4, head_dim=None))
+    with pytest.raises(ValueError, match=r"multiple of 16; this model has 24 \(hidden_size 96 / 4 heads\)"):
+        tcompile.build_genai_model(model, None, tmp_path / "out", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_builder_failure_carries_its_stderr(tmp_path, tmp_path_factory, monkeypatch):
+    """A failing model builder (here: a precision it does not know) is reported with its
+    command and its own error text, not a bare exit status."""
+    from tuneship.compile import merged_model
+
+    model, tok = merged_model(str(base_model(tmp_path_factory)), None)
+    monkeypatch.setattr(tcompile, "BUILD_PRECISION", "fp7")
+    with pytest.raises(RuntimeError, match=r"(?s)model builder failed \(exit 2.*-p fp7.*invalid choice: 'fp7'"):
+        tcompile.build_genai_model(model, tok, tmp_path / "out", tmp_path)
 
 
 def test_config_template_placeholders_are_all_filled():

@@ -1,13 +1,18 @@
-"""Triton Python-backend model: greedy text generation over an ONNX causal LM.
+"""Triton Python-backend model: greedy text generation on ONNX Runtime GenAI (KV cache).
 
-Runs inside Triton's Python backend stub, whose environment has only numpy<2, onnxruntime and
-tokenizers: no torch, no transformers, no tuneship. The decoding rule is a line-for-line
-mirror of `tuneship.generate` (prompt encoded with special tokens, full-sequence forward,
+Runs inside Triton's Python backend stub, whose environment has only numpy<2, onnxruntime,
+onnxruntime-genai and tokenizers: no torch, no transformers, no tuneship. The decoding rule
+is a line-for-line mirror of `tuneship.generate` (prompt encoded with special tokens, greedy
 argmax of the last position, stop at eos / newline / max tokens, completion cut before the
-newline), so what evaluation measured is what production serves. The generator is a plain
-class so the parity test runs it in the main environment without Triton.
+newline), so what evaluation measured is what production serves. ONNX Runtime GenAI keeps the
+attention keys and values between steps, so each new token costs one position, not the whole
+sequence. The generator is a plain class so the compile step's parity check runs it in the
+main environment without Triton.
 
-Version directory layout: model.onnx, tokenizer.json, generation.json, deployment.json.
+Version directory layout: model.onnx + model.onnx.data + genai_config.json (the ONNX Runtime
+GenAI model builder's output), tokenizer.json (the HF tokenizer: ONNX Runtime GenAI's own
+tokenizer does not add the BOS the eager tokenizer adds, so prompts are encoded with
+`tokenizers`), generation.json, deployment.json.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from typing import Any
 import numpy as np
 
 
-class OnnxGreedyGenerator:
-    """Greedy decoder over model.onnx (input_ids [batch, seq] -> logits [batch, seq, vocab])."""
+class GenaiGreedyGenerator:
+    """Greedy decoder over an ONNX Runtime GenAI model directory; one `og.Generator` (its own
+    KV cache) per request over one shared `og.Model` (weights loaded once)."""
 
     def __init__(self, model_dir: str, threads: int = 1) -> None:
-        import onnxruntime as ort
+        import onnxruntime_genai as og
         from tokenizers import Tokenizer
 
         self.model_dir = model_dir
@@ -35,14 +41,29 @@ class OnnxGreedyGenerator:
         self.max_tokens_limit = int(self.generation.get("max_tokens_limit", 256))
         self.max_context = int(self.generation.get("max_context", 4096))
         self.tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(
-            os.path.join(model_dir, "model.onnx"), sess_options=opts,
-            providers=["CPUExecutionProvider"],
-        )
-        self.input_name = self.session.get_inputs()[0].name
+        cfg = og.Config(model_dir)
+        # Threads per request's forward pass; Triton scales out with model instances.
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
+        self._og = og
+        self.model = og.Model(cfg)
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt token ids, special tokens included (as eager generation encodes them)."""
+        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+
+    def _generator(self, prompt_ids: list[int], max_tokens: int) -> Any:
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_tokens)
+        generator = self._og.Generator(self.model, params)
+        generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
+        return generator
+
+    def prompt_logits(self, prompt_ids: list[int]) -> np.ndarray:
+        """Logits [prompt_len, vocab] of the prompt pass (what the first token is chosen from);
+        the compile step compares them with eager PyTorch's."""
+        generator = self._generator(prompt_ids, 1)
+        return np.asarray(generator.get_output("logits"))[0]
 
     def _decode(self, ids: list[int]) -> tuple[str, bool]:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -58,22 +79,21 @@ class OnnxGreedyGenerator:
         max_tokens = self.default_max_tokens if max_tokens is None else int(max_tokens)
         if not 0 < max_tokens <= self.max_tokens_limit:
             raise ValueError(f"MAX_TOKENS must be within 1..{self.max_tokens_limit}, got {max_tokens}")
-        prompt_ids = self.tokenizer.encode(prompt, add_special_tokens=True).ids
+        prompt_ids = self.encode(prompt)
         if len(prompt_ids) + max_tokens > self.max_context:
             raise ValueError(
                 f"prompt is {len(prompt_ids)} tokens; with MAX_TOKENS={max_tokens} it exceeds the "
                 f"model context of {self.max_context}"
             )
-        ids = list(prompt_ids)
+        generator = self._generator(prompt_ids, max_tokens)
         out: list[int] = []
         yield "", len(prompt_ids), 0
         for _ in range(max_tokens):
-            logits = self.session.run(None, {self.input_name: np.asarray([ids], dtype=np.int64)})[0]
-            nxt = int(np.argmax(logits[0, -1]))
+            generator.generate_next_token()  # greedy: argmax of the last position's logits
+            nxt = int(generator.get_next_tokens()[0])
             if nxt == self.eos_id:
                 break
             out.append(nxt)
-            ids.append(nxt)
             text, hit_newline = self._decode(out)
             yield text, len(prompt_ids), len(out)
             if hit_newline:
@@ -121,7 +141,9 @@ def _error(pb_utils: Any, e: Exception) -> Any:
 
 
 class TritonPythonModel:
-    """Triton entry points; one generator per model instance, per-request errors as responses.
+    """Triton entry points: the model loaded once per instance, a fresh generator (its own KV
+    cache) per request, per-request errors as responses. An instance runs its requests one
+    after another; config.pbtxt asks for two instances so a second request is not held up.
 
     Deployed decoupled (config.pbtxt `model_transaction_policy`): a request with STREAM true
     gets one response per decoded piece of text as it is generated (Triton's
@@ -135,7 +157,7 @@ class TritonPythonModel:
 
         model_dir = os.path.join(args["model_repository"], args["model_version"])
         threads = int(os.environ.get("TUNESHIP_ORT_THREADS", "1"))
-        self.generator = OnnxGreedyGenerator(model_dir, threads=threads)
+        self.generator = GenaiGreedyGenerator(model_dir, threads=threads)
         with open(os.path.join(model_dir, "deployment.json"), encoding="utf-8") as f:
             self.deployment = json.load(f)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
