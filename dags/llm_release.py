@@ -70,13 +70,17 @@ from tuneship_airflow.refusals import fail_on_refusal
     tags=["tuneship", "serving"],
     default_args={"owner": "ml-platform", "retries": 1, "retry_delay": timedelta(seconds=20)},
     params={
-        "shadow_hours": Param(72.0, type="number", exclusiveMinimum=0, title="Shadow window (hours)",
-                              description="How long the candidate shadows live traffic before the verdict."),
-        "max_error_rate": Param(0.01, type="number", minimum=0, maximum=1, title="Max error rate",
-                                description="Shadow window and post-switch guard: above it, traffic goes back."),
-        "max_p95_ms": Param(2000, type="number", exclusiveMinimum=0, title="Max p95 latency (ms)",
-                            description="Shadow window and post-switch guard: p95 of the successful answers."),
-        "min_requests": Param(20, type="integer", minimum=1, title="Min requests in the window"),
+        "shadow_hours": Param(None, type=["null", "number"], exclusiveMinimum=0, title="Shadow window (hours)",
+                              description="How long the candidate shadows live traffic before the verdict. "
+                                          "Empty: the task's (release.shadow_hours, 72 by default)."),
+        "max_error_rate": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Max error rate",
+                                description="Shadow window and post-switch guard: above it, traffic goes back. "
+                                            "Empty: the task's."),
+        "max_p95_ms": Param(None, type=["null", "number"], exclusiveMinimum=0, title="Max p95 latency (ms)",
+                            description="Shadow window and post-switch guard: p95 of the successful answers. "
+                                        "Empty: the task's."),
+        "min_requests": Param(None, type=["null", "integer"], minimum=1, title="Min requests in the window",
+                              description="Empty: the task's."),
         "post_switch_minutes": Param(30.0, type="number", exclusiveMinimum=0, maximum=1440,
                                      title="Post-switch window (minutes)",
                                      description="How long the guard watches the new live version after the switch."),
@@ -129,14 +133,15 @@ def llm_release():
     def plan(chosen: dict, params=None):
         from airflow.sdk import Variable
 
-        from tuneship.stages import StageFailed, release_plan, release_windows
+        from tuneship.stages import StageFailed, release_plan, release_thresholds, release_windows
         from tuneship.tasks import load_task
         from tuneship_airflow.hooks import GatewayHook
 
         task = load_task(chosen["task"])
         candidate = chosen["candidate"]
+        thresholds = release_thresholds(task, params)
         windows = release_windows(
-            params,
+            {**params, "shadow_hours": thresholds.pop("shadow_hours")},
             shadow_hours_override=Variable.get("tuneship_shadow_hours_override", default=None),
             post_switch_minutes_override=Variable.get("tuneship_post_switch_minutes_override", default=None),
             retention_minutes_override=Variable.get("tuneship_retention_minutes_override", default=None),
@@ -146,6 +151,7 @@ def llm_release():
         if result is None:
             raise StageFailed(f"nothing to release for task {task.name}: no triggering candidate and no `version` given")
         result.update(windows)
+        result["thresholds"] = thresholds
         return result
 
     @task
@@ -189,8 +195,8 @@ def llm_release():
         task="{{ ti.xcom_pull(task_ids='plan')['task'] }}",
         candidate_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
         window_hours="{{ ti.xcom_pull(task_ids='plan')['shadow_hours'] }}",
-        thresholds={"max_error_rate": "{{ params.max_error_rate }}", "max_p95_ms": "{{ params.max_p95_ms }}",
-                    "min_requests": "{{ params.min_requests }}"},
+        thresholds={k: f"{{{{ ti.xcom_pull(task_ids='plan')['thresholds']['{k}'] }}}}"
+                    for k in ("max_error_rate", "max_p95_ms", "min_requests")},
         poll_interval=5.0,
         execution_timeout=timedelta(hours=80),
     )
@@ -215,7 +221,8 @@ def llm_release():
         version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
         switched_at="{{ ti.xcom_pull(task_ids='decide')['switched_at'] }}",
         window_minutes="{{ ti.xcom_pull(task_ids='plan')['post_switch_minutes'] }}",
-        thresholds={"max_error_rate": "{{ params.max_error_rate }}", "max_p95_ms": "{{ params.max_p95_ms }}",
+        thresholds={"max_error_rate": "{{ ti.xcom_pull(task_ids='plan')['thresholds']['max_error_rate'] }}",
+                    "max_p95_ms": "{{ ti.xcom_pull(task_ids='plan')['thresholds']['max_p95_ms'] }}",
                     "min_requests": "{{ params.post_switch_min_requests }}"},
         poll_interval=5.0,
         execution_timeout=timedelta(hours=25),

@@ -39,35 +39,53 @@ def say(msg: str) -> None:
 @dataclass
 class Traffic:
     """Replays a task's production-like prompts through the gateway at a steady rate once
-    its served model is ready."""
+    its served model is ready: `senders` threads, each on a fixed schedule, so a slow answer
+    delays no other request (a real model on 2 cores answers in about a second)."""
 
     task: Any = None  # tuneship.tasks.Task
-    rps: float = 4.0
+    rps: float = 1.5
     drift: float = 0.0
     api_key: str | None = None  # the embedded default's client key (ensure_client_key)
+    senders: int = 2
     sent: int = 0
     ok: int = 0
     failed: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _seed: int = 1000
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="traffic")
-        self._thread.start()
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._loop, daemon=True, name=f"traffic-{i}")
+                         for i in range(self.senders)]
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=30)
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def _next_seed(self) -> int:
+        with self._lock:
+            self._seed += 1
+            return self._seed
+
+    def _count(self, ok: bool) -> None:
+        with self._lock:
+            self.sent += 1
+            self.ok += ok
+            self.failed += not ok
 
     def _loop(self) -> None:
         task = self.task
         traffic_prompts = task.resolve(task.demo.traffic)
-        url = config.gateway_url()
-        seed = 1000
+        max_tokens = task.suite(task.eval.smoke).generation.max_new_tokens
         served = task.served_model
+        period = self.senders / self.rps
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        with httpx.Client(base_url=url, timeout=30.0, headers=headers) as c:
+        with httpx.Client(base_url=config.gateway_url(), timeout=60.0, headers=headers) as c:
             while not self._stop.is_set():
                 try:
                     ready = any(m["id"] == served for m in c.get("/v1/models").json().get("data", []))
@@ -76,21 +94,18 @@ class Traffic:
                 if not ready:
                     self._stop.wait(1.0)
                     continue
-                seed += 1
-                drift = self.drift
-                prompt = task.render_prompt(traffic_prompts(1, seed=seed, drift=drift)[0])
-                body = {"model": served, "max_tokens": 12, "temperature": 0}
+                due = time.monotonic() + period
+                prompt = task.render_prompt(traffic_prompts(1, seed=self._next_seed(), drift=self.drift)[0])
+                body = {"model": served, "max_tokens": max_tokens, "temperature": 0}
                 try:
                     if isinstance(prompt, str):
                         r = c.post("/v1/completions", json={**body, "prompt": prompt})
                     else:
                         r = c.post("/v1/chat/completions", json={**body, "messages": prompt})
-                    self.ok += r.status_code == 200
-                    self.failed += r.status_code != 200
+                    self._count(r.status_code == 200)
                 except httpx.HTTPError:
-                    self.failed += 1
-                self.sent += 1
-                self._stop.wait(1.0 / self.rps)
+                    self._count(False)
+                self._stop.wait(max(0.0, due - time.monotonic()))
 
 
 class Loop(RunWatcher):
@@ -400,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneship.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--up", action="store_true", help="start the services and leave them running (make up)")
-    parser.add_argument("--shadow-hours", type=float, default=0.007, help="shadow window (default 0.007 h = 25 s)")
+    parser.add_argument("--shadow-hours", type=float, default=0.012,
+                        help="shadow window (default 0.012 h = 43 s; also caps the post-switch and retention windows)")
     parser.add_argument("--timeout", type=float, default=1500, help="give up after this many seconds")
     parser.add_argument("--keep", action="store_true", help="leave the services running after the demo")
     args = parser.parse_args(argv)

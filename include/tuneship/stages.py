@@ -624,6 +624,17 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
     raise Refusal(f"release of v{version} rolled back: {why}")
 
 
+def release_thresholds(task: Task, params: dict[str, Any]) -> dict[str, Any]:
+    """The release's figures: the task's `release:` section, each replaced by the run's
+    Param when one is given (shadow_hours, max_error_rate, max_p95_ms, min_requests)."""
+    out: dict[str, Any] = {k: getattr(task.release, k)
+                           for k in ("shadow_hours", "max_error_rate", "max_p95_ms", "min_requests")}
+    for key in out:
+        if params.get(key) is not None and str(params[key]).strip() != "":
+            out[key] = params[key]
+    return out
+
+
 def release_windows(params: dict[str, Any], *, shadow_hours_override: Any = None,
                     post_switch_minutes_override: Any = None, retention_minutes_override: Any = None) -> dict[str, float]:
     """The release's three waits from the DAG's Params and the override Variables.

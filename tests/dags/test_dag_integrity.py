@@ -76,10 +76,20 @@ def test_form_defaults_are_valid_and_empty_means_default(dagbag, dag_id):
             jsonschema.validate(None, param.schema)
 
 
+def test_release_figures_come_from_the_task_unless_the_run_sets_them():
+    from tuneship.stages import release_thresholds
+    from tuneship.tasks import load_task
+
+    task = load_task("triage")
+    empty = {"shadow_hours": None, "max_error_rate": None, "max_p95_ms": None, "min_requests": None}
+    assert release_thresholds(task, empty) == task.release.model_dump(exclude={"min_format_rate"})
+    assert release_thresholds(task, {**empty, "max_p95_ms": 0.001})["max_p95_ms"] == 0.001
+
+
 def test_validation_and_release_params(dagbag):
     assert "dataset_uri" in dagbag.dags["llm_data_validation"].params
     release = dagbag.dags["llm_release"].params
-    assert release["shadow_hours"] == 72.0
+    assert release["shadow_hours"] is None  # empty: the task's release.shadow_hours (72 h by default)
     assert release["post_switch_minutes"] == 30.0 and release["post_switch_min_requests"] == 20
     assert release["retention_minutes"] == 120.0
 
@@ -98,11 +108,12 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     watch = dag.get_task("post_switch_window")
     assert type(watch).__name__ == "PostSwitchWindowOperator" and "thresholds" in watch.template_fields
     assert type(dag.get_task("retention_window")).__name__ == "DateTimeSensorAsync"
-    # every threshold template names a Param that exists
+    # every threshold template names a Param that exists, or the plan's figures (the task's
+    # release section with the run's Params on top: tuneship.stages.release_thresholds)
     for op in (watch, dag.get_task("shadow_window")):
-        for value in op.thresholds.values():
-            (name,) = re.findall(r"params\.(\w+)", value)
-            assert name in dag.params, (op.task_id, name)
+        for key, value in op.thresholds.items():
+            names = re.findall(r"params\.(\w+)", value)
+            assert names and names[0] in dag.params or f"['thresholds']['{key}']" in value, (op.task_id, value)
     assert "post_switch_min_requests" in watch.thresholds["min_requests"]
 
 
