@@ -200,7 +200,7 @@ def run_failure_paths(demo: dict[str, Any]) -> dict[str, dict[str, Any]]:
         loop = demo_mod.Loop(api, timeout=1500)
         # a candidate no better than the base model: below the floor and behind the champion
         out["gates"] = _refusal(api, loop, env, home, "llm_finetune",
-                                {"task": "triage", "epochs": 1, "learning_rate": 1e-6})
+                                {"task": "triage", "max_steps": 2, "learning_rate": 1e-6})
         bad = str(api.xcom("llm_finetune", out["gates"]["run_id"], "register")["version"])
         out["gates"]["version"] = bad
         # the same candidate released by hand (compiled on demand): it answers garbage
