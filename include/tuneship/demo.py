@@ -142,6 +142,7 @@ def _run_ids(api: Any, dag_id: str) -> set[str]:
 
 
 RESET = ("airflow", "mlflow", "artifacts", "gateway", "inference_log", "monitor", "incoming", "validation",
+         "demo-staging", "release",
          "data_validation", "triton/models", "notifications.jsonl", "run", "logs")
 
 
@@ -187,12 +188,24 @@ def prepare_base_model(task: Any) -> str:
 
 
 def prepare_inputs(task: Any) -> Path:
+    """The task's base model ready, and its first batch generated off to the side: it lands
+    when the task's cycle starts (a batch already in a landing location would be taken in by
+    the nightly validation run that starts when the DAG is unpaused, beside the demo's)."""
     t = time.monotonic()
     prepare_base_model(task)
     say(f"base model {task.base_model} ready ({time.monotonic() - t:.0f}s)")
-    batch = task.landing() / "batch-0001"
-    if not (batch / "train.jsonl").exists():
-        task.resolve(task.demo.generator)(batch, seed=0)
+    staged = config.home() / "demo-staging" / task.name / "batch-0001"
+    if not (staged / "train.jsonl").exists():
+        task.resolve(task.demo.generator)(staged, seed=0)
+    return staged
+
+
+def land(task: Any, staged: Path) -> Path:
+    """Move a generated batch into the task's landing location (one rename: never half there)."""
+    batch = task.landing() / staged.name
+    batch.parent.mkdir(parents=True, exist_ok=True)
+    if staged.exists():
+        staged.rename(batch)
     say(f"training data for task {task.name} landed: {batch}")
     return batch
 
@@ -272,7 +285,7 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         for task in tasks:
             say(f"cycle 1 ({task.name}): validate -> fine-tune -> gates -> compile -> release (shadow) -> promote")
             before = {d: _run_ids(api, d) for d in DAGS}
-            conf = {"task": task.name, "dataset_uri": str(batches[task.name])}
+            conf = {"task": task.name, "dataset_uri": str(land(task, batches[task.name]))}
             cycle = _cycle(api, loop, before, ("llm_data_validation", conf), task.name)
             summary["cycles"].append(cycle)
             if not cycle["ok"]:

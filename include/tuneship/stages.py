@@ -606,9 +606,9 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         registry.set_alias("champion", version, name)
         registry.set_version_tags(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                             "colour": plan["colour"]}, name)
-        notify(f"v{version} is live on {plan['colour']} (shadow: {verdict['requests']} requests, "
+        notify(f"{plan['task']} v{version} is live on {plan['colour']} (shadow: {verdict['requests']} requests, "
                f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms)",
-               level="success", version=version, verdict=verdict)
+               level="success", version=version, task=plan["task"], verdict=verdict)
         return {"decision": "promoted", "version": version, "colour": plan["colour"], "verdict": verdict}
     routes = gateway.routes()
     if slot == "shadow":
@@ -618,9 +618,9 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
     if triton.is_ready(model):
         triton.unload(model)
     why = "; ".join(verdict.get("reasons") or ["verdict was rollback"])
-    notify(f"v{version} rolled back after the shadow window: {why}. Live traffic stays on "
+    notify(f"{plan['task']} v{version} rolled back after the shadow window: {why}. Live traffic stays on "
            f"{plan.get('previous_colour') or 'nothing'} v{plan.get('previous_version')}.",
-           level="error", version=version, verdict=verdict)
+           level="error", version=version, task=plan["task"], verdict=verdict)
     raise Refusal(f"release of v{version} rolled back: {why}")
 
 
@@ -758,7 +758,7 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
                 and triton.is_ready(model):
             triton.unload(model)
     champ = registry.by_alias("champion", name)
-    notify(f"v{version} breached the post-switch guard: {why} ({figs}). {action}. "
+    notify(f"{plan['task']} v{version} breached the post-switch guard: {why} ({figs}). {action}. "
            f"@champion: {'v' + champ.version if champ else 'none'}.",
            level="error", version=version, verdict=verdict)
     raise Refusal(f"post-switch guard: v{version} breached ({why}); {action}")
