@@ -368,6 +368,16 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
                          "gates": api.xcom("llm_finetune", ft, "evaluate"),
                          "compiled": api.xcom("llm_finetune", ft, "compile_model")}
     if ft_run["state"] != "success":
+        tis = {t["task_id"]: (t["state"], t.get("try_number")) for t in api.task_instances("llm_finetune", ft)}
+        if tis.get("evaluate") == ("failed", 1) and dag_id == "llm_drift_monitor":
+            # A retrain that is no better than the champion is refused by its gates: a decision
+            # the loop exists to make (live traffic stays on the champion), not a demo failure.
+            # A first model refused leaves nothing to serve: that cycle fails the demo.
+            cycle["decision"] = "refused by its gates"
+            cycle["gates_alert"] = next((m["text"] for m in reversed(notify_sink()) if "failed its gates" in m["text"]),
+                                        None)
+            say(f"cycle ({task}): the retrain was refused by its gates; live traffic stays on the champion")
+            cycle["ok"] = True
         return cycle
     rel = loop.wait_new_run("llm_release", before["llm_release"])
     rel_run = loop.wait_run("llm_release", rel)
@@ -376,7 +386,14 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
                         "verdict": api.xcom("llm_release", rel, "shadow_window"),
                         "decision": api.xcom("llm_release", rel, "decide")}
     cycle["ok"] = rel_run["state"] == "success"
+    cycle["decision"] = (cycle["release"]["decision"] or {}).get("decision") if cycle["ok"] else "release failed"
     return cycle
+
+
+def notify_sink() -> list[dict]:
+    from tuneship.notify import read_sink
+
+    return read_sink()
 
 
 def _latest_drift(task: str | None, run_id: str) -> dict | None:
@@ -412,6 +429,8 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
                 print(f"   gate {k}: {fmt(v)} vs {ref} {fmt((gates.get('reference') or {}).get(k))}")
         rel = cycle.get("release") or {}
         verdict = rel.get("verdict") or {}
+        if cycle.get("decision") == "refused by its gates":
+            print("   decision: the retrain was refused by its gates; live traffic stays on the champion")
         if rel:
             print(f"   release {rel['state']}: shadow verdict {verdict.get('verdict')} "
                   f"({fmt(verdict.get('requests'))} requests, error rate {fmt(verdict.get('error_rate'))}, "
