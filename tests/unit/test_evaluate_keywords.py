@@ -106,10 +106,11 @@ def test_decline_everything_fails_the_faq_suites(tmp_path: Path):
     """The shipped faq suites, on the faq task's own eval split and smoke cases: the reference
     answers pass every gate, a model that only declines fails them."""
     faq = _faq_task()
-    faq.write_dataset(tmp_path, n_train=100, n_eval=80, seed=5)
     gate = load_suite("faq")
+    n = gate.cases.limit  # the suite scores the first `limit` cases of the split
+    faq.write_dataset(tmp_path, n_train=100, n_eval=n, seed=5)
     cases = load_cases(gate, tmp_path, faq.parse_answer)
-    assert len(cases) == 80 and sum(c.should_decline for c in cases) == round(80 * faq.DECLINE_SHARE)
+    assert len(cases) == n and sum(c.should_decline for c in cases) == round(n * faq.DECLINE_SHARE)
     assert all(c.expected["topic"] == "declined" for c in cases if c.should_decline)
     reference = [json.loads(line)["messages"][-1]["content"] for line in (tmp_path / "eval.jsonl").open()]
     right = score(gate, cases, reference, faq.parse_answer)
