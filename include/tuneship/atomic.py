@@ -1,12 +1,38 @@
 """Small files that readers must see whole (pointers, state): written beside the target
 under a name unique to this writer, then renamed over it. A fixed temp name (`x.tmp`) is
-not enough: two runs writing the same pointer at once rename each other's file away."""
+not enough: two runs writing the same pointer at once rename each other's file away.
+And the one cross-process lock for read-modify-write sections and one-time builds."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """An fcntl lock on `lock_path`, exclusive across processes (and machines sharing the
+    filesystem). The kernel drops it when the holder dies, so a killed holder never blocks
+    the next one. `on_wait` is called once if another process holds it."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: Path, text: str) -> None:

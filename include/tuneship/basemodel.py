@@ -19,9 +19,7 @@ rebuilt; a damaged one is rebuilt. Both are written to a temp dir and renamed in
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import math
@@ -30,7 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,22 +369,13 @@ def _packaged_ok(out: Path, name: str, spec: PackagedModel) -> bool:
     return ok
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """An fcntl lock on lock_path: one converter at a time across processes (the trainer
-    subprocess and an evaluation may ask for the model together). Released by the kernel
-    when the holder dies, so a killed converter never blocks the next one."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"base model: waiting for another process converting into {lock_path.parent}")
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def _exclusive(lock_path: Path, log: Callable[[str], None]) -> Any:
+    """One converter at a time across processes (the trainer subprocess and an evaluation
+    may ask for the model together)."""
+    from tuneship import atomic
+
+    return atomic.exclusive(
+        lock_path, on_wait=lambda: log(f"base model: waiting for another process converting into {lock_path.parent}"))
 
 
 def _convert_gguf(gguf: Path, out: Path, log: Callable[[str], None]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from tuneship import config
 from tuneship.basemodel import sha256_file
+from tuneship.generate import prompt_ids
 
 TRITON_TEMPLATE_DIR = config.REPO_ROOT / "serving" / "triton" / "llm"
 LOGIT_TOLERANCE = 1e-3
@@ -118,14 +119,6 @@ def model_sha256(version_dir: Path) -> str:
 
     lines = "".join(f"{name} {sha256_file(version_dir / name)}\n" for name in BUILD_FILES)
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
-    """The token ids eager generation feeds for a prompt (text, or chat messages)."""
-    from tuneship.generate import render_prompt
-
-    text, add_special = render_prompt(tokenizer, prompt)
-    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
 
 
 def _adds_bos(tokenizer: Any) -> bool:

@@ -374,7 +374,9 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
             # the loop exists to make (live traffic stays on the champion), not a demo failure.
             # A first model refused leaves nothing to serve: that cycle fails the demo.
             cycle["decision"] = "refused by its gates"
-            cycle["gates_alert"] = next((m["text"] for m in reversed(notify_sink()) if "failed its gates" in m["text"]),
+            from tuneship.notify import read_sink
+
+            cycle["gates_alert"] = next((m["text"] for m in reversed(read_sink()) if "failed its gates" in m["text"]),
                                         None)
             say(f"cycle ({task}): the retrain was refused by its gates; live traffic stays on the champion")
             cycle["ok"] = True
@@ -388,12 +390,6 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
     cycle["ok"] = rel_run["state"] == "success"
     cycle["decision"] = (cycle["release"]["decision"] or {}).get("decision") if cycle["ok"] else "release failed"
     return cycle
-
-
-def notify_sink() -> list[dict]:
-    from tuneship.notify import read_sink
-
-    return read_sink()
 
 
 def _latest_drift(task: str | None, run_id: str) -> dict | None:

@@ -40,6 +40,12 @@ def render_prompt(tokenizer: Any, prompt: Prompt, prompt_format: PromptFormat = 
     return text, not templated
 
 
+def prompt_ids(tokenizer: Any, prompt: Prompt, prompt_format: PromptFormat = "plain") -> list[int]:
+    """The token ids generation feeds for a prompt (text, or chat messages)."""
+    text, add_special = render_prompt(tokenizer, prompt, prompt_format)
+    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+
 def completion_text(tokenizer: Any, ids: list[int]) -> tuple[str, bool]:
     """Decode completion ids; (text cut before the first newline, whether a newline was hit)."""
     text = tokenizer.decode(ids, skip_special_tokens=True)
@@ -60,10 +66,9 @@ def generate_ids(
     the very same arithmetic."""
     import torch
 
-    text, add_special = render_prompt(tokenizer, prompt, prompt_format)
-    prompt_ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    ids_in = prompt_ids(tokenizer, prompt, prompt_format)
     eos = tokenizer.eos_token_id
-    ids = list(prompt_ids)
+    ids = list(ids_in)
     out: list[int] = []
     text = ""
     past = None
@@ -84,7 +89,7 @@ def generate_ids(
             text, hit_newline = completion_text(tokenizer, out)
             if hit_newline:
                 break
-    return text, len(prompt_ids), len(out)
+    return text, len(ids_in), len(out)
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int = 16,

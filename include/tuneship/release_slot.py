@@ -23,9 +23,7 @@ passes the lookup.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -50,16 +48,8 @@ def _locked(task: str) -> Iterator[Path]:
     """The slot's read-modify-write section, exclusive across processes and machines that
     share TUNESHIP_HOME. Held for milliseconds; the kernel drops it if the holder dies."""
     path = slot_path(task)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield path
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with atomic.exclusive(path.with_name(f"{path.name}.lock")):
+        yield path
 
 
 def _read(path: Path) -> dict[str, Any] | None:

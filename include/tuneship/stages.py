@@ -22,9 +22,6 @@ from tuneship.notify import notify
 if TYPE_CHECKING:
     from tuneship.tasks import Task
 
-COLOURS = ("blue", "green")
-
-
 class StageFailed(RuntimeError):
     """A stage could not do its job; the message is written for the person who reads the alert.
     Retried like any other fault (a lost connection, a half-written output)."""
@@ -321,10 +318,10 @@ def _adapter_dir(task: Task, version: str) -> Path:
 
 
 def _generator(base_ref: str, adapter_dir: Path | None):
-    from tuneship.basemodel import load_base, resolve_base_ref
+    from tuneship.basemodel import load_base
     from tuneship.generate import generate
 
-    model, tokenizer = load_base(resolve_base_ref(base_ref)[0])
+    model, tokenizer = load_base(base_ref)
     if adapter_dir is not None:
         from peft import PeftModel
 
@@ -624,15 +621,17 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
     raise Refusal(f"release of v{version} rolled back: {why}")
 
 
+def with_params(declared: dict[str, Any], params: dict[str, Any] | None) -> dict[str, Any]:
+    """A task file's settings, each replaced by the run's Param of the same name when one is
+    given (None or blank: not given)."""
+    given = {k: v for k, v in (params or {}).items() if v is not None and str(v).strip() != ""}
+    return {k: given.get(k, v) for k, v in declared.items()}
+
+
 def release_thresholds(task: Task, params: dict[str, Any]) -> dict[str, Any]:
-    """The release's figures: the task's `release:` section, each replaced by the run's
-    Param when one is given (shadow_hours, max_error_rate, max_p95_ms, min_requests)."""
-    out: dict[str, Any] = {k: getattr(task.release, k)
-                           for k in ("shadow_hours", "max_error_rate", "max_p95_ms", "min_requests")}
-    for key in out:
-        if params.get(key) is not None and str(params[key]).strip() != "":
-            out[key] = params[key]
-    return out
+    """The release's figures: the task's `release:` section (shadow_hours, max_error_rate,
+    max_p95_ms, min_requests), each replaced by the run's Param when one is given."""
+    return with_params(task.release.model_dump(exclude={"min_format_rate"}), params)
 
 
 def release_windows(params: dict[str, Any], *, shadow_hours_override: Any = None,
@@ -797,11 +796,7 @@ def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[
 
 def drift_settings(task: Task, params: dict[str, Any] | None = None) -> dict[str, float]:
     """The task's drift settings, each replaced by a run's Param when one is given."""
-    out = task.drift.model_dump()
-    for key, value in (params or {}).items():
-        if key in out and value is not None:
-            out[key] = value
-    return out
+    return with_params(task.drift.model_dump(), params)
 
 
 def check_drift(task: Task, *, window_hours: float, threshold: float, min_requests: int, debounce: int,

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from tuneship import config
 
 SCHEMA_VERSION = 1
+COLOURS = ("blue", "green")  # each task's two Triton colours
 TASKS_DIR = config.REPO_ROOT / "include" / "tasks"
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,30}$"
 SERVED_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}$"
@@ -134,7 +135,7 @@ class Task(_Strict):
         return f"{self.name}_{colour}"
 
     def colour_models(self) -> set[str]:
-        return {self.colour_model(c) for c in ("blue", "green")}
+        return {self.colour_model(c) for c in COLOURS}
 
     def landing(self) -> Path:
         """Where this task's new training-data batches land."""
@@ -191,9 +192,14 @@ class Task(_Strict):
     def parser(self) -> Callable[[str], dict[str, Any]]:
         return self.resolve(self.answers.parser)
 
+    @cached_property
+    def _check(self) -> Callable[[str], Any]:
+        return self.resolve(self.answers.check)
+
     def conforms(self, answer: str) -> bool:
-        """Does one answer have the task's shape (its declared check)?"""
-        return bool(self.resolve(self.answers.check)(answer))
+        """Does one answer have the task's shape (its declared check)? Called per answer
+        (shadow verdicts): the function is looked up once."""
+        return bool(self._check(answer))
 
     def module_file(self, ref: str) -> Path:
         """The file that defines `module:function` (for a process that must load it anew)."""
@@ -230,16 +236,9 @@ def task_dirs() -> list[Path]:
 
 
 def _format(err: ValidationError, source: Path) -> str:
-    parts = []
-    for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "<top>"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling against include/tasks/README.md)"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        parts.append(f"key '{key}': {msg}")
-    return f"{source}: " + "; ".join(parts)
+    from tuneship.train.recipe import describe_errors
+
+    return f"{source}: " + describe_errors(err, top="<top>", schema="include/tasks/README.md")
 
 
 def _check_refs(task: Task) -> None:

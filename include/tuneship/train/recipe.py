@@ -74,17 +74,23 @@ class Recipe(BaseModel):
         return self
 
 
-def _format_validation(err: ValidationError, source: str) -> str:
+def describe_errors(err: ValidationError, *, top: str, schema: str) -> str:
+    """A YAML file's validation errors as `key 'a.b': what is wrong; ...` (recipes, task files):
+    `top` names the whole file when an error has no key, `schema` where the keys are listed."""
     parts = []
     for e in err.errors():
-        key = ".".join(str(x) for x in e["loc"]) or "<recipe>"
+        key = ".".join(str(x) for x in e["loc"]) or top
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling against the recipe schema)"
+            msg = f"unknown key (check the spelling against {schema})"
         elif e["type"] == "missing":
             msg = "required key is missing"
         parts.append(f"key '{key}': {msg}")
-    return f"invalid recipe {source}: " + "; ".join(parts)
+    return "; ".join(parts)
+
+
+def _format_validation(err: ValidationError, source: str) -> str:
+    return f"invalid recipe {source}: " + describe_errors(err, top="<recipe>", schema="the recipe schema")
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
