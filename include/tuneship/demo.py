@@ -1,16 +1,21 @@
 """`make demo`: the whole loop on the embedded default, through Airflow's real scheduler.
 
-1. prepare the demo task's base model, land a generated batch of its data in its landing
-   location (`include/tasks/<task>.yaml`);
+1. prepare each demo task's base model and generate its first batch of data (the tasks whose
+   `include/tasks/<task>.yaml` declares `demo.cycles`);
 2. start Airflow (api-server, scheduler, dag-processor, triggerer), MLflow, Triton, gateway;
-3. trigger `llm_data_validation`; Assets chain it to `llm_finetune` and `llm_release`
-   (validate → fine-tune → gates → compile → blue/green with shadow → promotion) while a
-   traffic generator replays tickets through the gateway;
-4. cycle two: the replayed traffic drifts, `llm_drift_monitor` fires `retrain_request`, the
-   retrain goes through to a new release decision;
-5. print a summary, write an HTML report, stop what it started; exit non-zero on failure.
+3. for every task at once, side by side: land its batch and trigger `llm_data_validation`;
+   Assets chain it to `llm_finetune` and `llm_release` (validate → fine-tune → gates →
+   compile → blue/green with shadow → promotion) while a traffic generator replays the
+   task's prompts through the gateway for its release windows to watch;
+4. cycle two, for a task that declares it: the replayed traffic drifts, `llm_drift_monitor`
+   fires `retrain_request`, the retrain goes through to a new release decision;
+5. print a summary (with the seconds each stage took), write an HTML report, stop what it
+   started; exit non-zero on failure.
 
-Only time (the shadow window) and traffic (the generator) are simulated.
+Only time (the shadow window) and traffic (the generator) are simulated. The generator
+replays while something watches the traffic (a release's shadow and post-switch windows, a
+drift window) and pauses while its task trains, is scored and compiled: on 2 shared cores
+every answer served is time the trainer does not get.
 """
 
 from __future__ import annotations
@@ -51,19 +56,33 @@ class Traffic:
     ok: int = 0
     failed: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _resumed: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _threads: list[threading.Thread] = field(default_factory=list)
     _seed: int = 1000
 
-    def start(self) -> None:
+    def start(self, active: bool = True) -> None:
+        """Start the senders; `active=False`: paused until `resume()`."""
         self._stop.clear()
+        if active:
+            self._resumed.set()
+        else:
+            self._resumed.clear()
         self._threads = [threading.Thread(target=self._loop, daemon=True, name=f"traffic-{i}")
                          for i in range(self.senders)]
         for t in self._threads:
             t.start()
 
+    def pause(self) -> None:
+        """Hold the replay (a request in flight finishes)."""
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._resumed.set()
         for t in self._threads:
             t.join(timeout=30)
 
@@ -87,6 +106,9 @@ class Traffic:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         with httpx.Client(base_url=config.gateway_url(), timeout=60.0, headers=headers) as c:
             while not self._stop.is_set():
+                if not self._resumed.is_set():
+                    self._resumed.wait(1.0)
+                    continue
                 try:
                     ready = any(m["id"] == served for m in c.get("/v1/models").json().get("data", []))
                 except (httpx.HTTPError, ValueError):
@@ -111,8 +133,9 @@ class Traffic:
 class Loop(RunWatcher):
     """The demo's waits (tuneship.runwatch), printed with the demo's prefix, plus DAG parsing."""
 
-    def __init__(self, api: Any, timeout: float) -> None:
-        super().__init__(api, timeout, emit=say, poll_s=2.0)
+    def __init__(self, api: Any, timeout: float, label: str | None = None) -> None:
+        emit = say if label is None else (lambda msg: say(f"[{label}] {msg.lstrip()}"))
+        super().__init__(api, timeout, emit=emit, poll_s=2.0)
 
     def wait_parsed(self) -> None:
         while True:
@@ -259,9 +282,13 @@ def print_urls() -> None:
 
 
 def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
-    """Every demo task (its task file's `demo.cycles`): cycle 1 (new data -> release) for each
-    in turn, then cycle 2 (drift -> retrain -> release) for those that declare it, with a
-    traffic generator per task replaying its prompts through the gateway all along."""
+    """Every demo task (its task file's `demo.cycles`), side by side, each in its own thread:
+    cycle 1 (new data -> release), then cycle 2 (drift -> retrain -> release) where declared.
+    One task's release windows overlap the other's training, as separate tasks would on a real
+    platform. Each task has a traffic generator replaying its prompts through the gateway while
+    something watches them: its release's shadow and post-switch windows, and its drift window."""
+    from concurrent.futures import ThreadPoolExecutor
+
     started = time.monotonic()
     tasks = demo_tasks()
     summary: dict[str, Any] = {"tasks": [t.name for t in tasks], "cycles": []}
@@ -272,47 +299,21 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         batches = _prepare_while_services_start(tasks)
         key = ensure_client_key()
         api = api_client()
-        loop = Loop(api, timeout)
-        loop.wait_parsed()
+        Loop(api, timeout).wait_parsed()
         api.set_variable("tuneship_shadow_hours_override", str(shadow_hours))
         for dag_id in DAGS:
             api.unpause(dag_id)
         for t in traffic.values():
             t.api_key = key
-            t.start()
-
-        # ---------------- cycle 1, per task: new data -> release
-        for task in tasks:
-            say(f"cycle 1 ({task.name}): validate -> fine-tune -> gates -> compile -> release (shadow) -> promote")
-            before = {d: _run_ids(api, d) for d in DAGS}
-            conf = {"task": task.name, "dataset_uri": str(land(task, batches[task.name]))}
-            cycle = _cycle(api, loop, before, ("llm_data_validation", conf), task.name)
-            summary["cycles"].append(cycle)
-            if not cycle["ok"]:
-                failed = True
-                return 1
-
-        # ---------------- cycle 2: drift -> retrain -> release decision
-        for task in [t for t in tasks if "drift" in t.demo.cycles]:
-            say(f"cycle 2 ({task.name}): traffic drifts; the drift monitor should request a retrain")
-            drift_from = time.time()
-            t = traffic[task.name]
-            t.drift = 0.8
-            task.resolve(task.demo.generator)(task.landing() / "batch-0002", seed=1, drift=0.3)
-            say(f"labelled examples of the new kinds of request landed: {task.landing() / 'batch-0002'}")
-            start_count = t.sent
-            while t.sent - start_count < 60:
-                loop.tick("drifted traffic")
-            window_h = max((time.time() - drift_from) / 3600, 0.001)
-            before = {d: _run_ids(api, d) for d in DAGS}
-            cycle = _cycle(api, loop, before, ("llm_drift_monitor", {
-                "window_hours": window_h, "threshold": 0.2, "min_requests": 40, "debounce": 1, "cooldown_hours": 0}),
-                task.name)
-            summary["cycles"].append(cycle)
-            if not cycle["ok"]:
-                failed = True
-                return 1
-        return 0
+            t.start(active=False)
+        deadline = started + timeout
+        with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="demo-task") as pool:
+            paths = [pool.submit(_task_cycles, task, batches[task.name], traffic[task.name], deadline)
+                     for task in tasks]
+            for path in paths:
+                summary["cycles"] += path.result()
+        failed = not summary["cycles"] or not all(c["ok"] for c in summary["cycles"])
+        return 1 if failed else 0
     except Exception as exc:  # noqa: BLE001 - the demo reports any failure and exits non-zero
         say(f"FAILED: {exc}")
         summary["error"] = str(exc)
@@ -340,12 +341,97 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
             services.stop()
 
 
-def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict], task: str) -> dict[str, Any]:
+def _task_cycles(task: Any, staged: Path, traffic: Traffic, deadline: float) -> list[dict[str, Any]]:
+    """One task's cycles, in order (its own API client and watcher: this runs in a thread)."""
+    api = api_client()
+    loop = Loop(api, max(deadline - time.monotonic(), 1.0), label=task.name)
+    cycles: list[dict[str, Any]] = []
+    try:
+        say(f"cycle 1 ({task.name}): validate -> fine-tune -> gates -> compile -> release (shadow) -> promote")
+        before = {d: _run_ids(api, d) for d in DAGS}
+        conf = {"task": task.name, "dataset_uri": str(land(task, staged))}
+        cycles.append(_cycle(api, loop, before, ("llm_data_validation", conf), task.name, traffic))
+        if not cycles[-1]["ok"] or "drift" not in task.demo.cycles:
+            return cycles
+
+        say(f"cycle 2 ({task.name}): traffic drifts; the drift monitor should request a retrain")
+        drift_from = time.time()
+        traffic.drift = 0.8
+        task.resolve(task.demo.generator)(task.landing() / "batch-0002", seed=1, drift=0.3)
+        say(f"labelled examples of the new kinds of request landed: {task.landing() / 'batch-0002'}")
+        start_count = traffic.sent
+        traffic.resume()  # the drift window watches live traffic
+        while traffic.sent - start_count < 60:
+            loop.tick(f"drifted traffic ({task.name})")
+        window_h = max((time.time() - drift_from) / 3600, 0.001)
+        before = {d: _run_ids(api, d) for d in DAGS}
+        cycles.append(_cycle(api, loop, before, ("llm_drift_monitor", {
+            "window_hours": window_h, "threshold": 0.2, "min_requests": 40, "debounce": 1, "cooldown_hours": 0}),
+            task.name, traffic))
+        return cycles
+    except Exception as exc:  # noqa: BLE001 - recorded as this task's failed cycle
+        say(f"FAILED ({task.name}): {exc}")
+        cycles.append({"task": task.name, "trigger": "-", "ok": False, "error": str(exc)})
+        return cycles
+    finally:
+        traffic.pause()
+
+
+def stage_seconds(api: Any, dag_id: str, run_id: str) -> dict[str, float]:
+    """Seconds each task of a run took (a mapped task: its slowest instance), in run order:
+    where the demo's time went."""
+    times: dict[str, float] = {}
+    tis = sorted(api.task_instances(dag_id, run_id), key=lambda t: t.get("start_date") or "~")
+    for ti in tis:
+        if ti.get("duration") is not None:
+            times[ti["task_id"]] = round(max(times.get(ti["task_id"], 0.0), float(ti["duration"])), 1)
+    return times
+
+
+def wait_task_run(api: Any, loop: Loop, dag_id: str, before: set[str], task: str) -> str:
+    """The id of the first run of `dag_id` not in `before` that works on `task` (its
+    `which_task` says so): runs of other tasks start beside it."""
+    other: set[str] = set()
+    while True:
+        for run in api.runs(dag_id):
+            rid = run["dag_run_id"]
+            if rid in before or rid in other:
+                continue
+            chosen = api.xcom(dag_id, rid, "which_task")
+            if chosen is None:
+                continue  # not decided yet: look again next time
+            if chosen.get("task") == task:
+                say(f"{dag_id} started for {task}: {rid} ({run['run_type']})")
+                return rid
+            other.add(rid)
+        loop.tick(f"a new {dag_id} run for {task}")
+
+
+def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict], task: str,
+           traffic: Traffic | None = None) -> dict[str, Any]:
+    """One cycle through the DAGs for `task`. Its traffic replays while its release runs (the
+    shadow and post-switch windows watch it) and, in a drift cycle, until the drift monitor
+    has looked; it pauses while the task trains, is scored and compiled."""
+    started = time.monotonic()
+    try:
+        cycle = _run_cycle(api, loop, before, trigger, task, traffic)
+    finally:
+        if traffic is not None:
+            traffic.pause()
+    cycle["wall_s"] = round(time.monotonic() - started, 1)
+    return cycle
+
+
+def _run_cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict], task: str,
+               traffic: Traffic | None) -> dict[str, Any]:
     dag_id, conf = trigger
-    cycle: dict[str, Any] = {"task": task, "trigger": dag_id, "ok": False}
+    cycle: dict[str, Any] = {"task": task, "trigger": dag_id, "ok": False, "seconds": {}}
     run_id = api.trigger(dag_id, conf)
     say(f"triggered {dag_id} ({run_id})")
     run = loop.wait_run(dag_id, run_id)
+    cycle["seconds"][dag_id] = stage_seconds(api, dag_id, run_id)
+    if traffic is not None:
+        traffic.pause()
     first_task = "validate_and_version" if dag_id == "llm_data_validation" else "detect_drift"
     from tuneship.tasks import task_names
 
@@ -361,8 +447,9 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
             return cycle
     if run["state"] != "success":
         return cycle
-    ft = loop.wait_new_run("llm_finetune", before["llm_finetune"])
+    ft = wait_task_run(api, loop, "llm_finetune", before["llm_finetune"], task)
     ft_run = loop.wait_run("llm_finetune", ft)
+    cycle["seconds"]["llm_finetune"] = stage_seconds(api, "llm_finetune", ft)
     cycle["finetune"] = {"run_id": ft, "state": ft_run["state"],
                          "model": api.xcom("llm_finetune", ft, "register"),
                          "gates": api.xcom("llm_finetune", ft, "evaluate"),
@@ -376,13 +463,16 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
             cycle["decision"] = "refused by its gates"
             from tuneship.notify import read_sink
 
-            cycle["gates_alert"] = next((m["text"] for m in reversed(read_sink()) if "failed its gates" in m["text"]),
-                                        None)
+            cycle["gates_alert"] = next((m["text"] for m in reversed(read_sink())
+                                         if "failed its gates" in m["text"] and (m.get("fields") or {}).get("task") == task), None)
             say(f"cycle ({task}): the retrain was refused by its gates; live traffic stays on the champion")
             cycle["ok"] = True
         return cycle
-    rel = loop.wait_new_run("llm_release", before["llm_release"])
+    rel = wait_task_run(api, loop, "llm_release", before["llm_release"], task)
+    if traffic is not None:
+        traffic.resume()
     rel_run = loop.wait_run("llm_release", rel)
+    cycle["seconds"]["llm_release"] = stage_seconds(api, "llm_release", rel)
     cycle["release"] = {"run_id": rel, "state": rel_run["state"],
                         "smoke": api.xcom("llm_release", rel, "smoke"),
                         "verdict": api.xcom("llm_release", rel, "shadow_window"),
@@ -409,7 +499,7 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
         print(f"live model ({name}): {live.get('model', '-')} v{live.get('version', '-')} "
               f"on colour {live.get('colour', '-')}")
     for i, cycle in enumerate(summary["cycles"], 1):
-        print(f"-- cycle {i} ({cycle.get('task')}, trigger: {cycle['trigger']})")
+        print(f"-- cycle {i} ({cycle.get('task')}, trigger: {cycle['trigger']}, {fmt(cycle.get('wall_s'), 's')})")
         if cycle.get("drift"):
             d = cycle["drift"]
             print(f"   drift score {fmt(d.get('score'))} (threshold {fmt(d.get('threshold'))}) over "
@@ -423,6 +513,8 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
             ref = gates.get("reference_name")
             for k, v in (gates.get("metrics") or {}).items():
                 print(f"   gate {k}: {fmt(v)} vs {ref} {fmt((gates.get('reference') or {}).get(k))}")
+        for dag_id, secs in (cycle.get("seconds") or {}).items():
+            print(f"   {dag_id} seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
         rel = cycle.get("release") or {}
         verdict = rel.get("verdict") or {}
         if cycle.get("decision") == "refused by its gates":

@@ -317,7 +317,10 @@ def _adapter_dir(task: Task, version: str) -> Path:
     return adapter
 
 
-def _generator(base_ref: str, adapter_dir: Path | None):
+def _generator(base_ref: str, adapter_dir: Path | None, label: str):
+    """Greedy answers from base (+ adapter, merged), in batches, with a progress line per batch."""
+    import time
+
     from tuneship.basemodel import load_base
     from tuneship.generate import generate
 
@@ -327,7 +330,13 @@ def _generator(base_ref: str, adapter_dir: Path | None):
 
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model.eval()
-    return lambda prompts, max_new: generate(model, tokenizer, prompts, max_new_tokens=max_new)
+
+    def answers(prompts: list, max_new: int) -> list[str]:
+        t0 = time.monotonic()
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new, progress=lambda done, total: print(
+            f"scoring {label}: {done}/{total} answers ({time.monotonic() - t0:.0f}s)", flush=True))
+
+    return answers
 
 
 def _as_client_sends(task: Task, generate: Any) -> Any:
@@ -347,10 +356,10 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     champion = registry.by_alias("champion", name)
     if champion and champion.version != candidate["version"]:
         ref_name = f"champion v{champion.version}"
-        ref_gen = _generator(champion.tags["base_model"], _adapter_dir(task, champion.version))
+        ref_gen = _generator(champion.tags["base_model"], _adapter_dir(task, champion.version), ref_name)
     else:
-        ref_name, ref_gen = "base model", _generator(base, None)
-    cand_gen = _generator(base, _adapter_dir(task, candidate["version"]))
+        ref_name, ref_gen = "base model", _generator(base, None, "base model")
+    cand_gen = _generator(base, _adapter_dir(task, candidate["version"]), f"candidate v{candidate['version']}")
     cand_gen, ref_gen = _as_client_sends(task, cand_gen), _as_client_sends(task, ref_gen)
     suites, passed, summaries, metrics, ref_metrics = [], True, [], {}, {}
     for suite_name in task.eval.suites:
