@@ -270,6 +270,8 @@ def write_dataset(
     train = rows[: n_train - n_drift_train] + drifted[:n_drift_train]
     evals = rows[n_train - n_drift_train:] + drifted[n_drift_train:]
     random.Random(seed).shuffle(train)
+    # drifted rows spread through eval too: a suite scoring the first N cases sees its share
+    random.Random(seed + 1).shuffle(evals)
     if chat:
         train, evals = [to_chat(r) for r in train], [to_chat(r) for r in evals]
     out = Path(out_dir)

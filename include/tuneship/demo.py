@@ -307,9 +307,15 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
             t.api_key = key
             t.start(active=False)
         deadline = started + timeout
+        # Each task lands its batch once the previous task's fine-tune run has taken in its
+        # event: on Airflow 3.3.2 a second event of the same Asset queued behind the first
+        # waits for a later event (apache/airflow#56050). Tasks with a drift cycle go first.
+        tasks.sort(key=lambda t: "drift" not in t.demo.cycles)
+        taken = [threading.Event() for _ in tasks]
         with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="demo-task") as pool:
-            paths = [pool.submit(_task_cycles, task, batches[task.name], traffic[task.name], deadline)
-                     for task in tasks]
+            paths = [pool.submit(_task_cycles, task, batches[task.name], traffic[task.name], deadline,
+                                 taken[i - 1] if i else None, taken[i])
+                     for i, task in enumerate(tasks)]
             for path in paths:
                 summary["cycles"] += path.result()
         failed = not summary["cycles"] or not all(c["ok"] for c in summary["cycles"])
@@ -341,16 +347,22 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
             services.stop()
 
 
-def _task_cycles(task: Any, staged: Path, traffic: Traffic, deadline: float) -> list[dict[str, Any]]:
-    """One task's cycles, in order (its own API client and watcher: this runs in a thread)."""
+def _task_cycles(task: Any, staged: Path, traffic: Traffic, deadline: float,
+                 after: threading.Event | None, taken: threading.Event) -> list[dict[str, Any]]:
+    """One task's cycles, in order (its own API client and watcher: this runs in a thread).
+    Its data lands once `after` is set; it sets `taken` once its fine-tune run has started."""
     api = api_client()
     loop = Loop(api, max(deadline - time.monotonic(), 1.0), label=task.name)
     cycles: list[dict[str, Any]] = []
     try:
+        while after is not None and not after.wait(0):
+            loop.tick(f"the previous task's fine-tune run to start ({task.name} lands after it)")
         say(f"cycle 1 ({task.name}): validate -> fine-tune -> gates -> compile -> release (shadow) -> promote")
         before = {d: _run_ids(api, d) for d in DAGS}
         conf = {"task": task.name, "dataset_uri": str(land(task, staged))}
-        cycles.append(_cycle(api, loop, before, ("llm_data_validation", conf), task.name, traffic))
+        cycles.append(_cycle(api, loop, before, ("llm_data_validation", conf), task.name, traffic,
+                             on_finetune=taken.set))
+        taken.set()
         if not cycles[-1]["ok"] or "drift" not in task.demo.cycles:
             return cycles
 
@@ -374,6 +386,7 @@ def _task_cycles(task: Any, staged: Path, traffic: Traffic, deadline: float) -> 
         cycles.append({"task": task.name, "trigger": "-", "ok": False, "error": str(exc)})
         return cycles
     finally:
+        taken.set()  # never leave the next task waiting
         traffic.pause()
 
 
@@ -408,13 +421,13 @@ def wait_task_run(api: Any, loop: Loop, dag_id: str, before: set[str], task: str
 
 
 def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict], task: str,
-           traffic: Traffic | None = None) -> dict[str, Any]:
+           traffic: Traffic | None = None, on_finetune: Any = None) -> dict[str, Any]:
     """One cycle through the DAGs for `task`. Its traffic replays while its release runs (the
     shadow and post-switch windows watch it) and, in a drift cycle, until the drift monitor
     has looked; it pauses while the task trains, is scored and compiled."""
     started = time.monotonic()
     try:
-        cycle = _run_cycle(api, loop, before, trigger, task, traffic)
+        cycle = _run_cycle(api, loop, before, trigger, task, traffic, on_finetune)
     finally:
         if traffic is not None:
             traffic.pause()
@@ -423,7 +436,7 @@ def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str
 
 
 def _run_cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict], task: str,
-               traffic: Traffic | None) -> dict[str, Any]:
+               traffic: Traffic | None, on_finetune: Any = None) -> dict[str, Any]:
     dag_id, conf = trigger
     cycle: dict[str, Any] = {"task": task, "trigger": dag_id, "ok": False, "seconds": {}}
     run_id = api.trigger(dag_id, conf)
@@ -448,6 +461,8 @@ def _run_cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple
     if run["state"] != "success":
         return cycle
     ft = wait_task_run(api, loop, "llm_finetune", before["llm_finetune"], task)
+    if on_finetune is not None:
+        on_finetune()
     ft_run = loop.wait_run("llm_finetune", ft)
     cycle["seconds"]["llm_finetune"] = stage_seconds(api, "llm_finetune", ft)
     cycle["finetune"] = {"run_id": ft, "state": ft_run["state"],
