@@ -48,7 +48,7 @@ def demo(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "tuneship.tritonserver", "install"], env=env, check=True, cwd=REPO)
     try:
         # --keep: the failure paths below run on the same services; the teardown stops them
-        proc = subprocess.run([sys.executable, "-m", "tuneship.demo", "--shadow-hours", "0.012", "--timeout", "2400",
+        proc = subprocess.run([sys.executable, "-m", "tuneship.demo", "--shadow-hours", "0.008", "--timeout", "2400",
                                "--keep"], env=env, cwd=REPO, capture_output=True, text=True, timeout=2600)
         print(proc.stdout[-20000:])
         print(proc.stderr[-5000:])
