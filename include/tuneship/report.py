@@ -84,6 +84,11 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
         if smoke:
             figures = ", ".join(f"{k} {fmt(v)}" for k, v in (smoke.get("metrics") or {}).items())
             parts.append(f"<p>Smoke through the gateway: {html.escape(figures)}</p>")
+    seconds = cycle.get("seconds") or {}
+    if seconds:
+        rows = [[dag_id, task_id, fmt(secs, "s")] for dag_id, stages in seconds.items() for task_id, secs in stages.items()]
+        parts.append(f"<h3>Where the time went (cycle: {fmt(cycle.get('wall_s'), 's')})</h3>"
+                     + _table(rows, ["DAG", "task", "seconds"]))
     return "\n".join(parts)
 
 

@@ -17,7 +17,8 @@ SUMMARY = {
     "live": {"triage": {"model": "triage", "version": "2", "colour": "green"}},
     "traffic": {"triage": {"sent": 1234, "ok": 1234, "failed": 0}},
     "cycles": [
-        {"task": "triage", "trigger": "llm_data_validation", "ok": True,
+        {"task": "triage", "trigger": "llm_data_validation", "ok": True, "wall_s": 387.70000000001,
+         "seconds": {"llm_finetune": {"train_local": 138.4, "evaluate": 37.9}},
          "finetune": {"state": "success",
                       "model": {"version": "1", "train_loss": 0.41234567891, "eval_loss": 0.5123456789,
                                 "tokens_per_s": 6412.345678},
@@ -49,6 +50,7 @@ def test_demo_summary_prints_no_raw_floats(capsys, tmp_path: Path):
     assert not RAW.search(out), RAW.findall(out)
     assert "p95 8.3 ms" in out and "drift score 0.316 (threshold 0.200)" in out
     assert "gate category_accuracy: 0.958 vs base model 0.000" in out and "in 581.3 s" in out
+    assert "trigger: llm_data_validation, 387.7 s)" in out and "llm_finetune seconds: train_local 138, evaluate 38" in out
     assert "live model (triage): triage v2 on colour green" in out and "traffic (triage): 1,234 sent" in out
 
 
@@ -57,3 +59,4 @@ def test_report_prints_no_raw_floats():
     text = re.sub(r"data:image/png;base64,[^\"]+", "", html)
     assert not RAW.search(text), RAW.findall(text)
     assert "8.3 ms" in text and "6,412" in text and "category_accuracy 0.800" in text
+    assert "Where the time went (cycle: 387.7 s)" in text and "<td>train_local</td><td>138.4 s</td>" in text
