@@ -225,6 +225,21 @@ def start(names: list[str], timeout: float = 180.0) -> None:
         print(f"[services] started: {', '.join(started)}", flush=True)
 
 
+def _alive(pid: int) -> bool:
+    """Whether `pid` still runs. A service this process started is its child: once it exits
+    it stays a zombie (which still answers `kill(pid, 0)`) until reaped here."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: someone else reaps it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def stop(names: list[str] | None = None, timeout: float = 30.0) -> list[str]:
     names = names or list(services())
     stopped = []
@@ -240,9 +255,7 @@ def stop(names: list[str] | None = None, timeout: float = 30.0) -> list[str]:
     deadline = time.monotonic() + timeout
     for name, pid in stopped:
         while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 break
             time.sleep(0.2)
         else:
