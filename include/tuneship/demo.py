@@ -362,7 +362,6 @@ def _task_cycles(task: Any, staged: Path, traffic: Traffic, deadline: float,
         conf = {"task": task.name, "dataset_uri": str(land(task, staged))}
         cycles.append(_cycle(api, loop, before, ("llm_data_validation", conf), task.name, traffic,
                              on_finetune=taken.set))
-        taken.set()
         if not cycles[-1]["ok"] or "drift" not in task.demo.cycles:
             return cycles
 
@@ -399,25 +398,6 @@ def stage_seconds(api: Any, dag_id: str, run_id: str) -> dict[str, float]:
         if ti.get("duration") is not None:
             times[ti["task_id"]] = round(max(times.get(ti["task_id"], 0.0), float(ti["duration"])), 1)
     return times
-
-
-def wait_task_run(api: Any, loop: Loop, dag_id: str, before: set[str], task: str) -> str:
-    """The id of the first run of `dag_id` not in `before` that works on `task` (its
-    `which_task` says so): runs of other tasks start beside it."""
-    other: set[str] = set()
-    while True:
-        for run in api.runs(dag_id):
-            rid = run["dag_run_id"]
-            if rid in before or rid in other:
-                continue
-            chosen = api.xcom(dag_id, rid, "which_task")
-            if chosen is None:
-                continue  # not decided yet: look again next time
-            if chosen.get("task") == task:
-                say(f"{dag_id} started for {task}: {rid} ({run['run_type']})")
-                return rid
-            other.add(rid)
-        loop.tick(f"a new {dag_id} run for {task}")
 
 
 def _cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple[str, dict], task: str,
@@ -460,7 +440,7 @@ def _run_cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple
             return cycle
     if run["state"] != "success":
         return cycle
-    ft = wait_task_run(api, loop, "llm_finetune", before["llm_finetune"], task)
+    ft = loop.wait_new_run("llm_finetune", before["llm_finetune"], task=task)
     if on_finetune is not None:
         on_finetune()
     ft_run = loop.wait_run("llm_finetune", ft)
@@ -483,7 +463,7 @@ def _run_cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple
             say(f"cycle ({task}): the retrain was refused by its gates; live traffic stays on the champion")
             cycle["ok"] = True
         return cycle
-    rel = wait_task_run(api, loop, "llm_release", before["llm_release"], task)
+    rel = loop.wait_new_run("llm_release", before["llm_release"], task=task)
     if traffic is not None:
         traffic.resume()
     rel_run = loop.wait_run("llm_release", rel)

@@ -60,14 +60,27 @@ class RunWatcher:
                 return run
             self.tick(f"{dag_id} {run_id}")
 
-    def wait_new_run(self, dag_id: str, after: set[str], run_type: str | None = None) -> str:
-        """The id of the first run of `dag_id` not in `after` (runs started by Asset events)."""
+    def wait_new_run(self, dag_id: str, after: set[str], run_type: str | None = None,
+                     task: str | None = None) -> str:
+        """The id of the first run of `dag_id` not in `after` (runs started by Asset events).
+        `task`: only a run whose `which_task` XCom chose that task (runs of other tasks start
+        beside it)."""
+        other: set[str] = set()
         while True:
             for run in self.api.runs(dag_id):
-                if run["dag_run_id"] not in after and (run_type is None or run["run_type"] == run_type):
-                    self.emit(f"{dag_id} started: {run['dag_run_id']} ({run['run_type']})")
-                    return run["dag_run_id"]
-            self.tick(f"a new {dag_id} run")
+                rid = run["dag_run_id"]
+                if rid in after or rid in other or (run_type is not None and run["run_type"] != run_type):
+                    continue
+                if task is not None:
+                    chosen = self.api.xcom(dag_id, rid, "which_task")
+                    if chosen is None:
+                        continue  # not decided yet: look again next time
+                    if chosen.get("task") != task:
+                        other.add(rid)
+                        continue
+                self.emit(f"{dag_id} started{f' for {task}' if task else ''}: {rid} ({run['run_type']})")
+                return rid
+            self.tick(f"a new {dag_id} run{f' for {task}' if task else ''}")
 
 
 @dataclass(frozen=True)
