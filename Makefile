@@ -11,6 +11,9 @@ export TUNESHIP_HOME ?= $(CURDIR)/.tuneship
 export GX_ANALYTICS_ENABLED := False
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Byte-compile at install: where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) every
+# process would otherwise recompile torch/transformers/peft from source (peft import: 13 s -> 6 s).
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: install chromium demo test bench up down status lock lint clean
 
