@@ -11,7 +11,7 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "trainer", "gateway", "compile", "eval")
+BENCHES = ("validation", "trainer", "gateway", "compile", "eval", "retrain")
 
 
 def main(argv: list[str]) -> int:

@@ -64,8 +64,9 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
     if model:
         parts.append("<h3>Fine-tune</h3>" + _table(
             [[f"v{model.get('version')}", fmt(model.get("train_loss")), fmt(model.get("eval_loss")),
-              fmt(model.get("tokens_per_s")), (model.get("adapter_sha256") or "")[:16]]],
-            ["version", "train loss", "eval loss", "tokens/s", "adapter sha256"]))
+              fmt(model.get("tokens_per_s")), model.get("init_from") or "fresh LoRA",
+              (model.get("adapter_sha256") or "")[:16]]],
+            ["version", "train loss", "eval loss", "tokens/s", "started from", "adapter sha256"]))
         parts.append(_img(model.get("loss_curve"), "loss curve"))
     gates = ft.get("gates") or {}
     if gates:

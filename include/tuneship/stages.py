@@ -243,6 +243,9 @@ def finetune_plan(task: Task, *, dataset: dict[str, str], params: dict[str, Any]
     recipe = params.get("recipe")
     recipe = (recipe if recipe.endswith((".yaml", ".yml")) else str(default_recipe_path(recipe))) if recipe \
         else str(task.recipe_path())
+    init_from = None
+    if trigger == "retrain_request" and task.drift.retrain.warm_start:
+        init_from = _warm_start(task, base, recipe, overrides)
     return {
         "task": task.name,
         "registered_model": task.registered_model,
@@ -256,7 +259,43 @@ def finetune_plan(task: Task, *, dataset: dict[str, str], params: dict[str, Any]
         "output_dir": str(out),
         "command": trainer_command(recipe, dataset["path"], base, str(out), overrides),
         "runner": params["runner"],
+        "init_from": init_from,
     }
+
+
+def _warm_start(task: Task, base: str, recipe: str, overrides: dict[str, Any]) -> str | None:
+    """A drift retrain of a task with `drift.retrain.warm_start` continues from its champion's
+    adapter with the retrain's steps and rate (the form's values win), when the champion was
+    trained on the same base model with the same LoRA shape; else it starts fresh, and says why.
+    Sets `overrides` in place; returns what it starts from (`champion vN`) or None."""
+    from tuneship import registry
+    from tuneship.train.recipe import load_recipe
+
+    champion = registry.by_alias("champion", task.registered_model)
+    if champion is None:
+        print(f"warm start: {task.name} has no champion; the retrain starts from a fresh LoRA", flush=True)
+        return None
+    if champion.tags.get("base_model") != base:
+        print(f"warm start: champion v{champion.version} was trained on {champion.tags.get('base_model')}, "
+              f"this retrain on {base}; it starts from a fresh LoRA", flush=True)
+        return None
+    from tuneship.train.recipe import RecipeError
+    from tuneship.train.trainer import check_init_adapter
+
+    adapter = _adapter_dir(task, champion.version)
+    try:
+        check_init_adapter(load_recipe(recipe, {**overrides, "init_adapter": str(adapter)}))
+    except RecipeError as e:
+        print(f"warm start: not from champion v{champion.version}: {e}; the retrain starts from a fresh LoRA",
+              flush=True)
+        return None
+    overrides["init_adapter"] = str(adapter)
+    spec = task.drift.retrain
+    for key, value in (("max_steps", spec.max_steps), ("learning_rate", spec.learning_rate)):
+        if value is not None and key not in overrides:
+            overrides[key] = value
+    print(f"warm start: from champion v{champion.version}'s adapter ({adapter})", flush=True)
+    return f"champion v{champion.version}"
 
 
 def git_commit() -> str:
@@ -298,10 +337,11 @@ def register_training(plan: dict[str, Any]) -> dict[str, Any]:
         "runner": plan["runner"],
         "dag_run_id": plan["run_key"],
         "adapter_sha256": adapter_sha,
+        **({"init_from": plan["init_from"]} if plan.get("init_from") else {}),
     })
     metrics = json.loads((out / "metrics.json").read_text())
     return {"task": plan["task"], "name": mv.name, "version": mv.version, "run_id": run_id,
-            "adapter_sha256": adapter_sha,
+            "adapter_sha256": adapter_sha, "init_from": plan.get("init_from"),
             "train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
             "tokens_per_s": metrics.get("tokens_per_s"), "loss_curve": str(out / "loss_curve.png")}
 
@@ -805,7 +845,7 @@ def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[
 
 def drift_settings(task: Task, params: dict[str, Any] | None = None) -> dict[str, float]:
     """The task's drift settings, each replaced by a run's Param when one is given."""
-    return with_params(task.drift.model_dump(), params)
+    return with_params(task.drift.model_dump(exclude={"retrain"}), params)
 
 
 def check_drift(task: Task, *, window_hours: float, threshold: float, min_requests: int, debounce: int,

@@ -77,12 +77,22 @@ class ReleaseSpec(_Strict):
     min_format_rate: float = Field(default=0.9, ge=0, le=1)
 
 
+class RetrainSpec(_Strict):
+    """How a drift retrain trains (the recipe otherwise; the fine-tune form's values win)."""
+
+    warm_start: bool = Field(default=False, description="start from the champion's adapter instead of a fresh "
+                             "LoRA (same base model and LoRA shape; else a fresh start)")
+    max_steps: int | None = Field(default=None, gt=0, description="steps of a warm-started retrain")
+    learning_rate: float | None = Field(default=None, gt=0, description="learning rate of a warm-started retrain")
+
+
 class DriftSpec(_Strict):
     window_hours: float = Field(default=1.0, gt=0)
     threshold: float = Field(default=0.2, gt=0)
     min_requests: int = Field(default=50, ge=1)
     debounce: int = Field(default=2, ge=1)
     cooldown_hours: float = Field(default=24.0, ge=0)
+    retrain: RetrainSpec = RetrainSpec()
 
 
 class DemoSpec(_Strict):

@@ -104,7 +104,11 @@ def test_drift_fired_and_second_decision(demo):
     finetune failed at try 1, no release, the champion still live)."""
     c2 = cycle(demo, "triage", "llm_drift_monitor")
     assert c2["drift"]["drifted"] and c2["drift"]["score"] >= c2["drift"]["threshold"]
-    assert c2["finetune"]["model"]["version"] != cycle(demo, "triage", "llm_data_validation")["finetune"]["model"]["version"]
+    v1 = cycle(demo, "triage", "llm_data_validation")["finetune"]["model"]["version"]
+    assert c2["finetune"]["model"]["version"] != v1
+    # triage.yaml's drift.retrain.warm_start: the retrain continued from the champion's adapter
+    assert c2["finetune"]["model"]["init_from"] == f"champion v{v1}", c2["finetune"]["model"]
+    assert cycle(demo, "triage", "llm_data_validation")["finetune"]["model"]["init_from"] is None
     assert c2["decision"] in ("promoted", "refused by its gates"), c2
     if c2["decision"] == "promoted":
         assert c2["finetune"]["state"] == "success"

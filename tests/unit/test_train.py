@@ -267,6 +267,38 @@ def test_resume_refuses_checkpoints_of_another_recipe(tmp_path, tmp_path_factory
     assert rc == 2 and "different recipe" in err
 
 
+# ----------------------------------------------------------------------------- warm start
+
+
+def test_warm_start_continues_from_the_adapter(tmp_path, tmp_path_factory):
+    """A drift retrain starts from the champion's adapter: its first step already has the
+    champion's low loss, where a fresh LoRA starts at the base model's."""
+    data, base, champion = dataset(tmp_path_factory), base_model(tmp_path_factory), finetuned(tmp_path_factory)
+    fresh_first = json.loads((champion / "metrics.json").read_text())["history"][0]["loss"]
+    args = ["--recipe", str(RECIPE), "--data", str(data), "--base", str(base), "--set", "max_steps=2",
+            "--set", "warmup_steps=0", "--set", "learning_rate=0.0001"]
+    rc, out, err = run_trainer([*args, "--output", str(tmp_path / "warm"),
+                                "--set", f"init_adapter={champion / 'adapter'}"])
+    assert rc == 0, err
+    assert "warm start" in out
+    warm_first = json.loads((tmp_path / "warm" / "metrics.json").read_text())["history"][0]["loss"]
+    rc, _, err = run_trainer([*args, "--output", str(tmp_path / "cold")])
+    assert rc == 0, err
+    cold_first = json.loads((tmp_path / "cold" / "metrics.json").read_text())["history"][0]["loss"]
+    assert abs(cold_first - fresh_first) < 0.05 * fresh_first  # the same fresh start as the champion's
+    assert warm_first < cold_first / 5, (warm_first, cold_first)
+
+
+def test_warm_start_from_another_shape_or_no_adapter_is_refused(tmp_path, tmp_path_factory):
+    data, base, champion = dataset(tmp_path_factory), base_model(tmp_path_factory), finetuned(tmp_path_factory)
+    common = ["--recipe", str(RECIPE), "--data", str(data), "--base", str(base), "--output", str(tmp_path / "o")]
+    rc, _, err = run_trainer([*common, "--set", "lora.r=8", "--set", f"init_adapter={champion / 'adapter'}"])
+    assert rc == 2 and "'init_adapter'" in err and "lora.r 16 vs 8" in err, err
+    rc, _, err = run_trainer([*common, "--set", f"init_adapter={tmp_path}"])
+    assert rc == 2 and "'init_adapter'" in err and "not a LoRA adapter directory" in err, err
+    assert not (tmp_path / "o" / "adapter").exists()
+
+
 # ----------------------------------------------------------------------------- data shapes
 
 

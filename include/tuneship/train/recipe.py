@@ -59,6 +59,9 @@ class Recipe(BaseModel):
     checkpoint_every: int = Field(default=0, ge=0, description="optimizer steps; 0 = never")
     keep_checkpoints: int = Field(default=2, gt=0)
     qlora: bool = False
+    init_adapter: str | None = Field(
+        default=None, description="warm start: a LoRA adapter directory to start from (a drift retrain starts "
+        "from the champion's); its rank and target modules must equal `lora`'s")
 
     @field_validator("base_model")
     @classmethod

@@ -262,6 +262,33 @@ def _save_checkpoint(
     return final
 
 
+def check_init_adapter(recipe: Recipe) -> Path | None:
+    """The warm start's adapter directory, checked before any model loads: it exists, and its
+    rank, alpha and target modules are the recipe's (the weights are loaded into the LoRA
+    layers the recipe builds)."""
+    if not recipe.init_adapter:
+        return None
+    init = Path(recipe.init_adapter)
+    cfg_path, weights = init / "adapter_config.json", init / "adapter_model.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise RecipeError(f"key 'init_adapter': {init} is not a LoRA adapter directory (it needs "
+                          "adapter_config.json and adapter_model.safetensors)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise RecipeError(f"key 'init_adapter': {cfg_path} is not valid JSON: {e}") from None
+    theirs = {"lora.r": cfg.get("r"), "lora.alpha": cfg.get("lora_alpha"),
+              "lora.target_modules": sorted(cfg.get("target_modules") or [])}
+    ours = {"lora.r": recipe.lora.r, "lora.alpha": recipe.lora.alpha,
+            "lora.target_modules": sorted(recipe.lora.target_modules)}
+    differ = [f"{k} {theirs[k]} vs {ours[k]}" for k in ours if theirs[k] != ours[k]]
+    if differ:
+        raise RecipeError(f"key 'init_adapter': {init} was trained with a different LoRA shape "
+                          f"({'; '.join(differ)} in the recipe); start from an adapter of the same "
+                          "shape or leave init_adapter empty")
+    return init
+
+
 def _load_adapter_weights(model: Any, adapter_dir: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -489,6 +516,9 @@ def train(
             f"eval file {data / recipe.eval_file} not found (key 'eval_file'); add it to the "
             "dataset or set eval_fraction > 0"
         )
+    init = check_init_adapter(recipe)
+    if init is not None:  # the starting weights are an input: a changed adapter is a new run
+        data_files.append(init / "adapter_model.safetensors")
     fingerprint = _data_fingerprint(data_files)
 
     # --- idempotency: a finished run with the same recipe and data is not redone
@@ -539,6 +569,13 @@ def train(
         model = get_peft_model(model, lcfg)
     except ValueError as e:
         raise RecipeError(f"key 'lora.target_modules': {e}".replace("\n", " ")) from None
+    if init is not None:
+        try:
+            _load_adapter_weights(model, init)
+        except RuntimeError as e:  # shapes that differ although rank and targets were checked
+            raise RecipeError(f"key 'init_adapter': {init} does not fit this recipe's LoRA: {e}"
+                              .replace("\n", " ")[:600]) from None
+        say(f"warm start: LoRA weights from {init}")
     if cuda and not recipe.qlora:  # train where the GPU is; batches follow the model
         model.to("cuda")            # (a 4-bit model was placed on the GPU when it was loaded)
     model.train()
