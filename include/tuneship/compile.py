@@ -29,7 +29,11 @@ from tuneship.basemodel import sha256_file
 from tuneship.generate import prompt_ids
 
 TRITON_TEMPLATE_DIR = config.REPO_ROOT / "serving" / "triton" / "llm"
-LOGIT_TOLERANCE = 1e-3
+# Parity of prompt logits, numpy.allclose's rule: |served - eager| <= atol + rtol * |eager| at
+# every position. fp32 rounding through 30 layers grows with the logits' size: a sharply
+# fine-tuned model (larger logits) differs by more in absolute terms than its base model.
+LOGIT_TOLERANCE = 1e-3  # atol
+LOGIT_RTOL = 1e-4
 # Used when a caller gives no parity prompts of its own (a task gives its smoke prompts).
 GENERIC_PARITY_PROMPTS = [
     "Hello",
@@ -140,7 +144,7 @@ def served_text(tokenizer: Any, prompt: Any) -> str:
 
 def check_parity(
     model: Any, tokenizer: Any, version_dir: Path, prompts: list[Any] | None = None,
-    tolerance: float = LOGIT_TOLERANCE, max_new_tokens: int = 16,
+    tolerance: float = LOGIT_TOLERANCE, max_new_tokens: int = 16, rtol: float = LOGIT_RTOL,
 ) -> dict[str, Any]:
     """Compare the built model, through the class Triton runs, with eager PyTorch: the prompt
     pass's logits (every position) and greedy completions. Raises ParityError."""
@@ -151,7 +155,7 @@ def check_parity(
 
     prompts = [*(prompts or []), *GENERIC_PARITY_PROMPTS]
     generator = load_triton_model_module().GenaiGreedyGenerator(str(version_dir))
-    max_diff = 0.0
+    max_diff = excess = max_logit = 0.0
     for p in prompts:
         ids = prompt_ids(tokenizer, p)
         served_ids = generator.encode(served_text(tokenizer, p))
@@ -162,11 +166,14 @@ def check_parity(
         got = generator.prompt_logits(ids)
         if got.shape != ref.shape:
             raise ParityError(f"ONNX Runtime GenAI logits shape {got.shape} != PyTorch {ref.shape} for {p!r}")
-        max_diff = max(max_diff, float(np.abs(got - ref).max()))
-    if max_diff > tolerance:
+        diff = np.abs(got - ref)
+        max_diff = max(max_diff, float(diff.max()))
+        max_logit = max(max_logit, float(np.abs(ref).max()))
+        excess = max(excess, float((diff - rtol * np.abs(ref)).max()))
+    if excess > tolerance:
         raise ParityError(
-            f"ONNX Runtime GenAI logits differ from PyTorch by {max_diff:.3g} (> tolerance {tolerance}); "
-            "the build is not faithful, do not deploy it"
+            f"ONNX Runtime GenAI logits differ from PyTorch by {max_diff:.3g} (beyond tolerance {tolerance} + "
+            f"{rtol} x |logit|, logits up to {max_logit:.3g}); the build is not faithful, do not deploy it"
         )
     mismatches = []
     for p in prompts:
@@ -179,7 +186,9 @@ def check_parity(
         raise ParityError(f"greedy completions differ between PyTorch and the Triton model: {mismatches}")
     return {
         "max_abs_logit_diff": max_diff,
+        "max_abs_logit": max_logit,
         "tolerance": tolerance,
+        "rtol": rtol,
         "prompts": len(prompts),
         "generation_equal": True,
     }
