@@ -48,7 +48,7 @@ class Traffic:
     delays no other request (a real model on 2 cores answers in about a second)."""
 
     task: Any = None  # tuneship.tasks.Task
-    rps: float = 1.5
+    rps: float = 1.0  # a real model on 2 shared cores: every request costs live + shadow answers
     drift: float = 0.0
     api_key: str | None = None  # the embedded default's client key (ensure_client_key)
     senders: int = 2
@@ -281,7 +281,7 @@ def print_urls() -> None:
 """, flush=True)
 
 
-def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
+def run_demo(shadow_hours: float, timeout: float, keep: bool, retention_minutes: float = 0.25) -> int:
     """Every demo task (its task file's `demo.cycles`), side by side, each in its own thread:
     cycle 1 (new data -> release), then cycle 2 (drift -> retrain -> release) where declared.
     One task's release windows overlap the other's training, as separate tasks would on a real
@@ -301,6 +301,7 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool) -> int:
         api = api_client()
         Loop(api, timeout).wait_parsed()
         api.set_variable("tuneship_shadow_hours_override", str(shadow_hours))
+        api.set_variable("tuneship_retention_minutes_override", str(retention_minutes))
         for dag_id in DAGS:
             api.unpause(dag_id)
         for t in traffic.values():
@@ -372,12 +373,12 @@ def _task_cycles(task: Any, staged: Path, traffic: Traffic, deadline: float,
         say(f"labelled examples of the new kinds of request landed: {task.landing() / 'batch-0002'}")
         start_count = traffic.sent
         traffic.resume()  # the drift window watches live traffic
-        while traffic.sent - start_count < 60:
+        while traffic.sent - start_count < 45:
             loop.tick(f"drifted traffic ({task.name})")
         window_h = max((time.time() - drift_from) / 3600, 0.001)
         before = {d: _run_ids(api, d) for d in DAGS}
         cycles.append(_cycle(api, loop, before, ("llm_drift_monitor", {
-            "window_hours": window_h, "threshold": 0.2, "min_requests": 40, "debounce": 1, "cooldown_hours": 0}),
+            "window_hours": window_h, "threshold": 0.2, "min_requests": 30, "debounce": 1, "cooldown_hours": 0}),
             task.name, traffic))
         return cycles
     except Exception as exc:  # noqa: BLE001 - recorded as this task's failed cycle
@@ -503,7 +504,8 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
         gates = (ft.get("gates") or {})
         if ft.get("model"):
             print(f"   fine-tune {ft['state']}: registered v{ft['model']['version']} "
-                  f"(train loss {fmt(ft['model'].get('train_loss'))})")
+                  f"(train loss {fmt(ft['model'].get('train_loss'))}"
+                  + (f", warm start from {ft['model']['init_from']})" if ft["model"].get("init_from") else ")"))
         if gates:
             ref = gates.get("reference_name")
             for k, v in (gates.get("metrics") or {}).items():
@@ -530,8 +532,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneship.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--up", action="store_true", help="start the services and leave them running (make up)")
-    parser.add_argument("--shadow-hours", type=float, default=0.012,
-                        help="shadow window (default 0.012 h = 43 s; also caps the post-switch and retention windows)")
+    parser.add_argument("--shadow-hours", type=float, default=0.01,
+                        help="shadow window (default 0.01 h = 36 s; also caps the post-switch window)")
+    parser.add_argument("--retention-minutes", type=float, default=0.25,
+                        help="how long a promoted release keeps the previous colour loaded (default 0.25 = 15 s)")
     parser.add_argument("--timeout", type=float, default=1500, help="give up after this many seconds")
     parser.add_argument("--keep", action="store_true", help="leave the services running after the demo")
     args = parser.parse_args(argv)
@@ -559,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         loop.wait_parsed()
         print_urls()
         return 0
-    return run_demo(args.shadow_hours, args.timeout, args.keep)
+    return run_demo(args.shadow_hours, args.timeout, args.keep, args.retention_minutes)
 
 
 if __name__ == "__main__":
