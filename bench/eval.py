@@ -13,13 +13,14 @@ adapter is merged in for that task.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench import emit
 
 
 def say(msg: str) -> None:
@@ -77,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(_task_run(load_task(name), args.batch_size, adapters.get(name), Path(tmp)))
     out = {"bench": "eval", "batch_size": args.batch_size, "load_at_start": round(load, 2),
            "load_at_end": round(os.getloadavg()[0], 2), "tasks": results}
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    emit(out, args.out)
     return 0
 
 

@@ -19,13 +19,14 @@ retrain passes its gates. JSON to stdout and to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench import emit
 
 
 def say(msg: str) -> None:
@@ -70,10 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         gen(root / "batch2", seed=1, drift=0.3)
         runs = {"champion": _train(task, root / "batch1", root / "champion", {"base_model": base})}
         runs["fresh"] = _train(task, root / "batch2", root / "fresh", {"base_model": base})
-        warm = {"base_model": base, "init_adapter": str(root / "champion" / "adapter")}
-        warm.update({k: v for k, v in (("max_steps", spec.max_steps), ("learning_rate", spec.learning_rate))
-                     if v is not None})
-        runs["warm"] = _train(task, root / "batch2", root / "warm", warm)
+        runs["warm"] = _train(task, root / "batch2", root / "warm", {
+            "base_model": base, "init_adapter": str(root / "champion" / "adapter"), **spec.overrides()})
         suite = task.suite(task.eval.suites[0])
         cases = load_cases(suite, root / "batch2", task.parser)
         results = {}
@@ -89,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"bench": "retrain", "task": task.name, "suite": f"{suite.name}@v{suite.version}", "cases": len(cases),
            "runs": runs, "speedup_train": round(runs["fresh"]["train_s"] / max(runs["warm"]["train_s"], 1e-9), 2),
            "load_at_start": round(load, 2), "load_at_end": round(os.getloadavg()[0], 2)}
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    emit(out, args.out)
     return 0
 
 

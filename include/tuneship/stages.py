@@ -269,7 +269,8 @@ def _warm_start(task: Task, base: str, recipe: str, overrides: dict[str, Any]) -
     trained on the same base model with the same LoRA shape; else it starts fresh, and says why.
     Sets `overrides` in place; returns what it starts from (`champion vN`) or None."""
     from tuneship import registry
-    from tuneship.train.recipe import load_recipe
+    from tuneship.train.recipe import RecipeError, load_recipe
+    from tuneship.train.trainer import check_init_adapter
 
     champion = registry.by_alias("champion", task.registered_model)
     if champion is None:
@@ -279,9 +280,6 @@ def _warm_start(task: Task, base: str, recipe: str, overrides: dict[str, Any]) -
         print(f"warm start: champion v{champion.version} was trained on {champion.tags.get('base_model')}, "
               f"this retrain on {base}; it starts from a fresh LoRA", flush=True)
         return None
-    from tuneship.train.recipe import RecipeError
-    from tuneship.train.trainer import check_init_adapter
-
     adapter = _adapter_dir(task, champion.version)
     try:
         check_init_adapter(load_recipe(recipe, {**overrides, "init_adapter": str(adapter)}))
@@ -290,10 +288,8 @@ def _warm_start(task: Task, base: str, recipe: str, overrides: dict[str, Any]) -
               flush=True)
         return None
     overrides["init_adapter"] = str(adapter)
-    spec = task.drift.retrain
-    for key, value in (("max_steps", spec.max_steps), ("learning_rate", spec.learning_rate)):
-        if value is not None and key not in overrides:
-            overrides[key] = value
+    for key, value in task.drift.retrain.overrides().items():
+        overrides.setdefault(key, value)  # the form's values win
     print(f"warm start: from champion v{champion.version}'s adapter ({adapter})", flush=True)
     return f"champion v{champion.version}"
 

@@ -85,6 +85,11 @@ class RetrainSpec(_Strict):
     max_steps: int | None = Field(default=None, gt=0, description="steps of a warm-started retrain")
     learning_rate: float | None = Field(default=None, gt=0, description="learning rate of a warm-started retrain")
 
+    def overrides(self) -> dict[str, Any]:
+        """The recipe keys a warm-started retrain sets (those given here)."""
+        return {k: v for k, v in (("max_steps", self.max_steps), ("learning_rate", self.learning_rate))
+                if v is not None}
+
 
 class DriftSpec(_Strict):
     window_hours: float = Field(default=1.0, gt=0)
