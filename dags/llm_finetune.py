@@ -10,7 +10,10 @@ is updated, or from the UI form. No trigger is lost: events that arrive close to
 collapse into one run (one run at a time), so this run trains one task (the newest event's)
 and `fan_out` starts one `llm_finetune` run per OTHER task with an event in it (conf: that
 task, its trigger and the event's `dataset_version`; run id `fan_out__<task>__<this run id>`,
-so a retry never starts a second one). `dataset_version` (Param) trains on that accepted
+so a retry never starts a second one). An event that Airflow 3.3 consumed in no run
+(apache/airflow#56050) is taken by the run whose creation left it behind (`which_task` reads
+the assets' recent events); each event is claimed by one run, and a run whose events were all
+handled already skips. `dataset_version` (Param) trains on that accepted
 version; empty: the event's, else the newest. A drift-triggered retrain first validates and
 versions any labelled data that landed since the last accepted version, then trains on the
 newest. The trainer is one entrypoint (`python -m tuneship.train`)
@@ -77,14 +80,28 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
     },
 )
 def llm_finetune():
-    @task
-    def which_task(params=None, run_id=None, dag_run=None, triggering_asset_events=None):
+    @task(inlets=[validated_dataset, retrain_request])  # inlets: to read recent events (strays)
+    def which_task(params=None, run_id=None, dag_run=None, triggering_asset_events=None, inlet_events=None):
         """The task this run trains and the runs to start for the other tasks' events."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from tuneship.event_claims import STRAY_MARGIN_S
         from tuneship.stages import finetune_trigger
 
+        recent = None
+        if dag_run.run_type == "asset_triggered":  # only a run the scheduler made can strand an event
+            since = (dag_run.run_after - timedelta(seconds=STRAY_MARGIN_S)).isoformat()
+            recent = {a: list(inlet_events[a].after(since).ascending(False).limit(100))
+                      for a in (validated_dataset, retrain_request)}
         chosen = finetune_trigger(params["task"], triggering_asset_events, run_id=run_id,
                                   dataset_version=params["dataset_version"],
-                                  trigger=(dag_run.conf or {}).get("trigger"))
+                                  trigger=(dag_run.conf or {}).get("trigger"), recent_events=recent)
+        for key, other in chosen["already_handled"].items():
+            print(f"event {key} was already handled by run {other}")
+        if chosen["strays"]:
+            print(f"taking events no run consumed (apache/airflow#56050): {chosen['strays']}")
+        if chosen["task"] is None:
+            raise AirflowSkipException("nothing to train: every event of this run was handled by an earlier run")
         print(f"training task {chosen['task']} ({chosen['trigger']}); fanning out: "
               f"{[f['conf'] for f in chosen['fan_out']] or 'nothing'}")
         return chosen

@@ -308,9 +308,9 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool, retention_minutes:
             t.api_key = key
             t.start(active=False)
         deadline = started + timeout
-        # Each task lands its batch once the previous task's fine-tune run has taken in its
-        # event: on Airflow 3.3.2 a second event of the same Asset queued behind the first
-        # waits for a later event (apache/airflow#56050). Tasks with a drift cycle go first.
+        # Fine-tunes take turns (one run at a time), so the order they start in is the order
+        # tasks finish: a task with a drift cycle (the longest chain) lands and trains first,
+        # the next lands once that fine-tune has started.
         tasks.sort(key=lambda t: "drift" not in t.demo.cycles)
         taken = [threading.Event() for _ in tasks]
         with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="demo-task") as pool:

@@ -74,6 +74,8 @@ class RunWatcher:
                 if task is not None:
                     chosen = self.api.xcom(dag_id, rid, "which_task")
                     if chosen is None:
+                        if run["state"] in ("success", "failed"):
+                            other.add(rid)  # decided nothing (a skipped run: its events were handled)
                         continue  # not decided yet: look again next time
                     if chosen.get("task") != task:
                         other.add(rid)

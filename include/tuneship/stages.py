@@ -159,30 +159,45 @@ def slug(text: str) -> str:
 
 
 def finetune_trigger(task_param: str | None, triggering_asset_events: Any, *, run_id: str,
-                     dataset_version: str | None = None, trigger: str | None = None) -> dict[str, Any]:
+                     dataset_version: str | None = None, trigger: str | None = None,
+                     recent_events: Any = None) -> dict[str, Any]:
     """Which task this fine-tune run trains, on what, and which other runs it must start.
 
     Asset events that arrive close together collapse into one run (`max_active_runs=1`), and
     no task's event may be lost: this run trains one task (the `task` Param, else the newest
-    event's task, else the default task) and every OTHER task with an event in the run gets
+    triggering event's task, else the default task) and every OTHER task with an event in the run gets
     its own `llm_finetune` run (`fan_out`: conf `task`, `trigger` and, for a
     `validated_dataset` event, `dataset_version`), with a run id derived from this run's id
     and the task, so a retried fan-out never starts a second one.
+
+    `recent_events` (an asset-triggered run's: the events of its assets since its `run_after`,
+    less a margin) adds the events Airflow 3.3 left to no run (`tuneship.event_claims`). The
+    run claims every event it answers for; one that another run claimed first (it took it as
+    a stray) is left out and listed in `already_handled`. When that leaves nothing and no
+    task was named, `task` is None: the run has nothing to train.
 
     `trigger` (`validated_dataset`, `retrain_request`; a fanned-out run's conf) and
     `dataset_version` (the Param) describe a run started without events; `dataset_version`
     is the event's version id for a `validated_dataset` event, else the Param's (None: the
     newest accepted version, after a retrain's intake of landed data)."""
+    from tuneship import event_claims
     from tuneship.tasks import default_task
 
-    events = sorted(
-        ((str(getattr(e, "timestamp", None) or ""), getattr(asset, "name", "asset"), dict(e.extra or {}))
-         for asset, evs in (triggering_asset_events or {}).items() for e in evs),
-        key=lambda x: x[0])
+    consumed = event_claims.records(triggering_asset_events)
+    seen = {e["key"] for e in consumed}
+    strays = [e for e in event_claims.records(recent_events) if e["key"] not in seen]
+    mine, elsewhere = event_claims.claim("llm_finetune", consumed + strays, run_id)
+    mine.sort(key=lambda e: e["timestamp"])
+    taken = {"strays": [e["key"] for e in mine if e["key"] not in seen],
+             "already_handled": {k: r for k, r in elsewhere.items() if k in seen}}
+    if consumed and not mine and not task_param:
+        return {"task": None, "trigger": None, "dataset_version": None, "fan_out": [], **taken}
     newest: dict[str, tuple[str, dict[str, Any]]] = {}
-    for _, asset, extra in events:  # oldest first: each task keeps its newest event
-        newest[extra.get("task") or default_task()] = (asset, extra)
-    name = task_param or (events[-1][2].get("task") or default_task() if events else default_task())
+    for e in mine:  # oldest first: each task keeps its newest event
+        newest[e["extra"].get("task") or default_task()] = (e["asset"], e["extra"])
+    # the newest event the scheduler gave this run names its task (what its UI shows); strays fan out
+    given = [e for e in mine if e["key"] in seen] or mine
+    name = task_param or (given[-1]["extra"].get("task") or default_task() if given else default_task())
     asset, extra = newest.get(name, (trigger or "manual", {}))
 
     def version_of(asset: str, extra: dict[str, Any]) -> str | None:
@@ -197,7 +212,7 @@ def finetune_trigger(task_param: str | None, triggering_asset_events: Any, *, ru
             conf["dataset_version"] = version_of(o_asset, o_extra)
         fan_out.append({"trigger_run_id": f"fan_out__{other}__{run_id}", "conf": conf})
     return {"task": name, "trigger": asset, "dataset_version": version_of(asset, extra) or dataset_version,
-            "fan_out": fan_out}
+            "fan_out": fan_out, **taken}
 
 
 def dataset_by_version(task: Task, version_id: str) -> dict[str, str]:

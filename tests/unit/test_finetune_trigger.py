@@ -21,8 +21,9 @@ VALIDATED, RETRAIN = AssetRef("validated_dataset"), AssetRef("retrain_request")
 
 
 @pytest.fixture(autouse=True)
-def default_is_triage(monkeypatch: pytest.MonkeyPatch) -> None:
+def default_is_triage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TUNESHIP_DEFAULT_TASK", "triage")  # two tasks ship: the default must be named
+    monkeypatch.setenv("TUNESHIP_HOME", str(tmp_path))  # each test its own event claims
 
 
 def event(minute: int, **extra):
@@ -62,9 +63,11 @@ def test_an_event_without_a_task_is_the_default_tasks():
 def test_a_fanned_out_run_trains_what_its_conf_names():
     chosen = stages.finetune_trigger("faq", None, run_id="fan_out__faq__x", dataset_version="faq-7",
                                      trigger="validated_dataset")
-    assert chosen == {"task": "faq", "trigger": "validated_dataset", "dataset_version": "faq-7", "fan_out": []}
+    assert chosen == {"task": "faq", "trigger": "validated_dataset", "dataset_version": "faq-7", "fan_out": [],
+                      "strays": [], "already_handled": {}}
     manual = stages.finetune_trigger(None, None, run_id="manual__x")
-    assert manual == {"task": "triage", "trigger": "manual", "dataset_version": None, "fan_out": []}
+    assert manual == {"task": "triage", "trigger": "manual", "dataset_version": None, "fan_out": [],
+                      "strays": [], "already_handled": {}}
 
 
 def test_task_param_wins_and_the_events_other_tasks_still_fan_out():
@@ -72,6 +75,60 @@ def test_task_param_wins_and_the_events_other_tasks_still_fan_out():
     chosen = stages.finetune_trigger("triage", events, run_id="r")
     assert (chosen["task"], chosen["dataset_version"]) == ("triage", "t1")
     assert [f["conf"]["task"] for f in chosen["fan_out"]] == ["faq"]
+
+
+def test_a_stray_event_is_taken_by_the_run_whose_creation_left_it_behind():
+    """apache/airflow#56050: the run consumed triage's event, faq's newer event of the same
+    asset was left to no run. The run sees it among the recent events and fans faq out."""
+    consumed = {VALIDATED: [event(1, task="triage", version_id="tri-1")]}
+    recent = {VALIDATED: [event(2, task="faq", version_id="faq-1"), event(1, task="triage", version_id="tri-1")],
+              RETRAIN: []}
+    chosen = stages.finetune_trigger(None, consumed, run_id="asset_triggered__1", recent_events=recent)
+    assert (chosen["task"], chosen["dataset_version"]) == ("triage", "tri-1")
+    assert chosen["strays"] == ["validated_dataset@2026-03-01T00:02:00.000000+00:00"]
+    assert chosen["fan_out"] == [{"trigger_run_id": "fan_out__faq__asset_triggered__1",
+                                  "conf": {"task": "faq", "trigger": "validated_dataset", "dataset_version": "faq-1"}}]
+    # a retry of that run answers the same: its claims are its own
+    again = stages.finetune_trigger(None, consumed, run_id="asset_triggered__1", recent_events=recent)
+    assert again == chosen
+
+
+def test_an_event_another_run_took_is_not_trained_twice():
+    """The stray was queued after all: the next run is handed it, and leaves it alone; a run
+    with nothing left to answer for trains nothing, unless a task was named."""
+    stray = event(2, task="faq", version_id="faq-1")
+    stages.finetune_trigger(None, {VALIDATED: [event(1, task="triage", version_id="tri-1")]}, run_id="run-1",
+                            recent_events={VALIDATED: [stray]})
+    later = stages.finetune_trigger(None, {VALIDATED: [stray]}, run_id="run-2", recent_events={VALIDATED: [stray]})
+    assert later["task"] is None and later["fan_out"] == []
+    assert later["already_handled"] == {"validated_dataset@2026-03-01T00:02:00.000000+00:00": "run-1"}
+    # with a newer event of its own it trains that one, and only that one
+    newer = event(3, task="triage", version_id="tri-2")
+    mixed = stages.finetune_trigger(None, {VALIDATED: [stray, newer]}, run_id="run-3")
+    assert (mixed["task"], mixed["dataset_version"], mixed["fan_out"]) == ("triage", "tri-2", [])
+    # a task named in the form is trained whatever the events
+    named = stages.finetune_trigger("faq", {VALIDATED: [stray]}, run_id="run-4")
+    assert named["task"] == "faq" and named["dataset_version"] is None
+
+
+def test_event_claims_name_their_run_and_refuse_a_naive_timestamp(tmp_path):
+    from tuneship import event_claims
+
+    [rec] = event_claims.records({RETRAIN: [event(5, task="faq")]})
+    assert rec == {"key": "retrain_request@2026-03-01T00:05:00.000000+00:00", "asset": "retrain_request",
+                   "timestamp": "2026-03-01T00:05:00.000000+00:00", "extra": {"task": "faq"}}
+    # Airflow's timestamps as strings (an XCom round trip) give the same key
+    assert event_claims.records({RETRAIN: [SimpleNamespace(timestamp="2026-03-01T00:05:00Z", extra={})]})[0]["key"] \
+        == rec["key"]
+    assert event_claims.claim("s", [rec], "run-a") == ([rec], {})
+    assert event_claims.claim("s", [rec], "run-b") == ([], {rec["key"]: "run-a"})
+    assert event_claims.owner("s", rec["key"]) == "run-a"
+    with pytest.raises(ValueError, match="timezone-aware"):
+        event_claims.records({RETRAIN: [SimpleNamespace(timestamp=datetime(2026, 3, 1), extra={})]})
+    # a damaged claim names its file and what to do, rather than handing the event out again
+    next(event_claims.claims_dir("s").glob("*.json")).write_text("{")
+    with pytest.raises(RuntimeError, match="event claim .* is unreadable"):
+        event_claims.claim("s", [rec], "run-c")
 
 
 def accept(task_name: str, version_id: str) -> Path:
