@@ -49,16 +49,19 @@ from tuneship_airflow.refusals import fail_on_refusal
     },
 )
 def llm_data_validation():
-    @task
-    def find_batches(params=None, triggering_asset_events=None):
+    @task(inlets=[incoming_training_data])  # inlets: to read recent events (landings no run took)
+    def find_batches(params=None, run_id=None, dag_run=None, triggering_asset_events=None, inlet_events=None):
         """(task, batch) pairs grouped by task: one validation per task, so each task's
         dataset version emits its own `validated_dataset` event."""
         from tuneship.stages import batches_to_validate
         from tuneship.tasks import load_task, load_tasks
+        from tuneship_airflow.assets import recent_events
 
         tasks = [load_task(params["task"])] if params["task"] else list(load_tasks().values())
         work: dict[str, list[str]] = {}
-        for t, uri in batches_to_validate(tasks, params["dataset_uri"], triggering_asset_events):
+        recent = recent_events(dag_run, inlet_events, incoming_training_data)
+        for t, uri in batches_to_validate(tasks, params["dataset_uri"], triggering_asset_events,
+                                          run_id=run_id, recent_events=recent):
             work.setdefault(t.name, []).append(uri)
         return [{"task": name, "uris": uris} for name, uris in work.items()]
 

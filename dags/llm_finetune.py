@@ -85,21 +85,14 @@ def llm_finetune():
         """The task this run trains and the runs to start for the other tasks' events."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from tuneship.event_claims import STRAY_MARGIN_S
         from tuneship.stages import finetune_trigger
+        from tuneship_airflow.assets import log_claims, recent_events
 
-        recent = None
-        if dag_run.run_type == "asset_triggered":  # only a run the scheduler made can strand an event
-            since = (dag_run.run_after - timedelta(seconds=STRAY_MARGIN_S)).isoformat()
-            recent = {a: list(inlet_events[a].after(since).ascending(False).limit(100))
-                      for a in (validated_dataset, retrain_request)}
         chosen = finetune_trigger(params["task"], triggering_asset_events, run_id=run_id,
                                   dataset_version=params["dataset_version"],
-                                  trigger=(dag_run.conf or {}).get("trigger"), recent_events=recent)
-        for key, other in chosen["already_handled"].items():
-            print(f"event {key} was already handled by run {other}")
-        if chosen["strays"]:
-            print(f"taking events no run consumed (apache/airflow#56050): {chosen['strays']}")
+                                  trigger=(dag_run.conf or {}).get("trigger"),
+                                  recent_events=recent_events(dag_run, inlet_events, validated_dataset, retrain_request))
+        log_claims(chosen)
         if chosen["task"] is None:
             raise AirflowSkipException("nothing to train: every event of this run was handled by an earlier run")
         print(f"training task {chosen['task']} ({chosen['trigger']}); fanning out: "

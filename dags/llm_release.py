@@ -2,7 +2,9 @@
 ### llm_release
 
 Blue/green release of a task's `release_candidate` (the event's `task`, or the `task` Param
-with a `version`): each task has its own colours in Triton (`<task>_blue`, `<task>_green`),
+with a `version`; candidates of other tasks in the same run each get their own run,
+`fan_out__<task>__<run id>` with conf `task` and `version`, and a candidate Airflow 3.3 gave
+no run is taken by the run that left it behind, see `tuneship.event_claims`): each task has its own colours in Triton (`<task>_blue`, `<task>_green`),
 its own routes in the gateway (its served model) and its own inference log; nothing here
 touches another task's. First reconcile the task's Triton colours with its routing state
 (recovers from a release, Triton or gateway that died mid-way), then load the candidate
@@ -48,6 +50,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.providers.standard.sensors.date_time import DateTimeSensorAsync
 from airflow.sdk import Param, dag, task
 
@@ -99,11 +102,31 @@ from tuneship_airflow.refusals import fail_on_refusal
     },
 )
 def llm_release():
-    @task
-    def which_task(params=None, triggering_asset_events=None):
-        from tuneship.stages import release_trigger
+    @task(inlets=[release_candidate])  # inlets: to read recent events (strays)
+    def which_task(params=None, run_id=None, dag_run=None, triggering_asset_events=None, inlet_events=None):
+        """The task this run releases and the release runs to start for other tasks' candidates."""
+        from airflow.sdk.exceptions import AirflowSkipException
 
-        return release_trigger(params["task"], params["version"], triggering_asset_events)
+        from tuneship.stages import release_trigger
+        from tuneship_airflow.assets import log_claims, recent_events
+
+        chosen = release_trigger(params["task"], params["version"], triggering_asset_events, run_id=run_id,
+                                 recent_events=recent_events(dag_run, inlet_events, release_candidate))
+        log_claims(chosen)
+        if chosen["task"] is None:
+            raise AirflowSkipException("nothing to release: every candidate of this run was handled by an earlier run")
+        print(f"releasing task {chosen['task']}; fanning out: {[f['conf'] for f in chosen['fan_out']] or 'nothing'}")
+        return chosen
+
+    @task
+    def other_candidates(chosen: dict) -> list[dict]:
+        """fan_out's kwargs, one per other task's candidate: `trigger_run_id` and `conf`."""
+        return chosen["fan_out"]
+
+    # One release run per other task's candidate (conf: task, version); a retry never doubles one.
+    fan_out = TriggerDagRunOperator.partial(
+        task_id="fan_out", trigger_dag_id="llm_release", skip_when_already_exists=True,
+    )
 
     take_slot = ReleaseSlotOperator(
         task_id="take_release_slot",
@@ -252,6 +275,7 @@ def llm_release():
         return retire(p, gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
 
     chosen = which_task()
+    fan_out.expand_kwargs(other_candidates(chosen))
     chosen >> take_slot
     p = plan(chosen)
     take_slot >> reconcile(chosen) >> p

@@ -18,7 +18,9 @@ earlier run took it as a stray) leaves it alone. Claims are written under one fl
 runs never both claim an event, and re-claiming by the same run (a retry) is a no-op.
 
 An event is identified by its asset's name and its timestamp (microseconds, UTC): the
-triggering events a task sees carry no id. No Airflow import here.
+triggering events a task sees carry no id. Every asset-scheduled DAG does this
+(`llm_data_validation`, `llm_finetune`, `llm_release`), each in its own scope. No Airflow
+import here; `tuneship_airflow.assets.recent_events` reads the recent events.
 """
 
 from __future__ import annotations
@@ -99,3 +101,29 @@ def claim(scope: str, events: list[dict[str, Any]], run_id: str) -> tuple[list[d
             else:
                 others[event["key"]] = holder
     return mine, others
+
+
+def take(scope: str, triggering: Mapping[Any, Iterable[Any]] | None, recent: Mapping[Any, Iterable[Any]] | None,
+         run_id: str) -> dict[str, Any]:
+    """The events run `run_id` answers for: those the scheduler gave it (`triggering`) and the
+    strays among `recent`, less any another run claimed first. Returns `events` (this run's,
+    oldest first), `given` (those of them the scheduler gave it), `strays` (keys taken as
+    strays), `already_handled` ({key: run} for given events another run took) and
+    `nothing_left` (the scheduler gave it events and every one was handled elsewhere)."""
+    consumed = records(triggering)
+    seen = {e["key"] for e in consumed}
+    strays = [e for e in records(recent) if e["key"] not in seen]
+    mine, elsewhere = claim(scope, consumed + strays, run_id)
+    mine.sort(key=lambda e: (e["timestamp"], e["asset"]))
+    return {"events": mine, "given": [e for e in mine if e["key"] in seen],
+            "strays": [e["key"] for e in mine if e["key"] not in seen],
+            "already_handled": {k: r for k, r in elsewhere.items() if k in seen},
+            "nothing_left": bool(consumed) and not mine}
+
+
+def newest_by_task(events: list[dict[str, Any]], default: str) -> dict[str, dict[str, Any]]:
+    """Each task's newest event (an event without `extra.task` is the default task's)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for e in sorted(events, key=lambda e: e["timestamp"]):
+        newest[e["extra"].get("task") or default] = e
+    return newest

@@ -64,23 +64,29 @@ def incoming_batch(task: Task) -> str | None:
     return str(max(batches, key=lambda p: p.stat().st_mtime)) if batches else None
 
 
-def batches_to_validate(tasks: list[Task], dataset_uri: str | None,
-                        triggering_asset_events: Any) -> list[tuple[Task, str]]:
+def batches_to_validate(tasks: list[Task], dataset_uri: str | None, triggering_asset_events: Any, *,
+                        run_id: str = "", recent_events: Any = None) -> list[tuple[Task, str]]:
     """What a validation run takes in, as (task, batch) pairs: the `dataset_uri` Param if set
     (for the one task given); else every batch the incoming-data watcher announced for this
     run (`extra.payload`: `task` and `dataset_uri`, in landing order: several landings can
-    start one run); else the newest batch in each task's landing location (the nightly run)."""
+    start one run), with the strays among `recent_events` that no run took
+    (`tuneship.event_claims`); nothing when another run took them all; else the newest
+    batch in each task's landing location (the nightly run)."""
+    from tuneship import event_claims
+
     by_name = {t.name: t for t in tasks}
     if dataset_uri:
         if len(tasks) != 1:
             raise StageFailed(f"dataset_uri {dataset_uri} needs the task it belongs to: choose one of {sorted(by_name)}")
         return [(tasks[0], dataset_uri)]
+    took = event_claims.take("llm_data_validation", triggering_asset_events, recent_events, run_id)
+    if took["nothing_left"]:
+        return []
     landed: dict[tuple[str, str], None] = {}
-    for events in (triggering_asset_events or {}).values():
-        for event in events:
-            payload = (event.extra or {}).get("payload", {})
-            if payload.get("dataset_uri") and payload.get("task") in by_name:
-                landed[(payload["task"], payload["dataset_uri"])] = None
+    for event in took["events"]:
+        payload = event["extra"].get("payload", {})
+        if payload.get("dataset_uri") and payload.get("task") in by_name:
+            landed[(payload["task"], payload["dataset_uri"])] = None
     if landed:
         return [(by_name[name], uri) for name, uri in landed]
     return [(t, newest) for t in tasks if (newest := incoming_batch(t))]
@@ -183,20 +189,13 @@ def finetune_trigger(task_param: str | None, triggering_asset_events: Any, *, ru
     from tuneship import event_claims
     from tuneship.tasks import default_task
 
-    consumed = event_claims.records(triggering_asset_events)
-    seen = {e["key"] for e in consumed}
-    strays = [e for e in event_claims.records(recent_events) if e["key"] not in seen]
-    mine, elsewhere = event_claims.claim("llm_finetune", consumed + strays, run_id)
-    mine.sort(key=lambda e: e["timestamp"])
-    taken = {"strays": [e["key"] for e in mine if e["key"] not in seen],
-             "already_handled": {k: r for k, r in elsewhere.items() if k in seen}}
-    if consumed and not mine and not task_param:
+    took = event_claims.take("llm_finetune", triggering_asset_events, recent_events, run_id)
+    taken = {"strays": took["strays"], "already_handled": took["already_handled"]}
+    if took["nothing_left"] and not task_param:
         return {"task": None, "trigger": None, "dataset_version": None, "fan_out": [], **taken}
-    newest: dict[str, tuple[str, dict[str, Any]]] = {}
-    for e in mine:  # oldest first: each task keeps its newest event
-        newest[e["extra"].get("task") or default_task()] = (e["asset"], e["extra"])
+    newest = {t: (e["asset"], e["extra"]) for t, e in event_claims.newest_by_task(took["events"], default_task()).items()}
     # the newest event the scheduler gave this run names its task (what its UI shows); strays fan out
-    given = [e for e in mine if e["key"] in seen] or mine
+    given = took["given"] or took["events"]
     name = task_param or (given[-1]["extra"].get("task") or default_task() if given else default_task())
     asset, extra = newest.get(name, (trigger or "manual", {}))
 
@@ -595,21 +594,31 @@ def smoke_candidate(task: Task, colour_model: str, version: str, *, gateway: Any
                   f"samples: {result['samples']}")
 
 
-def release_trigger(task_param: str | None, version: str | None, triggering_asset_events: Any) -> dict[str, Any]:
-    """Which task a release run releases, and the triggering candidate (None for a manual
-    `version`): the `task` Param, else the newest `release_candidate` event's task."""
+def release_trigger(task_param: str | None, version: str | None, triggering_asset_events: Any, *,
+                    run_id: str, recent_events: Any = None) -> dict[str, Any]:
+    """Which task a release run releases, its triggering candidate (None for a manual
+    `version`), and the release runs to start for other tasks' candidates.
+
+    The `task` Param, else the newest `release_candidate` event's task; that task's newest
+    candidate. Every OTHER task with a candidate among the run's events (and the strays in
+    `recent_events` that no run took: `tuneship.event_claims`) gets its own `llm_release`
+    run (`fan_out`: conf `task` and `version`, run id `fan_out__<task>__<this run id>`), so a
+    candidate is never dropped because another task's arrived beside it. `task` is None when
+    every event of the run was already handled by another run and no task was named."""
+    from tuneship import event_claims
     from tuneship.tasks import default_task
 
-    candidate = None
-    for asset, events in (triggering_asset_events or {}).items():
-        if events and getattr(asset, "name", "") == "release_candidate":
-            candidate = dict(events[-1].extra or {})
-    name = task_param or (candidate or {}).get("task") or default_task()
-    if candidate and candidate.get("task", name) != name:
-        candidate = None  # the event is another task's candidate; this run releases `version`
-    if version:
-        candidate = None
-    return {"task": name, "candidate": candidate}
+    took = event_claims.take("llm_release", triggering_asset_events, recent_events, run_id)
+    taken = {"strays": took["strays"], "already_handled": took["already_handled"]}
+    if took["nothing_left"] and not task_param:
+        return {"task": None, "candidate": None, "fan_out": [], **taken}
+    newest = event_claims.newest_by_task(took["events"], default_task())
+    given = took["given"] or took["events"]
+    name = task_param or (given[-1]["extra"].get("task") or default_task() if given else default_task())
+    candidate = None if version or name not in newest else dict(newest[name]["extra"])
+    fan_out = [{"trigger_run_id": f"fan_out__{other}__{run_id}", "conf": {"task": other, "version": str(e["extra"]["version"])}}
+               for other, e in sorted(newest.items()) if other != name and e["extra"].get("version") is not None]
+    return {"task": name, "candidate": candidate, "fan_out": fan_out, **taken}
 
 
 def release_plan(task: Task, candidate: dict[str, Any] | None, version: str | None,

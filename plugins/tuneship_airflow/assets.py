@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from typing import Any
 
 from airflow.sdk import Asset, AssetWatcher
 
@@ -32,3 +34,25 @@ incoming_training_data = Asset(
         )
     ],
 )
+
+
+def recent_events(dag_run: Any, inlet_events: Any, *assets: Asset) -> dict[Asset, list] | None:
+    """An asset-triggered run's view of `assets`' events since its `run_after` (less
+    `STRAY_MARGIN_S`, newest 100 each), where `tuneship.event_claims` finds the events Airflow
+    3.3 gave no run (apache/airflow#56050). None for any other run: only the scheduler's
+    creation of an asset-triggered run strands events. The calling task lists `assets` as
+    its inlets (the Task SDK reads only an inlet's events)."""
+    from tuneship.event_claims import STRAY_MARGIN_S
+
+    if dag_run.run_type != "asset_triggered":
+        return None
+    since = (dag_run.run_after - timedelta(seconds=STRAY_MARGIN_S)).isoformat()
+    return {a: list(inlet_events[a].after(since).ascending(False).limit(100)) for a in assets}
+
+
+def log_claims(chosen: dict[str, Any]) -> None:
+    """Say in the task log which events another run already handled and which strays this run took."""
+    for key, other in chosen.get("already_handled", {}).items():
+        print(f"event {key} was already handled by run {other}: left to it")
+    if chosen.get("strays"):
+        print(f"taking events that no run consumed (apache/airflow#56050): {chosen['strays']}")

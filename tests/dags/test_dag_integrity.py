@@ -102,7 +102,7 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     order = ["which_task", "take_release_slot", "reconcile", "plan", "load_candidate", "smoke", "start_shadow",
              "shadow_window", "decide", "post_switch_window", "post_switch_guard", "retention_window",
              "retire_previous", "give_back_release_slot"]
-    assert set(dag.task_ids) == set(order)
+    assert set(dag.task_ids) == {*order, "other_candidates", "fan_out"}
     for before, after in zip(order, order[1:], strict=False):
         assert after in dag.get_task(before).downstream_task_ids, (before, after)
     watch = dag.get_task("post_switch_window")
@@ -128,7 +128,7 @@ def test_release_runs_tasks_side_by_side_one_per_task(dagbag):
     assert take.task_id in give.upstream_task_ids
     # everything that touches serving runs between taking and giving back the slot
     for t in dag.tasks:
-        if t.task_id not in ("which_task", take.task_id, give.task_id):
+        if t.task_id not in ("which_task", "other_candidates", "fan_out", take.task_id, give.task_id):
             assert take.task_id in t.get_flat_relative_ids(upstream=True), t.task_id
             assert give.task_id in t.get_flat_relative_ids(upstream=False), t.task_id
 
@@ -148,6 +148,21 @@ def test_finetune_fans_out_the_other_tasks_events(dagbag):
     assert "dataset_version" in dag.params
     # which_task reads both assets' recent events for the ones Airflow 3.3 gave no run (#56050)
     assert {a.name for a in dag.get_task("which_task").inlets} == {"validated_dataset", "retrain_request"}
+
+
+def test_release_fans_out_other_tasks_candidates_without_their_slot(dagbag):
+    """Candidates of other tasks in one release run get their own llm_release runs, started
+    before this run takes its slot (so another task's release never waits on this one)."""
+    dag = dagbag.dags["llm_release"]
+    fan_out = dag.get_task("fan_out")
+    assert type(fan_out).__name__ == "MappedOperator" and fan_out.operator_name == "TriggerDagRunOperator"
+    assert fan_out.partial_kwargs["trigger_dag_id"] == "llm_release"
+    assert fan_out.partial_kwargs["skip_when_already_exists"] is True
+    assert dag.get_task("other_candidates").upstream_task_ids == {"which_task"}
+    assert "take_release_slot" not in fan_out.get_flat_relative_ids(upstream=True)
+    assert {a.name for a in dag.get_task("which_task").inlets} == {"release_candidate"}
+    assert {a.name for a in dagbag.dags["llm_data_validation"].get_task("find_batches").inlets} == \
+        {"incoming_training_data"}
 
 
 def test_every_dag_takes_the_task_as_a_param_listing_the_task_files(dagbag):

@@ -244,3 +244,38 @@ def test_releases_of_two_tasks_overlap_and_one_task_releases_one_at_a_time(airfl
         assert tis(api, "llm_release", run_id)["give_back_release_slot"]["state"] == "success"
         assert api.xcom("llm_release", run_id, "give_back_release_slot") == {"task": task, "given_back": True}
     assert release_slot.holder("triage") is None and release_slot.holder("faq") is None
+
+
+def test_a_candidate_the_scheduler_leaves_to_no_run_gets_its_own_release(airflow):
+    """The same Airflow 3.3 behaviour for `release_candidate`: of two candidates queued together
+    the run consumes the first only. Its `which_task` takes the other (another task's) as a
+    stray and fans out a release run for it, with that version."""
+    from tuneship import release_slot, services
+
+    api = airflow
+    before = {r["dag_run_id"] for r in api.runs("llm_release")}
+    services.stop([SCHEDULER])
+    post_events(api, [("release_candidate", {"task": "triage", "version": "91", "package": "/nowhere/t91"}),
+                      ("release_candidate", {"task": "faq", "version": "92", "package": "/nowhere/f92"})])
+    services.start([SCHEDULER])
+    [run] = wait(lambda: [r for r in api.runs("llm_release")
+                          if r["run_type"] == "asset_triggered" and r["dag_run_id"] not in before],
+                 "the asset-triggered llm_release run", 120)
+    run_id = run["dag_run_id"]
+    consumed = api.request("GET", f"/dags/llm_release/dagRuns/{run_id}/upstreamAssetEvents")["asset_events"]
+    assert [e["extra"]["task"] for e in consumed] == ["triage"]  # Airflow's part (#56050)
+    chosen = wait(lambda: api.xcom("llm_release", run_id, "which_task"), "which_task of the release", 120)
+    assert (chosen["task"], chosen["candidate"]["version"]) == ("triage", "91")
+    child_id = f"fan_out__faq__{run_id}"
+    assert chosen["fan_out"] == [{"trigger_run_id": child_id, "conf": {"task": "faq", "version": "92"}}]
+    assert len(chosen["strays"]) == 1
+    child = wait(lambda: next((r for r in api.runs("llm_release") if r["dag_run_id"] == child_id), None),
+                 "faq's fanned-out release", 60)
+    assert child["conf"] == {"task": "faq", "version": "92"}
+    fanned = wait(lambda: api.xcom("llm_release", child_id, "which_task"), "which_task of faq's release", 120)
+    assert (fanned["task"], fanned["candidate"], fanned["fan_out"]) == ("faq", None, [])
+    for rid in (run_id, child_id):
+        api.request("PATCH", f"/dags/llm_release/dagRuns/{rid}", json={"state": "failed"})
+    wait(lambda: finished(api, "llm_release", [run_id, child_id]), "both releases to finish", 120)
+    wait(lambda: release_slot.holder("triage") is None and release_slot.holder("faq") is None,
+         "the slots to be given back", 60)

@@ -152,3 +152,26 @@ def test_plan_trains_the_chosen_version_and_refuses_an_unknown_one(tmp_path, mon
     assert stages.finetune_dataset(task, {"task": "faq", "trigger": "manual"}, run_id="r")["version_id"] == "v-1"
     with pytest.raises(stages.StageFailed, match="no validated dataset for task triage yet"):
         stages.finetune_dataset(load_task("triage"), {"task": "triage", "trigger": "manual"}, run_id="r")
+
+
+CANDIDATE = AssetRef("release_candidate")
+
+
+def test_a_release_run_releases_one_task_and_fans_out_the_other_tasks_candidates():
+    events = {CANDIDATE: [event(1, task="faq", version="3", package="/p/faq3"),
+                          event(2, task="triage", version="7", package="/p/t7")]}
+    chosen = stages.release_trigger(None, None, events, run_id="asset_triggered__r")
+    assert (chosen["task"], chosen["candidate"]) == ("triage", {"task": "triage", "version": "7", "package": "/p/t7"})
+    assert chosen["fan_out"] == [{"trigger_run_id": "fan_out__faq__asset_triggered__r",
+                                  "conf": {"task": "faq", "version": "3"}}]
+    # a fanned-out run releases what its conf names, with no candidate event of its own
+    fanned = stages.release_trigger("faq", "3", None, run_id="fan_out__faq__asset_triggered__r")
+    assert (fanned["task"], fanned["candidate"], fanned["fan_out"]) == ("faq", None, [])
+    # a stray candidate (no run consumed it) is released by its own run, exactly once
+    stray = {CANDIDATE: [event(3, task="faq", version="4", package="/p/faq4")]}
+    took = stages.release_trigger(None, None, {CANDIDATE: [event(4, task="triage", version="8")]},
+                                  run_id="asset_triggered__s", recent_events=stray)
+    assert took["fan_out"] == [{"trigger_run_id": "fan_out__faq__asset_triggered__s",
+                                "conf": {"task": "faq", "version": "4"}}]
+    later = stages.release_trigger(None, None, stray, run_id="asset_triggered__t")
+    assert later["task"] is None and later["already_handled"] == {took["strays"][0]: "asset_triggered__s"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,8 +69,9 @@ def test_missing_incoming_directory_is_not_an_error(tmp_path: Path) -> None:
     assert asyncio.run(_events(trigger, 1, timeout=0.2)) == []
 
 
-def _event(uri: str, task: str = "triage") -> SimpleNamespace:
-    return SimpleNamespace(extra={"from_trigger": True, "payload": {"task": task, "dataset_uri": uri}})
+def _event(uri: str, task: str = "triage", second: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(timestamp=datetime(2026, 3, 1, 0, 0, second, tzinfo=UTC),
+                           extra={"from_trigger": True, "payload": {"task": task, "dataset_uri": uri}})
 
 
 def test_what_a_run_takes_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,6 +79,7 @@ def test_what_a_run_takes_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     from tuneship.tasks import load_task
 
     monkeypatch.setenv("TUNESHIP_INCOMING", str(tmp_path))
+    monkeypatch.setenv("TUNESHIP_HOME", str(tmp_path / "home"))  # its own event claims
     task = load_task("triage")
 
     def names(pairs):
@@ -86,10 +89,18 @@ def test_what_a_run_takes_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     datagen.write_dataset(tmp_path / "triage" / "nightly", n_train=5, n_eval=2)
     datagen.write_dataset(tmp_path / "elsewhere", n_train=5, n_eval=2)  # not a task's landing location
     assert names(batches_to_validate([task], "", {})) == [("triage", str(tmp_path / "triage" / "nightly"))]
-    events = {"incoming_training_data": [_event("/a"), _event("/b"), _event("/a"), _event("/c", "gone")]}
+    events = {"incoming_training_data": [_event("/a", second=1), _event("/b", second=2), _event("/a", second=3),
+                                         _event("/c", "gone", second=4)]}
     # every landing of a known task, once, in order
-    assert names(batches_to_validate([task], "", events)) == [("triage", "/a"), ("triage", "/b")]
+    assert names(batches_to_validate([task], "", events, run_id="r1")) == [("triage", "/a"), ("triage", "/b")]
     assert names(batches_to_validate([task], "/manual", events)) == [("triage", "/manual")]  # the Param wins
+    # a landing the scheduler gave no run (apache/airflow#56050) is taken by the next run that
+    # sees it; a run whose landings were all taken already validates nothing
+    stray = {"incoming_training_data": [_event("/d", second=5)]}
+    got = batches_to_validate([task], "", {"incoming_training_data": [_event("/e", second=6)]}, run_id="r2",
+                              recent_events=stray)
+    assert names(got) == [("triage", "/d"), ("triage", "/e")]  # in landing order
+    assert batches_to_validate([task], "", stray, run_id="r3") == []
     with pytest.raises(StageFailed, match="needs the task it belongs to"):
         batches_to_validate([task, task.model_copy()], "/manual", None)
 
