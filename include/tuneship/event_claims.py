@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -121,9 +121,10 @@ def take(scope: str, triggering: Mapping[Any, Iterable[Any]] | None, recent: Map
             "nothing_left": bool(consumed) and not mine}
 
 
-def newest_by_task(events: list[dict[str, Any]], default: str) -> dict[str, dict[str, Any]]:
-    """Each task's newest event (an event without `extra.task` is the default task's)."""
+def newest_by_task(events: list[dict[str, Any]], default: Callable[[], str]) -> dict[str, dict[str, Any]]:
+    """Each task's newest event (an event without `extra.task` is the `default()` task's;
+    asked only then: with several tasks and none configured as default, it raises)."""
     newest: dict[str, dict[str, Any]] = {}
     for e in sorted(events, key=lambda e: e["timestamp"]):
-        newest[e["extra"].get("task") or default] = e
+        newest[e["extra"].get("task") or default()] = e
     return newest

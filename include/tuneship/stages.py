@@ -193,7 +193,7 @@ def finetune_trigger(task_param: str | None, triggering_asset_events: Any, *, ru
     taken = {"strays": took["strays"], "already_handled": took["already_handled"]}
     if took["nothing_left"] and not task_param:
         return {"task": None, "trigger": None, "dataset_version": None, "fan_out": [], **taken}
-    newest = {t: (e["asset"], e["extra"]) for t, e in event_claims.newest_by_task(took["events"], default_task()).items()}
+    newest = {t: (e["asset"], e["extra"]) for t, e in event_claims.newest_by_task(took["events"], default_task).items()}
     # the newest event the scheduler gave this run names its task (what its UI shows); strays fan out
     given = took["given"] or took["events"]
     name = task_param or (given[-1]["extra"].get("task") or default_task() if given else default_task())
@@ -612,7 +612,7 @@ def release_trigger(task_param: str | None, version: str | None, triggering_asse
     taken = {"strays": took["strays"], "already_handled": took["already_handled"]}
     if took["nothing_left"] and not task_param:
         return {"task": None, "candidate": None, "fan_out": [], **taken}
-    newest = event_claims.newest_by_task(took["events"], default_task())
+    newest = event_claims.newest_by_task(took["events"], default_task)
     given = took["given"] or took["events"]
     name = task_param or (given[-1]["extra"].get("task") or default_task() if given else default_task())
     candidate = None if version or name not in newest else dict(newest[name]["extra"])

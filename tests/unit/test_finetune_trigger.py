@@ -175,3 +175,14 @@ def test_a_release_run_releases_one_task_and_fans_out_the_other_tasks_candidates
                                 "conf": {"task": "faq", "version": "4"}}]
     later = stages.release_trigger(None, None, stray, run_id="asset_triggered__t")
     assert later["task"] is None and later["already_handled"] == {took["strays"][0]: "asset_triggered__s"}
+
+
+def test_events_that_name_their_task_need_no_default_task(monkeypatch: pytest.MonkeyPatch):
+    """Two tasks ship and none is the default (as in `make demo`): events carry their task, so
+    no default is ever asked for."""
+    monkeypatch.delenv("TUNESHIP_DEFAULT_TASK")
+    chosen = stages.finetune_trigger(None, {VALIDATED: [event(1, task="triage", version_id="t1"),
+                                                        event(2, task="faq", version_id="f1")]}, run_id="r")
+    assert (chosen["task"], [f["conf"]["task"] for f in chosen["fan_out"]]) == ("faq", ["triage"])
+    released = stages.release_trigger(None, None, {CANDIDATE: [event(3, task="triage", version="2")]}, run_id="r")
+    assert released["task"] == "triage" and released["candidate"]["version"] == "2"
