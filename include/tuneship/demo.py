@@ -486,7 +486,7 @@ def _latest_drift(task: str | None, run_id: str) -> dict | None:
 
 
 def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
-    from tuneship.report import fmt
+    from tuneship.report import fmt, gate_line
 
     print("\n" + "=" * 72)
     print(f"Tuneship demo {'FAILED' if failed else 'OK'} in {fmt(summary['wall_s'], 's')}")
@@ -506,7 +506,10 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
             print(f"   fine-tune {ft['state']}: registered v{ft['model']['version']} "
                   f"(train loss {fmt(ft['model'].get('train_loss'))}"
                   + (f", warm start from {ft['model']['init_from']})" if ft["model"].get("init_from") else ")"))
-        if gates:
+        if gates.get("gates"):
+            for row in gates["gates"]:
+                print(f"   gate {gate_line(row, gates.get('reference_name'))}")
+        elif gates:
             ref = gates.get("reference_name")
             for k, v in (gates.get("metrics") or {}).items():
                 print(f"   gate {k}: {fmt(v)} vs {ref} {fmt((gates.get('reference') or {}).get(k))}")

@@ -13,7 +13,20 @@ Metric kinds: fields the task's parser reads from an answer (`field_exact_match`
 `must_not_contain`: none of its forbidden strings appear); and refusals, read by the
 suite's declared `decline` detector (`declined`: share of should-decline cases that
 declined; `wrongly_declined`: share of answerable cases that declined, lower is better,
-so a model that declines everything fails).
+so a model that declines everything fails). A case without an expected value for a
+field does not count towards that field's match (a missing expectation is never a match).
+
+Gates decide on intervals, not point estimates (`tuneship.stats`): every rate has a Wilson
+interval, and a comparison with the reference (champion, else base model) is paired on the
+same cases (Newcombe's interval of the difference, McNemar's exact test). A floor passes when
+the interval's lower bound clears it and fails when its upper bound is below it; a
+`max_regression` margin passes when the paired difference's lower bound is above minus the
+margin (non-inferiority) and fails when its upper bound is below it; anything in between is
+inconclusive, which the suite's `statistics.on_inconclusive` decides (today: fail). A gate
+its suite is too small to ever pass (a floor above a perfect score's lower bound, a margin
+below what the suite can detect at its declared power) is a configuration error. A `smoke`
+suite (a handful of fixed cases through the gateway) makes no statistical claim: its gates
+are thresholds on the observed rates.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from pydantic import (
     model_validator,
 )
 
-from tuneship import config
+from tuneship import config, stats
 
 SUITES_DIR = config.REPO_ROOT / "eval_suites"
 
@@ -114,6 +127,8 @@ class Metric(_Strict):
 
     def applies(self, case: Case) -> bool:
         """Whether `case` counts towards this metric (its denominator)."""
+        if self.kind == "field_exact_match":
+            return self.field in case.expected  # no expectation: never a match, and not a case
         if self.kind == "keywords":
             return bool(case.keywords)
         if self.kind == "must_not_contain":
@@ -164,6 +179,30 @@ class Gate(_Strict):
         return self
 
 
+class Statistics(_Strict):
+    """How a gate suite decides. Intervals at `confidence`; a non-inferiority margin must be
+    detectable with `power` when candidate and reference are equally good and disagree on a
+    share `discordance` of the cases (a fine-tune against its champion: about 0.1)."""
+
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    power: float = Field(default=0.8, ge=0.5, lt=1)
+    discordance: float = Field(default=0.1, gt=0, lt=1)
+    expected_rate: float = Field(default=0.9, gt=0, lt=1)  # the reference's rate of the better outcome
+    on_inconclusive: Literal["fail"] = "fail"  # "hold for a person" arrives with approvals
+
+    @model_validator(mode="after")
+    def _discordance_fits(self) -> Statistics:
+        if self.discordance / 2 > min(self.expected_rate, 1 - self.expected_rate):
+            raise ValueError(f"discordance {self.discordance} cannot happen at expected_rate {self.expected_rate}: "
+                             f"at most {2 * min(self.expected_rate, 1 - self.expected_rate):.3f}")
+        return self
+
+    def detectable_margin(self, n: int) -> float:
+        """The smallest non-inferiority margin n paired cases show at this power."""
+        return stats.detectable_margin(n, rate=self.expected_rate, discordance=self.discordance,
+                                       confidence=self.confidence, power=self.power)
+
+
 class Generation(_Strict):
     max_new_tokens: int = Field(default=16, gt=0, le=512)
 
@@ -172,6 +211,8 @@ class Suite(_Strict):
     name: str
     version: int
     description: str = ""
+    role: Literal["gate", "smoke"] = "gate"  # smoke: fixed sanity cases, thresholds on observed rates
+    statistics: Statistics = Statistics()
     parser: str | None = None  # module:function; a task's suites use the task's own parser
     decline: Decline | None = None  # how a refusal reads; needed by the declined metric kinds
     generation: Generation = Generation()
@@ -209,6 +250,24 @@ class Suite(_Strict):
                     raise ValueError(f"metrics.{i} ({m.name!r}): {_no_cases(m)}")
         return self
 
+    @model_validator(mode="after")
+    def _gates_can_pass(self) -> Suite:
+        """A gate its suite is too small to ever pass is a configuration error. Inline suites
+        know their cases; a dataset suite's `limit` bounds them (checked again on the cases
+        actually scored)."""
+        for i, gate in enumerate(self.gates):
+            if self.role == "smoke":
+                if gate.max_regression is not None:
+                    raise ValueError(f"gates.{i} on {gate.metric!r}: a smoke suite has no reference model; "
+                                     "use `min` or `max`")
+                continue
+            metric = next(m for m in self.metrics if m.name == gate.metric)
+            n = (sum(metric.applies(c) for c in self.cases.items) if self.cases.source == "inline"
+                 else self.cases.limit)
+            if n is not None and (problem := gate_unreachable(gate, n, self.statistics)):
+                raise ValueError(f"gates.{i} on {gate.metric!r}: {problem}")
+        return self
+
     def needs_parser(self) -> bool:
         return any(m.kind in PARSED_KINDS for m in self.metrics)
 
@@ -227,11 +286,40 @@ class Suite(_Strict):
 
 
 def _no_cases(m: Metric) -> str:
-    what = {"keywords": "no case lists `keywords`",
+    what = {"field_exact_match": f"no case has an expected `{m.field}`",
+            "keywords": "no case lists `keywords`",
             "must_not_contain": "no case lists `forbidden` and the metric lists none",
             "declined": "no case has `should_decline: true`",
             "wrongly_declined": "every case has `should_decline: true`"}.get(m.kind, "there are no cases")
     return f"kind {m.kind} has nothing to score: {what}"
+
+
+def gate_unreachable(gate: Gate, n: int, st: Statistics) -> str | None:
+    """Why `gate` can never pass on n cases (None: it can). A floor needs a perfect score's
+    lower bound to clear it, a ceiling needs a clean score's upper bound under it, a margin
+    needs the suite to detect it at the declared power and discordance."""
+    if n <= 0:
+        return "no case counts towards this metric"
+    if gate.min is not None and stats.wilson(n, n, st.confidence)[0] < gate.min:
+        need = stats.cases_for_floor(gate.min, st.confidence)
+        return (f"with {n} cases even a perfect score's {st.confidence:.0%} lower bound is "
+                f"{stats.wilson(n, n, st.confidence)[0]:.3f}, below the floor {gate.min}: lower the floor or score "
+                + (f"at least {need} cases" if need else "more cases (a floor of 1 can never be shown)"))
+    if gate.max is not None and stats.wilson(0, n, st.confidence)[1] > gate.max:
+        need = stats.cases_for_floor(1 - gate.max, st.confidence)
+        return (f"with {n} cases even a clean score's {st.confidence:.0%} upper bound is "
+                f"{stats.wilson(0, n, st.confidence)[1]:.3f}, above the ceiling {gate.max}: raise the ceiling or "
+                + (f"score at least {need} cases" if need else "score more cases (a ceiling of 0 can never be shown)"))
+    if gate.max_regression is not None:
+        margin = float(gate.max_regression)
+        if margin < (detectable := st.detectable_margin(n)):
+            need = stats.cases_for_margin(margin, discordance=st.discordance, confidence=st.confidence,
+                                          power=st.power) if margin > 0 else None
+            return (f"{n} cases show non-inferiority at {detectable:.3f} at best (power {st.power:.0%} for an equal "
+                    f"candidate at rate {st.expected_rate}, discordance {st.discordance}), more than the margin "
+                    f"{margin}: widen the margin or score "
+                    + (f"more cases (about {need}, or more)" if need else "more cases (a margin of 0 can never be shown)"))
+    return None
 
 
 class SuiteError(ValueError):
@@ -301,6 +389,8 @@ class SuiteResult:
     metrics: dict[str, float]
     n_cases: int
     samples: list[dict[str, Any]] = field(default_factory=list)
+    # per metric, per case: passed (True/False), or None where the metric does not apply
+    outcomes: dict[str, list[bool | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,44 +402,46 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse
     parser = suite._parser_if_any(parse)
     parsed = [parser(c) for c in completions] if parser else [{} for _ in completions]
     declined = [suite.decline.declined(c) for c in completions] if suite.decline else [False] * len(completions)
-    metrics = {m.name: _metric(suite, m, cases, completions, parsed, declined) for m in suite.metrics}
+    outcomes = {m.name: _outcomes(m, cases, completions, parsed, declined) for m in suite.metrics}
+    metrics = {}
+    for m in suite.metrics:
+        hits = [o for o in outcomes[m.name] if o is not None]
+        if not hits:
+            raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: metric {m.name!r}: {_no_cases(m)} "
+                             f"among the {len(cases)} cases scored")
+        metrics[m.name] = sum(hits) / len(hits)
     samples = []
     for c, out, p, d in list(zip(cases, completions, parsed, declined, strict=True))[:8]:
         sample = {"prompt": c.prompt_input(), "expected": c.expected, "completion": out, "parsed": p}
         if suite.decline:
             sample.update(should_decline=c.should_decline, declined=d)
         samples.append(sample)
-    return SuiteResult(suite.name, suite.version, metrics, len(cases), samples)
+    return SuiteResult(suite.name, suite.version, metrics, len(cases), samples, outcomes)
 
 
 def _contains(text: str, needle: str) -> bool:
     return needle.lower() in text.lower()
 
 
-def _metric(suite: Suite, m: Metric, cases: Sequence[Case], completions: Sequence[str],
-            parsed: Sequence[dict[str, Any]], declined: Sequence[bool]) -> float:
-    """One metric: the share of the cases it applies to that pass it."""
-    if m.kind in PARSED_KINDS:  # every case counts (as before: 0.0 with no cases)
-        if m.kind == "parse_rate":
-            hits = [all(v is not None for v in p.values()) for p in parsed]
-        else:
-            hits = [p.get(m.field) == c.expected.get(m.field) for p, c in zip(parsed, cases, strict=True)]
-        return sum(hits) / max(len(cases), 1)
-    hits = []
-    for case, out, dec in zip(cases, completions, declined, strict=True):
+def _outcomes(m: Metric, cases: Sequence[Case], completions: Sequence[str], parsed: Sequence[dict[str, Any]],
+              declined: Sequence[bool]) -> list[bool | None]:
+    """One metric, case by case: passed or not, None where it does not apply."""
+    out: list[bool | None] = []
+    for case, text, p, dec in zip(cases, completions, parsed, declined, strict=True):
         if not m.applies(case):
-            continue
-        if m.kind == "keywords":
-            found = [_contains(out, k) for k in case.keywords]
-            hits.append(all(found) if m.match == "all" else any(found))
+            out.append(None)
+        elif m.kind == "parse_rate":
+            out.append(bool(p) and all(v is not None for v in p.values()))
+        elif m.kind == "field_exact_match":
+            out.append(p.get(m.field) is not None and p.get(m.field) == case.expected[m.field])
+        elif m.kind == "keywords":
+            found = [_contains(text, k) for k in case.keywords]
+            out.append(all(found) if m.match == "all" else any(found))
         elif m.kind == "must_not_contain":
-            hits.append(not any(_contains(out, f) for f in [*m.forbidden, *case.forbidden]))
+            out.append(not any(_contains(text, f) for f in [*m.forbidden, *case.forbidden]))
         else:  # declined: should-decline cases that declined; wrongly_declined: answerable ones that did
-            hits.append(dec)
-    if not hits:
-        raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: metric {m.name!r}: {_no_cases(m)} "
-                         f"among the {len(cases)} cases scored")
-    return sum(hits) / len(hits)
+            out.append(dec)
+    return out
 
 
 def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cases: Sequence[Case],
@@ -359,14 +451,38 @@ def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cas
     return score(suite, cases, completions, parse)
 
 
+Verdict = Literal["pass", "fail", "inconclusive", "unreachable"]
+
+
 @dataclass
 class GateResult:
     metric: str
-    rule: str
+    rule: str  # ">=", "<=" (on the rate), or "vs reference" (non-inferiority on the paired difference)
     value: float
-    threshold: float
+    threshold: float  # the floor or ceiling; for "vs reference", the margin
     reference: float | None
     passed: bool
+    verdict: Verdict = "pass"
+    n: int = 0
+    low: float | None = None  # the rate's interval
+    high: float | None = None
+    diff: dict[str, Any] | None = None  # stats.PairedDiff of candidate minus reference (vs reference)
+    reason: str = ""
+
+    def line(self, reference_name: str | None) -> str:
+        head = f"{self.verdict.upper()} {self.metric}"
+        if self.rule == "vs reference":
+            d = self.diff or {}
+            bound = "above" if d.get("higher_is_better", True) else "below"
+            text = (f"{head} vs {reference_name or 'reference'}: difference {d.get('diff', 0):+.3f} "
+                    f"[{d.get('low', 0):+.3f}, {d.get('high', 0):+.3f}] must stay {bound} {self.threshold:+.3f} "
+                    f"(candidate {self.value:.3f}, reference {self.reference:.3f}, n={self.n}; "
+                    f"{d.get('better', 0)} better, {d.get('worse', 0)} worse, McNemar p={d.get('p_value', 1):.3f})")
+        elif self.low is None:  # a smoke suite: the observed rate
+            text = f"{head} {self.rule} {self.threshold:.3f}: {self.value:.3f} (n={self.n})"
+        else:
+            text = f"{head} {self.rule} {self.threshold:.3f}: {self.value:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n})"
+        return text + (f": {self.reason}" if self.reason else "")
 
 
 @dataclass
@@ -374,45 +490,114 @@ class GateReport:
     passed: bool
     reference_name: str | None
     gates: list[GateResult]
+    confidence: float | None = None  # None: a smoke suite (observed rates)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = []
-        for g in self.gates:
-            # a regression gate's threshold is the reference's score less (or, where lower is
-            # better, plus) the tolerance
-            op = g.rule.split()[0]
-            how = "" if g.reference is None else (
-                f" (reference {g.reference:.3f} - {g.reference - g.threshold:.3f})" if op == ">=" else
-                f" (reference {g.reference:.3f} + {g.threshold - g.reference:.3f})")
-            lines.append(f"{'PASS' if g.passed else 'FAIL'} {g.metric} {op} {g.threshold:.3f}{how}: {g.value:.3f}")
-        return "\n".join(lines)
+        return "\n".join(g.line(self.reference_name) for g in self.gates)
+
+
+def _decide(low: float, high: float, lo_ok: bool, hi_bad: bool, st: Statistics) -> tuple[Verdict, bool, str]:
+    if lo_ok:
+        return "pass", True, ""
+    if hi_bad:
+        return "fail", False, ""
+    return "inconclusive", False, (f"the {st.confidence:.0%} interval straddles the threshold: more cases would "
+                                   f"decide it; inconclusive counts as {st.on_inconclusive}")
 
 
 def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | None,
                 reference_name: str | None = None) -> GateReport:
-    """Absolute floors, and `max_regression` gates against the reference scored on the same
-    cases. A regression gate with no reference is a suite that cannot be judged (a smoke
-    suite has no reference model): it is refused, never silently passed."""
+    """Floors, ceilings and non-inferiority margins against the reference scored on the same
+    cases (see the module's docstring). A regression gate with no reference cannot be judged
+    (a smoke suite has no reference model): it is refused, never silently passed."""
     results = []
+    st = suite.statistics
+    smoke = suite.role == "smoke"
     higher = {m.name: m.higher_is_better for m in suite.metrics}
     for gate in suite.gates:
         value = candidate.metrics[gate.metric]
-        if gate.min is not None:
-            results.append(GateResult(gate.metric, ">=", value, gate.min, None, value >= gate.min))
-        elif gate.max is not None:
-            results.append(GateResult(gate.metric, "<=", value, gate.max, None, value <= gate.max))
-        elif reference is None:
+        outcome = [o for o in candidate.outcomes.get(gate.metric, []) if o is not None]
+        n = len(outcome) if outcome or not smoke else candidate.n_cases
+        if gate.max_regression is not None and reference is None:
             raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: the gate on {gate.metric!r} is "
                              f"`max_regression`, but no reference model is scored here; use `min` instead")
+        if smoke:
+            ok = value >= gate.min if gate.min is not None else value <= float(gate.max)
+            rule, threshold = (">=", gate.min) if gate.min is not None else ("<=", float(gate.max))
+            results.append(GateResult(gate.metric, rule, value, float(threshold), None, ok,
+                                      "pass" if ok else "fail", n))
+            continue
+        if not outcome:
+            raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: metric {gate.metric!r} has no per-case "
+                             "outcomes to gate on (score it with tuneship.evaluate.score)")
+        if problem := gate_unreachable(gate, n, st):
+            results.append(GateResult(gate.metric, "vs reference" if gate.max_regression is not None else
+                                      (">=" if gate.min is not None else "<="), value,
+                                      float(gate.min if gate.min is not None else gate.max if gate.max is not None
+                                            else gate.max_regression), None, False, "unreachable", n,
+                                      reason=f"configuration error: {problem}"))
+            continue
+        low, high = stats.wilson(sum(outcome), n, st.confidence)
+        if gate.min is not None:
+            verdict, ok, why = _decide(low, high, low >= gate.min, high < gate.min, st)
+            results.append(GateResult(gate.metric, ">=", value, gate.min, None, ok, verdict, n, low, high, reason=why))
+        elif gate.max is not None:
+            verdict, ok, why = _decide(low, high, high <= gate.max, low > gate.max, st)
+            results.append(GateResult(gate.metric, "<=", value, gate.max, None, ok, verdict, n, low, high, reason=why))
         else:
-            ref = reference.metrics[gate.metric]
-            if higher[gate.metric]:
-                floor = ref - float(gate.max_regression or 0)
-                results.append(GateResult(gate.metric, ">= ref -", value, floor, ref, value >= floor - 1e-12))
-            else:
-                ceiling = ref + float(gate.max_regression or 0)
-                results.append(GateResult(gate.metric, "<= ref +", value, ceiling, ref, value <= ceiling + 1e-12))
-    return GateReport(all(r.passed for r in results), reference_name, results)
+            pairs = [(c, r) for c, r in zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric],
+                                            strict=True) if c is not None and r is not None]
+            d = stats.paired_diff([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
+            margin = float(gate.max_regression)
+            if higher[gate.metric]:  # candidate - reference must stay above -margin
+                verdict, ok, why = _decide(d.low, d.high, d.low >= -margin, d.high < -margin, st)
+            else:  # lower is better: candidate - reference must stay below +margin
+                verdict, ok, why = _decide(d.low, d.high, d.high <= margin, d.low > margin, st)
+            results.append(GateResult(gate.metric, "vs reference", value, margin if not higher[gate.metric] else -margin,
+                                      reference.metrics[gate.metric], ok, verdict, d.n, low, high,
+                                      {**d.to_dict(), "higher_is_better": higher[gate.metric]}, why))
+    return GateReport(all(r.passed for r in results), reference_name, results, None if smoke else st.confidence)
+
+
+def gate_rows(suite_label: str, report: GateReport) -> list[dict[str, Any]]:
+    """One flat row per gate, for the HTML report, MLflow and the XCom: value with its
+    interval, the reference, the paired difference with its interval, the verdict."""
+    rows = []
+    for g in report.gates:
+        d = g.diff or {}
+        rows.append({"suite": suite_label, "metric": g.metric, "rule": g.rule, "threshold": g.threshold,
+                     "value": g.value, "low": g.low, "high": g.high, "n": g.n, "reference": g.reference,
+                     "diff": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high"),
+                     "p_value": d.get("p_value"), "verdict": g.verdict, "reason": g.reason})
+    return rows
+
+
+def plot_forest(rows: list[dict[str, Any]], path: Path, reference_name: str | None) -> Path | None:
+    """The paired differences against the reference with their intervals and each gate's
+    margin: a forest plot. None when no gate compares with a reference."""
+    rows = [r for r in rows if r["rule"] == "vs reference"]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"pass": "#1a7f37", "fail": "#cf222e", "inconclusive": "#bf8700", "unreachable": "#6e7781"}
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
+    for i, r in enumerate(rows):
+        y = len(rows) - 1 - i
+        ax.plot([r["diff_low"], r["diff_high"]], [y, y], color=colours[r["verdict"]], linewidth=2)
+        ax.plot([r["diff"]], [y], "o", color=colours[r["verdict"]])
+        ax.plot([r["threshold"]] * 2, [y - 0.35, y + 0.35], "--", color="#57606a")
+    ax.axvline(0, color="#d0d7de", linewidth=1)
+    ax.set_yticks(range(len(rows)), [f"{r['metric']} ({r['verdict']})" for r in reversed(rows)])
+    ax.set_xlabel(f"candidate - {reference_name or 'reference'} (95% interval; dashed: margin)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -50,6 +50,50 @@ def fmt(value: Any, unit: str = "") -> str:
     return f"{text} {unit}" if unit and text != "-" else text
 
 
+def _interval(value: Any, low: Any, high: Any, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    if signed:
+        return f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return fmt(value) + (f" [{fmt(low)}, {fmt(high)}]" if low is not None else "")
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _rule(r: dict[str, Any]) -> str:
+    if r["rule"] == "vs reference":
+        return f"difference {'>=' if r['threshold'] <= 0 else '<='} {r['threshold']:+.3f}"
+    return f"{r['rule']} {fmt(r['threshold'])}"
+
+
+def gate_line(r: dict[str, Any], reference_name: str | None) -> str:
+    """One gate as a line of text (the demo's summary)."""
+    text = f"{r['verdict'].upper()} {r['metric']} ({_rule(r)}): {_interval(r['value'], r['low'], r['high'])}"
+    if r["rule"] == "vs reference":
+        text += (f", {reference_name or 'reference'} {fmt(r['reference'])}, difference "
+                 f"{_interval(r['diff'], r['diff_low'], r['diff_high'], signed=True)}")
+    return text
+
+
+def gates_table(gates: dict[str, Any]) -> str:
+    """Every gate: the rule, the candidate's value with its interval, the reference, the paired
+    difference with its interval, the verdict (older results without intervals: the figures)."""
+    rows = gates.get("gates")
+    if not rows:
+        ref = gates.get("reference") or {}
+        return _table([[k, fmt(v), fmt(ref.get(k))] for k, v in (gates.get("metrics") or {}).items()],
+                      ["metric", "candidate", "reference"])
+    out = []
+    for r in rows:
+        out.append([r["suite"], r["metric"], _rule(r), _interval(r["value"], r["low"], r["high"]), fmt(r["n"]),
+                    fmt(r["reference"]), _interval(r["diff"], r["diff_low"], r["diff_high"], signed=True),
+                    _p(r["p_value"]), r["verdict"]])
+    return _table(out, ["suite", "metric", "gate", "candidate [95%]", "n", "reference", "difference [95%]",
+                        "McNemar p", "verdict"])
+
+
 def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
     parts = [f"<h2>Cycle {i} ({html.escape(str(cycle.get('task')))}): triggered by "
              f"<code>{html.escape(cycle['trigger'])}</code></h2>"]
@@ -70,10 +114,9 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
         parts.append(_img(model.get("loss_curve"), "loss curve"))
     gates = ft.get("gates") or {}
     if gates:
-        ref = gates.get("reference") or {}
-        rows = [[k, fmt(v), fmt(ref.get(k))] for k, v in (gates.get("metrics") or {}).items()]
-        parts.append(f"<h3>Evaluation gates (reference: {html.escape(str(gates.get('reference_name')))})</h3>"
-                     + _table(rows, ["metric", "candidate", "reference"]))
+        parts.append(f"<h3>Evaluation gates (reference: {html.escape(str(gates.get('reference_name')))}; "
+                     "95% intervals)</h3>" + gates_table(gates))
+        parts.append(_img(gates.get("forest_plot"), "paired differences against the reference"))
     rel = cycle.get("release") or {}
     if rel:
         v = rel.get("verdict") or {}

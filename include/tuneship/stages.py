@@ -398,7 +398,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     """Score candidate and reference (champion, else base model) on the same cases with each of
     the task's gating suites; apply every suite's gates."""
     from tuneship import registry
-    from tuneship.evaluate import apply_gates, load_cases, run_suite
+    from tuneship.evaluate import apply_gates, gate_rows, load_cases, plot_forest, run_suite
 
     name = task.registered_model
     mv = registry.get_version(candidate["version"], name)
@@ -411,7 +411,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         ref_name, ref_gen = "base model", _generator(base, None, "base model")
     cand_gen = _generator(base, _adapter_dir(task, candidate["version"]), f"candidate v{candidate['version']}")
     cand_gen, ref_gen = _as_client_sends(task, cand_gen), _as_client_sends(task, ref_gen)
-    suites, passed, summaries, metrics, ref_metrics = [], True, [], {}, {}
+    suites, passed, summaries, metrics, ref_metrics, rows = [], True, [], {}, {}, []
     for suite_name in task.eval.suites:
         suite = task.suite(suite_name)
         cases = load_cases(suite, Path(dataset["path"]), task.parser)
@@ -420,27 +420,42 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         gates = apply_gates(suite, cand, ref, ref_name)
         passed &= gates.passed
         summaries.append(f"{suite.name}@v{suite.version}:\n{gates.summary()}")
-        prefix = "" if len(task.eval.suites) == 1 else f"{suite.name}/"
+        prefix = metric_prefix(task, suite.name)
         metrics.update({prefix + k: v for k, v in cand.metrics.items()})
         ref_metrics.update({prefix + k: v for k, v in ref.metrics.items()})
         suites.append({"suite": f"{suite.name}@v{suite.version}", "candidate": cand.to_dict(),
                        "reference": ref.to_dict(), "gates": gates.to_dict(), "passed": gates.passed})
-    registry.log_metrics(mv.run_id, {f"eval_{k}": v for k, v in metrics.items()})
+        rows += gate_rows(f"{suite.name}@v{suite.version}", gates)
+    # every metric with its interval; every paired difference with its interval
+    bounds = {f"eval_{metric_prefix(task, r['suite'].split('@')[0])}{r['metric']}_{k}": r[src] for r in rows
+              for k, src in (("low", "low"), ("high", "high")) if r[src] is not None}
+    bounds.update({f"eval_{metric_prefix(task, r['suite'].split('@')[0])}{r['metric']}_diff_{k}": r[src] for r in rows
+                   if r["rule"] == "vs reference" for k, src in (("low", "diff_low"), ("high", "diff_high"))})
+    registry.log_metrics(mv.run_id, {**{f"eval_{k}": v for k, v in metrics.items()}, **bounds})
     registry.set_version_tags(candidate["version"], {"gates": "passed" if passed else "failed",
                                                      **{f"eval_{k}": f"{v:.4f}" for k, v in metrics.items()}},
                               name)
-    result = {"task": task.name, "suites": suites, "reference_name": ref_name, "passed": passed}
     out = config.artifacts() / "tasks" / task.name / "evals" / f"v{candidate['version']}.json"
+    forest = plot_forest(rows, out.with_name(f"v{candidate['version']}-forest.png"), ref_name)
+    result = {"task": task.name, "suites": suites, "reference_name": ref_name, "passed": passed,
+              "gates": rows, "forest_plot": str(forest) if forest else None}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     registry.log_artifact(mv.run_id, out, "evaluation")
+    if forest:
+        registry.log_artifact(mv.run_id, forest, "evaluation")
     summary = "\n".join(summaries)
     if not passed:
         notify(f"{task.name} v{candidate['version']} failed its gates against {ref_name}:\n{summary}",
                level="error", version=candidate["version"], task=task.name)
         raise Refusal(f"gates failed against {ref_name}:\n{summary}")
     return {"passed": True, "metrics": metrics, "reference": ref_metrics, "reference_name": ref_name,
-            "report": str(out)}
+            "report": str(out), "gates": rows, "forest_plot": result["forest_plot"]}
+
+
+def metric_prefix(task: Task, suite_name: str) -> str:
+    """A metric's name prefix (MLflow, XCom): its suite's name when the task has several suites."""
+    return "" if len(task.eval.suites) == 1 else f"{suite_name}/"
 
 
 def parity_prompts(task: Task) -> list[str]:

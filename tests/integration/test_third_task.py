@@ -40,11 +40,12 @@ SUITE = {
     "generation": {"max_new_tokens": 6},
     "metrics": [{"name": "urgent_accuracy", "kind": "field_exact_match", "field": "urgent"},
                 {"name": "format_rate", "kind": "parse_rate"}],
-    "gates": [{"metric": "format_rate", "min": 0.9}, {"metric": "urgent_accuracy", "min": 0.75},
-              {"metric": "urgent_accuracy", "max_regression": 0.0}],
+    # floors on the 95% lower bound; no worse than the base model beyond 0.2 (40 paired cases)
+    "gates": [{"metric": "format_rate", "min": 0.8}, {"metric": "urgent_accuracy", "min": 0.5},
+              {"metric": "urgent_accuracy", "max_regression": 0.2}],
 }
 SMOKE = {
-    "name": "urgency-smoke", "version": 1, "generation": {"max_new_tokens": 6},
+    "name": "urgency-smoke", "version": 1, "role": "smoke", "generation": {"max_new_tokens": 6},
     "cases": {"source": "inline", "items": [
         {"prompt": "Message: my parcel is late, please help asap!\nUrgent:", "expected": {"urgent": "yes"}},
         {"prompt": "Message: how do I change my email? no rush.\nUrgent:", "expected": {"urgent": "no"}}]},
@@ -129,6 +130,9 @@ def test_a_third_task_goes_through_validation_finetune_gates_and_compile(tmp_pat
     print(f"urgency gates: {gates['metrics']} vs base {gates['reference']}")
     assert gates["passed"] and gates["reference_name"] == "base model"
     assert gates["metrics"]["urgent_accuracy"] > gates["reference"]["urgent_accuracy"]
+    assert {r["verdict"] for r in gates["gates"]} == {"pass"} and Path(gates["forest_plot"]).is_file()
+    [vs_base] = [r for r in gates["gates"] if r["rule"] == "vs reference"]
+    assert vs_base["diff_low"] > -0.2 and vs_base["low"] <= vs_base["value"] <= vs_base["high"]
 
     # 5. compile, with parity on the task's own prompts (its smoke suite's)
     compiled = stages.compile_candidate(task, candidate)

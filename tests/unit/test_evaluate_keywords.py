@@ -16,7 +16,6 @@ import yaml
 
 from tuneship.evaluate import (
     SuiteError,
-    SuiteResult,
     apply_gates,
     load_cases,
     load_suite,
@@ -68,7 +67,7 @@ GATES = [{"metric": "facts", "min": 0.5}, {"metric": "declined", "min": 1.0},
 
 @pytest.fixture
 def suite(tmp_path: Path):
-    return load_suite(_suite(tmp_path, {"decline": {"phrases": ["I can only help with"]},
+    return load_suite(_suite(tmp_path, {"role": "smoke", "decline": {"phrases": ["I can only help with"]},
                                         "cases": {"source": "inline", "items": CASES},
                                         "metrics": METRICS, "gates": GATES}))
 
@@ -131,23 +130,18 @@ def test_decline_everything_fails_the_faq_suites(tmp_path: Path):
     assert not apply_gates(smoke, score(smoke, smoke_cases, [faq.DECLINE] * len(smoke_cases)), None).passed
 
 
-def test_regex_detector_and_lower_is_better_regression(tmp_path: Path):
+def test_regex_detector(tmp_path: Path):
     path = _suite(tmp_path, {
         "decline": {"regex": r"\b(can(no|')t|unable to) help\b"},
         "cases": {"source": "inline", "items": CASES},
         "metrics": [{"name": "declined", "kind": "declined"}, {"name": "wrong", "kind": "wrongly_declined"}],
-        "gates": [{"metric": "wrong", "max_regression": 0.05}],
     })
     suite = load_suite(path)
     cases = load_cases(suite)
     res = score(suite, cases, ["I CANNOT HELP with that.", "We accept Visa.", "Unable to help, sorry.", "Sure!"])
     assert res.metrics == {"declined": 0.5, "wrong": 0.5}
-    ref = SuiteResult("s", 1, {"declined": 1.0, "wrong": 0.1}, 4)
-    report = apply_gates(suite, res, ref, "champion v1")
-    assert not report.passed
-    assert "FAIL wrong <= 0.150 (reference 0.100 + 0.050): 0.500" in report.summary()
-    better = SuiteResult("s", 1, {"declined": 1.0, "wrong": 0.12}, 4)
-    assert apply_gates(suite, better, ref).passed
+    assert res.outcomes == {"declined": [None, None, True, False], "wrong": [True, False, None, None]}
+    # lower-is-better margins against a reference: tests/unit/test_gate_stats.py
 
 
 @pytest.mark.parametrize(("body", "needles"), [

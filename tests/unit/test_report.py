@@ -60,3 +60,35 @@ def test_report_prints_no_raw_floats():
     assert not RAW.search(text), RAW.findall(text)
     assert "8.3 ms" in text and "6,412" in text and "category_accuracy 0.800" in text
     assert "Where the time went (cycle: 387.7 s)" in text and "<td>train_local</td><td>138.4 s</td>" in text
+
+
+def test_gates_show_intervals_differences_and_verdicts(capsys, tmp_path: Path):
+    """The report's gate table and the demo summary carry what the gates decided on: each
+    value with its interval, the paired difference with its, the verdict; plus the forest plot."""
+    from tuneship.evaluate import SuiteResult, apply_gates, gate_rows, load_suite, plot_forest
+
+    def res(cat: list[bool]) -> SuiteResult:
+        same = [True] * 40
+        return SuiteResult("triage", 6, {"category_accuracy": sum(cat) / 40, "priority_accuracy": 1.0,
+                                         "format_rate": 1.0}, 40, [],
+                           {"category_accuracy": cat, "priority_accuracy": same, "format_rate": same})
+
+    report = apply_gates(load_suite("triage"), res([True] * 37 + [False] * 3), res([True] * 30 + [False] * 10),
+                         "champion v1")
+    rows = gate_rows("triage@v6", report)
+    forest = plot_forest(rows, tmp_path / "forest.png", "champion v1")
+    assert forest and forest.stat().st_size > 1000
+    gates = {"reference_name": "champion v1", "gates": rows, "forest_plot": str(forest),
+             "metrics": {"category_accuracy": 0.925}, "reference": {"category_accuracy": 0.75}}
+    summary = {**SUMMARY, "cycles": [{**SUMMARY["cycles"][0], "finetune": {**SUMMARY["cycles"][0]["finetune"],
+                                                                           "gates": gates}}]}
+    html = write_demo_report(summary).read_text()
+    assert "<td>0.925 [0.801, 0.974]</td><td>40</td><td>0.750</td><td>+0.175 [" in html
+    assert "<td>difference &gt;= -0.200</td>" in html and "<td>pass</td>" in html
+    assert 'alt="paired differences against the reference" src="data:image/png;base64,' in html
+    _print_summary(summary, tmp_path / "r.html", failed=False)
+    out = capsys.readouterr().out
+    assert "gate PASS category_accuracy (>= 0.700): 0.925 [0.801, 0.974]" in out
+    assert "gate PASS category_accuracy (difference >= -0.200): 0.925 [0.801, 0.974], champion v1 0.750, " \
+           "difference +0.175 [" in out
+    assert not RAW.search(re.sub(r"data:image/png;base64,[^\"]+", "", html))

@@ -1,0 +1,178 @@
+"""The statistics behind a release gate: intervals, paired comparisons and what a suite of n
+cases can show at all. scipy supplies the normal quantiles and McNemar's exact test; the two
+interval formulas are written here (numpy, so that power can be computed over every possible
+outcome table) and checked in the tests against scipy and a published example.
+
+* A pass/fail metric's rate gets a Wilson score interval: unlike the normal approximation it
+  stays inside [0, 1] and keeps its coverage near 0 and 1, where release gates live.
+* The candidate and the reference answer the SAME cases, so they are compared pair by pair:
+  the difference of the two rates gets Newcombe's square-and-add interval for paired
+  proportions (Newcombe 1998, Stat Med 17:2635, method 10; Fagerland, Lydersen & Laake,
+  "Statistical Analysis of Contingency Tables", ch. 8), and McNemar's exact test (a binomial
+  test on the discordant pairs) says whether they differ at all. A percentile bootstrap of
+  the paired difference is no use here: with no discordant pair its interval is [0, 0],
+  which would pass any margin.
+* What a suite can show: a floor is reachable only if a perfect score's lower bound clears
+  it. A non-inferiority margin must be shown with the declared power by a candidate exactly
+  as good as the reference (expected rate `rate`, disagreeing on a share `discordance` of
+  cases, half each way). That power is computed with the same Newcombe interval the gate
+  uses: exactly over every outcome table up to 60 cases, from 20,000 seeded simulated
+  tables above.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+
+def _z(confidence: float) -> float:
+    return float(stats.norm.ppf(1 - (1 - confidence) / 2))
+
+
+def _wilson(k: Any, n: Any, z: float) -> tuple[Any, Any]:
+    """Wilson score bounds, elementwise (k, n: numbers or numpy arrays)."""
+    k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    centre = (k + z * z / 2) / (n + z * z)
+    half = z / (n + z * z) * np.sqrt(k * (n - k) / n + z * z / 4)
+    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+
+
+def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of k successes in n trials."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one case")
+    low, high = _wilson(k, n, _z(confidence))
+    return float(low), float(high)
+
+
+def _newcombe(both: Any, better: Any, worse: Any, neither: Any, z: float) -> tuple[Any, Any, Any]:
+    """Newcombe's square-and-add interval of p(candidate) - p(reference), elementwise over
+    2x2 tables (rows: candidate passes / fails; columns: reference passes / fails)."""
+    both, better, worse, neither = (np.asarray(x, dtype=float) for x in (both, better, worse, neither))
+    n = both + better + worse + neither
+    p1, p2 = (both + better) / n, (both + worse) / n
+    l1, u1 = _wilson(both + better, n, z)
+    l2, u2 = _wilson(both + worse, n, z)
+    margins = (both + better) * (worse + neither) * (both + worse) * (better + neither)
+    a = both * neither - better * worse
+    root = np.sqrt(np.where(margins > 0, margins, 1.0))
+    # Newcombe's continuity-corrected correlation: shrunk to 0 unless clearly positive
+    phi = np.where(margins > 0, np.where(a > n / 2, (a - n / 2) / root, np.where(a < 0, a / root, 0.0)), 0.0)
+    d = p1 - p2
+    low = d - np.sqrt(np.maximum((p1 - l1) ** 2 + (u2 - p2) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2), 0.0))
+    high = d + np.sqrt(np.maximum((p2 - l2) ** 2 + (u1 - p1) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1), 0.0))
+    return d, np.maximum(low, -1.0), np.minimum(high, 1.0)
+
+
+@dataclass(frozen=True)
+class PairedDiff:
+    """Candidate minus reference on the same cases (pass = 1, fail = 0)."""
+
+    n: int
+    diff: float
+    low: float
+    high: float
+    better: int  # cases only the candidate passes
+    worse: int  # cases only the reference passes
+    p_value: float  # McNemar's exact test: do they differ at all?
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def newcombe_paired(both: int, better: int, worse: int, neither: int, confidence: float = 0.95) -> PairedDiff:
+    """The paired interval and McNemar's exact p-value from the 2x2 table."""
+    n = both + better + worse + neither
+    if n <= 0:
+        raise ValueError("a paired comparison needs at least one case")
+    d, low, high = _newcombe(both, better, worse, neither, _z(confidence))
+    discordant = better + worse
+    p_value = float(stats.binomtest(better, discordant, 0.5).pvalue) if discordant else 1.0
+    return PairedDiff(n, float(d), float(low), float(high), better, worse, p_value)
+
+
+def paired_diff(candidate: Sequence[bool], reference: Sequence[bool], confidence: float = 0.95) -> PairedDiff:
+    """`newcombe_paired` from the two models' per-case outcomes."""
+    if len(candidate) != len(reference):
+        raise ValueError(f"paired outcomes differ in length: {len(candidate)} vs {len(reference)}")
+    pairs = list(zip(candidate, reference, strict=True))
+    both = sum(1 for c, r in pairs if c and r)
+    better = sum(1 for c, r in pairs if c and not r)
+    worse = sum(1 for c, r in pairs if r and not c)
+    return newcombe_paired(both, better, worse, len(pairs) - both - better - worse, confidence)
+
+
+EXACT_UP_TO = 60  # cases; above, power comes from SIMULATED_TABLES seeded draws
+SIMULATED_TABLES = 20_000
+
+
+@functools.lru_cache(maxsize=64)
+def _equal_candidate_lows(n: int, rate: float, discordance: float, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """The Newcombe lower bounds a candidate exactly as good as the reference can get on n
+    paired cases, with their probabilities, sorted: every 2x2 table up to EXACT_UP_TO cases
+    (about 40,000 of them at 60), else SIMULATED_TABLES seeded multinomial draws."""
+    probs = np.array([rate - discordance / 2, discordance / 2, discordance / 2, 1 - rate - discordance / 2])
+    if (probs < 0).any():
+        raise ValueError(f"discordance {discordance} does not fit an expected rate {rate}: each way it is at most "
+                         f"{2 * min(rate, 1 - rate):.3f}")
+    if n <= EXACT_UP_TO:
+        b, c, d = np.meshgrid(np.arange(n + 1), np.arange(n + 1), np.arange(n + 1), indexing="ij")
+        a = n - b - c - d
+        ok = a >= 0
+        a, b, c, d = a[ok], b[ok], c[ok], d[ok]
+        lg = np.vectorize(math.lgamma)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logp = (math.lgamma(n + 1) - lg(a + 1) - lg(b + 1) - lg(c + 1) - lg(d + 1)
+                    + a * np.log(probs[0]) + b * np.log(probs[1]) + c * np.log(probs[2]) + d * np.log(probs[3]))
+        pmf = np.exp(np.nan_to_num(logp, nan=-np.inf))
+    else:
+        a, b, c, d = np.random.default_rng(20261130).multinomial(n, probs, size=SIMULATED_TABLES).T
+        pmf = np.ones(len(a))
+    _, low, _ = _newcombe(a, b, c, d, _z(confidence))
+    order = np.argsort(low)
+    return low[order], pmf[order] / pmf.sum()
+
+
+def noninferiority_power(n: int, margin: float, *, rate: float, discordance: float, confidence: float = 0.95) -> float:
+    """The chance that a candidate exactly as good as the reference shows non-inferiority at
+    `margin` on n paired cases (the interval's lower bound at or above -margin)."""
+    if n <= 0:
+        return 0.0
+    low, pmf = _equal_candidate_lows(n, rate, discordance, confidence)
+    return float(pmf[low >= -margin - 1e-12].sum())
+
+
+def detectable_margin(n: int, *, rate: float, discordance: float, confidence: float = 0.95,
+                      power: float = 0.8) -> float:
+    """The smallest non-inferiority margin n paired cases show with `power` (see above)."""
+    if n <= 0:
+        return math.inf
+    low, pmf = _equal_candidate_lows(n, rate, discordance, confidence)
+    # P(low >= -m) >= power  <=>  the (1 - power) quantile of low is >= -m
+    cdf = np.cumsum(pmf)
+    return float(-low[np.searchsorted(cdf, 1 - power, side="right")])
+
+
+def cases_for_margin(margin: float, *, discordance: float, confidence: float = 0.95, power: float = 0.8) -> int:
+    """About how many paired cases a margin needs (the normal approximation; the exact
+    figure, from `detectable_margin`, is a little higher)."""
+    z_power = float(stats.norm.ppf(power))
+    return math.ceil(((_z(confidence) + z_power) / margin) ** 2 * discordance)
+
+
+def cases_for_floor(floor: float, confidence: float = 0.95) -> int | None:
+    """The fewest cases whose perfect score's Wilson lower bound reaches `floor` (None: never,
+    the floor is 1)."""
+    if floor >= 1.0:
+        return None
+    n = 1
+    while wilson(n, n, confidence)[0] < floor:
+        n += 1
+    return n
