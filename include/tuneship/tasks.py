@@ -260,12 +260,15 @@ def _check_refs(task: Task) -> None:
     """Every referenced suite, recipe and function must exist, so a typo fails at load time."""
     from tuneship.evaluate import SuiteError
 
-    for suite in [*task.eval.suites, task.eval.smoke]:
-        key = "eval.smoke" if suite == task.eval.smoke else "eval.suites"
+    for suite, key in [*((s, "eval.suites") for s in task.eval.suites), (task.eval.smoke, "eval.smoke")]:
         try:
-            task.suite(suite)
+            loaded = task.suite(suite)
         except SuiteError as exc:
             raise TaskError(f"{task.path}: key '{key}': {exc}") from None
+        role = "smoke" if key == "eval.smoke" else "gate"
+        if loaded.role != role:
+            raise TaskError(f"{task.path}: key '{key}': suite {suite!r} has role {loaded.role!r}; {key} takes "
+                            f"{'a smoke suite (`role: smoke`)' if role == 'smoke' else 'gate suites (decided on intervals)'}")
     if not task.recipe_path().is_file():
         raise TaskError(f"{task.path}: key 'recipe': no recipe {task.recipe_path()} (a shipped recipe name "
                         "or a YAML path relative to the task file)")

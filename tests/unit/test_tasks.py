@@ -73,6 +73,8 @@ def test_a_task_beside_its_own_module_needs_no_library_change(tmp_path, monkeypa
     ({"served_model": None}, "served_model", "required key is missing"),
     ({"prompt_format": "xml"}, "prompt_format", "'plain' or 'chat'"),
     ({"eval": {"suites": ["no-such-suite"], "smoke": "triage-smoke"}}, "eval.suites", "no such eval suite"),
+    ({"eval": {"suites": ["triage-smoke"], "smoke": "triage-smoke"}}, "eval.suites", "has role 'smoke'"),
+    ({"eval": {"suites": ["triage"], "smoke": "triage"}}, "eval.smoke", "a smoke suite (`role: smoke`)"),
     ({"answers": {"parser": "third_task:nope", "fields": ["x"], "check": "third_task:ok"}}, "answers.parser",
      "has no function 'nope'"),
     ({"answers": {"parser": "third_task:parse", "fields": ["x"], "check": "missing_module:ok"}}, "answers.check",
