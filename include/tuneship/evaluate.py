@@ -9,8 +9,11 @@ as is, and `tuneship.generate.generate` renders message lists with the tokenizer
 template (`tuneship.generate.render_prompt`, the one place, shared with training).
 
 Metric kinds: fields the task's parser reads from an answer (`field_exact_match`,
-`parse_rate`); free-text checks (`keywords`: all, or any, of a case's keywords appear;
-`must_not_contain`: none of its forbidden strings appear); and refusals, read by the
+`parse_rate`); the whole answer (`exact_match` against the case's reference answer, exact
+or `normalise`d; `regex`: the stripped answer fully matches `pattern`; `json_schema`: the
+answer is JSON valid against `schema`, checked with jsonschema); free-text checks
+(`keywords`: all, or any, of a case's keywords appear; `must_not_contain`: none of its
+forbidden strings appear); and refusals, read by the
 suite's declared `decline` detector (`declined`: share of should-decline cases that
 declined; `wrongly_declined`: share of answerable cases that declined, lower is better,
 so a model that declines everything fails). A case without an expected value for a
@@ -73,6 +76,7 @@ class Case(_Strict):
     keywords: list[str] = []  # `keywords` metrics: these must appear (case-insensitive)
     forbidden: list[str] = []  # `must_not_contain` metrics: none of these may appear
     should_decline: bool = False  # out of scope: the model should decline it
+    reference: str | None = None  # `exact_match` metrics: the reference answer (a dataset case's own)
 
     @field_validator("prompt")
     @classmethod
@@ -102,15 +106,49 @@ PARSED_KINDS = frozenset({"field_exact_match", "parse_rate"})
 DECLINE_KINDS = frozenset({"declined", "wrongly_declined"})
 
 
+def normalise(text: str) -> str:
+    """For `exact_match` with `normalise: true`: case, surrounding punctuation and runs of
+    whitespace do not count."""
+    return " ".join(text.lower().split()).strip(" .,;:!?\"'`")
+
+
 class Metric(_Strict):
     name: str
-    kind: Literal["field_exact_match", "parse_rate", "keywords", "must_not_contain", "declined", "wrongly_declined"]
+    kind: Literal["field_exact_match", "parse_rate", "keywords", "must_not_contain", "declined", "wrongly_declined",
+                  "exact_match", "regex", "json_schema"]
     field: str | None = None  # field_exact_match: the parsed field compared
     match: Literal["all", "any"] = "all"  # keywords: every keyword, or at least one
     forbidden: list[str] = []  # must_not_contain: checked in every case, besides the case's own
+    normalise: bool = False  # exact_match: compare `normalise(answer)` with `normalise(reference)`
+    pattern: str | None = None  # regex: the answer must match (re.fullmatch, after stripping whitespace)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # json_schema: the answer's JSON Schema
+    _compiled: re.Pattern[str] | None = PrivateAttr(default=None)
+    _validator: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _options_fit_kind(self) -> Metric:
+        for option, kind in (("pattern", "regex"), ("schema_", "json_schema")):
+            if (getattr(self, option) is not None) != (self.kind == kind):
+                name = option.rstrip("_")
+                raise ValueError(f"metric {self.name!r}: kind {kind} needs `{name}`" if self.kind == kind else
+                                 f"metric {self.name!r}: `{name}` is for kind {kind}, not {self.kind}")
+        if self.normalise and self.kind != "exact_match":
+            raise ValueError(f"metric {self.name!r}: `normalise` is for kind exact_match, not {self.kind}")
+        if self.pattern is not None:
+            try:
+                self._compiled = re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"metric {self.name!r}: pattern {self.pattern!r} is not a valid regular "
+                                 f"expression: {exc}") from None
+        if self.schema_ is not None:
+            import jsonschema
+
+            try:
+                cls = jsonschema.validators.validator_for(self.schema_)
+                cls.check_schema(self.schema_)
+            except jsonschema.SchemaError as exc:
+                raise ValueError(f"metric {self.name!r}: schema is not a valid JSON Schema: {exc.message}") from None
+            self._validator = cls(self.schema_)
         if self.kind == "field_exact_match" and not self.field:
             raise ValueError(f"metric {self.name!r}: kind field_exact_match needs `field`")
         if self.field and self.kind != "field_exact_match":
@@ -137,7 +175,20 @@ class Metric(_Strict):
             return case.should_decline
         if self.kind == "wrongly_declined":
             return not case.should_decline
+        if self.kind == "exact_match":
+            return case.reference is not None
         return True
+
+    def check(self, text: str) -> bool:
+        """The answer checks that need neither the parser nor the case: regex, json_schema."""
+        text = (text or "").strip()
+        if self.kind == "regex":
+            return bool(self._compiled and self._compiled.fullmatch(text))
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return False
+        return self._validator.is_valid(doc)
 
 
 class Decline(_Strict):
@@ -287,6 +338,7 @@ class Suite(_Strict):
 
 def _no_cases(m: Metric) -> str:
     what = {"field_exact_match": f"no case has an expected `{m.field}`",
+            "exact_match": "no case has a `reference` answer",
             "keywords": "no case lists `keywords`",
             "must_not_contain": "no case lists `forbidden` and the metric lists none",
             "declined": "no case has `should_decline: true`",
@@ -365,7 +417,8 @@ def load_cases(suite: Suite, dataset_dir: Path | None = None, parse: Parse | Non
                 prompt, reference = _prompt_and_reference(json.loads(line), path, lineno)
                 parsed = parser(reference) if parser else {}
                 cases.append(Case(prompt=prompt, expected={k: v for k, v in parsed.items() if v is not None},
-                                  should_decline=bool(suite.decline and suite.decline.declined(reference))))
+                                  should_decline=bool(suite.decline and suite.decline.declined(reference)),
+                                  reference=reference))
     return cases[: suite.cases.limit] if suite.cases.limit else cases
 
 
@@ -439,6 +492,12 @@ def _outcomes(m: Metric, cases: Sequence[Case], completions: Sequence[str], pars
             out.append(all(found) if m.match == "all" else any(found))
         elif m.kind == "must_not_contain":
             out.append(not any(_contains(text, f) for f in [*m.forbidden, *case.forbidden]))
+        elif m.kind == "exact_match":
+            got, want = (normalise(text), normalise(case.reference or "")) if m.normalise else \
+                ((text or "").strip(), (case.reference or "").strip())
+            out.append(got == want)
+        elif m.kind in ("regex", "json_schema"):
+            out.append(m.check(text))
         else:  # declined: should-decline cases that declined; wrongly_declined: answerable ones that did
             out.append(dec)
     return out

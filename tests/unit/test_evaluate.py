@@ -58,3 +58,53 @@ def test_dataset_cases_read_eval_split(tmp_path: Path):
     cases = load_cases(suite, tmp_path, PARSE)
     assert len(cases) == 15
     assert all(c.prompt.startswith("Ticket:") and c.expected["category"] for c in cases)
+
+
+def test_answer_checks_exact_regex_and_json_schema(tmp_path: Path):
+    """Whole-answer checks on hand-written answers: exact (and normalised) match against the
+    case's reference, a regex the stripped answer must fully match, JSON valid against a schema."""
+    import yaml
+
+    path = tmp_path / "checks.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "checks", "version": 1, "role": "smoke",
+        "cases": {"source": "inline", "items": [
+            {"prompt": "Q1", "reference": "Refunds take 5-7 business days."},
+            {"prompt": "Q2", "reference": "Yes."},
+            {"prompt": "Q3"}]},
+        "metrics": [{"name": "exact", "kind": "exact_match"},
+                    {"name": "loose", "kind": "exact_match", "normalise": True},
+                    {"name": "label", "kind": "regex", "pattern": r"(?i)(yes|no)\.?"},
+                    {"name": "structured", "kind": "json_schema",
+                     "schema": {"type": "object", "required": ["category"],
+                                "properties": {"category": {"enum": ["billing", "shipping"]}}}}],
+        "gates": [{"metric": "exact", "min": 0.5}]}))
+    suite = load_suite(path)
+    cases = load_cases(suite)
+    answers = ["refunds take 5-7 business  days", " Yes. ", '{"category": "billing", "note": "x"}']
+    res = score(suite, cases, answers)
+    assert res.outcomes["exact"] == [False, True, None]  # no reference: not a case
+    assert res.outcomes["loose"] == [True, True, None]
+    assert res.outcomes["label"] == [False, True, False]
+    assert res.outcomes["structured"] == [False, False, True]
+    res = score(suite, cases, ["x", "x", '{"category": "weather"}'])
+    assert res.outcomes["structured"] == [False, False, False]  # not in the enum
+
+
+@pytest.mark.parametrize(("metric", "needles"), [
+    ({"name": "r", "kind": "regex"}, ["kind regex needs `pattern`"]),
+    ({"name": "r", "kind": "regex", "pattern": "(open"}, ["not a valid regular expression"]),
+    ({"name": "j", "kind": "json_schema", "schema": {"type": "nonsense"}}, ["not a valid JSON Schema"]),
+    ({"name": "k", "kind": "parse_rate", "pattern": "x"}, ["`pattern` is for kind regex"]),
+    ({"name": "k", "kind": "parse_rate", "normalise": True}, ["`normalise` is for kind exact_match"]),
+    ({"name": "e", "kind": "exact_match"}, ["no case has a `reference` answer"]),
+])
+def test_answer_check_errors_name_the_metric(tmp_path: Path, metric: dict, needles: list[str]):
+    import yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "b", "version": 1, "role": "smoke",
+                                    "cases": {"source": "inline", "items": [{"prompt": "q"}]}, "metrics": [metric]}))
+    with pytest.raises(SuiteError) as err:
+        load_suite(path)
+    assert str(err.value).startswith(str(path)) and all(n in str(err.value) for n in needles), str(err.value)
