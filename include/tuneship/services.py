@@ -204,6 +204,13 @@ def start(names: list[str], timeout: float = 180.0) -> None:
     table = services()
     if any(n.startswith("airflow-") for n in names):
         prepare_airflow()
+    if "triton" in names and pid_of("triton") is None:
+        from tuneship import tritonserver
+
+        if not tritonserver.is_installed():  # a new or wiped TUNESHIP_HOME: `make install` ran for another
+            print(f"[services] Triton is not installed under {tritonserver.triton_home()}: installing it "
+                  "(once per TUNESHIP_HOME, a few minutes)", flush=True)
+            tritonserver.install()
     started = []
     for name in names:
         svc = table[name]
