@@ -84,7 +84,10 @@ def test_first_cycle_promoted_and_serving(demo, task, metric):
     gates = c1["finetune"]["gates"]
     assert gates["passed"] and gates["reference_name"] == "base model"
     assert gates["metrics"][metric] > gates["reference"][metric]
-    assert c1["release"]["state"] == "success"
+    # decided on intervals: every gate passed with its bounds, and the paired difference's too
+    assert {r["verdict"] for r in gates["gates"]} == {"pass"}, gates["gates"]
+    assert all(r["low"] <= r["value"] <= r["high"] for r in gates["gates"])
+    assert all(r["diff_low"] > r["threshold"] for r in gates["gates"] if r["rule"] == "vs reference")
     assert c1["release"]["decision"]["decision"] == "promoted"
     assert c1["release"]["verdict"]["requests"] >= 20 and c1["release"]["verdict"]["error_rate"] == 0.0
 
@@ -116,7 +119,8 @@ def test_drift_fired_and_second_decision(demo):
         assert c2["release"]["verdict"]["slot"] == "shadow"
     else:
         assert c2["finetune"]["state"] == "failed" and "release" not in c2
-        assert "against champion v" in c2["gates_alert"] and "FAIL" in c2["gates_alert"], c2
+        alert = c2["gates_alert"] or ""
+        assert "against champion v" in alert and ("FAIL" in alert or "INCONCLUSIVE" in alert), c2
 
 
 def test_live_route_registry_and_traffic_agree(demo):
