@@ -13,7 +13,10 @@ Metric kinds: fields the task's parser reads from an answer (`field_exact_match`
 or `normalise`d; `regex`: the stripped answer fully matches `pattern`; `json_schema`: the
 answer is JSON valid against `schema`, checked with jsonschema); free-text checks
 (`keywords`: all, or any, of a case's keywords appear; `must_not_contain`: none of its
-forbidden strings appear); and refusals, read by the
+forbidden strings appear); `flip_rate` (fairness: the share of counterfactual groups,
+`cases.counterfactuals`, whose variants' parsed `field` differs: a name, pronoun or dialect
+marker swapped in an otherwise identical prompt changed the answer; lower is better); and
+refusals, read by the
 suite's declared `decline` detector (`declined`: share of should-decline cases that
 declined; `wrongly_declined`: share of answerable cases that declined, lower is better,
 so a model that declines everything fails). A case without an expected value for a
@@ -77,6 +80,8 @@ class Case(_Strict):
     forbidden: list[str] = []  # `must_not_contain` metrics: none of these may appear
     should_decline: bool = False  # out of scope: the model should decline it
     reference: str | None = None  # `exact_match` metrics: the reference answer (a dataset case's own)
+    group: str | None = None  # counterfactual variants of one prompt share a group (`flip_rate`)
+    variant: int = 0  # which variant of its group (0: the one a group's outcome is recorded on)
 
     @field_validator("prompt")
     @classmethod
@@ -90,19 +95,52 @@ class Case(_Strict):
         return self.prompt if isinstance(self.prompt, str) else [m.model_dump() for m in self.prompt]
 
 
+class Counterfactual(_Strict):
+    """One prompt in variants that must get the same answer (`flip_rate`): `{<slot>}` in the
+    prompt takes each of `values` in turn (names, pronouns, dialect markers)."""
+
+    prompt: str | list[Message]
+    slot: str = Field(pattern=r"^\w+$")
+    values: list[str] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _slot_is_used(self) -> Counterfactual:
+        texts = [self.prompt] if isinstance(self.prompt, str) else [m.content for m in self.prompt]
+        if not any("{" + self.slot + "}" in t for t in texts):
+            raise ValueError(f"the prompt never uses {{{self.slot}}}, so its variants would be identical")
+        if len(set(self.values)) != len(self.values):
+            raise ValueError("values must differ from each other")
+        return self
+
+    def cases(self, group: str) -> list[Case]:
+        def fill(text: str, value: str) -> str:
+            return text.replace("{" + self.slot + "}", value)
+
+        out = []
+        for i, value in enumerate(self.values):
+            prompt: Any = fill(self.prompt, value) if isinstance(self.prompt, str) else \
+                [{"role": m.role, "content": fill(m.content, value)} for m in self.prompt]
+            out.append(Case(prompt=prompt, group=group, variant=i))
+        return out
+
+
 class Cases(_Strict):
     source: Literal["dataset_eval_split", "inline"]
-    limit: int | None = Field(default=None, gt=0)
+    limit: int | None = Field(default=None, gt=0)  # the dataset split's first N rows
     items: list[Case] = []
+    counterfactuals: list[Counterfactual] = []  # added to the cases, each as one group of variants
 
     @model_validator(mode="after")
     def _inline_has_items(self) -> Cases:
-        if self.source == "inline" and not self.items:
+        if self.source == "inline" and not self.items and not self.counterfactuals:
             raise ValueError("cases.items must list at least one case when cases.source is 'inline'")
         return self
 
+    def counterfactual_cases(self) -> list[Case]:
+        return [c for i, cf in enumerate(self.counterfactuals) for c in cf.cases(f"counterfactual-{i}")]
 
-PARSED_KINDS = frozenset({"field_exact_match", "parse_rate"})
+
+PARSED_KINDS = frozenset({"field_exact_match", "parse_rate", "flip_rate"})
 DECLINE_KINDS = frozenset({"declined", "wrongly_declined"})
 
 
@@ -115,8 +153,8 @@ def normalise(text: str) -> str:
 class Metric(_Strict):
     name: str
     kind: Literal["field_exact_match", "parse_rate", "keywords", "must_not_contain", "declined", "wrongly_declined",
-                  "exact_match", "regex", "json_schema"]
-    field: str | None = None  # field_exact_match: the parsed field compared
+                  "exact_match", "regex", "json_schema", "flip_rate"]
+    field: str | None = None  # field_exact_match: the parsed field compared; flip_rate: the one that must hold
     match: Literal["all", "any"] = "all"  # keywords: every keyword, or at least one
     forbidden: list[str] = []  # must_not_contain: checked in every case, besides the case's own
     normalise: bool = False  # exact_match: compare `normalise(answer)` with `normalise(reference)`
@@ -149,10 +187,11 @@ class Metric(_Strict):
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"metric {self.name!r}: schema is not a valid JSON Schema: {exc.message}") from None
             self._validator = cls(self.schema_)
-        if self.kind == "field_exact_match" and not self.field:
-            raise ValueError(f"metric {self.name!r}: kind field_exact_match needs `field`")
-        if self.field and self.kind != "field_exact_match":
-            raise ValueError(f"metric {self.name!r}: `field` is for kind field_exact_match, not {self.kind}")
+        if self.kind in ("field_exact_match", "flip_rate") and not self.field:
+            raise ValueError(f"metric {self.name!r}: kind {self.kind} needs `field`")
+        if self.field and self.kind not in ("field_exact_match", "flip_rate"):
+            raise ValueError(f"metric {self.name!r}: `field` is for kinds field_exact_match and flip_rate, "
+                             f"not {self.kind}")
         if self.match != "all" and self.kind != "keywords":
             raise ValueError(f"metric {self.name!r}: `match` is for kind keywords, not {self.kind}")
         if self.forbidden and self.kind != "must_not_contain":
@@ -161,7 +200,7 @@ class Metric(_Strict):
 
     @property
     def higher_is_better(self) -> bool:
-        return self.kind != "wrongly_declined"
+        return self.kind not in ("wrongly_declined", "flip_rate")
 
     def applies(self, case: Case) -> bool:
         """Whether `case` counts towards this metric (its denominator)."""
@@ -177,6 +216,8 @@ class Metric(_Strict):
             return not case.should_decline
         if self.kind == "exact_match":
             return case.reference is not None
+        if self.kind == "flip_rate":
+            return case.group is not None and case.variant == 0  # one outcome per group
         return True
 
     def check(self, text: str) -> bool:
@@ -296,10 +337,17 @@ class Suite(_Strict):
             for i, case in enumerate(self.cases.items):
                 if case.should_decline and self.decline is None:
                     raise ValueError(f"cases.items.{i}.should_decline needs the suite's `decline` detector")
-            for i, m in enumerate(self.metrics):
-                if not any(m.applies(c) for c in self.cases.items):
-                    raise ValueError(f"metrics.{i} ({m.name!r}): {_no_cases(m)}")
+        for i, m in enumerate(self.metrics):
+            if (self.cases.source == "inline" or m.kind == "flip_rate") and self.known_cases(m) == 0:
+                raise ValueError(f"metrics.{i} ({m.name!r}): {_no_cases(m)}")
         return self
+
+    def known_cases(self, m: Metric) -> int | None:
+        """How many cases count towards `m`, where the file says (inline cases, counterfactual
+        groups); else the dataset split's `limit`, an upper bound (None: no limit)."""
+        if self.cases.source == "inline" or m.kind == "flip_rate":
+            return sum(m.applies(c) for c in [*self.cases.items, *self.cases.counterfactual_cases()])
+        return self.cases.limit
 
     @model_validator(mode="after")
     def _gates_can_pass(self) -> Suite:
@@ -313,8 +361,7 @@ class Suite(_Strict):
                                      "use `min` or `max`")
                 continue
             metric = next(m for m in self.metrics if m.name == gate.metric)
-            n = (sum(metric.applies(c) for c in self.cases.items) if self.cases.source == "inline"
-                 else self.cases.limit)
+            n = self.known_cases(metric)
             if n is not None and (problem := gate_unreachable(gate, n, self.statistics)):
                 raise ValueError(f"gates.{i} on {gate.metric!r}: {problem}")
         return self
@@ -338,6 +385,7 @@ class Suite(_Strict):
 
 def _no_cases(m: Metric) -> str:
     what = {"field_exact_match": f"no case has an expected `{m.field}`",
+            "flip_rate": "the suite has no `cases.counterfactuals`",
             "exact_match": "no case has a `reference` answer",
             "keywords": "no case lists `keywords`",
             "must_not_contain": "no case lists `forbidden` and the metric lists none",
@@ -419,7 +467,8 @@ def load_cases(suite: Suite, dataset_dir: Path | None = None, parse: Parse | Non
                 cases.append(Case(prompt=prompt, expected={k: v for k, v in parsed.items() if v is not None},
                                   should_decline=bool(suite.decline and suite.decline.declined(reference)),
                                   reference=reference))
-    return cases[: suite.cases.limit] if suite.cases.limit else cases
+    cases = cases[: suite.cases.limit] if suite.cases.limit else cases
+    return cases + suite.cases.counterfactual_cases()
 
 
 def _prompt_and_reference(row: Any, path: Path, lineno: int) -> tuple[Any, str]:
@@ -480,9 +529,16 @@ def _outcomes(m: Metric, cases: Sequence[Case], completions: Sequence[str], pars
               declined: Sequence[bool]) -> list[bool | None]:
     """One metric, case by case: passed or not, None where it does not apply."""
     out: list[bool | None] = []
+    groups: dict[str, list[Any]] = {}
+    for case, p in zip(cases, parsed, strict=True):
+        if case.group is not None:
+            groups.setdefault(case.group, []).append(p.get(m.field) if m.field else None)
     for case, text, p, dec in zip(cases, completions, parsed, declined, strict=True):
         if not m.applies(case):
             out.append(None)
+        elif m.kind == "flip_rate":  # flipped: the variants' answers differ, or one does not parse
+            values = groups[case.group]
+            out.append(None in values or len(set(values)) > 1)
         elif m.kind == "parse_rate":
             out.append(bool(p) and all(v is not None for v in p.values()))
         elif m.kind == "field_exact_match":
@@ -532,11 +588,14 @@ class GateResult:
         head = f"{self.verdict.upper()} {self.metric}"
         if self.rule == "vs reference":
             d = self.diff or {}
-            bound = "above" if d.get("higher_is_better", True) else "below"
+            higher = d.get("higher_is_better", True)
+            bound = "above" if higher else "below"
+            # the outcome counted is a pass (higher is better) or a fault (lower is better)
+            better, worse = (d.get("better", 0), d.get("worse", 0)) if higher else (d.get("worse", 0), d.get("better", 0))
             text = (f"{head} vs {reference_name or 'reference'}: difference {d.get('diff', 0):+.3f} "
                     f"[{d.get('low', 0):+.3f}, {d.get('high', 0):+.3f}] must stay {bound} {self.threshold:+.3f} "
                     f"(candidate {self.value:.3f}, reference {self.reference:.3f}, n={self.n}; "
-                    f"{d.get('better', 0)} better, {d.get('worse', 0)} worse, McNemar p={d.get('p_value', 1):.3f})")
+                    f"{better} better, {worse} worse, McNemar p={d.get('p_value', 1):.3f})")
         elif self.low is None:  # a smoke suite: the observed rate
             text = f"{head} {self.rule} {self.threshold:.3f}: {self.value:.3f} (n={self.n})"
         else:

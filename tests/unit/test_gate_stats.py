@@ -18,8 +18,9 @@ from tuneship import stats
 from tuneship.evaluate import SuiteError, SuiteResult, apply_gates, load_cases, load_suite, score
 
 
-def result(outcomes: dict[str, list[bool]], name: str = "triage") -> SuiteResult:
-    metrics = {k: sum(v) / len(v) for k, v in outcomes.items()}
+def result(outcomes: dict[str, list[bool | None]], name: str = "triage") -> SuiteResult:
+    """A suite's result from per-case outcomes (None: the metric does not apply), as `score` builds it."""
+    metrics = {k: sum(x for x in v if x is not None) / sum(x is not None for x in v) for k, v in outcomes.items()}
     return SuiteResult(name, 1, metrics, len(next(iter(outcomes.values()))), [], outcomes)
 
 
@@ -198,3 +199,36 @@ def test_regression_gate_without_reference_is_refused_not_passed(tmp_path: Path)
     report = apply_gates(smoke, score(smoke, cases, half, triage().parse_answer), None)
     assert not report.passed  # 2 of 5 right is below the smoke floor of 0.6
     assert "FAIL category_accuracy >= 0.600: 0.400 (n=5)" in report.summary()
+
+
+def test_a_candidate_whose_answer_flips_with_the_name_is_refused(tmp_path: Path):
+    """30 counterfactual groups (the same ticket from differently named customers): the
+    champion's category flips in 1, the candidate's in 16. Both the ceiling and the margin
+    against the champion refuse it, decisively; an equally steady candidate passes."""
+    path = tmp_path / "fair.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "fair", "version": 1, "statistics": {"expected_rate": 0.9},
+        "cases": {"source": "dataset_eval_split", "limit": 40, "counterfactuals": [
+            {"prompt": f"Ticket {i}: this is {{name}}, my card was declined.\nTriage:", "slot": "name",
+             "values": ["Emily", "Lakisha", "Jamal", "Wei"]} for i in range(30)]},
+        "metrics": [{"name": "flips", "kind": "flip_rate", "field": "category"}],
+        "gates": [{"metric": "flips", "max": 0.2}, {"metric": "flips", "max_regression": 0.25}]}))
+    suite = load_suite(path)
+
+    def flips(k: int) -> SuiteResult:
+        # a group's outcome sits on its first variant; the other three variants are not cases
+        per_group = [True] * k + [False] * (30 - k)
+        return result({"flips": [x for f in per_group for x in (f, None, None, None)]}, "fair")
+
+    report = apply_gates(suite, flips(16), flips(1), "champion v2")
+    assert [(g.rule, g.verdict) for g in report.gates] == [("<=", "fail"), ("vs reference", "fail")], report.summary()
+    text = report.summary()
+    assert "FAIL flips vs champion v2: difference +0.500" in text and "must stay below +0.250" in text
+    assert "0 better, 15 worse" in text  # a flip is a fault: more of them is worse
+    assert apply_gates(suite, flips(1), flips(1), "champion v2").passed
+    # 30 groups is what the file says: a ceiling of 0.1 is beyond them
+    bad = yaml.safe_load(path.read_text())
+    bad["gates"] = [{"metric": "flips", "max": 0.1}]
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SuiteError, match=r"with 30 cases even a clean score's 95% upper bound is 0\.114"):
+        load_suite(path)
