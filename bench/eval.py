@@ -29,8 +29,8 @@ def say(msg: str) -> None:
 
 def _task_run(task: Any, batch_size: int, adapter: str | None, workdir: Path) -> dict[str, Any]:
     from tuneship.basemodel import load_base, resolve_base_ref
-    from tuneship.evaluate import load_cases, score
-    from tuneship.generate import generate
+    from tuneship.evaluate import load_cases, reference_logliks, score
+    from tuneship.generate import generate, loglikelihood
 
     data = workdir / task.name
     task.resolve(task.demo.generator)(data, seed=0)
@@ -43,13 +43,14 @@ def _task_run(task: Any, batch_size: int, adapter: str | None, workdir: Path) ->
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     prompts = [task.render_prompt(c.prompt_input()) for c in cases]
     max_new = suite.generation.max_new_tokens
+    logliks = reference_logliks(cases, lambda p, r: loglikelihood(model, tokenizer, p, r), task.render_prompt)
     runs: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
     for label, bs in (("one_at_a_time", 1), (f"batch_{batch_size}", batch_size)):
         t0 = time.perf_counter()
         answers[label] = generate(model, tokenizer, prompts, max_new, batch_size=bs)
         wall = time.perf_counter() - t0
-        runs[label] = {"wall_s": round(wall, 2), "metrics": score(suite, cases, answers[label], task.parser).metrics}
+        runs[label] = {"wall_s": round(wall, 2), "metrics": score(suite, cases, answers[label], task.parser, logliks).metrics}
         say(f"{task.name} {label}: {wall:.1f}s {runs[label]['metrics']}")
     one, many = answers["one_at_a_time"], answers[f"batch_{batch_size}"]
     differ = [{"prompt": str(p)[:120], "one": a, "batched": b} for p, a, b in zip(prompts, one, many, strict=True)

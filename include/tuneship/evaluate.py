@@ -8,7 +8,9 @@ A case's prompt is a string or a list of chat messages; `run_suite` hands it to 
 as is, and `tuneship.generate.generate` renders message lists with the tokenizer's chat
 template (`tuneship.generate.render_prompt`, the one place, shared with training).
 
-Metric kinds: fields the task's parser reads from an answer (`field_exact_match`,
+Metric kinds: `loglik` (the mean token log-likelihood of the case's reference answer after its
+prompt, teacher-forced, in nats: higher is better; perplexity is exp(-loglik); its
+intervals are bootstrap ones); fields the task's parser reads from an answer (`field_exact_match`,
 `parse_rate`); the whole answer (`exact_match` against the case's reference answer, exact
 or `normalise`d; `regex`: the stripped answer fully matches `pattern`; `json_schema`: the
 answer is JSON valid against `schema`, checked with jsonschema); free-text checks
@@ -153,7 +155,7 @@ def normalise(text: str) -> str:
 class Metric(_Strict):
     name: str
     kind: Literal["field_exact_match", "parse_rate", "keywords", "must_not_contain", "declined", "wrongly_declined",
-                  "exact_match", "regex", "json_schema", "flip_rate"]
+                  "exact_match", "regex", "json_schema", "flip_rate", "loglik"]
     field: str | None = None  # field_exact_match: the parsed field compared; flip_rate: the one that must hold
     match: Literal["all", "any"] = "all"  # keywords: every keyword, or at least one
     forbidden: list[str] = []  # must_not_contain: checked in every case, besides the case's own
@@ -202,6 +204,11 @@ class Metric(_Strict):
     def higher_is_better(self) -> bool:
         return self.kind not in ("wrongly_declined", "flip_rate")
 
+    @property
+    def continuous(self) -> bool:
+        """A per-case number (its mean is gated, with bootstrap intervals), not pass/fail."""
+        return self.kind == "loglik"
+
     def applies(self, case: Case) -> bool:
         """Whether `case` counts towards this metric (its denominator)."""
         if self.kind == "field_exact_match":
@@ -214,7 +221,7 @@ class Metric(_Strict):
             return case.should_decline
         if self.kind == "wrongly_declined":
             return not case.should_decline
-        if self.kind == "exact_match":
+        if self.kind in ("exact_match", "loglik"):
             return case.reference is not None
         if self.kind == "flip_rate":
             return case.group is not None and case.variant == 0  # one outcome per group
@@ -342,6 +349,14 @@ class Suite(_Strict):
                 raise ValueError(f"metrics.{i} ({m.name!r}): {_no_cases(m)}")
         return self
 
+    @model_validator(mode="after")
+    def _likelihood_needs_a_model(self) -> Suite:
+        for i, m in enumerate(self.metrics):
+            if m.continuous and self.role == "smoke":
+                raise ValueError(f"metrics.{i} ({m.name!r}): kind {m.kind} scores references with the model's own "
+                                 "probabilities, which a smoke suite (answers through the gateway) cannot read")
+        return self
+
     def known_cases(self, m: Metric) -> int | None:
         """How many cases count towards `m`, where the file says (inline cases, counterfactual
         groups); else the dataset split's `limit`, an upper bound (None: no limit)."""
@@ -355,12 +370,14 @@ class Suite(_Strict):
         know their cases; a dataset suite's `limit` bounds them (checked again on the cases
         actually scored)."""
         for i, gate in enumerate(self.gates):
+            metric = next(m for m in self.metrics if m.name == gate.metric)
+            if metric.continuous:
+                continue  # no bound to reach: the interval comes from the data (bootstrap)
             if self.role == "smoke":
                 if gate.max_regression is not None:
                     raise ValueError(f"gates.{i} on {gate.metric!r}: a smoke suite has no reference model; "
                                      "use `min` or `max`")
                 continue
-            metric = next(m for m in self.metrics if m.name == gate.metric)
             n = self.known_cases(metric)
             if n is not None and (problem := gate_unreachable(gate, n, self.statistics)):
                 raise ValueError(f"gates.{i} on {gate.metric!r}: {problem}")
@@ -387,6 +404,7 @@ def _no_cases(m: Metric) -> str:
     what = {"field_exact_match": f"no case has an expected `{m.field}`",
             "flip_rate": "the suite has no `cases.counterfactuals`",
             "exact_match": "no case has a `reference` answer",
+            "loglik": "no case has a `reference` answer",
             "keywords": "no case lists `keywords`",
             "must_not_contain": "no case lists `forbidden` and the metric lists none",
             "declined": "no case has `should_decline: true`",
@@ -491,20 +509,32 @@ class SuiteResult:
     metrics: dict[str, float]
     n_cases: int
     samples: list[dict[str, Any]] = field(default_factory=list)
-    # per metric, per case: passed (True/False), or None where the metric does not apply
-    outcomes: dict[str, list[bool | None]] = field(default_factory=dict)
+    # per metric, per case: passed (True/False), a number (continuous kinds), or None where
+    # the metric does not apply
+    outcomes: dict[str, list[Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse: Parse | None = None) -> SuiteResult:
+def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse: Parse | None = None,
+          logliks: Sequence[float | None] | None = None) -> SuiteResult:
+    """Score completions; `logliks` (each case's mean token log-likelihood of its reference,
+    None where it has none) feed the `loglik` metrics."""
     if len(cases) != len(completions):
         raise ValueError(f"{len(completions)} completions for {len(cases)} cases")
     parser = suite._parser_if_any(parse)
     parsed = [parser(c) for c in completions] if parser else [{} for _ in completions]
     declined = [suite.decline.declined(c) for c in completions] if suite.decline else [False] * len(completions)
-    outcomes = {m.name: _outcomes(m, cases, completions, parsed, declined) for m in suite.metrics}
+    outcomes = {}
+    for m in suite.metrics:
+        if m.continuous:
+            if logliks is None:
+                raise SuiteError(f"eval suite {suite.name!r}: metric {m.name!r} needs the reference answers' "
+                                 "log-likelihoods (score it with run_suite and a model)")
+            outcomes[m.name] = [v if m.applies(c) else None for c, v in zip(cases, logliks, strict=True)]
+        else:
+            outcomes[m.name] = _outcomes(m, cases, completions, parsed, declined)
     metrics = {}
     for m in suite.metrics:
         hits = [o for o in outcomes[m.name] if o is not None]
@@ -561,9 +591,28 @@ def _outcomes(m: Metric, cases: Sequence[Case], completions: Sequence[str], pars
 
 def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cases: Sequence[Case],
               parse: Parse | None = None) -> SuiteResult:
-    """Generate for every case (a prompt string, or chat messages as dicts) and score."""
+    """Generate for every case (a prompt string, or chat messages as dicts) and score. A suite
+    with `loglik` metrics also needs `generate.loglik(prompts, references)` (a local model's
+    teacher-forced (sum, tokens) per case: `tuneship.generate.loglikelihood`)."""
     completions = generate([c.prompt_input() for c in cases], suite.generation.max_new_tokens)
-    return score(suite, cases, completions, parse)
+    logliks = None
+    if any(m.continuous for m in suite.metrics):
+        loglik = getattr(generate, "loglik", None)
+        if loglik is None:
+            raise SuiteError(f"eval suite {suite.name!r}: its loglik metrics read the model's own probabilities; "
+                             "this model is only reachable by its answers")
+        logliks = reference_logliks(cases, loglik)
+    return score(suite, cases, completions, parse, logliks)
+
+
+def reference_logliks(cases: Sequence[Case], loglik: Callable[[list[Any], list[str]], list[tuple[float, int]]],
+                      render: Callable[[Any], Any] = lambda p: p) -> list[float | None]:
+    """Each case's mean token log-likelihood of its reference answer (None: it has none), from
+    `loglik(prompts, references)` -> (sum, tokens) per case; `render` maps a case's prompt to
+    what the model is given."""
+    scored = [c for c in cases if c.reference is not None]
+    sums = iter(loglik([render(c.prompt_input()) for c in scored], [str(c.reference) for c in scored]))
+    return [(lambda t: t[0] / max(t[1], 1))(next(sums)) if c.reference is not None else None for c in cases]
 
 
 Verdict = Literal["pass", "fail", "inconclusive", "unreachable"]
@@ -595,7 +644,7 @@ class GateResult:
             text = (f"{head} vs {reference_name or 'reference'}: difference {d.get('diff', 0):+.3f} "
                     f"[{d.get('low', 0):+.3f}, {d.get('high', 0):+.3f}] must stay {bound} {self.threshold:+.3f} "
                     f"(candidate {self.value:.3f}, reference {self.reference:.3f}, n={self.n}; "
-                    f"{better} better, {worse} worse, McNemar p={d.get('p_value', 1):.3f})")
+                    f"{better} better, {worse} worse, {d.get('test', 'McNemar')} p={d.get('p_value', 1):.3f})")
         elif self.low is None:  # a smoke suite: the observed rate
             text = f"{head} {self.rule} {self.threshold:.3f}: {self.value:.3f} (n={self.n})"
         else:
@@ -658,7 +707,11 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
                                             else gate.max_regression), None, False, "unreachable", n,
                                       reason=f"configuration error: {problem}"))
             continue
-        low, high = stats.wilson(sum(outcome), n, st.confidence)
+        metric = next(m for m in suite.metrics if m.name == gate.metric)
+        if metric.continuous:
+            low, high = stats.mean_interval(outcome, st.confidence)
+        else:
+            low, high = stats.wilson(sum(outcome), n, st.confidence)
         if gate.min is not None:
             verdict, ok, why = _decide(low, high, low >= gate.min, high < gate.min, st)
             results.append(GateResult(gate.metric, ">=", value, gate.min, None, ok, verdict, n, low, high, reason=why))
@@ -668,7 +721,10 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
         else:
             pairs = [(c, r) for c, r in zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric],
                                             strict=True) if c is not None and r is not None]
-            d = stats.paired_diff([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
+            if metric.continuous:
+                d = stats.paired_mean_diff([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
+            else:
+                d = stats.paired_diff([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
             margin = float(gate.max_regression)
             if higher[gate.metric]:  # candidate - reference must stay above -margin
                 verdict, ok, why = _decide(d.low, d.high, d.low >= -margin, d.high < -margin, st)
@@ -676,17 +732,21 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
                 verdict, ok, why = _decide(d.low, d.high, d.high <= margin, d.low > margin, st)
             results.append(GateResult(gate.metric, "vs reference", value, margin if not higher[gate.metric] else -margin,
                                       reference.metrics[gate.metric], ok, verdict, d.n, low, high,
-                                      {**d.to_dict(), "higher_is_better": higher[gate.metric]}, why))
+                                      {**d.to_dict(), "higher_is_better": higher[gate.metric],
+                                       "test": "sign test" if metric.continuous else "McNemar"}, why))
     return GateReport(all(r.passed for r in results), reference_name, results, None if smoke else st.confidence)
 
 
-def gate_rows(suite_label: str, report: GateReport) -> list[dict[str, Any]]:
+def gate_rows(suite_label: str, report: GateReport, suite: Suite | None = None) -> list[dict[str, Any]]:
     """One flat row per gate, for the HTML report, MLflow and the XCom: value with its
-    interval, the reference, the paired difference with its interval, the verdict."""
+    interval, the reference, the paired difference with its interval, the verdict, and the
+    unit (a share of cases, or nats a token for likelihoods)."""
+    kinds = {m.name: m for m in suite.metrics} if suite else {}
     rows = []
     for g in report.gates:
         d = g.diff or {}
-        rows.append({"suite": suite_label, "metric": g.metric, "rule": g.rule, "threshold": g.threshold,
+        unit = "nats/token" if g.metric in kinds and kinds[g.metric].continuous else "share"
+        rows.append({"suite": suite_label, "metric": g.metric, "unit": unit, "rule": g.rule, "threshold": g.threshold,
                      "value": g.value, "low": g.low, "high": g.high, "n": g.n, "reference": g.reference,
                      "diff": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high"),
                      "p_value": d.get("p_value"), "verdict": g.verdict, "reason": g.reason})
@@ -712,7 +772,9 @@ def plot_forest(rows: list[dict[str, Any]], path: Path, reference_name: str | No
         ax.plot([r["diff"]], [y], "o", color=colours[r["verdict"]])
         ax.plot([r["threshold"]] * 2, [y - 0.35, y + 0.35], "--", color="#57606a")
     ax.axvline(0, color="#d0d7de", linewidth=1)
-    ax.set_yticks(range(len(rows)), [f"{r['metric']} ({r['verdict']})" for r in reversed(rows)])
+    ax.set_yticks(range(len(rows)), [f"{r['metric']} ({r['verdict']})"
+                                     + (f"\n[{r['unit']}]" if r.get("unit", "share") != "share" else "")
+                                     for r in reversed(rows)])
     ax.set_xlabel(f"candidate - {reference_name or 'reference'} (95% interval; dashed: margin)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

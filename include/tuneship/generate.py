@@ -148,3 +148,46 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_t
         ids = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
         texts.append(completion_text(tokenizer, ids)[0])
     return texts
+
+
+def loglikelihood(model: Any, tokenizer: Any, prompts: list[Prompt], references: list[str],
+                  prompt_format: PromptFormat = "plain", *, batch_size: int = 8) -> list[tuple[float, int]]:
+    """Teacher-forced log-likelihood of each reference answer after its prompt, as
+    lm-evaluation-harness's loglikelihood requests: (sum of the answer tokens'
+    log-probabilities in nats, number of answer tokens). A row is encoded exactly as training
+    encodes it (`tuneship.train.trainer.encode_rows`: the prompt, or the chat template's
+    rendering of the messages, then the answer and eos), so this is the quantity the
+    fine-tune minimised, on held-out rows. Batches are right-padded with an attention mask."""
+    import torch
+
+    from tuneship.train.trainer import encode_rows
+
+    if len(prompts) != len(references):
+        raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
+    rows = []
+    for prompt, reference in zip(prompts, references, strict=True):
+        if isinstance(prompt, str) and prompt_format == "plain":
+            rows.append({"prompt": prompt, "completion": reference})
+        else:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            rows.append({"messages": [*messages, {"role": "assistant", "content": reference}]})
+    examples, _ = encode_rows(rows, tokenizer, max_seq_len=1 << 20)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[tuple[float, int]] = []
+    model.eval()
+    step = max(batch_size, 1)
+    with torch.inference_mode():
+        for start in range(0, len(examples), step):
+            chunk = examples[start:start + step]
+            width = max(len(e.input_ids) for e in chunk)
+            ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in chunk], dtype=torch.long)
+            mask = torch.tensor([[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in chunk],
+                                dtype=torch.long)
+            labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in chunk], dtype=torch.long)
+            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+            target = labels[:, 1:]
+            picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            scored = target != -100
+            for row in range(len(chunk)):
+                out.append((float(picked[row][scored[row]].sum()), int(scored[row].sum())))
+    return out

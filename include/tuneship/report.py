@@ -91,7 +91,7 @@ def gates_table(gates: dict[str, Any]) -> str:
                     fmt(r["reference"]), _interval(r["diff"], r["diff_low"], r["diff_high"], signed=True),
                     _p(r["p_value"]), r["verdict"]])
     return _table(out, ["suite", "metric", "gate", "candidate [95%]", "n", "reference", "difference [95%]",
-                        "McNemar p", "verdict"])
+                        "p (McNemar; sign test)", "verdict"])
 
 
 def _cycle_html(i: int, cycle: dict[str, Any]) -> str:

@@ -368,11 +368,12 @@ def _adapter_dir(task: Task, version: str) -> Path:
 
 
 def _generator(base_ref: str, adapter_dir: Path | None, label: str):
-    """Greedy answers from base (+ adapter, merged), in batches, with a progress line per batch."""
+    """Greedy answers from base (+ adapter, merged), in batches, with a progress line per
+    batch; `.loglik(prompts, references)` scores references teacher-forced on the same model."""
     import time
 
     from tuneship.basemodel import load_base
-    from tuneship.generate import generate
+    from tuneship.generate import generate, loglikelihood
 
     model, tokenizer = load_base(base_ref)
     if adapter_dir is not None:
@@ -386,12 +387,18 @@ def _generator(base_ref: str, adapter_dir: Path | None, label: str):
         return generate(model, tokenizer, prompts, max_new_tokens=max_new, progress=lambda done, total: print(
             f"scoring {label}: {done}/{total} answers ({time.monotonic() - t0:.0f}s)", flush=True))
 
+    answers.loglik = lambda prompts, references: loglikelihood(model, tokenizer, prompts, references)  # type: ignore[attr-defined]
     return answers
 
 
 def _as_client_sends(task: Task, generate: Any) -> Any:
     """Prompts rendered as the task's clients send them (chat: messages, system prompt first)."""
-    return lambda prompts, max_new: generate([task.render_prompt(p) for p in prompts], max_new)
+    def sends(prompts: list, max_new: int) -> list[str]:
+        return generate([task.render_prompt(p) for p in prompts], max_new)
+
+    if hasattr(generate, "loglik"):
+        sends.loglik = lambda prompts, refs: generate.loglik([task.render_prompt(p) for p in prompts], refs)  # type: ignore[attr-defined]
+    return sends
 
 
 def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str, str]) -> dict[str, Any]:
@@ -425,7 +432,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         ref_metrics.update({prefix + k: v for k, v in ref.metrics.items()})
         suites.append({"suite": f"{suite.name}@v{suite.version}", "candidate": cand.to_dict(),
                        "reference": ref.to_dict(), "gates": gates.to_dict(), "passed": gates.passed})
-        rows += gate_rows(f"{suite.name}@v{suite.version}", gates)
+        rows += gate_rows(f"{suite.name}@v{suite.version}", gates, suite)
     # every metric with its interval; every paired difference with its interval
     bounds = {f"eval_{metric_prefix(task, r['suite'].split('@')[0])}{r['metric']}_{k}": r[src] for r in rows
               for k, src in (("low", "low"), ("high", "high")) if r[src] is not None}

@@ -41,7 +41,8 @@ def _wilson(k: Any, n: Any, z: float) -> tuple[Any, Any]:
     k, n = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
     centre = (k + z * z / 2) / (n + z * z)
     half = z / (n + z * z) * np.sqrt(k * (n - k) / n + z * z / 4)
-    return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    p = k / n  # at k = 0 or n a bound equals p exactly; rounding must not leave p outside
+    return np.clip(np.minimum(centre - half, p), 0.0, 1.0), np.clip(np.maximum(centre + half, p), 0.0, 1.0)
 
 
 def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -176,3 +177,32 @@ def cases_for_floor(floor: float, confidence: float = 0.95) -> int | None:
     while wilson(n, n, confidence)[0] < floor:
         n += 1
     return n
+
+
+BOOTSTRAP_RESAMPLES = 4000
+
+
+def mean_interval(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A bootstrap (BCa, seeded: the same data give the same interval) interval of the mean of
+    per-case numbers (a log-likelihood, a latency)."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return float(x.mean()), float(x.mean())
+    ci = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
+                         method="BCa", rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def paired_mean_diff(candidate: Sequence[float], reference: Sequence[float], confidence: float = 0.95) -> PairedDiff:
+    """Candidate minus reference on the same cases, for per-case numbers: the mean difference
+    with a bootstrap interval of the per-case differences; `better`/`worse` count the cases
+    where the candidate is above/below the reference, and the p-value is the sign test's."""
+    if len(candidate) != len(reference):
+        raise ValueError(f"paired values differ in length: {len(candidate)} vs {len(reference)}")
+    d = np.asarray(candidate, dtype=float) - np.asarray(reference, dtype=float)
+    if len(d) == 0:
+        raise ValueError("a paired comparison needs at least one case")
+    low, high = mean_interval(d, confidence)
+    better, worse = int((d > 0).sum()), int((d < 0).sum())
+    p_value = float(stats.binomtest(better, better + worse, 0.5).pvalue) if better + worse else 1.0
+    return PairedDiff(len(d), float(d.mean()), low, high, better, worse, p_value)

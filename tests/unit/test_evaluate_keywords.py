@@ -112,11 +112,12 @@ def test_decline_everything_fails_the_faq_suites(tmp_path: Path):
     assert len(cases) == n and sum(c.should_decline for c in cases) == round(n * faq.DECLINE_SHARE)
     assert all(c.expected["topic"] == "declined" for c in cases if c.should_decline)
     reference = [json.loads(line)["messages"][-1]["content"] for line in (tmp_path / "eval.jsonl").open()]
-    right = score(gate, cases, reference, faq.parse_answer)
+    same_likelihood = [-1.0] * len(cases)  # the answers are written by hand: no model to ask
+    right = score(gate, cases, reference, faq.parse_answer, same_likelihood)
     assert right.metrics == {"topic_accuracy": 1.0, "format_rate": 1.0, "declined_when_should": 1.0,
-                             "wrongly_declined": 0.0}
+                             "wrongly_declined": 0.0, "answer_loglik": -1.0}
     assert apply_gates(gate, right, right, "itself").passed
-    refuser = score(gate, cases, [faq.DECLINE] * len(cases), faq.parse_answer)
+    refuser = score(gate, cases, [faq.DECLINE] * len(cases), faq.parse_answer, same_likelihood)
     report = apply_gates(gate, refuser, right, "reference")
     assert not report.passed
     assert {g.metric for g in report.gates if not g.passed} == {"topic_accuracy", "wrongly_declined"}

@@ -69,13 +69,14 @@ def test_gates_show_intervals_differences_and_verdicts(capsys, tmp_path: Path):
 
     def res(cat: list[bool]) -> SuiteResult:
         same = [True] * 40
-        return SuiteResult("triage", 6, {"category_accuracy": sum(cat) / 40, "priority_accuracy": 1.0,
-                                         "format_rate": 1.0}, 40, [],
-                           {"category_accuracy": cat, "priority_accuracy": same, "format_rate": same})
+        return SuiteResult("triage", 7, {"category_accuracy": sum(cat) / 40, "priority_accuracy": 1.0,
+                                         "format_rate": 1.0, "answer_loglik": -1.0}, 40, [],
+                           {"category_accuracy": cat, "priority_accuracy": same, "format_rate": same,
+                            "answer_loglik": [-1.0] * 40})
 
     report = apply_gates(load_suite("triage"), res([True] * 37 + [False] * 3), res([True] * 30 + [False] * 10),
                          "champion v1")
-    rows = gate_rows("triage@v6", report)
+    rows = gate_rows("triage@v7", report)
     forest = plot_forest(rows, tmp_path / "forest.png", "champion v1")
     assert forest and forest.stat().st_size > 1000
     gates = {"reference_name": "champion v1", "gates": rows, "forest_plot": str(forest),
