@@ -755,7 +755,8 @@ def gate_rows(suite_label: str, report: GateReport, suite: Suite | None = None) 
 
 def plot_forest(rows: list[dict[str, Any]], path: Path, reference_name: str | None) -> Path | None:
     """The paired differences against the reference with their intervals and each gate's
-    margin: a forest plot. None when no gate compares with a reference."""
+    margin: a forest plot, one panel per unit (shares of cases; nats a token), so a
+    likelihood's scale does not flatten the rates'. None when no gate compares with a reference."""
     rows = [r for r in rows if r["rule"] == "vs reference"]
     if not rows:
         return None
@@ -765,17 +766,21 @@ def plot_forest(rows: list[dict[str, Any]], path: Path, reference_name: str | No
     import matplotlib.pyplot as plt
 
     colours = {"pass": "#1a7f37", "fail": "#cf222e", "inconclusive": "#bf8700", "unreachable": "#6e7781"}
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
-    for i, r in enumerate(rows):
-        y = len(rows) - 1 - i
-        ax.plot([r["diff_low"], r["diff_high"]], [y, y], color=colours[r["verdict"]], linewidth=2)
-        ax.plot([r["diff"]], [y], "o", color=colours[r["verdict"]])
-        ax.plot([r["threshold"]] * 2, [y - 0.35, y + 0.35], "--", color="#57606a")
-    ax.axvline(0, color="#d0d7de", linewidth=1)
-    ax.set_yticks(range(len(rows)), [f"{r['metric']} ({r['verdict']})"
-                                     + (f"\n[{r['unit']}]" if r.get("unit", "share") != "share" else "")
-                                     for r in reversed(rows)])
-    ax.set_xlabel(f"candidate - {reference_name or 'reference'} (95% interval; dashed: margin)")
+    units = list(dict.fromkeys(r.get("unit", "share") for r in rows))
+    panels = [[r for r in rows if r.get("unit", "share") == u] for u in units]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(7, sum(0.6 * len(p) + 1.0 for p in panels) + 0.3))
+    for ax, unit, panel in zip(axes[:, 0], units, panels, strict=True):
+        for i, r in enumerate(panel):
+            y = len(panel) - 1 - i
+            ax.plot([r["diff_low"], r["diff_high"]], [y, y], color=colours[r["verdict"]], linewidth=2)
+            ax.plot([r["diff"]], [y], "o", color=colours[r["verdict"]])
+            ax.plot([r["threshold"]] * 2, [y - 0.35, y + 0.35], "--", color="#57606a")
+        ax.axvline(0, color="#d0d7de", linewidth=1)
+        ax.set_ylim(-0.7, len(panel) - 0.3)
+        ax.set_yticks(range(len(panel)), [f"{r['metric']} ({r['verdict']})" for r in reversed(panel)])
+        what = "share of cases" if unit == "share" else unit
+        ax.set_xlabel(f"candidate - {reference_name or 'reference'}, {what} (95% interval; dashed: margin)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
