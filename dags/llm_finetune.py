@@ -83,18 +83,14 @@ def llm_finetune():
     @task(inlets=[validated_dataset, retrain_request])  # inlets: to read recent events (strays)
     def which_task(params=None, run_id=None, dag_run=None, triggering_asset_events=None, inlet_events=None):
         """The task this run trains and the runs to start for the other tasks' events."""
-        from airflow.sdk.exceptions import AirflowSkipException
-
         from tuneship.stages import finetune_trigger
-        from tuneship_airflow.assets import log_claims, recent_events
+        from tuneship_airflow.assets import recent_events, skip_if_handled
 
         chosen = finetune_trigger(params["task"], triggering_asset_events, run_id=run_id,
                                   dataset_version=params["dataset_version"],
                                   trigger=(dag_run.conf or {}).get("trigger"),
                                   recent_events=recent_events(dag_run, inlet_events, validated_dataset, retrain_request))
-        log_claims(chosen)
-        if chosen["task"] is None:
-            raise AirflowSkipException("nothing to train: every event of this run was handled by an earlier run")
+        skip_if_handled(chosen, "nothing to train: every event of this run was handled by an earlier run")
         print(f"training task {chosen['task']} ({chosen['trigger']}); fanning out: "
               f"{[f['conf'] for f in chosen['fan_out']] or 'nothing'}")
         return chosen

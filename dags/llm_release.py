@@ -105,16 +105,12 @@ def llm_release():
     @task(inlets=[release_candidate])  # inlets: to read recent events (strays)
     def which_task(params=None, run_id=None, dag_run=None, triggering_asset_events=None, inlet_events=None):
         """The task this run releases and the release runs to start for other tasks' candidates."""
-        from airflow.sdk.exceptions import AirflowSkipException
-
         from tuneship.stages import release_trigger
-        from tuneship_airflow.assets import log_claims, recent_events
+        from tuneship_airflow.assets import recent_events, skip_if_handled
 
         chosen = release_trigger(params["task"], params["version"], triggering_asset_events, run_id=run_id,
                                  recent_events=recent_events(dag_run, inlet_events, release_candidate))
-        log_claims(chosen)
-        if chosen["task"] is None:
-            raise AirflowSkipException("nothing to release: every candidate of this run was handled by an earlier run")
+        skip_if_handled(chosen, "nothing to release: every candidate of this run was handled by an earlier run")
         print(f"releasing task {chosen['task']}; fanning out: {[f['conf'] for f in chosen['fan_out']] or 'nothing'}")
         return chosen
 

@@ -271,6 +271,16 @@ class Gate(_Strict):
     max: float | None = None  # ceiling, for metrics where lower is better (wrongly_declined)
     max_regression: float | None = Field(default=None, ge=0)  # against the reference, either direction
 
+    def rule(self, higher_is_better: bool) -> tuple[str, float, bool]:
+        """(rule, threshold, floor): `>=` a floor, `<=` a ceiling, or `vs reference`: the paired
+        difference candidate - reference above -margin (higher is better) or below +margin."""
+        if self.min is not None:
+            return ">=", float(self.min), True
+        if self.max is not None:
+            return "<=", float(self.max), False
+        margin = float(self.max_regression or 0)
+        return "vs reference", -margin if higher_is_better else margin, higher_is_better
+
     @model_validator(mode="after")
     def _one_rule(self) -> Gate:
         if sum(r is not None for r in (self.min, self.max, self.max_regression)) != 1:
@@ -666,10 +676,12 @@ class GateReport:
         return "\n".join(g.line(self.reference_name) for g in self.gates)
 
 
-def _decide(low: float, high: float, lo_ok: bool, hi_bad: bool, st: Statistics) -> tuple[Verdict, bool, str]:
-    if lo_ok:
+def _decide(low: float, high: float, threshold: float, floor: bool, st: Statistics) -> tuple[Verdict, bool, str]:
+    """Pass when the whole interval is on the threshold's right side (above a floor, below a
+    ceiling), fail when all of it is on the wrong side, else inconclusive."""
+    if (low >= threshold) if floor else (high <= threshold):
         return "pass", True, ""
-    if hi_bad:
+    if (high < threshold) if floor else (low > threshold):
         return "fail", False, ""
     return "inconclusive", False, (f"the {st.confidence:.0%} interval straddles the threshold: more cases would "
                                    f"decide it; inconclusive counts as {st.on_inconclusive}")
@@ -683,57 +695,41 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
     results = []
     st = suite.statistics
     smoke = suite.role == "smoke"
-    higher = {m.name: m.higher_is_better for m in suite.metrics}
+    metrics = {m.name: m for m in suite.metrics}
     for gate in suite.gates:
+        metric = metrics[gate.metric]
+        rule, threshold, floor = gate.rule(metric.higher_is_better)
         value = candidate.metrics[gate.metric]
         outcome = [o for o in candidate.outcomes.get(gate.metric, []) if o is not None]
         n = len(outcome) if outcome or not smoke else candidate.n_cases
-        if gate.max_regression is not None and reference is None:
+        if rule == "vs reference" and reference is None:
             raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: the gate on {gate.metric!r} is "
                              f"`max_regression`, but no reference model is scored here; use `min` instead")
         if smoke:
-            ok = value >= gate.min if gate.min is not None else value <= float(gate.max)
-            rule, threshold = (">=", gate.min) if gate.min is not None else ("<=", float(gate.max))
-            results.append(GateResult(gate.metric, rule, value, float(threshold), None, ok,
-                                      "pass" if ok else "fail", n))
+            ok = value >= threshold if floor else value <= threshold
+            results.append(GateResult(gate.metric, rule, value, threshold, None, ok, "pass" if ok else "fail", n))
             continue
         if not outcome:
             raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: metric {gate.metric!r} has no per-case "
                              "outcomes to gate on (score it with tuneship.evaluate.score)")
         if problem := gate_unreachable(gate, n, st):
-            results.append(GateResult(gate.metric, "vs reference" if gate.max_regression is not None else
-                                      (">=" if gate.min is not None else "<="), value,
-                                      float(gate.min if gate.min is not None else gate.max if gate.max is not None
-                                            else gate.max_regression), None, False, "unreachable", n,
+            results.append(GateResult(gate.metric, rule, value, threshold, None, False, "unreachable", n,
                                       reason=f"configuration error: {problem}"))
             continue
-        metric = next(m for m in suite.metrics if m.name == gate.metric)
-        if metric.continuous:
-            low, high = stats.mean_interval(outcome, st.confidence)
-        else:
-            low, high = stats.wilson(sum(outcome), n, st.confidence)
-        if gate.min is not None:
-            verdict, ok, why = _decide(low, high, low >= gate.min, high < gate.min, st)
-            results.append(GateResult(gate.metric, ">=", value, gate.min, None, ok, verdict, n, low, high, reason=why))
-        elif gate.max is not None:
-            verdict, ok, why = _decide(low, high, high <= gate.max, low > gate.max, st)
-            results.append(GateResult(gate.metric, "<=", value, gate.max, None, ok, verdict, n, low, high, reason=why))
-        else:
-            pairs = [(c, r) for c, r in zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric],
-                                            strict=True) if c is not None and r is not None]
-            if metric.continuous:
-                d = stats.paired_mean_diff([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
-            else:
-                d = stats.paired_diff([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
-            margin = float(gate.max_regression)
-            if higher[gate.metric]:  # candidate - reference must stay above -margin
-                verdict, ok, why = _decide(d.low, d.high, d.low >= -margin, d.high < -margin, st)
-            else:  # lower is better: candidate - reference must stay below +margin
-                verdict, ok, why = _decide(d.low, d.high, d.high <= margin, d.low > margin, st)
-            results.append(GateResult(gate.metric, "vs reference", value, margin if not higher[gate.metric] else -margin,
-                                      reference.metrics[gate.metric], ok, verdict, d.n, low, high,
-                                      {**d.to_dict(), "higher_is_better": higher[gate.metric],
-                                       "test": "sign test" if metric.continuous else "McNemar"}, why))
+        low, high = (stats.mean_interval(outcome, st.confidence) if metric.continuous
+                     else stats.wilson(sum(outcome), n, st.confidence))
+        if rule != "vs reference":
+            verdict, ok, why = _decide(low, high, threshold, floor, st)
+            results.append(GateResult(gate.metric, rule, value, threshold, None, ok, verdict, n, low, high, reason=why))
+            continue
+        pairs = [(c, r) for c, r in zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric], strict=True)
+                 if c is not None and r is not None]
+        paired = stats.paired_mean_diff if metric.continuous else stats.paired_diff
+        d = paired([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
+        verdict, ok, why = _decide(d.low, d.high, threshold, floor, st)
+        results.append(GateResult(gate.metric, rule, value, threshold, reference.metrics[gate.metric], ok, verdict,
+                                  d.n, low, high, {**d.to_dict(), "higher_is_better": metric.higher_is_better,
+                                                   "test": "sign test" if metric.continuous else "McNemar"}, why))
     return GateReport(all(r.passed for r in results), reference_name, results, None if smoke else st.confidence)
 
 

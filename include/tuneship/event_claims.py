@@ -128,3 +128,18 @@ def newest_by_task(events: list[dict[str, Any]], default: Callable[[], str]) -> 
     for e in sorted(events, key=lambda e: e["timestamp"]):
         newest[e["extra"].get("task") or default()] = e
     return newest
+
+
+def chosen_task(took: dict[str, Any], task_param: str | None, default: Callable[[], str]) -> str | None:
+    """The task a run handles: the one named in its form, else the newest event's that the
+    scheduler gave it (what its UI shows; strays fan out), else its newest stray's, else
+    `default()`. None: every event it was given was handled elsewhere and no task was named."""
+    if took["nothing_left"] and not task_param:
+        return None
+    given = took["given"] or took["events"]
+    return task_param or (given[-1]["extra"].get("task") if given else None) or default()
+
+
+def report(took: dict[str, Any]) -> dict[str, Any]:
+    """What a run's XCom says of its claims: the strays it took, the events others handled."""
+    return {"strays": took["strays"], "already_handled": took["already_handled"]}

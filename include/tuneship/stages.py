@@ -190,13 +190,11 @@ def finetune_trigger(task_param: str | None, triggering_asset_events: Any, *, ru
     from tuneship.tasks import default_task
 
     took = event_claims.take("llm_finetune", triggering_asset_events, recent_events, run_id)
-    taken = {"strays": took["strays"], "already_handled": took["already_handled"]}
-    if took["nothing_left"] and not task_param:
+    taken = event_claims.report(took)
+    name = event_claims.chosen_task(took, task_param, default_task)
+    if name is None:
         return {"task": None, "trigger": None, "dataset_version": None, "fan_out": [], **taken}
     newest = {t: (e["asset"], e["extra"]) for t, e in event_claims.newest_by_task(took["events"], default_task).items()}
-    # the newest event the scheduler gave this run names its task (what its UI shows); strays fan out
-    given = took["given"] or took["events"]
-    name = task_param or (given[-1]["extra"].get("task") or default_task() if given else default_task())
     asset, extra = newest.get(name, (trigger or "manual", {}))
 
     def version_of(asset: str, extra: dict[str, Any]) -> str | None:
@@ -631,12 +629,11 @@ def release_trigger(task_param: str | None, version: str | None, triggering_asse
     from tuneship.tasks import default_task
 
     took = event_claims.take("llm_release", triggering_asset_events, recent_events, run_id)
-    taken = {"strays": took["strays"], "already_handled": took["already_handled"]}
-    if took["nothing_left"] and not task_param:
+    taken = event_claims.report(took)
+    name = event_claims.chosen_task(took, task_param, default_task)
+    if name is None:
         return {"task": None, "candidate": None, "fan_out": [], **taken}
     newest = event_claims.newest_by_task(took["events"], default_task)
-    given = took["given"] or took["events"]
-    name = task_param or (given[-1]["extra"].get("task") or default_task() if given else default_task())
     candidate = None if version or name not in newest else dict(newest[name]["extra"])
     fan_out = [{"trigger_run_id": f"fan_out__{other}__{run_id}", "conf": {"task": other, "version": str(e["extra"]["version"])}}
                for other, e in sorted(newest.items()) if other != name and e["extra"].get("version") is not None]

@@ -1,7 +1,8 @@
 """The statistics behind a release gate: intervals, paired comparisons and what a suite of n
-cases can show at all. scipy supplies the normal quantiles and McNemar's exact test; the two
-interval formulas are written here (numpy, so that power can be computed over every possible
-outcome table) and checked in the tests against scipy and a published example.
+cases can show at all. scipy supplies McNemar's exact test and the bootstrap, the standard
+library's NormalDist the normal quantiles; the two interval formulas are written here (numpy,
+so that power can be computed over every possible outcome table) and checked in the tests
+against scipy and a published example.
 
 * A pass/fail metric's rate gets a Wilson score interval: unlike the normal approximation it
   stays inside [0, 1] and keeps its coverage near 0 and 1, where release gates live.
@@ -26,14 +27,18 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from scipy import stats
+
+# scipy is imported where a test or a bootstrap runs, not here: tasks validate their suites'
+# gates (normal quantiles only) when they load, and every DAG file loads the tasks at parse time
+_NORMAL = NormalDist()
 
 
 def _z(confidence: float) -> float:
-    return float(stats.norm.ppf(1 - (1 - confidence) / 2))
+    return _NORMAL.inv_cdf(1 - (1 - confidence) / 2)
 
 
 def _wilson(k: Any, n: Any, z: float) -> tuple[Any, Any]:
@@ -72,6 +77,15 @@ def _newcombe(both: Any, better: Any, worse: Any, neither: Any, z: float) -> tup
     return d, np.maximum(low, -1.0), np.minimum(high, 1.0)
 
 
+def _sign_test(better: int, worse: int) -> float:
+    """The exact binomial test on the discordant cases (McNemar's exact test; the sign test)."""
+    if better + worse == 0:
+        return 1.0
+    from scipy import stats
+
+    return float(stats.binomtest(better, better + worse, 0.5).pvalue)
+
+
 @dataclass(frozen=True)
 class PairedDiff:
     """Candidate minus reference on the same cases (pass = 1, fail = 0)."""
@@ -94,9 +108,7 @@ def newcombe_paired(both: int, better: int, worse: int, neither: int, confidence
     if n <= 0:
         raise ValueError("a paired comparison needs at least one case")
     d, low, high = _newcombe(both, better, worse, neither, _z(confidence))
-    discordant = better + worse
-    p_value = float(stats.binomtest(better, discordant, 0.5).pvalue) if discordant else 1.0
-    return PairedDiff(n, float(d), float(low), float(high), better, worse, p_value)
+    return PairedDiff(n, float(d), float(low), float(high), better, worse, _sign_test(better, worse))
 
 
 def paired_diff(candidate: Sequence[bool], reference: Sequence[bool], confidence: float = 0.95) -> PairedDiff:
@@ -164,7 +176,7 @@ def detectable_margin(n: int, *, rate: float, discordance: float, confidence: fl
 def cases_for_margin(margin: float, *, discordance: float, confidence: float = 0.95, power: float = 0.8) -> int:
     """About how many paired cases a margin needs (the normal approximation; the exact
     figure, from `detectable_margin`, is a little higher)."""
-    z_power = float(stats.norm.ppf(power))
+    z_power = _NORMAL.inv_cdf(power)
     return math.ceil(((_z(confidence) + z_power) / margin) ** 2 * discordance)
 
 
@@ -188,6 +200,8 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, seed: int =
     x = np.asarray(values, dtype=float)
     if len(x) < 2 or np.ptp(x) == 0:
         return float(x.mean()), float(x.mean())
+    from scipy import stats
+
     ci = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES,
                          method="BCa", rng=np.random.default_rng(seed)).confidence_interval
     return float(ci.low), float(ci.high)
@@ -204,5 +218,4 @@ def paired_mean_diff(candidate: Sequence[float], reference: Sequence[float], con
         raise ValueError("a paired comparison needs at least one case")
     low, high = mean_interval(d, confidence)
     better, worse = int((d > 0).sum()), int((d < 0).sum())
-    p_value = float(stats.binomtest(better, better + worse, 0.5).pvalue) if better + worse else 1.0
-    return PairedDiff(len(d), float(d.mean()), low, high, better, worse, p_value)
+    return PairedDiff(len(d), float(d.mean()), low, high, better, worse, _sign_test(better, worse))

@@ -50,9 +50,14 @@ def recent_events(dag_run: Any, inlet_events: Any, *assets: Asset) -> dict[Asset
     return {a: list(inlet_events[a].after(since).ascending(False).limit(100)) for a in assets}
 
 
-def log_claims(chosen: dict[str, Any]) -> None:
-    """Say in the task log which events another run already handled and which strays this run took."""
+def skip_if_handled(chosen: dict[str, Any], nothing: str) -> None:
+    """Say in the task log which events another run already handled and which strays this run
+    took; skip the run (`nothing`: why) when every event it was given was handled elsewhere."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
     for key, other in chosen.get("already_handled", {}).items():
         print(f"event {key} was already handled by run {other}: left to it")
     if chosen.get("strays"):
         print(f"taking events that no run consumed (apache/airflow#56050): {chosen['strays']}")
+    if chosen["task"] is None:
+        raise AirflowSkipException(nothing)

@@ -85,23 +85,16 @@ def finished(api: Any, dag_id: str, run_ids: list[str]) -> dict[str, dict] | Non
 
 
 def test_collapsed_events_of_two_tasks_get_one_fine_tune_run_each(airflow):
-    from tuneship import services
 
     api = airflow
     # Stopped scheduler: both events wait in the queue and the next scheduler loop makes ONE
     # run of them, as it does for events that arrive while a fine-tune runs (max_active_runs=1).
     # Two assets here; two events of the SAME asset: the next test.
-    services.stop([SCHEDULER])
-    post_events(api, [("retrain_request", {"task": "faq"}),
+    post_queued(api, [("retrain_request", {"task": "faq"}),
                       ("validated_dataset", {"task": "triage", "version_id": "tri-missing-1"})])
-    services.start([SCHEDULER])
-
-    [parent] = wait(lambda: [r for r in api.runs("llm_finetune") if r["run_type"] == "asset_triggered"],
-                    "the asset-triggered llm_finetune run", 120)
-    parent_id = parent["dag_run_id"]
+    parent_id, consumed = new_asset_run(api, "llm_finetune", set())
     child_id = f"fan_out__faq__{parent_id}"
-    consumed = api.request("GET", f"/dags/llm_finetune/dagRuns/{parent_id}/upstreamAssetEvents")
-    assert sorted(e["extra"]["task"] for e in consumed["asset_events"]) == ["faq", "triage"]
+    assert sorted(consumed) == ["faq", "triage"]
 
     # The collapsed run trains the newest event's task on that event's dataset version (which
     # does not exist: plan refuses at once, without a retry) and fans the other task out.
@@ -137,28 +130,38 @@ def post_events(api: Any, events: list[tuple[str, dict]]) -> None:
         api.request("POST", "/assets/events", json={"asset_id": assets[asset], "extra": extra})
 
 
+def post_queued(api: Any, events: list[tuple[str, dict]]) -> None:
+    """Post `events` while the scheduler is stopped, so they wait in the queue together (as
+    events do that arrive while a run holds `max_active_runs`), then start it again."""
+    from tuneship import services
+
+    services.stop([SCHEDULER])
+    post_events(api, events)
+    services.start([SCHEDULER])
+
+
+def new_asset_run(api: Any, dag_id: str, before: set[str]) -> tuple[str, list[str]]:
+    """The asset-triggered run of `dag_id` not in `before`, and the tasks of the events it consumed."""
+    [run] = wait(lambda: [r for r in api.runs(dag_id) if r["run_type"] == "asset_triggered"
+                          and r["dag_run_id"] not in before], f"a new asset-triggered {dag_id} run", 120)
+    consumed = api.request("GET", f"/dags/{dag_id}/dagRuns/{run['dag_run_id']}/upstreamAssetEvents")["asset_events"]
+    return run["dag_run_id"], [e["extra"]["task"] for e in consumed]
+
+
 def test_an_event_the_scheduler_leaves_to_no_run_is_still_trained_once(airflow):
     """apache/airflow#56050 on the real 3.3 scheduler: two `validated_dataset` events queued
     together (as when they land while a fine-tune runs) give a run that consumes only the
     first, and the second's queue entry is deleted with the first's, so no run would come for
     it. The run's `which_task` takes it as a stray and fans its task out; the next run, which
     the scheduler hands that event after all, leaves it alone."""
-    from tuneship import services
 
     api = airflow
     before = {r["dag_run_id"] for r in api.runs("llm_finetune")}
-    services.stop([SCHEDULER])
-    post_events(api, [("validated_dataset", {"task": "triage", "version_id": "tri-missing-2"}),
+    post_queued(api, [("validated_dataset", {"task": "triage", "version_id": "tri-missing-2"}),
                       ("validated_dataset", {"task": "faq", "version_id": "faq-missing-2"})])
-    services.start([SCHEDULER])
-
-    [run] = wait(lambda: [r for r in api.runs("llm_finetune")
-                          if r["run_type"] == "asset_triggered" and r["dag_run_id"] not in before],
-                 "the asset-triggered llm_finetune run", 120)
-    run_id = run["dag_run_id"]
-    consumed = api.request("GET", f"/dags/llm_finetune/dagRuns/{run_id}/upstreamAssetEvents")["asset_events"]
+    run_id, consumed = new_asset_run(api, "llm_finetune", before)
     # Airflow's part (if this fails, Airflow consumes both now: #56050 is fixed in this version)
-    assert [e["extra"]["task"] for e in consumed] == ["triage"]
+    assert consumed == ["triage"]
     chosen = wait(lambda: api.xcom("llm_finetune", run_id, "which_task"), "which_task of the run", 120)
     assert (chosen["task"], chosen["dataset_version"]) == ("triage", "tri-missing-2")
     [stray] = chosen["strays"]
@@ -173,11 +176,8 @@ def test_an_event_the_scheduler_leaves_to_no_run_is_still_trained_once(airflow):
 
     # A later event makes the scheduler hand the stray to the next run: trained once, not twice.
     post_events(api, [("retrain_request", {"task": "triage"})])
-    [later] = wait(lambda: [r for r in api.runs("llm_finetune") if r["run_type"] == "asset_triggered"
-                            and r["dag_run_id"] not in before | {run_id}], "the next asset-triggered run", 120)
-    later_id = later["dag_run_id"]
-    consumed = api.request("GET", f"/dags/llm_finetune/dagRuns/{later_id}/upstreamAssetEvents")["asset_events"]
-    assert sorted(e["extra"]["task"] for e in consumed) == ["faq", "triage"]
+    later_id, consumed = new_asset_run(api, "llm_finetune", before | {run_id})
+    assert sorted(consumed) == ["faq", "triage"]
     chosen = wait(lambda: api.xcom("llm_finetune", later_id, "which_task"), "which_task of the next run", 120)
     assert (chosen["task"], chosen["trigger"], chosen["fan_out"]) == ("triage", "retrain_request", [])
     assert chosen["already_handled"] == {stray: run_id}
@@ -250,20 +250,14 @@ def test_a_candidate_the_scheduler_leaves_to_no_run_gets_its_own_release(airflow
     """The same Airflow 3.3 behaviour for `release_candidate`: of two candidates queued together
     the run consumes the first only. Its `which_task` takes the other (another task's) as a
     stray and fans out a release run for it, with that version."""
-    from tuneship import release_slot, services
+    from tuneship import release_slot
 
     api = airflow
     before = {r["dag_run_id"] for r in api.runs("llm_release")}
-    services.stop([SCHEDULER])
-    post_events(api, [("release_candidate", {"task": "triage", "version": "91", "package": "/nowhere/t91"}),
+    post_queued(api, [("release_candidate", {"task": "triage", "version": "91", "package": "/nowhere/t91"}),
                       ("release_candidate", {"task": "faq", "version": "92", "package": "/nowhere/f92"})])
-    services.start([SCHEDULER])
-    [run] = wait(lambda: [r for r in api.runs("llm_release")
-                          if r["run_type"] == "asset_triggered" and r["dag_run_id"] not in before],
-                 "the asset-triggered llm_release run", 120)
-    run_id = run["dag_run_id"]
-    consumed = api.request("GET", f"/dags/llm_release/dagRuns/{run_id}/upstreamAssetEvents")["asset_events"]
-    assert [e["extra"]["task"] for e in consumed] == ["triage"]  # Airflow's part (#56050)
+    run_id, consumed = new_asset_run(api, "llm_release", before)
+    assert consumed == ["triage"]  # Airflow's part (#56050)
     chosen = wait(lambda: api.xcom("llm_release", run_id, "which_task"), "which_task of the release", 120)
     assert (chosen["task"], chosen["candidate"]["version"]) == ("triage", "91")
     child_id = f"fan_out__faq__{run_id}"
