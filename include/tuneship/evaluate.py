@@ -142,7 +142,8 @@ class Cases(_Strict):
         return [c for i, cf in enumerate(self.counterfactuals) for c in cf.cases(f"counterfactual-{i}")]
 
 
-PARSED_KINDS = frozenset({"field_exact_match", "parse_rate", "flip_rate"})
+PARSED_KINDS = frozenset({"field_exact_match", "parse_rate", "flip_rate", "ece", "brier"})
+FIELD_KINDS = frozenset({"field_exact_match", "flip_rate", "ece", "brier"})
 DECLINE_KINDS = frozenset({"declined", "wrongly_declined"})
 
 
@@ -155,13 +156,16 @@ def normalise(text: str) -> str:
 class Metric(_Strict):
     name: str
     kind: Literal["field_exact_match", "parse_rate", "keywords", "must_not_contain", "declined", "wrongly_declined",
-                  "exact_match", "regex", "json_schema", "flip_rate", "loglik"]
-    field: str | None = None  # field_exact_match: the parsed field compared; flip_rate: the one that must hold
+                  "exact_match", "regex", "json_schema", "flip_rate", "loglik", "ece", "brier"]
+    # field_exact_match: the parsed field compared; flip_rate: the one that must hold; ece, brier:
+    # the closed-label field whose options (the suite's `options`) the model's probabilities rank
+    field: str | None = None
     match: Literal["all", "any"] = "all"  # keywords: every keyword, or at least one
     forbidden: list[str] = []  # must_not_contain: checked in every case, besides the case's own
     normalise: bool = False  # exact_match: compare `normalise(answer)` with `normalise(reference)`
     pattern: str | None = None  # regex: the answer must match (re.fullmatch, after stripping whitespace)
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # json_schema: the answer's JSON Schema
+    bins: int | None = Field(default=None, ge=1, le=50)  # ece: equal-mass bins (default 10, at most one a case)
     _compiled: re.Pattern[str] | None = PrivateAttr(default=None)
     _validator: Any = PrivateAttr(default=None)
 
@@ -189,11 +193,13 @@ class Metric(_Strict):
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"metric {self.name!r}: schema is not a valid JSON Schema: {exc.message}") from None
             self._validator = cls(self.schema_)
-        if self.kind in ("field_exact_match", "flip_rate") and not self.field:
+        if self.kind in FIELD_KINDS and not self.field:
             raise ValueError(f"metric {self.name!r}: kind {self.kind} needs `field`")
-        if self.field and self.kind not in ("field_exact_match", "flip_rate"):
-            raise ValueError(f"metric {self.name!r}: `field` is for kinds field_exact_match and flip_rate, "
+        if self.field and self.kind not in FIELD_KINDS:
+            raise ValueError(f"metric {self.name!r}: `field` is for kinds {', '.join(sorted(FIELD_KINDS))}, "
                              f"not {self.kind}")
+        if self.bins is not None and self.kind != "ece":
+            raise ValueError(f"metric {self.name!r}: `bins` is for kind ece, not {self.kind}")
         if self.match != "all" and self.kind != "keywords":
             raise ValueError(f"metric {self.name!r}: `match` is for kind keywords, not {self.kind}")
         if self.forbidden and self.kind != "must_not_contain":
@@ -202,16 +208,25 @@ class Metric(_Strict):
 
     @property
     def higher_is_better(self) -> bool:
-        return self.kind not in ("wrongly_declined", "flip_rate")
+        return self.kind not in ("wrongly_declined", "flip_rate", "ece", "brier")
 
     @property
     def continuous(self) -> bool:
         """A per-case number (its mean is gated, with bootstrap intervals), not pass/fail."""
-        return self.kind == "loglik"
+        return self.kind in ("loglik", "brier")
+
+    @property
+    def calibration(self) -> bool:
+        """Scored from the model's probabilities over the field's options (ece, brier)."""
+        return self.kind in ("ece", "brier")
+
+    @property
+    def unit(self) -> str:
+        return {"loglik": "nats/token", "ece": "probability", "brier": "probability"}.get(self.kind, "share")
 
     def applies(self, case: Case) -> bool:
         """Whether `case` counts towards this metric (its denominator)."""
-        if self.kind == "field_exact_match":
+        if self.kind in ("field_exact_match", "ece", "brier"):
             return self.field in case.expected  # no expectation: never a match, and not a case
         if self.kind == "keywords":
             return bool(case.keywords)
@@ -325,9 +340,47 @@ class Suite(_Strict):
     parser: str | None = None  # module:function; a task's suites use the task's own parser
     decline: Decline | None = None  # how a refusal reads; needed by the declined metric kinds
     generation: Generation = Generation()
+    # a closed-label field's options, each label with the answer text that states it (its first
+    # words will do: ` category=billing`), or `references`: each label's first reference answer
+    # among the dataset cases. The ece/brier metrics rank them by the model's own likelihood.
+    options: dict[str, dict[str, str] | Literal["references"]] = {}
     cases: Cases
     metrics: list[Metric]
     gates: list[Gate] = []
+
+    @model_validator(mode="after")
+    def _calibration_has_options(self) -> Suite:
+        for i, m in enumerate(self.metrics):
+            if not m.calibration:
+                continue
+            if self.role == "smoke":
+                raise ValueError(f"metrics.{i} ({m.name!r}): kind {m.kind} reads the model's own probabilities, "
+                                 "which a smoke suite (answers through the gateway) cannot read")
+            opts = self.options.get(m.field or "")
+            if opts is None:
+                raise ValueError(f"metrics.{i} ({m.name!r}): kind {m.kind} needs `options.{m.field}`: each label "
+                                 "of the field with the answer text that states it, or `references`")
+            if opts == "references" and self.cases.source != "dataset_eval_split":
+                raise ValueError(f"options.{m.field}: `references` takes each label's reference answer from the "
+                                 "dataset split; inline cases list their options as label: text")
+            if isinstance(opts, dict) and (len(opts) < 2 or any(not t.strip() for t in opts.values())):
+                raise ValueError(f"options.{m.field}: give at least two labels, each with a non-empty answer text")
+        return self
+
+    def option_texts(self, field: str, cases: Sequence[Case]) -> dict[str, str]:
+        """label -> answer text for a closed-label field (see `options`)."""
+        opts = self.options[field]
+        if isinstance(opts, dict):
+            return dict(opts)
+        found: dict[str, str] = {}
+        for c in cases:
+            label = c.expected.get(field)
+            if label is not None and c.reference is not None and label not in found:
+                found[label] = c.reference
+        if len(found) < 2:
+            raise SuiteError(f"eval suite {self.name!r}: options.{field} are the reference answers, but the cases "
+                             f"show {len(found)} label(s) of {field!r}: calibration needs at least two")
+        return found
 
     @model_validator(mode="after")
     def _gates_name_metrics(self) -> Suite:
@@ -362,7 +415,7 @@ class Suite(_Strict):
     @model_validator(mode="after")
     def _likelihood_needs_a_model(self) -> Suite:
         for i, m in enumerate(self.metrics):
-            if m.continuous and self.role == "smoke":
+            if m.kind == "loglik" and self.role == "smoke":
                 raise ValueError(f"metrics.{i} ({m.name!r}): kind {m.kind} scores references with the model's own "
                                  "probabilities, which a smoke suite (answers through the gateway) cannot read")
         return self
@@ -381,7 +434,7 @@ class Suite(_Strict):
         actually scored)."""
         for i, gate in enumerate(self.gates):
             metric = next(m for m in self.metrics if m.name == gate.metric)
-            if metric.continuous:
+            if metric.continuous or metric.kind == "ece":
                 continue  # no bound to reach: the interval comes from the data (bootstrap)
             if self.role == "smoke":
                 if gate.max_regression is not None:
@@ -527,10 +580,15 @@ class SuiteResult:
         return asdict(self)
 
 
+OptionScores = dict[str, tuple[list[str], list[list[float] | None]]]
+
+
 def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse: Parse | None = None,
-          logliks: Sequence[float | None] | None = None) -> SuiteResult:
+          logliks: Sequence[float | None] | None = None, option_scores: OptionScores | None = None) -> SuiteResult:
     """Score completions; `logliks` (each case's mean token log-likelihood of its reference,
-    None where it has none) feed the `loglik` metrics."""
+    None where it has none) feed the `loglik` metrics; `option_scores` (per closed-label field:
+    its labels, and per case the summed log-likelihood of each label's answer text, None where
+    the case does not count) feed the `ece` and `brier` metrics."""
     if len(cases) != len(completions):
         raise ValueError(f"{len(completions)} completions for {len(cases)} cases")
     parser = suite._parser_if_any(parse)
@@ -538,11 +596,16 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse
     declined = [suite.decline.declined(c) for c in completions] if suite.decline else [False] * len(completions)
     outcomes = {}
     for m in suite.metrics:
-        if m.continuous:
+        if m.kind == "loglik":
             if logliks is None:
                 raise SuiteError(f"eval suite {suite.name!r}: metric {m.name!r} needs the reference answers' "
                                  "log-likelihoods (score it with run_suite and a model)")
             outcomes[m.name] = [v if m.applies(c) else None for c, v in zip(cases, logliks, strict=True)]
+        elif m.calibration:
+            if option_scores is None or m.field not in option_scores:
+                raise SuiteError(f"eval suite {suite.name!r}: metric {m.name!r} needs the options' log-likelihoods "
+                                 f"for {m.field!r} (score it with run_suite and a model)")
+            outcomes[m.name] = _calibration_outcomes(m, cases, parsed, *option_scores[m.field])
         else:
             outcomes[m.name] = _outcomes(m, cases, completions, parsed, declined)
     metrics = {}
@@ -551,7 +614,8 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse
         if not hits:
             raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: metric {m.name!r}: {_no_cases(m)} "
                              f"among the {len(cases)} cases scored")
-        metrics[m.name] = sum(hits) / len(hits)
+        metrics[m.name] = stats.ece([h[0] for h in hits], [bool(h[1]) for h in hits], m.bins or 10) \
+            if m.kind == "ece" else sum(hits) / len(hits)
     samples = []
     for c, out, p, d in list(zip(cases, completions, parsed, declined, strict=True))[:8]:
         sample = {"prompt": c.prompt_input(), "expected": c.expected, "completion": out, "parsed": p}
@@ -559,6 +623,34 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse
             sample.update(should_decline=c.should_decline, declined=d)
         samples.append(sample)
     return SuiteResult(suite.name, suite.version, metrics, len(cases), samples, outcomes)
+
+
+def _calibration_outcomes(m: Metric, cases: Sequence[Case], parsed: Sequence[dict[str, Any]], labels: list[str],
+                          scores: list[list[float] | None]) -> list[Any]:
+    """Per case: the model's answer is the label it gave (its parsed field), or, when that is
+    none of the options, the option it finds likeliest; its confidence is that label's share
+    of the softmax over the options' log-likelihoods. ece: [confidence, correct]; brier: the
+    sum over labels of (probability - truth)^2. None where the case does not count (no
+    expected label, or one outside the options)."""
+    import numpy as np
+
+    out: list[Any] = []
+    for case, p, row in zip(cases, parsed, scores, strict=True):
+        want = case.expected.get(m.field or "")
+        if row is None or not m.applies(case) or want not in labels:
+            out.append(None)
+            continue
+        z = np.asarray(row, dtype=float)
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        said = p.get(m.field or "")
+        answer = labels.index(said) if said in labels else int(probs.argmax())
+        if m.kind == "ece":
+            out.append([float(probs[answer]), int(labels[answer] == want)])
+        else:
+            truth = np.array([label == want for label in labels], dtype=float)
+            out.append(float(((probs - truth) ** 2).sum()))
+    return out
 
 
 def _contains(text: str, needle: str) -> bool:
@@ -603,16 +695,53 @@ def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cas
               parse: Parse | None = None) -> SuiteResult:
     """Generate for every case (a prompt string, or chat messages as dicts) and score. A suite
     with `loglik` metrics also needs `generate.loglik(prompts, references)` (a local model's
-    teacher-forced (sum, tokens) per case: `tuneship.generate.loglikelihood`)."""
+    teacher-forced (sum, tokens) per case: `tuneship.generate.loglikelihood`); one with `ece`
+    or `brier` metrics `generate.options(prompts, texts, references=None)`
+    (`tuneship.generate.option_logliks`), which scores the references too in the same pass."""
     completions = generate([c.prompt_input() for c in cases], suite.generation.max_new_tokens)
-    logliks = None
-    if any(m.continuous for m in suite.metrics):
+    needs_loglik = any(m.kind == "loglik" for m in suite.metrics)
+    logliks, option_scores = None, None
+    if any(m.calibration for m in suite.metrics):
+        option_scores, logliks = option_logliks(suite, cases, generate, with_references=needs_loglik)
+    elif needs_loglik:
         loglik = getattr(generate, "loglik", None)
         if loglik is None:
             raise SuiteError(f"eval suite {suite.name!r}: its loglik metrics read the model's own probabilities; "
                              "this model is only reachable by its answers")
         logliks = reference_logliks(cases, loglik)
-    return score(suite, cases, completions, parse, logliks)
+    return score(suite, cases, completions, parse, logliks, option_scores)
+
+
+def option_logliks(suite: Suite, cases: Sequence[Case], generate: Any, *,
+                   with_references: bool = False) -> tuple[OptionScores, list[float | None] | None]:
+    """For each closed-label field a calibration metric reads: its labels and, per case that
+    counts, each label's answer-text log-likelihood, from `generate.options(prompts, texts,
+    references=...)` (`tuneship.generate.option_logliks` on a local model). With
+    `with_references`, also each case's mean token log-likelihood of its reference (None where
+    it has none), scored in the first field's pass."""
+    scorer = getattr(generate, "options", None)
+    if scorer is None:
+        raise SuiteError(f"eval suite {suite.name!r}: its calibration metrics read the model's own probabilities; "
+                         "this model is only reachable by its answers")
+    fields = list(dict.fromkeys(m.field for m in suite.metrics if m.calibration and m.field))
+    out: OptionScores = {}
+    means: list[float | None] | None = None
+    for n, f in enumerate(fields):
+        texts = suite.option_texts(f, cases)
+        labels = list(texts)
+        counted = {i for i, c in enumerate(cases) if c.expected.get(f) in texts}
+        refs = with_references and n == 0
+        asked = [i for i, c in enumerate(cases) if i in counted or (refs and c.reference is not None)]
+        rows, pairs = scorer([cases[i].prompt_input() for i in asked], [texts[k] for k in labels],
+                             references=[cases[i].reference or "" for i in asked] if refs else None)
+        by_case = dict(zip(asked, rows, strict=True))
+        out[f] = (labels, [by_case[i] if i in counted else None for i in range(len(cases))])
+        if refs:
+            got = dict(zip(asked, pairs, strict=True))
+            means = [got[i][0] / max(got[i][1], 1) if c.reference is not None else None for i, c in enumerate(cases)]
+    if with_references and means is None:
+        raise SuiteError(f"eval suite {suite.name!r}: no calibration field to score the references with")
+    return out, means
 
 
 def reference_logliks(cases: Sequence[Case], loglik: Callable[[list[Any], list[str]], list[tuple[float, int]]],
@@ -712,24 +841,34 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
         if not outcome:
             raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: metric {gate.metric!r} has no per-case "
                              "outcomes to gate on (score it with tuneship.evaluate.score)")
-        if problem := gate_unreachable(gate, n, st):
+        if not (metric.continuous or metric.kind == "ece") and (problem := gate_unreachable(gate, n, st)):
             results.append(GateResult(gate.metric, rule, value, threshold, None, False, "unreachable", n,
                                       reason=f"configuration error: {problem}"))
             continue
-        low, high = (stats.mean_interval(outcome, st.confidence) if metric.continuous
-                     else stats.wilson(sum(outcome), n, st.confidence))
+        if metric.kind == "ece":
+            low, high = stats.ece_interval([o[0] for o in outcome], [bool(o[1]) for o in outcome], metric.bins or 10,
+                                           st.confidence)
+        elif metric.continuous:
+            low, high = stats.mean_interval(outcome, st.confidence)
+        else:
+            low, high = stats.wilson(sum(outcome), n, st.confidence)
         if rule != "vs reference":
             verdict, ok, why = _decide(low, high, threshold, floor, st)
             results.append(GateResult(gate.metric, rule, value, threshold, None, ok, verdict, n, low, high, reason=why))
             continue
         pairs = [(c, r) for c, r in zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric], strict=True)
                  if c is not None and r is not None]
-        paired = stats.paired_mean_diff if metric.continuous else stats.paired_diff
-        d = paired([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
+        if metric.kind == "ece":
+            d = stats.paired_ece_diff([c for c, _ in pairs], [r for _, r in pairs], metric.bins or 10, st.confidence)
+            test = "paired bootstrap"
+        else:
+            paired = stats.paired_mean_diff if metric.continuous else stats.paired_diff
+            d = paired([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
+            test = "sign test" if metric.continuous else "McNemar"
         verdict, ok, why = _decide(d.low, d.high, threshold, floor, st)
         results.append(GateResult(gate.metric, rule, value, threshold, reference.metrics[gate.metric], ok, verdict,
                                   d.n, low, high, {**d.to_dict(), "higher_is_better": metric.higher_is_better,
-                                                   "test": "sign test" if metric.continuous else "McNemar"}, why))
+                                                   "test": test}, why))
     return GateReport(all(r.passed for r in results), reference_name, results, None if smoke else st.confidence)
 
 
@@ -741,7 +880,7 @@ def gate_rows(suite_label: str, report: GateReport, suite: Suite | None = None) 
     rows = []
     for g in report.gates:
         d = g.diff or {}
-        unit = "nats/token" if g.metric in kinds and kinds[g.metric].continuous else "share"
+        unit = kinds[g.metric].unit if g.metric in kinds else "share"
         rows.append({"suite": suite_label, "metric": g.metric, "unit": unit, "rule": g.rule, "threshold": g.threshold,
                      "value": g.value, "low": g.low, "high": g.high, "n": g.n, "reference": g.reference,
                      "diff": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high"),
@@ -777,6 +916,51 @@ def plot_forest(rows: list[dict[str, Any]], path: Path, reference_name: str | No
         ax.set_yticks(range(len(panel)), [f"{r['metric']} ({r['verdict']})" for r in reversed(panel)])
         what = "share of cases" if unit == "share" else unit
         ax.set_xlabel(f"candidate - {reference_name or 'reference'}, {what} (95% interval; dashed: margin)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+def reliability_bins(outcomes: Sequence[Any], bins: int) -> list[dict[str, float]]:
+    """Equal-mass bins of [confidence, correct] outcomes (None skipped), sorted by confidence:
+    each bin's mean confidence, accuracy and case count (what a reliability diagram draws)."""
+    import numpy as np
+
+    pts = sorted((float(o[0]), int(o[1])) for o in outcomes if o is not None)
+    if not pts:
+        return []
+    out = []
+    for chunk in np.array_split(np.asarray(pts), max(1, min(bins, len(pts)))):
+        out.append({"confidence": float(chunk[:, 0].mean()), "accuracy": float(chunk[:, 1].mean()),
+                    "n": int(len(chunk))})
+    return out
+
+
+def plot_reliability(curves: dict[str, list[dict[str, float]]], path: Path, title: str) -> Path | None:
+    """A reliability diagram: accuracy against mean confidence per equal-mass bin, one line per
+    model (candidate, reference), the diagonal as perfect calibration. None when nothing to draw."""
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="#57606a", linewidth=1, label="perfectly calibrated")
+    for (label, pts), colour in zip(curves.items(), ("#0969da", "#8250df", "#bf8700", "#1a7f37"), strict=False):
+        ax.plot([p["confidence"] for p in pts], [p["accuracy"] for p in pts], "o-", color=colour, label=label)
+        for p in pts:
+            ax.annotate(str(p["n"]), (p["confidence"], p["accuracy"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7, color=colour)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("mean confidence in bin (softmax over the options)")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

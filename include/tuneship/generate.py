@@ -191,3 +191,80 @@ def loglikelihood(model: Any, tokenizer: Any, prompts: list[Prompt], references:
             for row in range(len(chunk)):
                 out.append((float(picked[row][scored[row]].sum()), int(scored[row].sum())))
     return out
+
+
+def option_logliks(model: Any, tokenizer: Any, prompts: list[Prompt], options: list[str],
+                   prompt_format: PromptFormat = "plain", *, references: list[str] | None = None,
+                   batch_size: int = 8) -> tuple[list[list[float]], list[tuple[float, int]] | None]:
+    """For each prompt, the summed log-likelihood (nats) of each option's text as the answer's
+    continuation, teacher-forced: the scores a closed set of labels is ranked and calibrated by
+    (lm-evaluation-harness's multiple-choice requests). A prompt and option are encoded as
+    training encodes a row (`tuneship.train.trainer.encode_rows`: prompt and answer tokenized
+    apart), without what ends the answer (eos, a chat turn's end), so an option may be the
+    answer's first words (` category=billing`) and scores the probability of every answer that
+    starts so. Each prompt runs once (`batch_size` prompts at a time, left-padded); its attention
+    cache is shared by its options, which run together in one batch.
+
+    `references` (one per prompt): each prompt's reference answer is scored in the same batch,
+    as `loglikelihood` scores it (the whole answer, its end and eos), so a suite that reads both
+    pays for each prompt once. Returns (option sums per prompt, reference (sum, tokens) per
+    prompt or None)."""
+    import torch
+
+    from tuneship.train.trainer import split_prompt_completion
+
+    if not options:
+        raise ValueError("option_logliks needs at least one option")
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
+    k = len(options)
+    opt_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    if any(not ids for ids in opt_ids):
+        raise ValueError("an option's text is empty: it has no tokens to score")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded: list[tuple[list[int], list[list[int]]]] = []  # per prompt: its ids, its continuations
+    for i, prompt in enumerate(prompts):
+        answer = "" if references is None else references[i]
+        if isinstance(prompt, str) and prompt_format == "plain":
+            row: dict[str, Any] = {"prompt": prompt, "completion": answer}
+        else:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            row = {"messages": [*messages, {"role": "assistant", "content": answer}]}
+        text, completion, templated = split_prompt_completion(row, tokenizer)
+        conts = list(opt_ids)
+        if references is not None:
+            conts.append(tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        encoded.append((tokenizer(text, add_special_tokens=not templated)["input_ids"], conts))  # as encode_rows does
+    scores: list[list[float]] = []
+    refs: list[tuple[float, int]] = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(encoded), max(batch_size, 1)):
+            chunk = encoded[start:start + max(batch_size, 1)]
+            # the prompts, left-padded, with their own positions; the last position predicts each
+            # continuation's first token
+            plen = [len(p) for p, _ in chunk]
+            width = max(plen)
+            pmask = torch.tensor([[0] * (width - n) + [1] * n for n in plen], dtype=torch.long)
+            first = model(input_ids=torch.tensor([[pad] * (width - len(p)) + p for p, _ in chunk], dtype=torch.long),
+                          attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                          logits_to_keep=1)
+            per = len(chunk[0][1])  # continuations per prompt
+            past = first.past_key_values
+            past.batch_repeat_interleave(per)
+            conts = [c for _, cs in chunk for c in cs]
+            cw = max(len(c) for c in conts)
+            feed = torch.tensor([c + [pad] * (cw - len(c)) for c in conts], dtype=torch.long)
+            cmask = torch.tensor([[1] * len(c) + [0] * (cw - len(c)) for c in conts], dtype=torch.long)
+            positions = torch.tensor([[n + j for j in range(cw)] for n in plen for _ in range(per)], dtype=torch.long)
+            rest = model(input_ids=feed, attention_mask=torch.cat([pmask.repeat_interleave(per, 0), cmask], dim=1),
+                         position_ids=positions, past_key_values=past, use_cache=False).logits
+            # token j of a continuation is predicted by the prompt's last position (j = 0) or by j - 1
+            logits = torch.cat([first.logits[:, -1:].repeat_interleave(per, 0), rest[:, :-1]], dim=1).float()
+            logp = torch.log_softmax(logits, dim=-1).gather(-1, feed.unsqueeze(-1)).squeeze(-1)
+            for b in range(len(chunk)):
+                sums = [float(logp[b * per + j, :len(c)].sum()) for j, c in enumerate(chunk[b][1])]
+                scores.append(sums[:k])
+                if references is not None:
+                    refs.append((sums[k], len(chunk[b][1][k])))
+    return scores, (refs if references is not None else None)

@@ -117,6 +117,7 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
         parts.append(f"<h3>Evaluation gates (reference: {html.escape(str(gates.get('reference_name')))}; "
                      "95% intervals)</h3>" + gates_table(gates))
         parts.append(_img(gates.get("forest_plot"), "paired differences against the reference"))
+        parts += [_img(png, "reliability diagram") for png in gates.get("reliability_diagrams") or []]
     rel = cycle.get("release") or {}
     if rel:
         v = rel.get("verdict") or {}

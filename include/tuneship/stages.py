@@ -367,11 +367,13 @@ def _adapter_dir(task: Task, version: str) -> Path:
 
 def _generator(base_ref: str, adapter_dir: Path | None, label: str):
     """Greedy answers from base (+ adapter, merged), in batches, with a progress line per
-    batch; `.loglik(prompts, references)` scores references teacher-forced on the same model."""
+    batch; `.loglik(prompts, references)` scores references teacher-forced on the same model,
+    `.options(prompts, texts, references=None)` each prompt's options (calibration) and, in the
+    same pass, its reference."""
     import time
 
     from tuneship.basemodel import load_base
-    from tuneship.generate import generate, loglikelihood
+    from tuneship.generate import generate, loglikelihood, option_logliks
 
     model, tokenizer = load_base(base_ref)
     if adapter_dir is not None:
@@ -386,6 +388,8 @@ def _generator(base_ref: str, adapter_dir: Path | None, label: str):
             f"scoring {label}: {done}/{total} answers ({time.monotonic() - t0:.0f}s)", flush=True))
 
     answers.loglik = lambda prompts, references: loglikelihood(model, tokenizer, prompts, references)  # type: ignore[attr-defined]
+    answers.options = lambda prompts, texts, references=None: option_logliks(  # type: ignore[attr-defined]
+        model, tokenizer, prompts, texts, references=references)
     return answers
 
 
@@ -394,8 +398,12 @@ def _as_client_sends(task: Task, generate: Any) -> Any:
     def sends(prompts: list, max_new: int) -> list[str]:
         return generate([task.render_prompt(p) for p in prompts], max_new)
 
-    if hasattr(generate, "loglik"):
-        sends.loglik = lambda prompts, refs: generate.loglik([task.render_prompt(p) for p in prompts], refs)  # type: ignore[attr-defined]
+    def rendered(scorer: Any) -> Any:  # (prompts, texts) -> scores, on the same rendering
+        return lambda prompts, texts, **kw: scorer([task.render_prompt(p) for p in prompts], texts, **kw)
+
+    for name in ("loglik", "options"):
+        if hasattr(generate, name):
+            setattr(sends, name, rendered(getattr(generate, name)))
     return sends
 
 
@@ -403,7 +411,15 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     """Score candidate and reference (champion, else base model) on the same cases with each of
     the task's gating suites; apply every suite's gates."""
     from tuneship import registry
-    from tuneship.evaluate import apply_gates, gate_rows, load_cases, plot_forest, run_suite
+    from tuneship.evaluate import (
+        apply_gates,
+        gate_rows,
+        load_cases,
+        plot_forest,
+        plot_reliability,
+        reliability_bins,
+        run_suite,
+    )
 
     name = task.registered_model
     mv = registry.get_version(candidate["version"], name)
@@ -416,7 +432,8 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         ref_name, ref_gen = "base model", _generator(base, None, "base model")
     cand_gen = _generator(base, _adapter_dir(task, candidate["version"]), f"candidate v{candidate['version']}")
     cand_gen, ref_gen = _as_client_sends(task, cand_gen), _as_client_sends(task, ref_gen)
-    suites, passed, summaries, metrics, ref_metrics, rows = [], True, [], {}, {}, []
+    suites, passed, summaries, metrics, ref_metrics, rows, diagrams = [], True, [], {}, {}, [], []
+    out = config.artifacts() / "tasks" / task.name / "evals" / f"v{candidate['version']}.json"
     for suite_name in task.eval.suites:
         suite = task.suite(suite_name)
         cases = load_cases(suite, Path(dataset["path"]), task.parser)
@@ -431,6 +448,14 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         suites.append({"suite": f"{suite.name}@v{suite.version}", "candidate": cand.to_dict(),
                        "reference": ref.to_dict(), "gates": gates.to_dict(), "passed": gates.passed})
         rows += gate_rows(f"{suite.name}@v{suite.version}", gates, suite)
+        for m in (m for m in suite.metrics if m.kind == "ece"):  # a reliability diagram per ECE
+            curves = {f"candidate v{candidate['version']}": reliability_bins(cand.outcomes[m.name], m.bins or 10),
+                      ref_name: reliability_bins(ref.outcomes[m.name], m.bins or 10)}
+            png = plot_reliability(curves, out.with_name(f"v{candidate['version']}-{suite.name}-{m.name}.png"),
+                                   f"{suite.name}: {m.field} (ECE {cand.metrics[m.name]:.3f} vs "
+                                   f"{ref.metrics[m.name]:.3f}, equal-mass bins)")
+            if png:
+                diagrams.append(str(png))
     # every metric with its interval; every paired difference with its interval
     bounds = {f"eval_{metric_prefix(task, r['suite'].split('@')[0])}{r['metric']}_{k}": r[src] for r in rows
               for k, src in (("low", "low"), ("high", "high")) if r[src] is not None}
@@ -440,22 +465,22 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     registry.set_version_tags(candidate["version"], {"gates": "passed" if passed else "failed",
                                                      **{f"eval_{k}": f"{v:.4f}" for k, v in metrics.items()}},
                               name)
-    out = config.artifacts() / "tasks" / task.name / "evals" / f"v{candidate['version']}.json"
     forest = plot_forest(rows, out.with_name(f"v{candidate['version']}-forest.png"), ref_name)
     result = {"task": task.name, "suites": suites, "reference_name": ref_name, "passed": passed,
-              "gates": rows, "forest_plot": str(forest) if forest else None}
+              "gates": rows, "forest_plot": str(forest) if forest else None, "reliability_diagrams": diagrams}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     registry.log_artifact(mv.run_id, out, "evaluation")
-    if forest:
-        registry.log_artifact(mv.run_id, forest, "evaluation")
+    for png in [*([forest] if forest else []), *diagrams]:
+        registry.log_artifact(mv.run_id, Path(png), "evaluation")
     summary = "\n".join(summaries)
     if not passed:
         notify(f"{task.name} v{candidate['version']} failed its gates against {ref_name}:\n{summary}",
                level="error", version=candidate["version"], task=task.name)
         raise Refusal(f"gates failed against {ref_name}:\n{summary}")
     return {"passed": True, "metrics": metrics, "reference": ref_metrics, "reference_name": ref_name,
-            "report": str(out), "gates": rows, "forest_plot": result["forest_plot"]}
+            "report": str(out), "gates": rows, "forest_plot": result["forest_plot"],
+            "reliability_diagrams": diagrams}
 
 
 def metric_prefix(task: Task, suite_name: str) -> str:

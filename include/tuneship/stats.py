@@ -219,3 +219,73 @@ def paired_mean_diff(candidate: Sequence[float], reference: Sequence[float], con
     low, high = mean_interval(d, confidence)
     better, worse = int((d > 0).sum()), int((d < 0).sum())
     return PairedDiff(len(d), float(d.mean()), low, high, better, worse, _sign_test(better, worse))
+
+
+ECE_RESAMPLES = 4000  # bootstrap draws for an ECE interval
+
+
+def ece(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10) -> float:
+    """Expected calibration error, top label, with equal-mass bins: sum over bins of
+    (cases in bin / n) * |accuracy - mean confidence|, binned as netcal's
+    ECE(equal_intervals=False) bins (the tests hold the two equal). netcal itself is not called:
+    scipy's binning under it raises on tied confidences ('The smallest edge difference is
+    numerically 0'), which a confident model (probabilities of exactly 1.0) and every bootstrap
+    resample produce."""
+    conf = np.asarray(confidence, dtype=float)
+    if len(conf) == 0:
+        raise ValueError("an ECE needs at least one case")
+    return float(_resampled_ece(conf, np.asarray(correct, dtype=int), bins, np.arange(len(conf))[None, :])[0])
+
+
+def _resampled_ece(conf: np.ndarray, correct: np.ndarray, bins: int, idx: np.ndarray) -> np.ndarray:
+    """The ECE of every resample at once (rows of `idx` index the cases), binned exactly as
+    netcal's ECE(equal_intervals=False) bins: edges at the resample's quantiles, the outer
+    edges 0 and 1, a value on an edge in the bin above it, 1 in the last bin; tied edges leave
+    an empty bin. The tests hold it to netcal's value draw by draw where netcal runs."""
+    b = max(1, min(bins, idx.shape[1]))
+    x, y = conf[idx], correct[idx].astype(float)  # (draws, n)
+    edges = np.quantile(x, np.linspace(0, 1, b + 1), axis=1).T  # (draws, b + 1)
+    edges[:, 0], edges[:, -1] = 0.0, 1.0
+    rows = np.arange(len(x))[:, None]
+    where = (x[:, :, None] >= edges[:, None, 1:-1]).sum(axis=-1)  # interior edges at or below: the bin
+    flat = (rows * b + where).ravel()
+    sum_conf = np.bincount(flat, weights=x.ravel(), minlength=len(x) * b).reshape(len(x), b)
+    sum_ok = np.bincount(flat, weights=y.ravel(), minlength=len(x) * b).reshape(len(x), b)
+    return np.abs(sum_ok - sum_conf).sum(axis=1) / idx.shape[1]
+
+
+def _percentile(draws: np.ndarray, confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))
+
+
+def ece_interval(confidence: Sequence[float], correct: Sequence[bool], bins: int = 10,
+                 level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval of the ECE (cases resampled, seeded). ECE is not a mean
+    of per-case numbers, and is biased upwards on few cases, which the interval inherits."""
+    conf, ok = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=int)
+    idx = np.random.default_rng(seed).integers(0, len(conf), size=(ECE_RESAMPLES, len(conf)))
+    return _percentile(_resampled_ece(conf, ok, bins, idx), level)
+
+
+def paired_ece_diff(candidate: Sequence[tuple[float, bool]], reference: Sequence[tuple[float, bool]],
+                    bins: int = 10, level: float = 0.95, seed: int = 0) -> PairedDiff:
+    """Candidate's ECE minus the reference's on the same cases (lower is better), with a paired
+    percentile bootstrap: each draw resamples cases and recomputes both ECEs on them.
+    `better`/`worse` (as PairedDiff counts them): cases where the candidate's |confidence - correct|
+    is above/below the reference's;
+    the p-value is the bootstrap's two-sided share of draws on the far side of zero."""
+    if len(candidate) != len(reference):
+        raise ValueError(f"paired outcomes differ in length: {len(candidate)} vs {len(reference)}")
+    if not candidate:
+        raise ValueError("a paired comparison needs at least one case")
+    c, r = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(c), size=(ECE_RESAMPLES, len(c)))
+    draws = (_resampled_ece(c[:, 0], c[:, 1].astype(int), bins, idx)
+             - _resampled_ece(r[:, 0], r[:, 1].astype(int), bins, idx))
+    low, high = _percentile(draws, level)
+    gap_c, gap_r = np.abs(c[:, 0] - c[:, 1]), np.abs(r[:, 0] - r[:, 1])
+    p = min(1.0, 2 * min(float((draws <= 0).mean()), float((draws >= 0).mean())))
+    diff = ece(c[:, 0], c[:, 1].astype(bool), bins) - ece(r[:, 0], r[:, 1].astype(bool), bins)
+    # better/worse as PairedDiff counts them: the candidate's per-case value (its gap) above/below the reference's
+    return PairedDiff(len(c), float(diff), low, high, int((gap_c > gap_r).sum()), int((gap_c < gap_r).sum()), p)

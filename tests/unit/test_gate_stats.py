@@ -13,19 +13,10 @@ import pytest
 import yaml
 from scipy.stats import binomtest
 
+from tests.gate_results import result
 from tests.tasks import triage
 from tuneship import stats
 from tuneship.evaluate import SuiteError, SuiteResult, apply_gates, load_cases, load_suite, score
-
-
-def result(outcomes: dict[str, list[bool | None]], name: str = "triage") -> SuiteResult:
-    """A suite's result from per-case outcomes (None: the metric does not apply), as `score`
-    builds it. For the shipped triage suite, the reference answers' log-likelihood is the
-    same -1.0 nats for every case and model unless a test sets it."""
-    if name == "triage" and "answer_loglik" not in outcomes:
-        outcomes = {**outcomes, "answer_loglik": [-1.0] * len(next(iter(outcomes.values())))}
-    metrics = {k: sum(x for x in v if x is not None) / sum(x is not None for x in v) for k, v in outcomes.items()}
-    return SuiteResult(name, 1, metrics, len(next(iter(outcomes.values()))), [], outcomes)
 
 
 def test_intervals_match_the_published_example_and_scipy():

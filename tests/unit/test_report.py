@@ -65,21 +65,30 @@ def test_report_prints_no_raw_floats():
 def test_gates_show_intervals_differences_and_verdicts(capsys, tmp_path: Path):
     """The report's gate table and the demo summary carry what the gates decided on: each
     value with its interval, the paired difference with its, the verdict; plus the forest plot."""
-    from tuneship.evaluate import SuiteResult, apply_gates, gate_rows, load_suite, plot_forest
+    from tests.gate_results import result
+    from tuneship.evaluate import (
+        apply_gates,
+        gate_rows,
+        load_suite,
+        plot_forest,
+        plot_reliability,
+        reliability_bins,
+    )
 
-    def res(cat: list[bool]) -> SuiteResult:
+    def res(cat: list[bool]):
         same = [True] * 40
-        return SuiteResult("triage", 7, {"category_accuracy": sum(cat) / 40, "priority_accuracy": 1.0,
-                                         "format_rate": 1.0, "answer_loglik": -1.0}, 40, [],
-                           {"category_accuracy": cat, "priority_accuracy": same, "format_rate": same,
-                            "answer_loglik": [-1.0] * 40})
+        return result({"category_accuracy": cat, "priority_accuracy": same, "format_rate": same})
 
     report = apply_gates(load_suite("triage"), res([True] * 37 + [False] * 3), res([True] * 30 + [False] * 10),
                          "champion v1")
-    rows = gate_rows("triage@v7", report)
+    rows = gate_rows("triage@v8", report)
     forest = plot_forest(rows, tmp_path / "forest.png", "champion v1")
     assert forest and forest.stat().st_size > 1000
+    diagram = plot_reliability({"candidate": reliability_bins([[0.95, True]] * 30 + [[0.6, False]] * 10, 5),
+                                "champion v1": reliability_bins([[0.7, True]] * 40, 5)}, tmp_path / "rel.png", "triage")
+    assert diagram and diagram.stat().st_size > 1000
     gates = {"reference_name": "champion v1", "gates": rows, "forest_plot": str(forest),
+             "reliability_diagrams": [str(diagram)],
              "metrics": {"category_accuracy": 0.925}, "reference": {"category_accuracy": 0.75}}
     summary = {**SUMMARY, "cycles": [{**SUMMARY["cycles"][0], "finetune": {**SUMMARY["cycles"][0]["finetune"],
                                                                            "gates": gates}}]}
@@ -87,6 +96,7 @@ def test_gates_show_intervals_differences_and_verdicts(capsys, tmp_path: Path):
     assert "<td>0.925 [0.801, 0.974]</td><td>40</td><td>0.750</td><td>+0.175 [" in html
     assert "<td>difference &gt;= -0.200</td>" in html and "<td>pass</td>" in html
     assert 'alt="paired differences against the reference" src="data:image/png;base64,' in html
+    assert 'alt="reliability diagram" src="data:image/png;base64,' in html
     _print_summary(summary, tmp_path / "r.html", failed=False)
     out = capsys.readouterr().out
     assert "gate PASS category_accuracy (>= 0.700): 0.925 [0.801, 0.974]" in out
