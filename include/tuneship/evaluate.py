@@ -84,6 +84,7 @@ class Case(_Strict):
     reference: str | None = None  # `exact_match` metrics: the reference answer (a dataset case's own)
     group: str | None = None  # counterfactual variants of one prompt share a group (`flip_rate`)
     variant: int = 0  # which variant of its group (0: the one a group's outcome is recorded on)
+    tags: list[str] = []  # slices (injection, canary, ...): a metric with `tag` counts only these
 
     @field_validator("prompt")
     @classmethod
@@ -166,6 +167,7 @@ class Metric(_Strict):
     pattern: str | None = None  # regex: the answer must match (re.fullmatch, after stripping whitespace)
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # json_schema: the answer's JSON Schema
     bins: int | None = Field(default=None, ge=1, le=50)  # ece: equal-mass bins (default 10, at most one a case)
+    tag: str | None = None  # only cases carrying this tag count (a slice: injection, canary, controls)
     _compiled: re.Pattern[str] | None = PrivateAttr(default=None)
     _validator: Any = PrivateAttr(default=None)
 
@@ -226,6 +228,8 @@ class Metric(_Strict):
 
     def applies(self, case: Case) -> bool:
         """Whether `case` counts towards this metric (its denominator)."""
+        if self.tag is not None and self.tag not in case.tags:
+            return False
         if self.kind in ("field_exact_match", "ece", "brier"):
             return self.field in case.expected  # no expectation: never a match, and not a case
         if self.kind == "keywords":
@@ -472,6 +476,8 @@ def _no_cases(m: Metric) -> str:
             "must_not_contain": "no case lists `forbidden` and the metric lists none",
             "declined": "no case has `should_decline: true`",
             "wrongly_declined": "every case has `should_decline: true`"}.get(m.kind, "there are no cases")
+    if m.tag is not None:
+        what += f" among the cases tagged {m.tag!r}"
     return f"kind {m.kind} has nothing to score: {what}"
 
 
@@ -697,11 +703,29 @@ def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cas
     with `loglik` metrics also needs `generate.loglik(prompts, references)` (a local model's
     teacher-forced (sum, tokens) per case: `tuneship.generate.loglikelihood`); one with `ece`
     or `brier` metrics `generate.options(prompts, texts, references=None)`
-    (`tuneship.generate.option_logliks`), which scores the references too in the same pass."""
-    completions = generate([c.prompt_input() for c in cases], suite.generation.max_new_tokens)
+    (`tuneship.generate.option_logliks`), which scores the references too in the same pass. A
+    local model's `generate.scored(prompts, max_new, texts, references=None)`
+    (`tuneship.generate.generate_and_score`) does all three from one run of each prompt."""
+    prompts = [c.prompt_input() for c in cases]
     needs_loglik = any(m.kind == "loglik" for m in suite.metrics)
+    fields = list(dict.fromkeys(m.field for m in suite.metrics if m.calibration and m.field))
+    scored = getattr(generate, "scored", None)
+    if scored is not None and (needs_loglik or fields):
+        texts = suite.option_texts(fields[0], cases) if fields else {}
+        completions, rows, pairs = scored(prompts, suite.generation.max_new_tokens, list(texts.values()),
+                                          references=[c.reference or "" for c in cases] if needs_loglik else None)
+        option_scores: OptionScores = {}
+        if fields:
+            option_scores[fields[0]] = (list(texts), [row if c.expected.get(fields[0]) in texts else None
+                                                      for c, row in zip(cases, rows, strict=True)])
+            if fields[1:]:
+                option_scores.update(option_logliks(suite, cases, generate, fields=fields[1:])[0])
+        logliks = [p[0] / max(p[1], 1) if c.reference is not None else None
+                   for c, p in zip(cases, pairs, strict=True)] if pairs is not None else None
+        return score(suite, cases, completions, parse, logliks, option_scores or None)
+    completions = generate(prompts, suite.generation.max_new_tokens)
     logliks, option_scores = None, None
-    if any(m.calibration for m in suite.metrics):
+    if fields:
         option_scores, logliks = option_logliks(suite, cases, generate, with_references=needs_loglik)
     elif needs_loglik:
         loglik = getattr(generate, "loglik", None)
@@ -712,18 +736,20 @@ def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cas
     return score(suite, cases, completions, parse, logliks, option_scores)
 
 
-def option_logliks(suite: Suite, cases: Sequence[Case], generate: Any, *,
-                   with_references: bool = False) -> tuple[OptionScores, list[float | None] | None]:
+def option_logliks(suite: Suite, cases: Sequence[Case], generate: Any, *, with_references: bool = False,
+                   fields: list[str] | None = None) -> tuple[OptionScores, list[float | None] | None]:
     """For each closed-label field a calibration metric reads: its labels and, per case that
     counts, each label's answer-text log-likelihood, from `generate.options(prompts, texts,
     references=...)` (`tuneship.generate.option_logliks` on a local model). With
     `with_references`, also each case's mean token log-likelihood of its reference (None where
-    it has none), scored in the first field's pass."""
+    it has none), scored in the first field's pass. `fields`: these only (default: every field
+    a calibration metric reads)."""
     scorer = getattr(generate, "options", None)
     if scorer is None:
         raise SuiteError(f"eval suite {suite.name!r}: its calibration metrics read the model's own probabilities; "
                          "this model is only reachable by its answers")
-    fields = list(dict.fromkeys(m.field for m in suite.metrics if m.calibration and m.field))
+    if fields is None:
+        fields = list(dict.fromkeys(m.field for m in suite.metrics if m.calibration and m.field))
     out: OptionScores = {}
     means: list[float | None] | None = None
     for n, f in enumerate(fields):

@@ -209,19 +209,35 @@ def option_logliks(model: Any, tokenizer: Any, prompts: list[Prompt], options: l
     as `loglikelihood` scores it (the whole answer, its end and eos), so a suite that reads both
     pays for each prompt once. Returns (option sums per prompt, reference (sum, tokens) per
     prompt or None)."""
+    if not options:
+        raise ValueError("option_logliks needs at least one option")
+    _, scores, refs = generate_and_score(model, tokenizer, prompts, 0, options, prompt_format,
+                                         references=references, batch_size=batch_size)
+    return scores, refs
+
+
+def generate_and_score(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int,
+                       options: list[str], prompt_format: PromptFormat = "plain", *,
+                       references: list[str] | None = None, batch_size: int = 8, progress: Any = None,
+                       ) -> tuple[list[str], list[list[float]], list[tuple[float, int]] | None]:
+    """`generate`'s greedy answers (when max_new_tokens > 0) and `option_logliks`' scores from
+    ONE run of each prompt: the prompts are encoded once, batched left-padded, and their
+    attention cache first decodes the answers greedily (the rule of `generate_ids`: eos, a
+    newline in the completion, or max_new_tokens ends a row), then is cut back to the prompts
+    and shared by the options and the reference. Returns (answers, option sums per prompt,
+    reference (sum, tokens) per prompt or None). `progress(done, total)` after each batch."""
     import torch
 
     from tuneship.train.trainer import split_prompt_completion
 
-    if not options:
-        raise ValueError("option_logliks needs at least one option")
     if references is not None and len(references) != len(prompts):
         raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
     k = len(options)
     opt_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     if any(not ids for ids in opt_ids):
         raise ValueError("an option's text is empty: it has no tokens to score")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     encoded: list[tuple[list[int], list[list[int]]]] = []  # per prompt: its ids, its continuations
     for i, prompt in enumerate(prompts):
         answer = "" if references is None else references[i]
@@ -233,38 +249,78 @@ def option_logliks(model: Any, tokenizer: Any, prompts: list[Prompt], options: l
         text, completion, templated = split_prompt_completion(row, tokenizer)
         conts = list(opt_ids)
         if references is not None:
-            conts.append(tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+            conts.append(tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos])
         encoded.append((tokenizer(text, add_special_tokens=not templated)["input_ids"], conts))  # as encode_rows does
+    answers: list[str] = []
     scores: list[list[float]] = []
     refs: list[tuple[float, int]] = []
     model.eval()
+    step = max(batch_size, 1)
     with torch.inference_mode():
-        for start in range(0, len(encoded), max(batch_size, 1)):
-            chunk = encoded[start:start + max(batch_size, 1)]
-            # the prompts, left-padded, with their own positions; the last position predicts each
-            # continuation's first token
+        for start in range(0, len(encoded), step):
+            chunk = encoded[start:start + step]
             plen = [len(p) for p, _ in chunk]
             width = max(plen)
             pmask = torch.tensor([[0] * (width - n) + [1] * n for n in plen], dtype=torch.long)
             first = model(input_ids=torch.tensor([[pad] * (width - len(p)) + p for p, _ in chunk], dtype=torch.long),
                           attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                           logits_to_keep=1)
+            past, last = first.past_key_values, first.logits[:, -1]
+            if max_new_tokens > 0:
+                answers += _greedy(model, tokenizer, past, last, pmask, plen, max_new_tokens, pad)
+                if (extra := past.get_seq_length() - width) > 0:
+                    past.crop(-extra)  # back to the prompts, for the continuations
             per = len(chunk[0][1])  # continuations per prompt
-            past = first.past_key_values
-            past.batch_repeat_interleave(per)
-            conts = [c for _, cs in chunk for c in cs]
-            cw = max(len(c) for c in conts)
-            feed = torch.tensor([c + [pad] * (cw - len(c)) for c in conts], dtype=torch.long)
-            cmask = torch.tensor([[1] * len(c) + [0] * (cw - len(c)) for c in conts], dtype=torch.long)
-            positions = torch.tensor([[n + j for j in range(cw)] for n in plen for _ in range(per)], dtype=torch.long)
-            rest = model(input_ids=feed, attention_mask=torch.cat([pmask.repeat_interleave(per, 0), cmask], dim=1),
-                         position_ids=positions, past_key_values=past, use_cache=False).logits
-            # token j of a continuation is predicted by the prompt's last position (j = 0) or by j - 1
-            logits = torch.cat([first.logits[:, -1:].repeat_interleave(per, 0), rest[:, :-1]], dim=1).float()
-            logp = torch.log_softmax(logits, dim=-1).gather(-1, feed.unsqueeze(-1)).squeeze(-1)
+            if per:
+                past.batch_repeat_interleave(per)
+                conts = [c for _, cs in chunk for c in cs]
+                cw = max(len(c) for c in conts)
+                feed = torch.tensor([c + [pad] * (cw - len(c)) for c in conts], dtype=torch.long)
+                cmask = torch.tensor([[1] * len(c) + [0] * (cw - len(c)) for c in conts], dtype=torch.long)
+                positions = torch.tensor([[n + j for j in range(cw)] for n in plen for _ in range(per)],
+                                         dtype=torch.long)
+                rest = model(input_ids=feed, attention_mask=torch.cat([pmask.repeat_interleave(per, 0), cmask], dim=1),
+                             position_ids=positions, past_key_values=past, use_cache=False).logits
+                # token j of a continuation is predicted by the prompt's last position (j = 0) or by j - 1
+                logits = torch.cat([last[:, None].repeat_interleave(per, 0), rest[:, :-1]], dim=1).float()
+                logp = torch.log_softmax(logits, dim=-1).gather(-1, feed.unsqueeze(-1)).squeeze(-1)
             for b in range(len(chunk)):
-                sums = [float(logp[b * per + j, :len(c)].sum()) for j, c in enumerate(chunk[b][1])]
+                sums = [float(logp[b * per + j, :len(c)].sum()) for j, c in enumerate(chunk[b][1])] if per else []
                 scores.append(sums[:k])
                 if references is not None:
                     refs.append((sums[k], len(chunk[b][1][k])))
-    return scores, (refs if references is not None else None)
+            if progress is not None:
+                progress(len(scores), len(prompts))
+    return answers, scores, (refs if references is not None else None)
+
+
+def _greedy(model: Any, tokenizer: Any, past: Any, last: Any, pmask: Any, plen: list[int], max_new_tokens: int,
+            pad: int) -> list[str]:
+    """Greedy decoding of a left-padded batch from its prompts' cache and last logits, each row
+    stopped at eos or a newline in its decoded completion (`generate_ids`' rule)."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    rows = len(plen)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    mask = pmask
+    for step in range(max_new_tokens):
+        nxt = last.argmax(-1).tolist()
+        for r in range(rows):
+            if done[r]:
+                continue
+            if nxt[r] == eos:
+                done[r] = True
+                continue
+            out[r].append(nxt[r])
+            if completion_text(tokenizer, out[r])[1] or len(out[r]) >= max_new_tokens:
+                done[r] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        feed = torch.tensor([[pad if done[r] else nxt[r]] for r in range(rows)], dtype=torch.long)
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long)], dim=1)
+        positions = torch.tensor([[n + step] for n in plen], dtype=torch.long)
+        last = model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=past,
+                     use_cache=True, logits_to_keep=1).logits[:, -1]
+    return [completion_text(tokenizer, ids)[0] for ids in out]

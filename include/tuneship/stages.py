@@ -369,11 +369,12 @@ def _generator(base_ref: str, adapter_dir: Path | None, label: str):
     """Greedy answers from base (+ adapter, merged), in batches, with a progress line per
     batch; `.loglik(prompts, references)` scores references teacher-forced on the same model,
     `.options(prompts, texts, references=None)` each prompt's options (calibration) and, in the
-    same pass, its reference."""
+    same pass, its reference; `.scored(prompts, max_new, texts, references=None)` all of it from
+    one run of each prompt."""
     import time
 
     from tuneship.basemodel import load_base
-    from tuneship.generate import generate, loglikelihood, option_logliks
+    from tuneship.generate import generate, generate_and_score, loglikelihood, option_logliks
 
     model, tokenizer = load_base(base_ref)
     if adapter_dir is not None:
@@ -390,6 +391,15 @@ def _generator(base_ref: str, adapter_dir: Path | None, label: str):
     answers.loglik = lambda prompts, references: loglikelihood(model, tokenizer, prompts, references)  # type: ignore[attr-defined]
     answers.options = lambda prompts, texts, references=None: option_logliks(  # type: ignore[attr-defined]
         model, tokenizer, prompts, texts, references=references)
+
+    def scored(prompts: list, max_new: int, texts: list[str], references: list[str] | None = None) -> Any:
+        t0 = time.monotonic()
+        return generate_and_score(model, tokenizer, prompts, max_new, texts, references=references,
+                                  progress=lambda done, total: print(
+                                      f"scoring {label}: {done}/{total} answers and likelihoods "
+                                      f"({time.monotonic() - t0:.0f}s)", flush=True))
+
+    answers.scored = scored  # type: ignore[attr-defined]
     return answers
 
 
@@ -398,10 +408,10 @@ def _as_client_sends(task: Task, generate: Any) -> Any:
     def sends(prompts: list, max_new: int) -> list[str]:
         return generate([task.render_prompt(p) for p in prompts], max_new)
 
-    def rendered(scorer: Any) -> Any:  # (prompts, texts) -> scores, on the same rendering
-        return lambda prompts, texts, **kw: scorer([task.render_prompt(p) for p in prompts], texts, **kw)
+    def rendered(scorer: Any) -> Any:  # (prompts, ...) -> scores, on the same rendering
+        return lambda prompts, *args, **kw: scorer([task.render_prompt(p) for p in prompts], *args, **kw)
 
-    for name in ("loglik", "options"):
+    for name in ("loglik", "options", "scored"):
         if hasattr(generate, name):
             setattr(sends, name, rendered(getattr(generate, name)))
     return sends

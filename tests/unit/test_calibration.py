@@ -58,11 +58,19 @@ def test_ece_bins_as_netcal_and_survives_ties():
 def test_option_logliks_are_each_options_teacher_forced_probability(tmp_path_factory):
     """Prompt run once and its cache shared by the options, prompts batched with left padding:
     each option's sum equals the option scored after its prompt in one plain forward pass, for
-    every batch size; the references scored in the same pass equal `loglikelihood`'s."""
+    every batch size; the references scored in the same pass equal `loglikelihood`'s; and the
+    greedy answers decoded from that same cache first are `generate`'s."""
     import torch
 
     from tuneship.basemodel import load_base
-    from tuneship.generate import loglikelihood, option_logliks, prompt_ids
+    from tuneship.generate import (
+        generate,
+        generate_and_score,
+        generate_ids,
+        loglikelihood,
+        option_logliks,
+        prompt_ids,
+    )
 
     model, tok = load_base(str(base_model(tmp_path_factory)))
     rows = read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")[:6]
@@ -80,6 +88,12 @@ def test_option_logliks_are_each_options_teacher_forced_probability(tmp_path_fac
     assert np.allclose(single, scores, atol=1e-4)
     assert pairs is not None and [n for _, n in pairs] == [n for _, n in loglikelihood(model, tok, prompts, refs)]
     assert np.allclose([s for s, _ in pairs], [s for s, _ in loglikelihood(model, tok, prompts, refs)], atol=1e-4)
+    # generation from the same run of each prompt: generate's answers (and generate_ids', one at
+    # a time), with the same scores
+    answers, fused, fused_pairs = generate_and_score(model, tok, prompts, 12, options, references=refs, batch_size=4)
+    assert answers == generate(model, tok, prompts, 12) == [generate_ids(model, tok, p, 12)[0] for p in prompts]
+    assert np.allclose(fused, scores, atol=1e-4) and np.allclose(fused_pairs, pairs, atol=1e-4)
+    assert generate_and_score(model, tok, prompts, 12, [])[0] == answers  # answers alone
 
 
 def _suite(tmp_path: Path, **extra) -> Path:
