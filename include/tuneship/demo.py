@@ -535,8 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tuneship.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--up", action="store_true", help="start the services and leave them running (make up)")
-    parser.add_argument("--shadow-hours", type=float, default=0.01,
-                        help="shadow window (default 0.01 h = 36 s; also caps the post-switch window)")
+    parser.add_argument("--shadow-hours", type=float, default=0.008,
+                        help="shadow window (default 0.008 h = 29 s, about 29 requests; also caps the post-switch window)")
     parser.add_argument("--retention-minutes", type=float, default=0.25,
                         help="how long a promoted release keeps the previous colour loaded (default 0.25 = 15 s)")
     parser.add_argument("--timeout", type=float, default=1500, help="give up after this many seconds")

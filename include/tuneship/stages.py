@@ -448,22 +448,26 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         suite = task.suite(suite_name)
         cases = load_cases(suite, Path(dataset["path"]), task.parser)
         cand = run_suite(suite, cand_gen, cases, task.parser)
-        ref = run_suite(suite, ref_gen, cases, task.parser)
-        gates = apply_gates(suite, cand, ref, ref_name)
+        # the reference is scored only where a gate compares with it (floors and ceilings do not)
+        compares = any(g.max_regression is not None for g in suite.gates)
+        ref = run_suite(suite, ref_gen, cases, task.parser) if compares else None
+        gates = apply_gates(suite, cand, ref, ref_name if compares else None)
         passed &= gates.passed
         summaries.append(f"{suite.name}@v{suite.version}:\n{gates.summary()}")
         prefix = metric_prefix(task, suite.name)
         metrics.update({prefix + k: v for k, v in cand.metrics.items()})
-        ref_metrics.update({prefix + k: v for k, v in ref.metrics.items()})
+        ref_metrics.update({prefix + k: v for k, v in ref.metrics.items()} if ref else {})
         suites.append({"suite": f"{suite.name}@v{suite.version}", "candidate": cand.to_dict(),
-                       "reference": ref.to_dict(), "gates": gates.to_dict(), "passed": gates.passed})
+                       "reference": ref.to_dict() if ref else None, "gates": gates.to_dict(), "passed": gates.passed})
         rows += gate_rows(f"{suite.name}@v{suite.version}", gates, suite)
         for m in (m for m in suite.metrics if m.kind == "ece"):  # a reliability diagram per ECE
-            curves = {f"candidate v{candidate['version']}": reliability_bins(cand.outcomes[m.name], m.bins or 10),
-                      ref_name: reliability_bins(ref.outcomes[m.name], m.bins or 10)}
+            curves = {f"candidate v{candidate['version']}": reliability_bins(cand.outcomes[m.name], m.bins or 10)}
+            if ref is not None:
+                curves[ref_name] = reliability_bins(ref.outcomes[m.name], m.bins or 10)
+            versus = f" vs {ref.metrics[m.name]:.3f}" if ref is not None else ""
             png = plot_reliability(curves, out.with_name(f"v{candidate['version']}-{suite.name}-{m.name}.png"),
-                                   f"{suite.name}: {m.field} (ECE {cand.metrics[m.name]:.3f} vs "
-                                   f"{ref.metrics[m.name]:.3f}, equal-mass bins)")
+                                   f"{suite.name}: {m.field} (ECE {cand.metrics[m.name]:.3f}{versus}, "
+                                   "equal-mass bins)")
             if png:
                 diagrams.append(str(png))
     # every metric with its interval; every paired difference with its interval

@@ -74,7 +74,7 @@ def test_demo_exits_zero_with_summary(demo):
     assert reports and "Evaluation gates" in reports[0].read_text()
 
 
-@pytest.mark.parametrize("task, metric", [("triage", "category_accuracy")])
+@pytest.mark.parametrize("task, metric", [("triage", "triage/category_accuracy")])
 def test_first_cycle_promoted_and_serving(demo, task, metric):
     """On the real LLM: the fine-tune beats the base model on the task's own gates, and the
     release promotes it after its shadow window."""
