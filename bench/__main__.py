@@ -11,7 +11,7 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "trainer", "gateway", "compile", "eval", "retrain")
+BENCHES = ("validation", "trainer", "gateway", "compile", "eval", "gates", "retrain")
 
 
 def main(argv: list[str]) -> int:

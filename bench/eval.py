@@ -29,8 +29,9 @@ def say(msg: str) -> None:
 
 def _task_run(task: Any, batch_size: int, adapter: str | None, workdir: Path) -> dict[str, Any]:
     from tuneship.basemodel import load_base, resolve_base_ref
-    from tuneship.evaluate import load_cases, reference_logliks, score
+    from tuneship.evaluate import load_cases, option_logliks, reference_logliks, score
     from tuneship.generate import generate, loglikelihood
+    from tuneship.generate import option_logliks as model_options
 
     data = workdir / task.name
     task.resolve(task.demo.generator)(data, seed=0)
@@ -44,13 +45,20 @@ def _task_run(task: Any, batch_size: int, adapter: str | None, workdir: Path) ->
     prompts = [task.render_prompt(c.prompt_input()) for c in cases]
     max_new = suite.generation.max_new_tokens
     logliks = reference_logliks(cases, lambda p, r: loglikelihood(model, tokenizer, p, r), task.render_prompt)
+
+    def scorer(prompts: list, texts: list[str], references: list[str] | None = None) -> Any:
+        return model_options(model, tokenizer, [task.render_prompt(p) for p in prompts], texts, references=references)
+
+    scorer.options = scorer  # type: ignore[attr-defined]
+    options = option_logliks(suite, cases, scorer)[0] if any(m.calibration for m in suite.metrics) else None
     runs: dict[str, Any] = {}
     answers: dict[str, list[str]] = {}
     for label, bs in (("one_at_a_time", 1), (f"batch_{batch_size}", batch_size)):
         t0 = time.perf_counter()
         answers[label] = generate(model, tokenizer, prompts, max_new, batch_size=bs)
         wall = time.perf_counter() - t0
-        runs[label] = {"wall_s": round(wall, 2), "metrics": score(suite, cases, answers[label], task.parser, logliks).metrics}
+        runs[label] = {"wall_s": round(wall, 2), "metrics": score(suite, cases, answers[label], task.parser, logliks,
+                                                                  options).metrics}
         say(f"{task.name} {label}: {wall:.1f}s {runs[label]['metrics']}")
     one, many = answers["one_at_a_time"], answers[f"batch_{batch_size}"]
     differ = [{"prompt": str(p)[:120], "one": a, "batched": b} for p, a, b in zip(prompts, one, many, strict=True)

@@ -537,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--up", action="store_true", help="start the services and leave them running (make up)")
     parser.add_argument("--shadow-hours", type=float, default=0.008,
                         help="shadow window (default 0.008 h = 29 s, about 29 requests; also caps the post-switch window)")
-    parser.add_argument("--retention-minutes", type=float, default=0.25,
-                        help="how long a promoted release keeps the previous colour loaded (default 0.25 = 15 s)")
+    parser.add_argument("--retention-minutes", type=float, default=0.1,
+                        help="how long a promoted release keeps the previous colour loaded (default 0.1 = 6 s)")
     parser.add_argument("--timeout", type=float, default=1500, help="give up after this many seconds")
     parser.add_argument("--keep", action="store_true", help="leave the services running after the demo")
     args = parser.parse_args(argv)

@@ -289,6 +289,9 @@ class Gate(_Strict):
     min: float | None = None  # floor, for metrics where higher is better
     max: float | None = None  # ceiling, for metrics where lower is better (wrongly_declined)
     max_regression: float | None = Field(default=None, ge=0)  # against the reference, either direction
+    # regression against the reference, case by case: of the cases the reference gets right, the
+    # share the candidate gets right too (a floor on its Wilson lower bound); pass/fail metrics
+    min_kept: float | None = Field(default=None, gt=0, le=1)
 
     def rule(self, higher_is_better: bool) -> tuple[str, float, bool]:
         """(rule, threshold, floor): `>=` a floor, `<=` a ceiling, or `vs reference`: the paired
@@ -297,13 +300,16 @@ class Gate(_Strict):
             return ">=", float(self.min), True
         if self.max is not None:
             return "<=", float(self.max), False
+        if self.min_kept is not None:
+            return "kept >=", float(self.min_kept), True
         margin = float(self.max_regression or 0)
         return "vs reference", -margin if higher_is_better else margin, higher_is_better
 
     @model_validator(mode="after")
     def _one_rule(self) -> Gate:
-        if sum(r is not None for r in (self.min, self.max, self.max_regression)) != 1:
-            raise ValueError(f"gate on {self.metric!r}: give exactly one of `min`, `max` or `max_regression`")
+        if sum(r is not None for r in (self.min, self.max, self.max_regression, self.min_kept)) != 1:
+            raise ValueError(f"gate on {self.metric!r}: give exactly one of `min`, `max`, `max_regression` "
+                             "or `min_kept`")
         return self
 
 
@@ -399,6 +405,9 @@ class Suite(_Strict):
             if not metric.higher_is_better and gate.min is not None:
                 raise ValueError(f"gates.{i} on {gate.metric!r}: lower is better for kind {metric.kind}; "
                                  "use `max` (a ceiling), not `min`")
+            if gate.min_kept is not None and (metric.continuous or metric.kind == "ece" or self.role == "smoke"):
+                raise ValueError(f"gates.{i} on {gate.metric!r}: `min_kept` counts the reference's right answers "
+                                 "case by case: a pass/fail metric of a gate suite")
         return self
 
     @model_validator(mode="after")
@@ -441,7 +450,7 @@ class Suite(_Strict):
             if metric.continuous or metric.kind == "ece":
                 continue  # no bound to reach: the interval comes from the data (bootstrap)
             if self.role == "smoke":
-                if gate.max_regression is not None:
+                if gate.max_regression is not None or gate.min_kept is not None:
                     raise ValueError(f"gates.{i} on {gate.metric!r}: a smoke suite has no reference model; "
                                      "use `min` or `max`")
                 continue
@@ -487,10 +496,11 @@ def gate_unreachable(gate: Gate, n: int, st: Statistics) -> str | None:
     needs the suite to detect it at the declared power and discordance."""
     if n <= 0:
         return "no case counts towards this metric"
-    if gate.min is not None and stats.wilson(n, n, st.confidence)[0] < gate.min:
-        need = stats.cases_for_floor(gate.min, st.confidence)
+    floor = gate.min if gate.min is not None else gate.min_kept
+    if floor is not None and stats.wilson(n, n, st.confidence)[0] < floor:
+        need = stats.cases_for_floor(floor, st.confidence)
         return (f"with {n} cases even a perfect score's {st.confidence:.0%} lower bound is "
-                f"{stats.wilson(n, n, st.confidence)[0]:.3f}, below the floor {gate.min}: lower the floor or score "
+                f"{stats.wilson(n, n, st.confidence)[0]:.3f}, below the floor {floor}: lower the floor or score "
                 + (f"at least {need} cases" if need else "more cases (a floor of 1 can never be shown)"))
     if gate.max is not None and stats.wilson(0, n, st.confidence)[1] > gate.max:
         need = stats.cases_for_floor(1 - gate.max, st.confidence)
@@ -581,6 +591,7 @@ class SuiteResult:
     # per metric, per case: passed (True/False), a number (continuous kinds), or None where
     # the metric does not apply
     outcomes: dict[str, list[Any]] = field(default_factory=dict)
+    completions: list[str] = field(default_factory=list)  # every case's answer, in case order
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -628,7 +639,7 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse
         if suite.decline:
             sample.update(should_decline=c.should_decline, declined=d)
         samples.append(sample)
-    return SuiteResult(suite.name, suite.version, metrics, len(cases), samples, outcomes)
+    return SuiteResult(suite.name, suite.version, metrics, len(cases), samples, outcomes, list(completions))
 
 
 def _calibration_outcomes(m: Metric, cases: Sequence[Case], parsed: Sequence[dict[str, Any]], labels: list[str],
@@ -857,9 +868,10 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
         value = candidate.metrics[gate.metric]
         outcome = [o for o in candidate.outcomes.get(gate.metric, []) if o is not None]
         n = len(outcome) if outcome or not smoke else candidate.n_cases
-        if rule == "vs reference" and reference is None:
+        if rule in ("vs reference", "kept >=") and reference is None:
             raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: the gate on {gate.metric!r} is "
-                             f"`max_regression`, but no reference model is scored here; use `min` instead")
+                             f"`{'max_regression' if rule == 'vs reference' else 'min_kept'}`, but no reference "
+                             "model is scored here; use `min` instead")
         if smoke:
             ok = value >= threshold if floor else value <= threshold
             results.append(GateResult(gate.metric, rule, value, threshold, None, ok, "pass" if ok else "fail", n))
@@ -867,6 +879,9 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
         if not outcome:
             raise SuiteError(f"eval suite {suite.name!r} v{suite.version}: metric {gate.metric!r} has no per-case "
                              "outcomes to gate on (score it with tuneship.evaluate.score)")
+        if rule == "kept >=":
+            results.append(_kept(gate, metric, candidate, reference, reference_name, st))
+            continue
         if not (metric.continuous or metric.kind == "ece") and (problem := gate_unreachable(gate, n, st)):
             results.append(GateResult(gate.metric, rule, value, threshold, None, False, "unreachable", n,
                                       reason=f"configuration error: {problem}"))
@@ -896,6 +911,48 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
                                   d.n, low, high, {**d.to_dict(), "higher_is_better": metric.higher_is_better,
                                                    "test": test}, why))
     return GateReport(all(r.passed for r in results), reference_name, results, None if smoke else st.confidence)
+
+
+def _kept(gate: Gate, metric: Metric, candidate: SuiteResult, reference: SuiteResult, reference_name: str | None,
+          st: Statistics) -> GateResult:
+    """`min_kept`: of the cases the reference gets right (passes; for a lower-is-better metric,
+    no fault), the share the candidate gets right too, on its Wilson interval."""
+    good = metric.higher_is_better
+    pairs = [(c, r) for c, r in zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric], strict=True)
+             if c is not None and r is not None and bool(r) == good]
+    kept = sum(1 for c, _ in pairs if bool(c) == good)
+    threshold, who = float(gate.min_kept or 0), reference_name or "the reference"
+    if not pairs:  # nothing to keep: a base model that answers no case right
+        return GateResult(gate.metric, "kept >=", 1.0, threshold, reference.metrics[gate.metric], True, "pass", 0,
+                          reason=f"{who} got no case right: nothing to keep")
+    low, high = stats.wilson(kept, len(pairs), st.confidence)
+    verdict, ok, why = _decide(low, high, threshold, True, st)
+    lost = f"kept {kept} of the {len(pairs)} cases {who} got right"
+    return GateResult(gate.metric, "kept >=", kept / len(pairs), threshold, reference.metrics[gate.metric], ok,
+                      verdict, len(pairs), low, high, reason=f"{lost}; {why}" if why else lost)
+
+
+def lost_cases(suite_label: str, suite: Suite, cases: Sequence[Case], candidate: SuiteResult,
+               reference: SuiteResult, per_metric: int = 3) -> list[dict[str, Any]]:
+    """The cases the candidate lost against the reference, side by side, for every pass/fail
+    metric a gate compares with the reference: the reference right, the candidate not. At most
+    `per_metric` of each, in case order."""
+    compared = {g.metric for g in suite.gates if g.max_regression is not None or g.min_kept is not None}
+    rows = []
+    for m in suite.metrics:
+        if m.name not in compared or m.continuous or m.kind == "ece":
+            continue
+        good = m.higher_is_better
+        lost = [i for i, (c, r) in enumerate(zip(candidate.outcomes[m.name], reference.outcomes[m.name], strict=True))
+                if c is not None and r is not None and bool(r) == good and bool(c) != good]
+        for i in lost[:per_metric]:
+            prompt = cases[i].prompt_input()
+            rows.append({"suite": suite_label, "metric": m.name, "lost": len(lost),
+                         "prompt": prompt if isinstance(prompt, str) else prompt[-1]["content"],
+                         "expected": cases[i].expected or cases[i].reference,
+                         "candidate": candidate.completions[i] if candidate.completions else None,
+                         "reference": reference.completions[i] if reference.completions else None})
+    return rows
 
 
 def gate_rows(suite_label: str, report: GateReport, suite: Suite | None = None) -> list[dict[str, Any]]:

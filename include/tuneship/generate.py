@@ -218,7 +218,7 @@ def option_logliks(model: Any, tokenizer: Any, prompts: list[Prompt], options: l
 
 def generate_and_score(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int,
                        options: list[str], prompt_format: PromptFormat = "plain", *,
-                       references: list[str] | None = None, batch_size: int = 8, progress: Any = None,
+                       references: list[str] | None = None, batch_size: int = 16, progress: Any = None,
                        ) -> tuple[list[str], list[list[float]], list[tuple[float, int]] | None]:
     """`generate`'s greedy answers (when max_new_tokens > 0) and `option_logliks`' scores from
     ONE run of each prompt: the prompts are encoded once, batched left-padded, and their

@@ -65,6 +65,8 @@ def _p(p: float | None) -> str:
 def _rule(r: dict[str, Any]) -> str:
     if r["rule"] == "vs reference":
         return f"difference {'>=' if r['threshold'] <= 0 else '<='} {r['threshold']:+.3f}"
+    if r["rule"] == "kept >=":
+        return f"kept of the reference's right >= {fmt(r['threshold'])}"
     return f"{r['rule']} {fmt(r['threshold'])}"
 
 
@@ -94,6 +96,13 @@ def gates_table(gates: dict[str, Any]) -> str:
                         "p (McNemar; sign test)", "verdict"])
 
 
+def lost_table(rows: list[dict[str, Any]]) -> str:
+    """The cases the reference got right and the candidate did not, side by side."""
+    return _table([[r["suite"], f"{r['metric']} ({r['lost']} lost)", r["prompt"], json.dumps(r["expected"]),
+                    r["candidate"], r["reference"]] for r in rows],
+                  ["suite", "metric", "prompt", "expected", "candidate's answer", "reference's answer"])
+
+
 def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
     parts = [f"<h2>Cycle {i} ({html.escape(str(cycle.get('task')))}): triggered by "
              f"<code>{html.escape(cycle['trigger'])}</code></h2>"]
@@ -118,6 +127,9 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
                      "95% intervals)</h3>" + gates_table(gates))
         parts.append(_img(gates.get("forest_plot"), "paired differences against the reference"))
         parts += [_img(png, "reliability diagram") for png in gates.get("reliability_diagrams") or []]
+        if gates.get("lost_cases"):
+            parts.append(f"<h4>Cases the candidate lost against {html.escape(str(gates.get('reference_name')))}"
+                         "</h4>" + lost_table(gates["lost_cases"]))
     rel = cycle.get("release") or {}
     if rel:
         v = rel.get("verdict") or {}

@@ -425,6 +425,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         apply_gates,
         gate_rows,
         load_cases,
+        lost_cases,
         plot_forest,
         plot_reliability,
         reliability_bins,
@@ -442,7 +443,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         ref_name, ref_gen = "base model", _generator(base, None, "base model")
     cand_gen = _generator(base, _adapter_dir(task, candidate["version"]), f"candidate v{candidate['version']}")
     cand_gen, ref_gen = _as_client_sends(task, cand_gen), _as_client_sends(task, ref_gen)
-    suites, passed, summaries, metrics, ref_metrics, rows, diagrams = [], True, [], {}, {}, [], []
+    suites, passed, summaries, metrics, ref_metrics, rows, diagrams, lost = [], True, [], {}, {}, [], [], []
     out = config.artifacts() / "tasks" / task.name / "evals" / f"v{candidate['version']}.json"
     for suite_name in task.eval.suites:
         suite = task.suite(suite_name)
@@ -460,6 +461,8 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         suites.append({"suite": f"{suite.name}@v{suite.version}", "candidate": cand.to_dict(),
                        "reference": ref.to_dict() if ref else None, "gates": gates.to_dict(), "passed": gates.passed})
         rows += gate_rows(f"{suite.name}@v{suite.version}", gates, suite)
+        if ref is not None:
+            lost += lost_cases(f"{suite.name}@v{suite.version}", suite, cases, cand, ref)
         for m in (m for m in suite.metrics if m.kind == "ece"):  # a reliability diagram per ECE
             curves = {f"candidate v{candidate['version']}": reliability_bins(cand.outcomes[m.name], m.bins or 10)}
             if ref is not None:
@@ -481,7 +484,8 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
                               name)
     forest = plot_forest(rows, out.with_name(f"v{candidate['version']}-forest.png"), ref_name)
     result = {"task": task.name, "suites": suites, "reference_name": ref_name, "passed": passed,
-              "gates": rows, "forest_plot": str(forest) if forest else None, "reliability_diagrams": diagrams}
+              "gates": rows, "forest_plot": str(forest) if forest else None, "reliability_diagrams": diagrams,
+              "lost_cases": lost}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     registry.log_artifact(mv.run_id, out, "evaluation")
@@ -494,7 +498,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         raise Refusal(f"gates failed against {ref_name}:\n{summary}")
     return {"passed": True, "metrics": metrics, "reference": ref_metrics, "reference_name": ref_name,
             "report": str(out), "gates": rows, "forest_plot": result["forest_plot"],
-            "reliability_diagrams": diagrams}
+            "reliability_diagrams": diagrams, "lost_cases": lost}
 
 
 def metric_prefix(task: Task, suite_name: str) -> str:

@@ -229,3 +229,44 @@ def test_a_candidate_whose_answer_flips_with_the_name_is_refused(tmp_path: Path)
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SuiteError, match=r"with 30 cases even a clean score's 95% upper bound is 0\.114"):
         load_suite(path)
+
+
+def _kept_suite(tmp_path: Path, **gate) -> Path:
+    path = tmp_path / "kept.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "kept", "version": 1, "cases": {"source": "dataset_eval_split", "limit": 40},
+        "metrics": [{"name": "acc", "kind": "field_exact_match", "field": "category"}],
+        "gates": [{"metric": "acc", "max_regression": 0.25}, {"metric": "acc", **gate}]}))
+    return path
+
+
+def test_min_kept_catches_churn_the_net_difference_hides(tmp_path: Path):
+    """The champion is right on 36 of 40. A candidate that loses 7 of them and wins the 4 the
+    champion missed nets -0.075 (lower bound -0.24, inside a 0.25 margin), but keeps only 29 of
+    36 (0.81, lower bound 0.65): `min_kept: 0.70` refuses it, naming what it lost. One that
+    loses 1 passes."""
+    suite = load_suite(_kept_suite(tmp_path, min_kept=0.70))
+    ref = [True] * 36 + [False] * 4
+    churn = [False] * 7 + [True] * 29 + [True] * 4
+    report = apply_gates(suite, result({"acc": churn}, "kept"), result({"acc": ref}, "kept"), "champion v3")
+    net, kept = report.gates
+    assert net.passed and net.diff["diff"] == pytest.approx(-0.075) and net.diff["low"] > -0.25
+    assert not kept.passed and kept.n == 36 and kept.value == pytest.approx(29 / 36)
+    assert kept.low == pytest.approx(stats.wilson(29, 36)[0]) and kept.low < 0.70 < kept.high
+    assert "kept 29 of the 36 cases champion v3 got right" in report.summary()
+    steady = [False] + [True] * 35 + [False] * 4
+    assert apply_gates(suite, result({"acc": steady}, "kept"), result({"acc": ref}, "kept"), "champion v3").passed
+    # a base model right on nothing leaves nothing to keep: passed, and said so
+    base = apply_gates(suite, result({"acc": ref}, "kept"), result({"acc": [False] * 40}, "kept"), "base model")
+    assert base.gates[1].passed and "base model got no case right: nothing to keep" in base.summary()
+
+
+def test_min_kept_is_checked_like_a_floor(tmp_path: Path):
+    with pytest.raises(SuiteError, match="below the floor 0.95"):
+        load_suite(_kept_suite(tmp_path, min_kept=0.95))
+    with pytest.raises(SuiteError, match="exactly one of"):
+        load_suite(_kept_suite(tmp_path, min_kept=0.7, min=0.5))
+    # it counts the reference's right answers: no reference, no gate
+    suite = load_suite(_kept_suite(tmp_path, min_kept=0.7))
+    with pytest.raises(SuiteError, match="`max_regression`, but no reference"):
+        apply_gates(suite, result({"acc": [True] * 40}, "kept"), None)

@@ -81,7 +81,7 @@ def test_gates_show_intervals_differences_and_verdicts(capsys, tmp_path: Path):
 
     report = apply_gates(load_suite("triage"), res([True] * 37 + [False] * 3), res([True] * 30 + [False] * 10),
                          "champion v1")
-    rows = gate_rows("triage@v8", report)
+    rows = gate_rows("triage@v9", report)
     forest = plot_forest(rows, tmp_path / "forest.png", "champion v1")
     assert forest and forest.stat().st_size > 1000
     diagram = plot_reliability({"candidate": reliability_bins([[0.95, True]] * 30 + [[0.6, False]] * 10, 5),
@@ -103,3 +103,25 @@ def test_gates_show_intervals_differences_and_verdicts(capsys, tmp_path: Path):
     assert "gate PASS category_accuracy (difference >= -0.200): 0.925 [0.801, 0.974], champion v1 0.750, " \
            "difference +0.175 [" in out
     assert not RAW.search(re.sub(r"data:image/png;base64,[^\"]+", "", html))
+
+
+def test_lost_cases_show_both_answers_side_by_side():
+    """The cases the champion got right and the candidate did not, with both answers, in the
+    report's own table."""
+    from tuneship.evaluate import Case, SuiteResult, load_suite, lost_cases
+    from tuneship.report import lost_table
+
+    suite = load_suite("triage")
+    cases = [Case(prompt=f"Ticket: t{i}\nTriage:", expected={"category": "billing", "priority": "low"})
+             for i in range(4)]
+    ok = " category=billing priority=low"
+    cand = SuiteResult("triage", 8, {}, 4, [], {"category_accuracy": [True, False, True, False],
+                                                "priority_accuracy": [True] * 4},
+                       [ok, " category=shipping priority=low", ok, " category=account priority=low"])
+    ref = SuiteResult("triage", 8, {}, 4, [], {"category_accuracy": [True, True, True, False],
+                                               "priority_accuracy": [True] * 4}, [ok] * 4)
+    rows = lost_cases("triage@v8", suite, cases, cand, ref)
+    assert [(r["metric"], r["prompt"], r["candidate"], r["reference"], r["lost"]) for r in rows] == [
+        ("category_accuracy", "Ticket: t1\nTriage:", " category=shipping priority=low", ok, 1)]
+    html = lost_table(rows)
+    assert "<td>category_accuracy (1 lost)</td>" in html and "category=shipping" in html
