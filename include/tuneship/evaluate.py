@@ -721,7 +721,7 @@ def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cas
     needs_loglik = any(m.kind == "loglik" for m in suite.metrics)
     fields = list(dict.fromkeys(m.field for m in suite.metrics if m.calibration and m.field))
     scored = getattr(generate, "scored", None)
-    if scored is not None and (needs_loglik or fields):
+    if scored is not None:  # a local model: everything from one run of each prompt
         texts = suite.option_texts(fields[0], cases) if fields else {}
         completions, rows, pairs = scored(prompts, suite.generation.max_new_tokens, list(texts.values()),
                                           references=[c.reference or "" for c in cases] if needs_loglik else None)
