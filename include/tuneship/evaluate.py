@@ -967,7 +967,8 @@ def gate_rows(suite_label: str, report: GateReport, suite: Suite | None = None) 
         rows.append({"suite": suite_label, "metric": g.metric, "unit": unit, "rule": g.rule, "threshold": g.threshold,
                      "value": g.value, "low": g.low, "high": g.high, "n": g.n, "reference": g.reference,
                      "diff": d.get("diff"), "diff_low": d.get("low"), "diff_high": d.get("high"),
-                     "p_value": d.get("p_value"), "verdict": g.verdict, "reason": g.reason})
+                     "p_value": d.get("p_value"), "verdict": g.verdict, "reason": g.reason,
+                     "higher_is_better": kinds[g.metric].higher_is_better if g.metric in kinds else None})
     return rows
 
 

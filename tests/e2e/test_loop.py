@@ -88,7 +88,8 @@ def test_first_cycle_promoted_and_serving(demo, task, metric):
     assert {r["verdict"] for r in gates["gates"]} == {"pass"}, gates["gates"]
     assert all(r["low"] <= r["value"] <= r["high"] for r in gates["gates"] if r["n"])  # n 0: nothing to keep
     assert any(r["rule"] == "kept >=" and "got no case right" in r["reason"] for r in gates["gates"])
-    assert all(r["diff_low"] >= r["threshold"] for r in gates["gates"] if r["rule"] == "vs reference")
+    assert all(r["diff_low"] >= r["threshold"] if r["higher_is_better"] else r["diff_high"] <= r["threshold"]
+               for r in gates["gates"] if r["rule"] == "vs reference")  # ECE, Brier: lower is better
     assert c1["release"]["decision"]["decision"] == "promoted"
     assert c1["release"]["verdict"]["requests"] >= 20 and c1["release"]["verdict"]["error_rate"] == 0.0
 
