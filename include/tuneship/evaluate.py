@@ -21,15 +21,19 @@ marker swapped in an otherwise identical prompt changed the answer; lower is bet
 refusals, read by the
 suite's declared `decline` detector (`declined`: share of should-decline cases that
 declined; `wrongly_declined`: share of answerable cases that declined, lower is better,
-so a model that declines everything fails). A case without an expected value for a
-field does not count towards that field's match (a missing expectation is never a match).
+so a model that declines everything fails); calibration of a closed-label field (`ece`,
+`brier`: the softmax over the suite's `options` scored teacher-forced; ECE with equal-mass
+bins, `tuneship.stats.ece`). A case without an expected value for a field does not count
+towards that field's match (a missing expectation is never a match). A metric with `tag`
+counts only the cases carrying that tag (a slice: injections, canaries, controls).
 
 Gates decide on intervals, not point estimates (`tuneship.stats`): every rate has a Wilson
 interval, and a comparison with the reference (champion, else base model) is paired on the
 same cases (Newcombe's interval of the difference, McNemar's exact test). A floor passes when
 the interval's lower bound clears it and fails when its upper bound is below it; a
 `max_regression` margin passes when the paired difference's lower bound is above minus the
-margin (non-inferiority) and fails when its upper bound is below it; anything in between is
+margin (non-inferiority) and fails when its upper bound is below it; `min_kept` is a floor on
+the share of the reference's right answers the candidate keeps, case by case; anything in between is
 inconclusive, which the suite's `statistics.on_inconclusive` decides (today: fail). A gate
 its suite is too small to ever pass (a floor above a perfect score's lower bound, a margin
 below what the suite can detect at its declared power) is a configuration error. A `smoke`
