@@ -11,9 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 TOKEN_MAX_AGE_S = 600.0  # re-authenticate well before Airflow's JWTs expire
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth another try: the connection failed, or a read (GET) met a server error (the API
+    server on SQLite answers 500 now and then while the scheduler writes)."""
+    return isinstance(exc, httpx.TransportError) or (
+        isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500 and exc.request.method == "GET")
 
 
 class AirflowAPI:
@@ -40,7 +47,7 @@ class AirflowAPI:
         self._client.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
         self._token_at = self._clock()
 
-    @retry(retry=retry_if_exception_type(httpx.TransportError), stop=stop_after_attempt(5),
+    @retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(5),
            wait=wait_exponential(multiplier=0.5, max=5), reraise=True)
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         self._ensure_token()
