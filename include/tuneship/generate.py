@@ -150,6 +150,14 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_t
     return texts
 
 
+def _answer_row(prompt: Prompt, answer: str, prompt_format: PromptFormat) -> dict[str, Any]:
+    """A prompt and its answer as a training row (prompt/completion, or chat messages)."""
+    if isinstance(prompt, str) and prompt_format == "plain":
+        return {"prompt": prompt, "completion": answer}
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return {"messages": [*messages, {"role": "assistant", "content": answer}]}
+
+
 def loglikelihood(model: Any, tokenizer: Any, prompts: list[Prompt], references: list[str],
                   prompt_format: PromptFormat = "plain", *, batch_size: int = 8) -> list[tuple[float, int]]:
     """Teacher-forced log-likelihood of each reference answer after its prompt, as
@@ -166,11 +174,7 @@ def loglikelihood(model: Any, tokenizer: Any, prompts: list[Prompt], references:
         raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
     rows = []
     for prompt, reference in zip(prompts, references, strict=True):
-        if isinstance(prompt, str) and prompt_format == "plain":
-            rows.append({"prompt": prompt, "completion": reference})
-        else:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            rows.append({"messages": [*messages, {"role": "assistant", "content": reference}]})
+        rows.append(_answer_row(prompt, reference, prompt_format))
     examples, _ = encode_rows(rows, tokenizer, max_seq_len=1 << 20)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[tuple[float, int]] = []
@@ -241,12 +245,7 @@ def generate_and_score(model: Any, tokenizer: Any, prompts: list[Prompt], max_ne
     encoded: list[tuple[list[int], list[list[int]]]] = []  # per prompt: its ids, its continuations
     for i, prompt in enumerate(prompts):
         answer = "" if references is None else references[i]
-        if isinstance(prompt, str) and prompt_format == "plain":
-            row: dict[str, Any] = {"prompt": prompt, "completion": answer}
-        else:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            row = {"messages": [*messages, {"role": "assistant", "content": answer}]}
-        text, completion, templated = split_prompt_completion(row, tokenizer)
+        text, completion, templated = split_prompt_completion(_answer_row(prompt, answer, prompt_format), tokenizer)
         conts = list(opt_ids)
         if references is not None:
             conts.append(tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos])
