@@ -10,7 +10,10 @@ touches another task's. First reconcile the task's Triton colours with its routi
 (recovers from a release, Triton or gateway that died mid-way), then load the candidate
 into the idle Triton colour, confirm readiness, run warm-up requests straight to it, run the
 smoke suite through the gateway to that colour only (scores below the suite's gates: the
-candidate is unloaded, Slack is told, the run fails), then mirror live
+candidate is unloaded, Slack is told, the run fails), then measure it against the live colour
+on the same requests straight to Triton (`serving_gate`: p95, tokens/s, peak memory and cost
+per 1k tokens, with the task file's `serving` gates; a failure is refused the same way), then
+mirror live
 traffic to it for the shadow window (deferrable: the wait runs on the triggerer, default
 72 h, `shadow_hours` Param). The verdict promotes (atomic gateway switch, `@champion`
 alias follows, `model_promoted` Asset) or rolls back (live untouched, run fails loudly,
@@ -196,7 +199,17 @@ def llm_release():
                                gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
 
     @task
-    def start_shadow(model: str, p: dict, smoke_result: dict):
+    @fail_on_refusal
+    def serving_gate(model: str, p: dict, smoke_result: dict):
+        """p95, tokens/s, memory and cost against the live colour on the same requests."""
+        from tuneship.stages import serving_candidate
+        from tuneship.tasks import load_task
+        from tuneship_airflow.hooks import TritonHook
+
+        return serving_candidate(load_task(p["task"]), model, p, triton=TritonHook())
+
+    @task
+    def start_shadow(model: str, p: dict, serving_result: dict):
         from tuneship.stages import route_for
         from tuneship_airflow.hooks import GatewayHook
 
@@ -277,7 +290,7 @@ def llm_release():
     take_slot >> reconcile(chosen) >> p
     model = load_candidate(p)
     smoked = smoke(model, p)
-    slot = start_shadow(model, p, smoked)
+    slot = start_shadow(model, p, serving_gate(model, p, smoked))
     decided = decide(p, slot)
     slot >> window >> decided >> post_window
     retired = retire_previous(p)

@@ -471,6 +471,7 @@ def _run_cycle(api: Any, loop: Loop, before: dict[str, set[str]], trigger: tuple
     cycle["seconds"]["llm_release"] = stage_seconds(api, "llm_release", rel)
     cycle["release"] = {"run_id": rel, "state": rel_run["state"],
                         "smoke": api.xcom("llm_release", rel, "smoke"),
+                        "serving": api.xcom("llm_release", rel, "serving_gate"),
                         "verdict": api.xcom("llm_release", rel, "shadow_window"),
                         "decision": api.xcom("llm_release", rel, "decide")}
     cycle["ok"] = rel_run["state"] == "success"
@@ -486,7 +487,8 @@ def _latest_drift(task: str | None, run_id: str) -> dict | None:
 
 
 def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
-    from tuneship.report import fmt, gate_line
+    from tuneship.report import fmt, gate_line, usd
+    from tuneship.serving_gate import line as serving_line
 
     print("\n" + "=" * 72)
     print(f"Tuneship demo {'FAILED' if failed else 'OK'} in {fmt(summary['wall_s'], 's')}")
@@ -519,6 +521,15 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
         verdict = rel.get("verdict") or {}
         if cycle.get("decision") == "refused by its gates":
             print("   decision: the retrain was refused by its gates; live traffic stays on the champion")
+        serving = rel.get("serving") or {}
+        if serving.get("candidate"):
+            c = serving["candidate"]
+            print(f"   serving v{serving.get('version')} ({serving.get('requests')} requests, against "
+                  f"{serving.get('live_model') or 'nothing live'}): p95 {fmt(c.get('p95_ms'), 'ms')}, "
+                  f"{fmt(c.get('tokens_per_s'))} tokens/s, peak memory {fmt(c.get('peak_memory_mb'), 'MB')}, "
+                  f"{usd(c.get('cost_per_1k_tokens'))} per 1k tokens")
+            for row in serving.get("rows") or []:
+                print(f"   serving gate {serving_line(row)}")
         if rel:
             print(f"   release {rel['state']}: shadow verdict {verdict.get('verdict')} "
                   f"({fmt(verdict.get('requests'))} requests, error rate {fmt(verdict.get('error_rate'))}, "

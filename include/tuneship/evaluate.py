@@ -563,7 +563,7 @@ def load_cases(suite: Suite, dataset_dir: Path | None = None, parse: Parse | Non
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                prompt, reference = _prompt_and_reference(json.loads(line), path, lineno)
+                prompt, reference = prompt_and_reference(json.loads(line), path, lineno)
                 parsed = parser(reference) if parser else {}
                 cases.append(Case(prompt=prompt, expected={k: v for k, v in parsed.items() if v is not None},
                                   should_decline=bool(suite.decline and suite.decline.declined(reference)),
@@ -572,7 +572,7 @@ def load_cases(suite: Suite, dataset_dir: Path | None = None, parse: Parse | Non
     return cases + suite.cases.counterfactual_cases()
 
 
-def _prompt_and_reference(row: Any, path: Path, lineno: int) -> tuple[Any, str]:
+def prompt_and_reference(row: Any, path: Path, lineno: int) -> tuple[Any, str]:
     if isinstance(row, dict) and "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or len(msgs) < 2 or not isinstance(msgs[-1], dict) \
@@ -846,7 +846,7 @@ class GateReport:
         return "\n".join(g.line(self.reference_name) for g in self.gates)
 
 
-def _decide(low: float, high: float, threshold: float, floor: bool, st: Statistics) -> tuple[Verdict, bool, str]:
+def decide_on_interval(low: float, high: float, threshold: float, floor: bool, st: Statistics) -> tuple[Verdict, bool, str]:
     """Pass when the whole interval is on the threshold's right side (above a floor, below a
     ceiling), fail when all of it is on the wrong side, else inconclusive."""
     if (low >= threshold) if floor else (high <= threshold):
@@ -898,7 +898,7 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
         else:
             low, high = stats.wilson(sum(outcome), n, st.confidence)
         if rule != "vs reference":
-            verdict, ok, why = _decide(low, high, threshold, floor, st)
+            verdict, ok, why = decide_on_interval(low, high, threshold, floor, st)
             results.append(GateResult(gate.metric, rule, value, threshold, None, ok, verdict, n, low, high, reason=why))
             continue
         pairs = [(c, r) for c, r in zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric], strict=True)
@@ -910,7 +910,7 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
             paired = stats.paired_mean_diff if metric.continuous else stats.paired_diff
             d = paired([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
             test = "sign test" if metric.continuous else "McNemar"
-        verdict, ok, why = _decide(d.low, d.high, threshold, floor, st)
+        verdict, ok, why = decide_on_interval(d.low, d.high, threshold, floor, st)
         results.append(GateResult(gate.metric, rule, value, threshold, reference.metrics[gate.metric], ok, verdict,
                                   d.n, low, high, {**d.to_dict(), "higher_is_better": metric.higher_is_better,
                                                    "test": test}, why))
@@ -930,7 +930,7 @@ def _kept(gate: Gate, metric: Metric, candidate: SuiteResult, reference: SuiteRe
         return GateResult(gate.metric, "kept >=", 1.0, threshold, reference.metrics[gate.metric], True, "pass", 0,
                           reason=f"{who} got no case right: nothing to keep")
     low, high = stats.wilson(kept, len(pairs), st.confidence)
-    verdict, ok, why = _decide(low, high, threshold, True, st)
+    verdict, ok, why = decide_on_interval(low, high, threshold, True, st)
     lost = f"kept {kept} of the {len(pairs)} cases {who} got right"
     return GateResult(gate.metric, "kept >=", kept / len(pairs), threshold, reference.metrics[gate.metric], ok,
                       verdict, len(pairs), low, high, reason=f"{lost}; {why}" if why else lost)

@@ -50,6 +50,11 @@ def fmt(value: Any, unit: str = "") -> str:
     return f"{text} {unit}" if unit and text != "-" else text
 
 
+def usd(value: Any) -> str:
+    """A cost in US dollars to 4 decimals (a cost per 1k tokens is a fraction of a cent)."""
+    return "-" if value is None else f"USD {value:.4f}"
+
+
 def _interval(value: Any, low: Any, high: Any, signed: bool = False) -> str:
     if value is None:
         return "-"
@@ -103,6 +108,28 @@ def lost_table(rows: list[dict[str, Any]]) -> str:
                   ["suite", "metric", "prompt", "expected", "candidate's answer", "reference's answer"])
 
 
+def serving_html(serving: dict[str, Any]) -> str:
+    """The serving gate: both models' figures side by side, each gate, the latency chart."""
+    if not serving.get("candidate"):
+        return ""
+    models = [("candidate v" + str(serving.get("version")), serving["candidate"])]
+    if serving.get("live"):
+        models.append((f"live v{serving.get('live_version')}", serving["live"]))
+    figures = _table([[name, fmt(f["requests"]), fmt(f["p50_ms"], "ms"),
+                       _interval(f["p95_ms"], f["p95_ms_low"], f["p95_ms_high"]),
+                       _interval(f["tokens_per_s"], f["tokens_per_s_low"], f["tokens_per_s_high"]),
+                       fmt(f["peak_memory_mb"], "MB"), usd(f["cost_per_1k_tokens"])] for name, f in models],
+                     ["model", "requests", "p50", "p95 (ms) [95%]", "tokens/s [95%]", "peak memory",
+                      "cost per 1k tokens"])
+    from tuneship.serving_gate import line
+
+    rows = "".join(f"<li>{html.escape(line(r))}</li>" for r in serving.get("rows") or [])
+    head = (f"<h3>Serving gate (against {html.escape(str(serving.get('live_model') or 'nothing live'))}, "
+            f"{serving.get('rounds', 1)} round(s), {float(serving.get('confidence', 0.95)):.1%} intervals)</h3>")
+    note = f"<p>{html.escape(serving['note'])}</p>" if serving.get("note") else ""
+    return head + note + figures + f"<ul>{rows}</ul>" + _img(serving.get("latency_plot"), "latency distribution")
+
+
 def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
     parts = [f"<h2>Cycle {i} ({html.escape(str(cycle.get('task')))}): triggered by "
              f"<code>{html.escape(cycle['trigger'])}</code></h2>"]
@@ -141,6 +168,7 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
         if smoke:
             figures = ", ".join(f"{k} {fmt(v)}" for k, v in (smoke.get("metrics") or {}).items())
             parts.append(f"<p>Smoke through the gateway: {html.escape(figures)}</p>")
+        parts.append(serving_html(rel.get("serving") or {}))
     seconds = cycle.get("seconds") or {}
     if seconds:
         rows = [[dag_id, task_id, fmt(secs, "s")] for dag_id, stages in seconds.items() for task_id, secs in stages.items()]

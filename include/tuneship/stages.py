@@ -590,6 +590,22 @@ def warm_up_candidate(task: Task, model: str, triton: Any) -> dict[str, Any]:
         raise StageFailed(str(exc)) from exc
 
 
+def served_texts(task: Task, prompts: list[Any], base_model: str | None = None) -> list[str]:
+    """Case prompts as the text the compiled model is fed: a plain task's prompt as is, a chat
+    task's messages (with its system prompt) rendered with the base model's chat template
+    (exactly what the compile step's parity check fed it)."""
+    rendered = [task.render_prompt(p) for p in prompts]
+    if all(isinstance(p, str) for p in rendered):
+        return rendered
+    from transformers import AutoTokenizer
+
+    from tuneship.basemodel import resolve_base_ref
+    from tuneship.compile import served_text
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_ref(base_model or task.base_model)[0])
+    return [p if isinstance(p, str) else served_text(tokenizer, p) for p in rendered]
+
+
 def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token: str,
                           base_model: str | None = None) -> dict[str, Any]:
     """The task's smoke cases through the gateway to its served model, addressed to the
@@ -602,26 +618,15 @@ def smoke_through_gateway(task: Task, colour_model: str, *, base_url: str, token
 
     suite = task.suite(task.eval.smoke)
     cases = load_cases(suite)
-    tokenizer = None
     outs = []
     colour = colour_model.removeprefix(f"{task.name}_")
+    prompts = served_texts(task, [case.prompt_input() for case in cases], base_model)
     with httpx.Client(base_url=base_url, timeout=60.0,
                       headers={"Authorization": f"Bearer {token}", "X-Tuneship-Target": colour,
                                "X-Tuneship-Target-Model": colour_model}) as c:
-        for case in cases:
+        for prompt in prompts:
             body: dict[str, Any] = {"model": task.served_model, "max_tokens": suite.generation.max_new_tokens,
                                     "temperature": 0}
-            prompt = task.render_prompt(case.prompt_input())
-            if not isinstance(prompt, str):
-                if tokenizer is None:
-                    from transformers import AutoTokenizer
-
-                    from tuneship.basemodel import resolve_base_ref
-
-                    tokenizer = AutoTokenizer.from_pretrained(resolve_base_ref(base_model or task.base_model)[0])
-                from tuneship.compile import served_text
-
-                prompt = served_text(tokenizer, prompt)
             r = c.post("/v1/completions", json={**body, "prompt": prompt})
             if r.status_code != 200:
                 raise StageFailed(f"smoke request to {colour_model} failed: HTTP {r.status_code} {r.text[:300]}")
@@ -655,6 +660,82 @@ def smoke_candidate(task: Task, colour_model: str, version: str, *, gateway: Any
            "live traffic untouched", level="error", version=version, task=task.name, smoke=result)
     raise Refusal(f"smoke failed on {colour_model} (v{version}): {figures} below the smoke suite's gates; "
                   f"samples: {result['samples']}")
+
+
+def serving_prompts(task: Task, dataset_version: str | None, base_model: str | None) -> list[str]:
+    """What the serving gate sends: the prompts of the candidate's eval split (its dataset
+    version's), else the smoke suite's, as the task's clients send them."""
+    from tuneship.evaluate import load_cases, prompt_and_reference
+
+    path = datasets_root(task) / dataset_version / "eval.jsonl" if dataset_version else None
+    if path is not None and path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            prompts = [prompt_and_reference(json.loads(line), path, n)[0] for n, line in enumerate(fh, 1) if line.strip()]
+    else:
+        prompts = [c.prompt_input() for c in load_cases(task.suite(task.eval.smoke))]
+    return served_texts(task, prompts, base_model)
+
+
+def serving_candidate(task: Task, colour_model: str, plan: dict[str, Any], *, triton: Any) -> dict[str, Any]:
+    """The serving gate (`tuneship.serving_gate`): the candidate, loaded in its colour, against
+    the live colour on the same requests. Figures and intervals go to the version's MLflow run
+    (metrics `serving_*`, the JSON and the latency chart); failed gates are a decision (the
+    candidate unloaded, Slack once, Refusal); a request Triton could not answer is a fault
+    (StageFailed, retried). Live traffic is untouched either way.
+
+    `triton`: the Airflow hook or a TritonControl (anything with `url`, `is_ready`, `unload`)."""
+    from tuneship import registry, serving_gate
+
+    spec, version = task.serving, str(plan["version"])
+    mv = registry.get_version(version, task.registered_model)
+    live = task.colour_model(plan["previous_colour"]) if plan.get("previous_colour") else None
+    note = "nothing live: a first release (absolute gates only)" if live is None else None
+    if live is not None and not triton.is_ready(live):
+        note, live = f"the live colour {live} is not loaded in Triton: absolute gates only", None
+    models = [colour_model, *([live] if live else [])]
+    max_new = spec.max_new_tokens or task.suite(task.eval.suites[0]).generation.max_new_tokens
+    seed = int(version) if version.isdigit() else 0
+    prompts = serving_prompts(task, plan.get("dataset_version"), mv.tags.get("base_model"))
+    def measure_round(k: int) -> dict[str, Any]:
+        return serving_gate.measure(triton.url, models, prompts, max_new, requests=spec.requests,
+                                    seed=seed * 100 + k, first=(k - 1) * spec.requests)
+
+    try:
+        readings, result = serving_gate.gate(spec, measure_round, colour_model, live, seed=seed)
+    except RuntimeError as exc:
+        raise StageFailed(str(exc)) from exc
+    out = config.artifacts() / "tasks" / task.name / "serving" / f"v{version}.json"
+    labels = {colour_model: f"candidate v{version}", **({live: f"live v{plan.get('previous_version')}"} if live else {})}
+    png = serving_gate.plot_latency({labels[m]: r for m, r in readings.items()}, out.with_suffix(".png"),
+                                    f"{task.name}: {result['requests']} requests each, up to {max_new} tokens")
+    result.update(task=task.name, version=version, model=colour_model, live_model=live,
+                  live_version=plan.get("previous_version") if live else None, note=note, max_new_tokens=max_new,
+                  latency_plot=str(png) if png else None, readings={m: r.to_dict() for m, r in readings.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    cand = result["candidate"]
+    logged = {f"serving_{k}": v for k, v in cand.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    logged.update({f"serving_{r['metric']}_ratio{k}": r[src] for r in result["rows"] if r["rule"].startswith("ratio")
+                   for k, src in (("", "diff"), ("_low", "diff_low"), ("_high", "diff_high")) if r[src] is not None})
+    registry.log_metrics(mv.run_id, logged)
+    for path in (out, png):
+        if path:
+            registry.log_artifact(mv.run_id, Path(path), "serving")
+    registry.set_version_tags(version, {"serving": "passed" if result["passed"] else "failed",
+                                        **{f"serving_{k}": f"{cand[k]:.4g}" for k in
+                                           ("p95_ms", "tokens_per_s", "peak_memory_mb", "cost_per_1k_tokens")
+                                           if cand.get(k) is not None}}, task.registered_model)
+    print(f"serving gate, {colour_model} against {live or 'nothing live'}:\n{result['summary']}")
+    if result["passed"]:
+        return {k: v for k, v in result.items() if k != "readings"}
+    failed = [r for r in result["rows"] if r["verdict"] != "pass"]
+    if triton.is_ready(colour_model):
+        triton.unload(colour_model)
+    lines = "\n".join(serving_gate.line(r) for r in failed)
+    notify(f"{task.name} v{version} failed its serving gates against {live or 'its ceilings'}; candidate unloaded, "
+           f"live traffic untouched:\n{lines}", level="error", version=version, task=task.name,
+           serving={k: v for k, v in result.items() if k != "readings"})
+    raise Refusal(f"serving gates failed for v{version} on {colour_model}:\n{lines}")
 
 
 def release_trigger(task_param: str | None, version: str | None, triggering_asset_events: Any, *,

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tuneship import config
 
@@ -75,6 +83,40 @@ class ReleaseSpec(_Strict):
     max_p95_ms: float = Field(default=2000.0, gt=0)
     min_requests: int = Field(default=20, ge=1)
     min_format_rate: float = Field(default=0.9, ge=0, le=1)
+
+
+class ServingSpec(_Strict):
+    """The serving gate (`tuneship.serving_gate`, in llm_release after smoke): the candidate's
+    compiled artifact in Triton against the live colour, on the same requests, in the same run."""
+
+    requests: int = Field(default=30, ge=20, le=2000,
+                          description="eval-split prompts sent to each model, one at a time (20 at least: the p95 "
+                                      "of fewer is their maximum)")
+    max_rounds: int = Field(default=3, ge=1, le=10,
+                            description="rounds of `requests` while a gate is undecided (each look at "
+                                        "1 - 0.05 / max_rounds, Bonferroni)")
+    max_new_tokens: int | None = Field(default=None, gt=0, le=512,
+                                       description="tokens a request may generate (empty: the first gate suite's)")
+    price_per_hour: float | None = Field(default=None, gt=0,
+                                         description="USD an hour of the instance serving the task: gives cost per "
+                                                     "1k generated tokens")
+    max_p95_ratio: float | None = Field(default=1.5, gt=1, description="candidate p95 / live p95, upper bound")
+    min_tokens_per_s_ratio: float | None = Field(default=0.67, gt=0, lt=1,
+                                                 description="candidate tokens/s / live tokens/s, lower bound")
+    max_memory_ratio: float | None = Field(default=None, gt=1,
+                                           description="candidate peak memory / live peak memory (needs Triton's "
+                                                       "processes on this host)")
+    max_memory_mb: float | None = Field(default=None, gt=0, description="peak resident memory of the candidate's "
+                                                                        "Triton processes (this host's Triton)")
+    max_cost_per_1k_tokens: float | None = Field(default=None, gt=0,
+                                                 description="USD per 1k generated tokens, upper bound (needs "
+                                                             "price_per_hour)")
+
+    @model_validator(mode="after")
+    def _cost_needs_price(self) -> ServingSpec:
+        if self.max_cost_per_1k_tokens is not None and self.price_per_hour is None:
+            raise ValueError("max_cost_per_1k_tokens needs price_per_hour (the instance's USD an hour)")
+        return self
 
 
 class RetrainSpec(_Strict):
@@ -130,6 +172,7 @@ class Task(_Strict):
     eval: EvalSpec
     compile: CompileSpec = CompileSpec()
     release: ReleaseSpec = ReleaseSpec()
+    serving: ServingSpec = ServingSpec()
     drift: DriftSpec = DriftSpec()
     demo: DemoSpec | None = None
 

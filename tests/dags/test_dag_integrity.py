@@ -99,7 +99,8 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     import re
 
     dag = dagbag.dags["llm_release"]
-    order = ["which_task", "take_release_slot", "reconcile", "plan", "load_candidate", "smoke", "start_shadow",
+    order = ["which_task", "take_release_slot", "reconcile", "plan", "load_candidate", "smoke", "serving_gate",
+             "start_shadow",
              "shadow_window", "decide", "post_switch_window", "post_switch_guard", "retention_window",
              "retire_previous", "give_back_release_slot"]
     assert set(dag.task_ids) == {*order, "other_candidates", "fan_out"}
@@ -278,7 +279,8 @@ def test_validation_runs_nightly_and_when_a_batch_lands(dagbag):
 
 # The tasks whose stage can refuse (a gate's decision): each must fail once, without a retry.
 DECIDING_TASKS = {("llm_data_validation", "validate_and_version"), ("llm_finetune", "plan"),
-                  ("llm_finetune", "evaluate"), ("llm_release", "smoke"), ("llm_release", "decide"),
+                  ("llm_finetune", "evaluate"), ("llm_release", "smoke"), ("llm_release", "serving_gate"),
+                  ("llm_release", "decide"),
                   ("llm_release", "post_switch_guard")}
 
 

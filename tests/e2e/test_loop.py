@@ -92,6 +92,13 @@ def test_first_cycle_promoted_and_serving(demo, task, metric):
                for r in gates["gates"] if r["rule"] == "vs reference")  # ECE, Brier: lower is better
     assert c1["release"]["decision"]["decision"] == "promoted"
     assert c1["release"]["verdict"]["requests"] >= 20 and c1["release"]["verdict"]["error_rate"] == 0.0
+    # the serving gate measured the compiled SmolLM2 in Triton; nothing live yet: its ceilings only
+    serving = c1["release"]["serving"]
+    assert serving["passed"] and serving["live_model"] is None and serving["requests"] >= 30
+    assert {r["metric"] for r in serving["rows"]} == {"cost_per_1k_tokens", "peak_memory_mb"}
+    figures = serving["candidate"]
+    assert figures["p95_ms_low"] <= figures["p95_ms"] <= figures["p95_ms_high"] and figures["tokens_per_s"] > 1
+    assert 200 < figures["peak_memory_mb"] < 2048 and figures["processes"] == 2  # two fp32 SmolLM2 instances
 
 
 def promoted_version(demo) -> str:
@@ -119,6 +126,13 @@ def test_drift_fired_and_second_decision(demo):
         assert c2["finetune"]["state"] == "success"
         assert c2["finetune"]["gates"]["reference_name"].startswith("champion")
         assert c2["release"]["verdict"]["slot"] == "shadow"
+        # measured against the champion in the same Triton, on the same requests
+        serving = c2["release"]["serving"]
+        assert serving["passed"] and serving["live_model"].startswith("triage_")
+        assert serving["live_model"] != serving["model"]  # the other colour: cycle 1's champion
+        ratios = {r["metric"]: r for r in serving["rows"] if r["rule"].startswith("ratio")}
+        assert set(ratios) == {"p95_ms", "tokens_per_s", "peak_memory_mb"}
+        assert ratios["tokens_per_s"]["diff_low"] >= 0.67 and ratios["p95_ms"]["diff_high"] <= 1.5
     else:
         assert c2["finetune"]["state"] == "failed" and "release" not in c2
         alert = c2["gates_alert"] or ""

@@ -82,6 +82,8 @@ def test_a_task_beside_its_own_module_needs_no_library_change(tmp_path, monkeypa
     ({"recipe": "no-such-recipe"}, "recipe", "no recipe"),
     ({"release.max_error_rate": 2}, "release.max_error_rate", "less than or equal to 1"),
     ({"name": "other"}, "name", "must equal the file name"),
+    ({"serving": {"max_cost_per_1k_tokens": 0.01}}, "serving", "needs price_per_hour"),
+    ({"serving": {"requests": 5}}, "serving.requests", "greater than or equal to 20"),
 ])
 def test_a_broken_task_file_names_the_file_and_the_key(tmp_path, changes, key, words):
     path = write_task(tmp_path, **changes)
