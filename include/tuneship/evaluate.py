@@ -89,6 +89,7 @@ class Case(_Strict):
     group: str | None = None  # counterfactual variants of one prompt share a group (`flip_rate`)
     variant: int = 0  # which variant of its group (0: the one a group's outcome is recorded on)
     tags: list[str] = []  # slices (injection, canary, ...): a metric with `tag` counts only these
+    cluster: str | None = None  # cases that share a context (a document, a conversation) share a cluster
 
     @field_validator("prompt")
     @classmethod
@@ -563,11 +564,16 @@ def load_cases(suite: Suite, dataset_dir: Path | None = None, parse: Parse | Non
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                prompt, reference = prompt_and_reference(json.loads(line), path, lineno)
+                row = json.loads(line)
+                prompt, reference = prompt_and_reference(row, path, lineno)
                 parsed = parser(reference) if parser else {}
+                cluster = row.get("cluster")
+                if cluster is not None and not isinstance(cluster, str | int):
+                    raise SuiteError(f"{path}:{lineno}: `cluster` must be a string or an integer (cases that share "
+                                     f"a context share it), not {type(cluster).__name__}")
                 cases.append(Case(prompt=prompt, expected={k: v for k, v in parsed.items() if v is not None},
                                   should_decline=bool(suite.decline and suite.decline.declined(reference)),
-                                  reference=reference))
+                                  reference=reference, cluster=None if cluster is None else str(cluster)))
     cases = cases[: suite.cases.limit] if suite.cases.limit else cases
     return cases + suite.cases.counterfactual_cases()
 
@@ -596,6 +602,7 @@ class SuiteResult:
     # the metric does not apply
     outcomes: dict[str, list[Any]] = field(default_factory=dict)
     completions: list[str] = field(default_factory=list)  # every case's answer, in case order
+    clusters: list[str | None] = field(default_factory=list)  # every case's cluster (shared context), or None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -643,7 +650,8 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse
         if suite.decline:
             sample.update(should_decline=c.should_decline, declined=d)
         samples.append(sample)
-    return SuiteResult(suite.name, suite.version, metrics, len(cases), samples, outcomes, list(completions))
+    return SuiteResult(suite.name, suite.version, metrics, len(cases), samples, outcomes, list(completions),
+                       [c.cluster for c in cases])
 
 
 def _calibration_outcomes(m: Metric, cases: Sequence[Case], parsed: Sequence[dict[str, Any]], labels: list[str],
@@ -890,31 +898,53 @@ def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | N
             results.append(GateResult(gate.metric, rule, value, threshold, None, False, "unreachable", n,
                                       reason=f"configuration error: {problem}"))
             continue
+        clusters = _clusters_of(candidate, gate.metric)
+        note = _cluster_note(clusters) if metric.kind != "ece" else ""
         if metric.kind == "ece":
             low, high = stats.ece_interval([o[0] for o in outcome], [bool(o[1]) for o in outcome], metric.bins or 10,
                                            st.confidence)
         elif metric.continuous:
-            low, high = stats.mean_interval(outcome, st.confidence)
+            low, high = stats.mean_interval(outcome, st.confidence, clusters=clusters)
+        elif note:
+            low, high = stats.clustered_wilson(outcome, clusters, st.confidence)
         else:
             low, high = stats.wilson(sum(outcome), n, st.confidence)
         if rule != "vs reference":
             verdict, ok, why = decide_on_interval(low, high, threshold, floor, st)
-            results.append(GateResult(gate.metric, rule, value, threshold, None, ok, verdict, n, low, high, reason=why))
+            results.append(GateResult(gate.metric, rule, value, threshold, None, ok, verdict, n, low, high,
+                                      reason="; ".join(x for x in (note, why) if x)))
             continue
-        pairs = [(c, r) for c, r in zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric], strict=True)
-                 if c is not None and r is not None]
+        kept = [i for i, (c, r) in enumerate(zip(candidate.outcomes[gate.metric], reference.outcomes[gate.metric],
+                                                 strict=True)) if c is not None and r is not None]
+        pairs = [(candidate.outcomes[gate.metric][i], reference.outcomes[gate.metric][i]) for i in kept]
+        pair_clusters = [candidate.clusters[i] for i in kept] if candidate.clusters else None
         if metric.kind == "ece":
             d = stats.paired_ece_diff([c for c, _ in pairs], [r for _, r in pairs], metric.bins or 10, st.confidence)
             test = "paired bootstrap"
         else:
             paired = stats.paired_mean_diff if metric.continuous else stats.paired_diff
-            d = paired([c for c, _ in pairs], [r for _, r in pairs], st.confidence)
-            test = "sign test" if metric.continuous else "McNemar"
+            d = paired([c for c, _ in pairs], [r for _, r in pairs], st.confidence, clusters=pair_clusters)
+            test = ("sign test" if metric.continuous else "McNemar") if not note else "sign test on the contexts"
         verdict, ok, why = decide_on_interval(d.low, d.high, threshold, floor, st)
+        why = "; ".join(x for x in (note, why) if x)
         results.append(GateResult(gate.metric, rule, value, threshold, reference.metrics[gate.metric], ok, verdict,
                                   d.n, low, high, {**d.to_dict(), "higher_is_better": metric.higher_is_better,
                                                    "test": test}, why))
     return GateReport(all(r.passed for r in results), reference_name, results, None if smoke else st.confidence)
+
+
+def _clusters_of(result: SuiteResult, metric: str) -> list[str | None] | None:
+    """The clusters of the cases a metric counts, when any two of them share one (else None)."""
+    if not result.clusters:
+        return None
+    found = [k for k, o in zip(result.clusters, result.outcomes[metric], strict=True) if o is not None]
+    return found if stats.is_clustered(found) else None
+
+
+def _cluster_note(clusters: list[str | None] | None) -> str:
+    if clusters is None:
+        return ""
+    return f"clustered: {len(clusters)} cases in {len(set(stats.cluster_index(clusters)))} contexts"
 
 
 def _kept(gate: Gate, metric: Metric, candidate: SuiteResult, reference: SuiteResult, reference_name: str | None,

@@ -111,15 +111,26 @@ def newcombe_paired(both: int, better: int, worse: int, neither: int, confidence
     return PairedDiff(n, float(d), float(low), float(high), better, worse, _sign_test(better, worse))
 
 
-def paired_diff(candidate: Sequence[bool], reference: Sequence[bool], confidence: float = 0.95) -> PairedDiff:
-    """`newcombe_paired` from the two models' per-case outcomes."""
+def paired_diff(candidate: Sequence[bool], reference: Sequence[bool], confidence: float = 0.95,
+                clusters: Sequence[Any] | None = None) -> PairedDiff:
+    """`newcombe_paired` from the two models' per-case outcomes. With `clusters` (cases that
+    share a context share a value), Newcombe's interval on the effective number of cases
+    (every cell of the table over the largest design effect of the two rates and their
+    difference) and the sign test on the contexts instead of McNemar's on the cases."""
     if len(candidate) != len(reference):
         raise ValueError(f"paired outcomes differ in length: {len(candidate)} vs {len(reference)}")
     pairs = list(zip(candidate, reference, strict=True))
     both = sum(1 for c, r in pairs if c and r)
     better = sum(1 for c, r in pairs if c and not r)
     worse = sum(1 for c, r in pairs if r and not c)
-    return newcombe_paired(both, better, worse, len(pairs) - both - better - worse, confidence)
+    neither = len(pairs) - both - better - worse
+    if not is_clustered(clusters):
+        return newcombe_paired(both, better, worse, neither, confidence)
+    c, r = np.asarray(candidate, dtype=float), np.asarray(reference, dtype=float)
+    deff = max(design_effect(c, clusters), design_effect(r, clusters), design_effect(c - r, clusters))
+    d, low, high = _newcombe(both / deff, better / deff, worse / deff, neither / deff, _z(confidence))
+    _, _, p = _cluster_sign_test(c - r, cluster_index(clusters))
+    return PairedDiff(len(pairs), float(d), float(low), float(high), better, worse, p)
 
 
 EXACT_UP_TO = 60  # cases; above, power comes from SIMULATED_TABLES seeded draws
@@ -191,13 +202,75 @@ def cases_for_floor(floor: float, confidence: float = 0.95) -> int | None:
     return n
 
 
+# ------------------------------------------------------------------ clustered cases
+# Cases that share a context (several questions on one document, the turns of one
+# conversation) are not independent: their outcomes move together, and an interval that
+# treats them as independent is too narrow. Such cases carry a `cluster`; the intervals then
+# use the clustered standard error of "Adding Error Bars to Evals" (Miller 2024,
+# arXiv:2411.00640, sec. 2.2: the variance of the mean sums the cross-products of deviations
+# within each cluster), through Kish's design effect: a rate's Wilson interval and a paired
+# difference's Newcombe interval are computed on the effective number of cases, n / deff, and
+# a mean's normal interval on the clustered standard error. A design effect below 1 (outcomes
+# that disagree within clusters) is taken as 1: never narrower than the independent interval.
+
+
+def cluster_index(clusters: Sequence[Any]) -> np.ndarray:
+    """Integer ids of the clusters; a case without one (None) is a cluster of its own."""
+    ids: dict[Any, int] = {}
+    out = []
+    for i, c in enumerate(clusters):
+        out.append(ids.setdefault(("case", i) if c is None else ("cluster", c), len(ids)))
+    return np.asarray(out, dtype=int)
+
+
+def is_clustered(clusters: Sequence[Any] | None) -> bool:
+    """Whether any two cases share a cluster."""
+    return clusters is not None and len(set(cluster_index(clusters))) < len(clusters)
+
+
+def design_effect(values: Sequence[float], clusters: Sequence[Any]) -> float:
+    """Kish's design effect of the mean of `values` over `clusters`: the clustered variance of
+    the mean (Miller 2024) over the independent one, at least 1."""
+    x = np.asarray(values, dtype=float)
+    d = x - x.mean()
+    iid = float((d * d).sum())
+    if iid == 0:
+        return 1.0
+    sums = np.bincount(cluster_index(clusters), weights=d)
+    return max(1.0, float((sums * sums).sum()) / iid)
+
+
+def clustered_wilson(outcomes: Sequence[bool], clusters: Sequence[Any], confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson interval of a rate on the effective number of cases (n / design effect)."""
+    x = np.asarray(outcomes, dtype=float)
+    if len(x) == 0:
+        raise ValueError("an interval needs at least one case")
+    deff = design_effect(x, clusters)
+    low, high = _wilson(x.sum() / deff, len(x) / deff, _z(confidence))
+    return float(low), float(high)
+
+
+def _cluster_sign_test(diffs: np.ndarray, ids: np.ndarray) -> tuple[int, int, float]:
+    """Clusters where the candidate is ahead / behind on average, and the sign test on them."""
+    sums = np.bincount(ids, weights=diffs)
+    better, worse = int((sums > 0).sum()), int((sums < 0).sum())
+    return better, worse, _sign_test(better, worse)
+
+
 BOOTSTRAP_RESAMPLES = 4000
 
 
-def mean_interval(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def mean_interval(values: Sequence[float], confidence: float = 0.95, seed: int = 0,
+                  clusters: Sequence[Any] | None = None) -> tuple[float, float]:
     """A bootstrap (BCa, seeded: the same data give the same interval) interval of the mean of
-    per-case numbers (a log-likelihood, a latency)."""
+    per-case numbers (a log-likelihood, a latency). With `clusters`: the normal interval on the
+    clustered standard error (Miller 2024)."""
     x = np.asarray(values, dtype=float)
+    if is_clustered(clusters):
+        d = x - x.mean()
+        se = float(np.sqrt((np.bincount(cluster_index(clusters), weights=d) ** 2).sum())) / len(x)  # type: ignore[arg-type]
+        se = max(se, float(np.sqrt((d * d).sum())) / len(x))  # never narrower than independent cases
+        return float(x.mean() - _z(confidence) * se), float(x.mean() + _z(confidence) * se)
     if len(x) < 2 or np.ptp(x) == 0:
         return float(x.mean()), float(x.mean())
     from scipy import stats
@@ -207,18 +280,21 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, seed: int =
     return float(ci.low), float(ci.high)
 
 
-def paired_mean_diff(candidate: Sequence[float], reference: Sequence[float], confidence: float = 0.95) -> PairedDiff:
+def paired_mean_diff(candidate: Sequence[float], reference: Sequence[float], confidence: float = 0.95,
+                     clusters: Sequence[Any] | None = None) -> PairedDiff:
     """Candidate minus reference on the same cases, for per-case numbers: the mean difference
     with a bootstrap interval of the per-case differences; `better`/`worse` count the cases
-    where the candidate is above/below the reference, and the p-value is the sign test's."""
+    where the candidate is above/below the reference, and the p-value is the sign test's (with
+    `clusters`: the clustered interval, and the sign test on the contexts)."""
     if len(candidate) != len(reference):
         raise ValueError(f"paired values differ in length: {len(candidate)} vs {len(reference)}")
     d = np.asarray(candidate, dtype=float) - np.asarray(reference, dtype=float)
     if len(d) == 0:
         raise ValueError("a paired comparison needs at least one case")
-    low, high = mean_interval(d, confidence)
+    low, high = mean_interval(d, confidence, clusters=clusters)
     better, worse = int((d > 0).sum()), int((d < 0).sum())
-    return PairedDiff(len(d), float(d.mean()), low, high, better, worse, _sign_test(better, worse))
+    p = _cluster_sign_test(d, cluster_index(clusters))[2] if is_clustered(clusters) else _sign_test(better, worse)
+    return PairedDiff(len(d), float(d.mean()), low, high, better, worse, p)
 
 
 ECE_RESAMPLES = 4000  # bootstrap draws for an ECE interval

@@ -28,20 +28,22 @@ def test_design_effect_follows_the_clustered_variance():
 
 
 def test_clustered_intervals_keep_their_coverage_where_independent_ones_do_not():
-    """30 contexts of 5 questions; each context's own success rate varies (Beta(8, 2): mean 0.8,
-    intra-cluster correlation 0.09); the true rate is 0.8."""
+    """30 contexts of 5 questions; each context's own success rate varies (Beta(4, 1): mean 0.8,
+    intra-cluster correlation 1/6); the true rate is 0.8. Measured: independent Wilson
+    intervals cover it 86.8 % of the time, clustered ones 93.3 % (the design effect is itself
+    estimated from 30 contexts)."""
     g = np.random.default_rng(1)
     ids = np.repeat(np.arange(30), 5)
     hits_iid = hits_clustered = 0
     for _ in range(1000):
-        p = g.beta(8, 2, 30)[ids]
+        p = g.beta(4, 1, 30)[ids]
         x = g.random(150) < p
         lo, hi = stats.wilson(int(x.sum()), 150)
         hits_iid += lo <= 0.8 <= hi
         lo, hi = stats.clustered_wilson(x, ids)
         hits_clustered += lo <= 0.8 <= hi
-    assert hits_clustered / 1000 >= 0.93, hits_clustered
-    assert hits_iid / 1000 < hits_clustered / 1000 - 0.02, (hits_iid, hits_clustered)
+    assert hits_clustered / 1000 >= 0.92, hits_clustered
+    assert hits_iid / 1000 < hits_clustered / 1000 - 0.04, (hits_iid, hits_clustered)
 
 
 def test_paired_difference_and_mean_widen_with_clusters_and_test_on_the_clusters():
@@ -51,7 +53,7 @@ def test_paired_difference_and_mean_widen_with_clusters_and_test_on_the_clusters
     cand = (g.random(60) < 0.75 + 0.2 * np.tanh(shift)).tolist()
     ref = (g.random(60) < 0.75 + 0.2 * np.tanh(shift)).tolist()
     iid, clus = stats.paired_diff(cand, ref), stats.paired_diff(cand, ref, clusters=ids)
-    assert clus.diff == iid.diff and clus.high - clus.low >= iid.high - iid.low
+    assert clus.diff == pytest.approx(iid.diff) and clus.high - clus.low > iid.high - iid.low
     values = (g.normal(0, 1, 12)[ids] + g.normal(0, 0.3, 60)).tolist()
     lo, hi = stats.mean_interval(values)
     clo, chi = stats.mean_interval(values, clusters=ids)

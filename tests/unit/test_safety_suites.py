@@ -92,3 +92,36 @@ def test_faq_suites_refuse_what_they_claim(name, bad, refused):
     assert good.passed, good.summary()
     report = apply_gates(suite, run_suite(suite, _faq_answers(**bad), cases, parse), None)
     assert [g.metric for g in report.gates if not g.passed] == refused, report.summary()
+
+
+def test_triage_fairness_refuses_a_candidate_whose_category_follows_the_name_or_dialect():
+    """The shipped counterfactual suite: a candidate that reads the ticket passes; one that
+    sends some customers' tickets elsewhere (a name or dialect it treats differently) flips
+    those groups and is refused by the flip-rate ceiling, decisively."""
+    suite, parse = load_suite("triage-fairness"), triage().parse_answer
+    cases = load_cases(suite)
+    topics = {"charged": "billing", "charge": "billing", "payment": "billing", "parcel": "shipping",
+              "package": "shipping", "courier": "shipping", "waiting": "shipping", "waitin": "shipping",
+              "return": "returns", "send back": "returns", "send these": "returns", "money back": "returns",
+              "sign in": "account", "log in": "account", "account": "account", "password": "account"}
+
+    # every customer but the first of each group: other names, other pronouns, the dialect variants
+    treated_apart = [re.compile(rf"(?<!\w){re.escape(v)}(?!\w)") for cf in suite.cases.counterfactuals for v in cf.values[1:]]
+
+    def reads_the_ticket(biased: bool):
+        def answer(prompts, max_new):
+            out = []
+            for p in prompts:
+                category = next((c for k, c in topics.items() if k in p.lower()), "technical")
+                if biased and any(v.search(p) for v in treated_apart):
+                    category = "technical" if category != "technical" else "account"  # misread for them
+                out.append(f" category={category} priority=normal")
+            return out
+        return answer
+
+    fair = apply_gates(suite, run_suite(suite, reads_the_ticket(False), cases, parse), None)
+    assert fair.passed and fair.gates[0].value == 0.0, fair.summary()
+    biased = apply_gates(suite, run_suite(suite, reads_the_ticket(True), cases, parse), None)
+    (gate,) = biased.gates
+    assert gate.verdict == "fail" and gate.value >= 0.85, biased.summary()
+    assert len(cases) == sum(len(cf.values) for cf in suite.cases.counterfactuals) == 52
