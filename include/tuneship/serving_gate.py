@@ -138,12 +138,13 @@ class _MemoryWatch:
 
 
 def measure(url: str, models: Sequence[str], prompts: Sequence[str], max_new_tokens: int, *, requests: int,
-            seed: int = 0, first: int = 0, timeout: float = 120.0,
+            seed: int = 0, first: int = 0, warmup: int = 2, timeout: float = 120.0,
             log: Callable[[str], None] = print) -> dict[str, Reading]:
     """`requests` prompts (cycling through `prompts` from the `first`-th) each sent to every model in `models`,
     one request at a time, the models' order shuffled per request (seeded), through Triton's
-    `generate` endpoint at `url` (host:port). A failed request raises RuntimeError naming the
-    model, the request and Triton's answer."""
+    `generate` endpoint at `url` (host:port), after `warmup` unmeasured requests to each (a
+    model's first requests of a new shape pay for allocations the rest do not). A failed
+    request raises RuntimeError naming the model, the request and Triton's answer."""
     import httpx
 
     if not prompts:
@@ -168,6 +169,9 @@ def measure(url: str, models: Sequence[str], prompts: Sequence[str], max_new_tok
 
     started = time.monotonic()
     with httpx.Client(base_url=f"http://{url}", timeout=timeout) as c, _MemoryWatch(procs) as watch:
+        for model in models:
+            for i in range(warmup):
+                send(c, model, prompts[(first + i) % len(prompts)], 0)
         for i in range(1, requests + 1):
             prompt = prompts[(first + i - 1) % len(prompts)]
             rng.shuffle(order)
