@@ -726,15 +726,15 @@ def serving_candidate(task: Task, colour_model: str, plan: dict[str, Any], *, tr
                                            ("p95_ms", "tokens_per_s", "peak_memory_mb", "cost_per_1k_tokens")
                                            if cand.get(k) is not None}}, task.registered_model)
     print(f"serving gate, {colour_model} against {live or 'nothing live'}:\n{result['summary']}")
+    reported = {k: v for k, v in result.items() if k != "readings"}  # the XCom and Slack: no raw readings
     if result["passed"]:
-        return {k: v for k, v in result.items() if k != "readings"}
+        return reported
     failed = [r for r in result["rows"] if r["verdict"] != "pass"]
     if triton.is_ready(colour_model):
         triton.unload(colour_model)
     lines = "\n".join(serving_gate.line(r) for r in failed)
     notify(f"{task.name} v{version} failed its serving gates against {live or 'its ceilings'}; candidate unloaded, "
-           f"live traffic untouched:\n{lines}", level="error", version=version, task=task.name,
-           serving={k: v for k, v in result.items() if k != "readings"})
+           f"live traffic untouched:\n{lines}", level="error", version=version, task=task.name, serving=reported)
     raise Refusal(f"serving gates failed for v{version} on {colour_model}:\n{lines}")
 
 

@@ -266,10 +266,8 @@ def mean_interval(values: Sequence[float], confidence: float = 0.95, seed: int =
     per-case numbers (a log-likelihood, a latency). With `clusters`: the normal interval on the
     clustered standard error (Miller 2024)."""
     x = np.asarray(values, dtype=float)
-    if is_clustered(clusters):
-        d = x - x.mean()
-        se = float(np.sqrt((np.bincount(cluster_index(clusters), weights=d) ** 2).sum())) / len(x)  # type: ignore[arg-type]
-        se = max(se, float(np.sqrt((d * d).sum())) / len(x))  # never narrower than independent cases
+    if is_clustered(clusters):  # the independent standard error widened by the design effect
+        se = float(np.sqrt(((x - x.mean()) ** 2).sum() * design_effect(x, clusters))) / len(x)  # type: ignore[arg-type]
         return float(x.mean() - _z(confidence) * se), float(x.mean() + _z(confidence) * se)
     if len(x) < 2 or np.ptp(x) == 0:
         return float(x.mean()), float(x.mean())

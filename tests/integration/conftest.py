@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `serving` lives at the repo root (not an installed package)
     sys.path.insert(0, str(REPO))
 
-from envs import override_env  # noqa: E402
+from triton_server import start_triton  # noqa: E402
 
 from tuneship import tritonserver  # noqa: E402
 
@@ -86,17 +86,10 @@ class Triton:
 
 @pytest.fixture(scope="session")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
-    install_home = Path(os.environ["TUNESHIP_TEST_TRITON_HOME"])
     repo = tmp_path_factory.mktemp("triton_repo")
     for name, delay in MODELS.items():
         copy_echo_model(repo, name, delay, decoupled=name in DECOUPLED, gated=name in GATED)
-    with override_env(TUNESHIP_HOME=str(install_home)):
-        tritonserver.install()
-        server = tritonserver.TritonServer(
-            repository=repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-            log_path=tmp_path_factory.mktemp("triton_log") / "triton.log",
-        )
-        server.start(timeout=60)
+    server = start_triton(repo, tmp_path_factory.mktemp("triton_log") / "triton.log")
     t = Triton(server)
     try:
         threads = [threading.Thread(target=t.load, args=(m,)) for m in MODELS]

@@ -17,9 +17,9 @@ import shutil
 
 import pytest
 from ml_fixtures import base_model, build_tiny, dataset, read_jsonl, shared_dir
-from ports import free_port
+from triton_server import start_triton
 
-from tuneship import serving_gate, tritonserver
+from tuneship import serving_gate
 from tuneship.tasks import ServingSpec
 
 WIDE = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 8,
@@ -28,8 +28,6 @@ WIDE = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 8, "
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import os
-
     from tuneship.compile import compile_for_triton
 
     repo = tmp_path_factory.mktemp("serving-repo")
@@ -39,16 +37,7 @@ def served(tmp_path_factory):
     shutil.copytree(repo / "srv_blue", repo / "same")
     cfg = repo / "same" / "config.pbtxt"
     cfg.write_text(cfg.read_text().replace('name: "srv_blue"', 'name: "same"'))
-    old = os.environ.get("TUNESHIP_HOME")
-    os.environ["TUNESHIP_HOME"] = os.environ["TUNESHIP_TEST_TRITON_HOME"]
-    try:
-        tritonserver.install()
-        server = tritonserver.TritonServer(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                           metrics_port=free_port(),
-                                           log_path=tmp_path_factory.mktemp("log") / "triton.log")
-        server.start(timeout=60)
-    finally:
-        os.environ["TUNESHIP_HOME"] = old or ""
+    server = start_triton(repo, tmp_path_factory.mktemp("log") / "triton.log")
     try:
         from tuneship.triton_control import TritonControl
 

@@ -10,30 +10,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ml_fixtures import base_model, dataset, finetuned, read_jsonl
-from ports import free_port
-
-from tuneship import tritonserver
+from triton_server import start_triton
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import os
-
     from tuneship.compile import compile_for_triton
 
     repo = tmp_path_factory.mktemp("llm-repo")
     compile_for_triton(str(base_model(tmp_path_factory)), finetuned(tmp_path_factory) / "adapter", repo,
                        "llm_blue", deployment={"version": "7", "colour": "blue"})
-    old = os.environ.get("TUNESHIP_HOME")
-    os.environ["TUNESHIP_HOME"] = os.environ["TUNESHIP_TEST_TRITON_HOME"]
-    try:
-        tritonserver.install()
-        server = tritonserver.TritonServer(repository=repo, http_port=free_port(), grpc_port=free_port(),
-                                           metrics_port=free_port(),
-                                           log_path=tmp_path_factory.mktemp("log") / "triton.log")
-        server.start(timeout=60)
-    finally:
-        os.environ["TUNESHIP_HOME"] = old or ""
+    server = start_triton(repo, tmp_path_factory.mktemp("log") / "triton.log")
     try:
         yield server
     finally:
