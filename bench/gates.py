@@ -2,8 +2,9 @@
 every gate suite the task declares (quality with likelihood and calibration, safety,
 hallucination), the candidate and, where a gate compares with it, the reference, on the same
 cases, then every gate. Timed twice in the same run: with one run of each prompt for answers,
-options and reference likelihood (`generate_and_score`, what ships) and with the three as
-separate passes (the baseline). Budget (issue 12): 5 minutes on 2 cores.
+options, reference likelihood and the answers' token probabilities (`generate_and_score`,
+what ships) and with answers, options and likelihood as separate passes (the baseline).
+Budget (issue 12): 5 minutes on 2 cores.
 
 Models: `--candidate DIR` / `--reference DIR` merge a LoRA adapter into the task's base model;
 without them the base model stands in for both (it rambles to max_new_tokens: the slow case).
@@ -51,12 +52,18 @@ def _gate_run(task: Any, data: Path, cand: Any, ref: Any) -> dict[str, Any]:
 
 
 def _separate(gen: Any) -> Any:
-    """The same model without its one-pass scorer: answers, options and likelihood apart."""
+    """The same model scoring answers (with their token log-probabilities), options and
+    likelihood in separate passes, each prompt run once for each."""
     def answers(prompts: list, max_new: int) -> list[str]:
         return gen(prompts, max_new)
 
-    answers.loglik = gen.loglik  # type: ignore[attr-defined]
-    answers.options = gen.options  # type: ignore[attr-defined]
+    def scored(prompts: list, max_new: int, texts: list[str], references: list[str] | None = None) -> Any:
+        got = gen.scored(prompts, max_new, [])  # the answers alone
+        options = gen.options(prompts, texts)[0] if texts else [[] for _ in prompts]
+        refs = gen.loglik(prompts, references) if references is not None else None
+        return got._replace(options=options, references=refs)
+
+    answers.scored = scored  # type: ignore[attr-defined]
     return answers
 
 

@@ -21,9 +21,11 @@ marker swapped in an otherwise identical prompt changed the answer; lower is bet
 refusals, read by the
 suite's declared `decline` detector (`declined`: share of should-decline cases that
 declined; `wrongly_declined`: share of answerable cases that declined, lower is better,
-so a model that declines everything fails); calibration of a closed-label field (`ece`,
-`brier`: the softmax over the suite's `options` scored teacher-forced; ECE with equal-mass
-bins, `tuneship.stats.ece`). A case without an expected value for a field does not count
+so a model that declines everything fails); calibration (`ece`, `brier`; ECE with equal-mass
+bins, `tuneship.stats.ece`) of a closed-label field (`field`: the softmax over the suite's
+`options` scored teacher-forced) or of free text (`token_rule` and `correct`: the confidence is
+a declared rule over the probabilities the model gave its own greedy answer's tokens, the
+outcome another pass/fail metric of the suite, case by case). A case without an expected value for a field does not count
 towards that field's match (a missing expectation is never a match). A metric with `tag`
 counts only the cases carrying that tag (a slice: injections, canaries, controls).
 
@@ -229,6 +231,24 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().split()).strip(" .,;:!?\"'`")
 
 
+# Token-level confidence rules for free-text calibration, over the probabilities the model gave
+# its own greedy answer's tokens (eos included): `sequence` the answer's probability (their
+# product; lm-polygraph's maximum sequence probability), `mean_token` their geometric mean
+# (1 / perplexity of the answer), `min_token` the least sure token, `first_token` the first.
+TokenRule = Literal["sequence", "mean_token", "min_token", "first_token"]
+
+
+def token_confidence(rule: TokenRule, logprobs: Sequence[float]) -> float:
+    """A token rule's confidence from an answer's token log-probabilities."""
+    import math
+
+    if not logprobs:
+        raise ValueError("an answer with no tokens has no token-level confidence")
+    pick = {"sequence": sum(logprobs), "mean_token": sum(logprobs) / len(logprobs), "min_token": min(logprobs),
+            "first_token": logprobs[0]}[rule]
+    return math.exp(pick)
+
+
 class Metric(_Strict):
     name: str
     kind: Literal["field_exact_match", "parse_rate", "keywords", "must_not_contain", "declined", "wrongly_declined",
@@ -242,6 +262,10 @@ class Metric(_Strict):
     pattern: str | None = None  # regex: the answer must match (re.fullmatch, after stripping whitespace)
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # json_schema: the answer's JSON Schema
     bins: int | None = Field(default=None, ge=1, le=50)  # ece: equal-mass bins (default 10, at most one a case)
+    # ece, brier of free text: the confidence rule over the answer's token probabilities, and the
+    # suite's pass/fail metric whose per-case outcome is whether the answer was right
+    token_rule: TokenRule | None = None
+    correct: str | None = None
     tag: str | None = None  # only cases carrying this tag count (a slice: injection, canary, controls)
     _compiled: re.Pattern[str] | None = PrivateAttr(default=None)
     _validator: Any = PrivateAttr(default=None)
@@ -270,8 +294,20 @@ class Metric(_Strict):
             except jsonschema.SchemaError as exc:
                 raise ValueError(f"metric {self.name!r}: schema is not a valid JSON Schema: {exc.message}") from None
             self._validator = cls(self.schema_)
-        if self.kind in FIELD_KINDS and not self.field:
-            raise ValueError(f"metric {self.name!r}: kind {self.kind} needs `field`")
+        if (self.token_rule is None) != (self.correct is None):
+            raise ValueError(f"metric {self.name!r}: free-text calibration needs both `token_rule` (how confident "
+                             "the answer's token probabilities make it) and `correct` (the metric that says whether "
+                             "it was right)")
+        if self.token_rule is not None and self.kind not in ("ece", "brier"):
+            raise ValueError(f"metric {self.name!r}: `token_rule` and `correct` are for kinds ece and brier, "
+                             f"not {self.kind}")
+        if self.token_rule is not None and self.field:
+            raise ValueError(f"metric {self.name!r}: give `field` (a closed label set's options) or `token_rule` "
+                             "with `correct` (free text), not both")
+        if self.kind in FIELD_KINDS and not self.field and self.token_rule is None:
+            raise ValueError(f"metric {self.name!r}: kind {self.kind} needs `field`" +
+                             (" (a closed label set), or `token_rule` and `correct` (free text)"
+                              if self.calibration else ""))
         if self.field and self.kind not in FIELD_KINDS:
             raise ValueError(f"metric {self.name!r}: `field` is for kinds {', '.join(sorted(FIELD_KINDS))}, "
                              f"not {self.kind}")
@@ -294,8 +330,14 @@ class Metric(_Strict):
 
     @property
     def calibration(self) -> bool:
-        """Scored from the model's probabilities over the field's options (ece, brier)."""
+        """Scored from the model's own probabilities (ece, brier): over the field's options, or
+        its answer's tokens (`token_rule`)."""
         return self.kind in ("ece", "brier")
+
+    @property
+    def calibrates(self) -> str:
+        """What a calibration metric's confidence is about, for titles."""
+        return self.field or f"{self.correct} ({self.token_rule} token probability)"
 
     @property
     def unit(self) -> str:
@@ -305,6 +347,8 @@ class Metric(_Strict):
         """Whether `case` counts towards this metric (its denominator)."""
         if self.tag is not None and self.tag not in case.tags:
             return False
+        if self.token_rule is not None:
+            return True  # and where its `correct` metric applies (`score`)
         if self.kind in ("field_exact_match", "ece", "brier"):
             return self.field in case.expected  # no expectation: never a match, and not a case
         if self.kind == "keywords":
@@ -441,6 +485,13 @@ class Suite(_Strict):
             if self.role == "smoke":
                 raise ValueError(f"metrics.{i} ({m.name!r}): kind {m.kind} reads the model's own probabilities, "
                                  "which a smoke suite (answers through the gateway) cannot read")
+            if m.correct is not None:
+                judge = next((j for j in self.metrics if j.name == m.correct), None)
+                if judge is None or judge.continuous or judge.calibration or judge.kind == "flip_rate":
+                    raise ValueError(f"metrics.{i} ({m.name!r}): `correct` must name a pass/fail metric of this "
+                                     f"suite that scores each answer (not loglik, ece, brier or flip_rate); got "
+                                     f"{m.correct!r}, metrics are {[j.name for j in self.metrics]}")
+                continue
             opts = self.options.get(m.field or "")
             if opts is None:
                 raise ValueError(f"metrics.{i} ({m.name!r}): kind {m.kind} needs `options.{m.field}`: each label "
@@ -513,7 +564,9 @@ class Suite(_Strict):
         """How many cases count towards `m`, where the file says (inline cases, counterfactual
         groups); else the dataset split's `limit`, an upper bound (None: no limit)."""
         if self.cases.source == "inline" or m.kind == "flip_rate":
-            return sum(m.applies(c) for c in [*self.cases.inline_cases(), *self.cases.counterfactual_cases()])
+            judge = next((j for j in self.metrics if j.name == m.correct), None)
+            return sum(m.applies(c) and (judge is None or judge.applies(c))
+                       for c in [*self.cases.inline_cases(), *self.cases.counterfactual_cases()])
         return self.cases.limit
 
     @model_validator(mode="after")
@@ -683,11 +736,13 @@ OptionScores = dict[str, tuple[list[str], list[list[float] | None]]]
 
 
 def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse: Parse | None = None,
-          logliks: Sequence[float | None] | None = None, option_scores: OptionScores | None = None) -> SuiteResult:
+          logliks: Sequence[float | None] | None = None, option_scores: OptionScores | None = None,
+          answer_logprobs: Sequence[Sequence[float]] | None = None) -> SuiteResult:
     """Score completions; `logliks` (each case's mean token log-likelihood of its reference,
     None where it has none) feed the `loglik` metrics; `option_scores` (per closed-label field:
     its labels, and per case the summed log-likelihood of each label's answer text, None where
-    the case does not count) feed the `ece` and `brier` metrics."""
+    the case does not count) feed the `ece` and `brier` metrics of a field; `answer_logprobs`
+    (per case, its answer's token log-probabilities) those with a `token_rule`."""
     if len(cases) != len(completions):
         raise ValueError(f"{len(completions)} completions for {len(cases)} cases")
     parser = suite._parser_if_any(parse)
@@ -700,6 +755,8 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse
                 raise SuiteError(f"eval suite {suite.name!r}: metric {m.name!r} needs the reference answers' "
                                  "log-likelihoods (score it with run_suite and a model)")
             outcomes[m.name] = [v if m.applies(c) else None for c, v in zip(cases, logliks, strict=True)]
+        elif m.token_rule is not None:
+            continue  # below, once its `correct` metric has its outcomes
         elif m.calibration:
             if option_scores is None or m.field not in option_scores:
                 raise SuiteError(f"eval suite {suite.name!r}: metric {m.name!r} needs the options' log-likelihoods "
@@ -707,6 +764,12 @@ def score(suite: Suite, cases: Sequence[Case], completions: Sequence[str], parse
             outcomes[m.name] = _calibration_outcomes(m, cases, parsed, *option_scores[m.field])
         else:
             outcomes[m.name] = _outcomes(m, cases, completions, parsed, declined)
+    for m in (m for m in suite.metrics if m.token_rule is not None):
+        if answer_logprobs is None:
+            raise SuiteError(f"eval suite {suite.name!r}: metric {m.name!r} needs the answers' token "
+                             "log-probabilities (score it with run_suite and a model)")
+        outcomes[m.name] = _token_calibration_outcomes(m, cases, outcomes[m.correct or ""], answer_logprobs)
+    outcomes = {m.name: outcomes[m.name] for m in suite.metrics}  # the suite's order
     metrics = {}
     for m in suite.metrics:
         hits = [o for o in outcomes[m.name] if o is not None]
@@ -750,6 +813,21 @@ def _calibration_outcomes(m: Metric, cases: Sequence[Case], parsed: Sequence[dic
         else:
             truth = np.array([label == want for label in labels], dtype=float)
             out.append(float(((probs - truth) ** 2).sum()))
+    return out
+
+
+def _token_calibration_outcomes(m: Metric, cases: Sequence[Case], judged: Sequence[Any],
+                                answer_logprobs: Sequence[Sequence[float]]) -> list[Any]:
+    """Per case: the confidence `m.token_rule` reads from its answer's token probabilities, and
+    whether the answer was right (its `correct` metric's outcome). ece: [confidence, correct];
+    brier: (confidence - correct)^2. None where either metric does not count the case."""
+    out: list[Any] = []
+    for case, ok, logps in zip(cases, judged, answer_logprobs, strict=True):
+        if ok is None or not m.applies(case):
+            out.append(None)
+            continue
+        conf = token_confidence(m.token_rule or "sequence", logps)
+        out.append([conf, int(bool(ok))] if m.kind == "ece" else (conf - float(bool(ok))) ** 2)
     return out
 
 
@@ -799,15 +877,17 @@ def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cas
     or `brier` metrics `generate.options(prompts, texts, references=None)`
     (`tuneship.generate.option_logliks`), which scores the references too in the same pass. A
     local model's `generate.scored(prompts, max_new, texts, references=None)`
-    (`tuneship.generate.generate_and_score`) does all three from one run of each prompt."""
+    (`tuneship.generate.generate_and_score`) does all three from one run of each prompt, and
+    gives the answers' token log-probabilities that `token_rule` calibration reads."""
     prompts = [c.prompt_input() for c in cases]
     needs_loglik = any(m.kind == "loglik" for m in suite.metrics)
     fields = list(dict.fromkeys(m.field for m in suite.metrics if m.calibration and m.field))
     scored = getattr(generate, "scored", None)
     if scored is not None:  # a local model: everything from one run of each prompt
         texts = suite.option_texts(fields[0], cases) if fields else {}
-        completions, rows, pairs = scored(prompts, suite.generation.max_new_tokens, list(texts.values()),
-                                          references=[c.reference or "" for c in cases] if needs_loglik else None)
+        completions, rows, pairs, answer_logprobs = scored(
+            prompts, suite.generation.max_new_tokens, list(texts.values()),
+            references=[c.reference or "" for c in cases] if needs_loglik else None)
         option_scores: OptionScores = {}
         if fields:
             option_scores[fields[0]] = (list(texts), [row if c.expected.get(fields[0]) in texts else None
@@ -816,7 +896,10 @@ def run_suite(suite: Suite, generate: Callable[[list[Any], int], list[str]], cas
                 option_scores.update(option_logliks(suite, cases, generate, fields=fields[1:])[0])
         logliks = [p[0] / max(p[1], 1) if c.reference is not None else None
                    for c, p in zip(cases, pairs, strict=True)] if pairs is not None else None
-        return score(suite, cases, completions, parse, logliks, option_scores or None)
+        return score(suite, cases, completions, parse, logliks, option_scores or None, answer_logprobs)
+    if any(m.token_rule for m in suite.metrics):
+        raise SuiteError(f"eval suite {suite.name!r}: its token-rule calibration reads the model's own token "
+                         "probabilities; this model is only reachable by its answers")
     completions = generate(prompts, suite.generation.max_new_tokens)
     logliks, option_scores = None, None
     if fields:

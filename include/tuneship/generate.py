@@ -15,7 +15,7 @@ model on the very text it learned from.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 Prompt = str | list[dict[str, str]]
 PromptFormat = Literal["plain", "chat"]
@@ -215,21 +215,32 @@ def option_logliks(model: Any, tokenizer: Any, prompts: list[Prompt], options: l
     prompt or None)."""
     if not options:
         raise ValueError("option_logliks needs at least one option")
-    _, scores, refs = generate_and_score(model, tokenizer, prompts, 0, options, prompt_format,
-                                         references=references, batch_size=batch_size)
+    got = generate_and_score(model, tokenizer, prompts, 0, options, prompt_format, references=references,
+                             batch_size=batch_size)
+    scores, refs = got.options, got.references
     return scores, refs
+
+
+class Scored(NamedTuple):
+    answers: list[str]  # greedy, `generate`'s rule
+    options: list[list[float]]  # per prompt, each option's summed log-likelihood
+    references: list[tuple[float, int]] | None  # per prompt, its reference's (sum, tokens)
+    # per prompt, the log-probability of each token of its greedy answer as it was chosen (the
+    # eos that ended it included): what a token-level confidence rule reads
+    answer_logprobs: list[list[float]]
 
 
 def generate_and_score(model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int,
                        options: list[str], prompt_format: PromptFormat = "plain", *,
                        references: list[str] | None = None, batch_size: int = 16, progress: Any = None,
-                       ) -> tuple[list[str], list[list[float]], list[tuple[float, int]] | None]:
+                       ) -> Scored:
     """`generate`'s greedy answers (when max_new_tokens > 0) and `option_logliks`' scores from
     ONE run of each prompt: the prompts are encoded once, batched left-padded, and their
     attention cache first decodes the answers greedily (the rule of `generate_ids`: eos, a
     newline in the completion, or max_new_tokens ends a row), then is cut back to the prompts
-    and shared by the options and the reference. Returns (answers, option sums per prompt,
-    reference (sum, tokens) per prompt or None). `progress(done, total)` after each batch."""
+    and shared by the options and the reference. The answers' own token log-probabilities come
+    with them (the softmax of the logits greedy decoding reads anyway). `progress(done, total)`
+    after each batch."""
     import torch
 
     from tuneship.train.trainer import split_prompt_completion
@@ -251,6 +262,7 @@ def generate_and_score(model: Any, tokenizer: Any, prompts: list[Prompt], max_ne
             conts.append(tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos])
         encoded.append((tokenizer(text, add_special_tokens=not templated)["input_ids"], conts))  # as encode_rows does
     answers: list[str] = []
+    answer_logprobs: list[list[float]] = []
     scores: list[list[float]] = []
     refs: list[tuple[float, int]] = []
     model.eval()
@@ -266,7 +278,9 @@ def generate_and_score(model: Any, tokenizer: Any, prompts: list[Prompt], max_ne
                           logits_to_keep=1)
             past, last = first.past_key_values, first.logits[:, -1]
             if max_new_tokens > 0:
-                answers += _greedy(model, tokenizer, past, last, pmask, plen, max_new_tokens, pad)
+                texts, logprobs = _greedy(model, tokenizer, past, last, pmask, plen, max_new_tokens, pad)
+                answers += texts
+                answer_logprobs += logprobs
                 if (extra := past.get_seq_length() - width) > 0:
                     past.crop(-extra)  # back to the prompts, for the continuations
             per = len(chunk[0][1])  # continuations per prompt
@@ -290,25 +304,31 @@ def generate_and_score(model: Any, tokenizer: Any, prompts: list[Prompt], max_ne
                     refs.append((sums[k], len(chunk[b][1][k])))
             if progress is not None:
                 progress(len(scores), len(prompts))
-    return answers, scores, (refs if references is not None else None)
+    return Scored(answers, scores, refs if references is not None else None,
+                  answer_logprobs if max_new_tokens > 0 else [[] for _ in prompts])
 
 
 def _greedy(model: Any, tokenizer: Any, past: Any, last: Any, pmask: Any, plen: list[int], max_new_tokens: int,
-            pad: int) -> list[str]:
+            pad: int) -> tuple[list[str], list[list[float]]]:
     """Greedy decoding of a left-padded batch from its prompts' cache and last logits, each row
-    stopped at eos or a newline in its decoded completion (`generate_ids`' rule)."""
+    stopped at eos or a newline in its decoded completion (`generate_ids`' rule). Also each
+    row's chosen tokens' log-probabilities (its ending eos included)."""
     import torch
 
     eos = tokenizer.eos_token_id
     rows = len(plen)
     out: list[list[int]] = [[] for _ in range(rows)]
+    logprobs: list[list[float]] = [[] for _ in range(rows)]
     done = [False] * rows
     mask = pmask
     for step in range(max_new_tokens):
-        nxt = last.argmax(-1).tolist()
+        pick = last.argmax(-1)
+        nxt = pick.tolist()
+        chosen = torch.log_softmax(last.float(), dim=-1).gather(-1, pick[:, None])[:, 0].tolist()
         for r in range(rows):
             if done[r]:
                 continue
+            logprobs[r].append(chosen[r])
             if nxt[r] == eos:
                 done[r] = True
                 continue
@@ -322,4 +342,4 @@ def _greedy(model: Any, tokenizer: Any, past: Any, last: Any, pmask: Any, plen: 
         positions = torch.tensor([[n + step] for n in plen], dtype=torch.long)
         last = model(input_ids=feed, attention_mask=mask, position_ids=positions, past_key_values=past,
                      use_cache=True, logits_to_keep=1).logits[:, -1]
-    return [completion_text(tokenizer, ids)[0] for ids in out]
+    return [completion_text(tokenizer, ids)[0] for ids in out], logprobs

@@ -469,7 +469,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
                 curves[ref_name] = reliability_bins(ref.outcomes[m.name], m.bins or 10)
             versus = f" vs {ref.metrics[m.name]:.3f}" if ref is not None else ""
             png = plot_reliability(curves, out.with_name(f"v{candidate['version']}-{suite.name}-{m.name}.png"),
-                                   f"{suite.name}: {m.field} (ECE {cand.metrics[m.name]:.3f}{versus}, "
+                                   f"{suite.name}: {m.calibrates} (ECE {cand.metrics[m.name]:.3f}{versus}, "
                                    "equal-mass bins)")
             if png:
                 diagrams.append(str(png))

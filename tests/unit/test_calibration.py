@@ -90,10 +90,26 @@ def test_option_logliks_are_each_options_teacher_forced_probability(tmp_path_fac
     assert np.allclose([s for s, _ in pairs], [s for s, _ in loglikelihood(model, tok, prompts, refs)], atol=1e-4)
     # generation from the same run of each prompt: generate's answers (and generate_ids', one at
     # a time), with the same scores
-    answers, fused, fused_pairs = generate_and_score(model, tok, prompts, 12, options, references=refs, batch_size=4)
+    answers, fused, fused_pairs, token_logps = generate_and_score(model, tok, prompts, 12, options, references=refs,
+                                                                  batch_size=4)
     assert answers == generate(model, tok, prompts, 12) == [generate_ids(model, tok, p, 12)[0] for p in prompts]
     assert np.allclose(fused, scores, atol=1e-4) and np.allclose(fused_pairs, pairs, atol=1e-4)
     assert generate_and_score(model, tok, prompts, 12, [])[0] == answers  # answers alone
+    # each answer's token log-probabilities: what one unbatched, uncached greedy run of the
+    # prompt gives each token it chose (its ending eos included)
+    for prompt, got in zip(prompts, token_logps, strict=True):
+        ids, want, out = prompt_ids(tok, prompt), [], []
+        with torch.inference_mode():
+            for _ in range(12):
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
+                t = int(logp.argmax())
+                want.append(float(logp[t]))
+                if t == tok.eos_token_id:
+                    break
+                ids, out = ids + [t], out + [t]
+                if "\n" in tok.decode(out, skip_special_tokens=True):
+                    break
+        assert len(got) == len(want) and np.allclose(got, want, atol=1e-4)
 
 
 def _suite(tmp_path: Path, **extra) -> Path:
@@ -196,44 +212,131 @@ def test_the_real_model_is_scored_and_a_miscalibrated_copy_is_refused(tmp_path_f
     assert {g.metric for g in refused.gates if not g.passed} <= {"category_ece", "category_brier"}
 
 
-def _calibrated_pair(rng: np.random.Generator, n: int = 40, sure: bool = False):
+def _token_suite(tmp_path: Path, **metric) -> Path:
+    path = tmp_path / "tok.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tok", "version": 1, "cases": {"source": "dataset_eval_split", "limit": 40},
+        "generation": {"max_new_tokens": 12},
+        "metrics": [{"name": "category_accuracy", "kind": "field_exact_match", "field": "category"},
+                    {"name": "answer_loglik", "kind": "loglik"},
+                    {"name": "answer_ece", "kind": "ece", "bins": 5, **metric},
+                    {"name": "answer_brier", "kind": "brier", **metric}],
+        "gates": [{"metric": "answer_ece", "max_regression": 0.12},
+                  {"metric": "answer_brier", "max_regression": 0.075}]}))
+    return path
+
+
+def test_a_token_rule_reads_the_answers_own_token_probabilities(tmp_path: Path):
+    """Free-text calibration: each declared rule's confidence from the answer's token
+    log-probabilities, paired with whether the `correct` metric passed that case; a case that
+    metric does not count is not a case; a model reachable only by its answers cannot be scored;
+    and the declarations are checked."""
+    from tuneship.evaluate import token_confidence
+
+    logps = [np.log(0.9), np.log(0.5), np.log(0.8)]
+    assert token_confidence("sequence", logps) == pytest.approx(0.36)
+    assert token_confidence("mean_token", logps) == pytest.approx(0.36 ** (1 / 3))
+    assert token_confidence("min_token", logps) == pytest.approx(0.5)
+    assert token_confidence("first_token", logps) == pytest.approx(0.9)
+    suite = load_suite(_token_suite(tmp_path, token_rule="min_token", correct="category_accuracy"))
+    cases = [Case(prompt="a", expected={"category": "billing"}, reference=" category=billing priority=low"),
+             Case(prompt="b", expected={"category": "returns"}, reference=" category=returns priority=low"),
+             Case(prompt="c", expected={}, reference=" category=other priority=low")]
+    answers = ["category=billing priority=low", "category=billing priority=low", "category=billing"]
+    parse = lambda text: {"category": text.split()[0].split("=")[1]}  # noqa: E731
+    r = score(suite, cases, answers, parse, [-1.0] * 3, None, [logps, [np.log(0.95)], [np.log(0.7)]])
+    assert r.outcomes["answer_ece"] == [[pytest.approx(0.5), 1], [pytest.approx(0.95), 0], None]
+    assert r.outcomes["answer_brier"] == [pytest.approx(0.25), pytest.approx(0.95 ** 2), None]
+    assert list(r.outcomes) == ["category_accuracy", "answer_loglik", "answer_ece", "answer_brier"]
+    with pytest.raises(SuiteError, match="only reachable by its answers"):
+        run_suite(suite, lambda prompts, max_new: ["x"] * len(prompts), cases, parse)
+    for metric, message in (({"token_rule": "mean_token"}, "needs both `token_rule`"),
+                            ({"token_rule": "mean_token", "correct": "answer_loglik"}, "must name a pass/fail"),
+                            ({"token_rule": "mean_token", "correct": "nope"}, "must name a pass/fail"),
+                            ({"token_rule": "mean_token", "correct": "category_accuracy", "field": "category"},
+                             "not both"),
+                            ({"token_rule": "median", "correct": "category_accuracy"}, "token_rule"),
+                            ({}, "or `token_rule` and `correct`")):
+        with pytest.raises(SuiteError, match=message):
+            load_suite(_token_suite(tmp_path, **metric))
+
+
+def test_the_real_model_gives_token_confidences_and_a_tempered_copy_is_refused(tmp_path_factory, tmp_path: Path):
+    """The demo fine-tune on 40 held-out rows through run_suite and the one-pass scorer that
+    ships (`generate_and_score`): its answers' token probabilities give an ECE and a Brier score
+    under the mean_token rule. A copy with the very same answers and its token log-probabilities
+    tempered tenfold (right as often, far less sure) is refused on calibration, not on accuracy."""
+    from tests.tasks import triage
+    from tuneship.stages import _generator
+
+    suite = load_suite(_token_suite(tmp_path, token_rule="mean_token", correct="category_accuracy"))
+    cases = load_cases(suite, dataset(tmp_path_factory), triage().parse_answer)
+    honest = _generator(str(base_model(tmp_path_factory)), finetuned(tmp_path_factory) / "adapter", "fine-tune")
+
+    def unsure(prompts, max_new):
+        return honest(prompts, max_new)
+
+    def tempered(*args, **kwargs):
+        got = honest.scored(*args, **kwargs)
+        return got._replace(answer_logprobs=[[v * 10 for v in row] for row in got.answer_logprobs])
+
+    unsure.scored = tempered  # type: ignore[attr-defined]
+    champion = run_suite(suite, honest, cases, triage().parse_answer)
+    copy = run_suite(suite, unsure, cases, triage().parse_answer)
+    acc = champion.metrics["category_accuracy"]
+    print(f"fine-tune: accuracy {acc:.3f}, mean-token ECE {champion.metrics['answer_ece']:.3f}, Brier "
+          f"{champion.metrics['answer_brier']:.3f}; tempered copy: ECE {copy.metrics['answer_ece']:.3f}, "
+          f"Brier {copy.metrics['answer_brier']:.3f}")
+    assert all(0 < o[0] <= 1 for o in champion.outcomes["answer_ece"] if o is not None)
+    assert copy.metrics["category_accuracy"] == acc and copy.completions == champion.completions
+    assert apply_gates(suite, champion, champion, "itself").passed
+    refused = apply_gates(suite, copy, champion, "champion")
+    assert not refused.passed, refused.summary()
+    assert {g.metric for g in refused.gates if not g.passed} == {"answer_ece", "answer_brier"}
+
+
+def _calibrated_pair(rng: np.random.Generator, suite, ece: str, brier: str, n: int = 40, sure: bool = False):
     """A champion and a candidate on the same n cases, both calibrated (right with the
     probability they state), disagreeing on about a tenth; `sure`: the candidate gives the same
-    answers, each with probability 0.99."""
+    answers, each with probability 0.99. Every other gated metric: the same answers' outcome
+    (likelihood -1.0 nats). Brier is two-label for a field's options, (p - right)^2 for a token rule."""
     q = rng.beta(5, 1.5, n)  # confidence of the champion's answers, mean ~0.77
     ok_ref = rng.random(n) < q
     redo = rng.random(n) < 0.1
     ok_cand = np.where(redo, rng.random(n) < q, ok_ref)
     conf = np.full(n, 0.99) if sure else np.clip(q + rng.normal(0, 0.03, n), 0.01, 1.0)
-
-    def brier(p, ok):  # two-label Brier: the answer's probability p, the rest on the other label
-        return ((1 - p) ** 2 + (1 - p) ** 2) * ok + (p ** 2 + p ** 2) * ~ok
+    metrics = {m.name: m for m in suite.metrics}
+    labels = 1 if metrics[brier].token_rule else 2
 
     def res(c, ok):
-        return result({"category_accuracy": ok.tolist(), "priority_accuracy": ok.tolist(), "format_rate": [True] * n,
-                       "category_ece": [[float(a), bool(b)] for a, b in zip(c, ok, strict=True)],
-                       "category_brier": brier(c, ok).tolist()})
+        out = {m.name: ([-1.0] * n if m.kind == "loglik" else ok.tolist()) for m in suite.metrics}
+        out[ece] = [[float(a), bool(b)] for a, b in zip(c, ok, strict=True)]
+        out[brier] = (labels * np.where(ok, (1 - c) ** 2, c ** 2)).tolist()
+        return result(out, suite.name)
 
     return res(conf, ok_cand if not sure else ok_ref), res(q, ok_ref)
 
 
-def test_calibration_gates_refuse_over_confidence_and_pass_equals_as_declared():
-    """300 seeds each, through the shipped triage suite's calibration gates: an equally
-    calibrated candidate is refused at most 1 - power of the time (per gate, with Monte Carlo
-    slack); one with the same answers at 0.99 confidence is refused most of the time."""
-    suite = load_suite("triage")
+@pytest.mark.parametrize("name, ece, brier", [("triage", "category_ece", "category_brier"),
+                                              ("faq", "answer_ece", "answer_brier")])
+def test_calibration_gates_refuse_over_confidence_and_pass_equals_as_declared(name, ece, brier):
+    """300 seeds each, through a shipped suite's calibration gates (triage: a closed label set's
+    options; faq: the token rule over free text): an equally calibrated candidate is refused at
+    most 1 - power of the time (per gate, with Monte Carlo slack); one with the same answers at
+    0.99 confidence is refused most of the time."""
+    suite = load_suite(name)
     rng = np.random.default_rng(5)
-    gates = ("category_ece", "category_brier")
+    gates = (ece, brier)
     equal = {g: 0 for g in gates}
     sure = {g: 0 for g in gates}
     for _ in range(300):
         for tally, flag in ((equal, False), (sure, True)):
-            cand, ref = _calibrated_pair(rng, sure=flag)
+            cand, ref = _calibrated_pair(rng, suite, ece, brier, sure=flag)
             report = apply_gates(suite, cand, ref, "champion")
             for g in report.gates:
                 if g.metric in gates and not g.passed:
                     tally[g.metric] += 1
-    print("equal candidates refused: " + ", ".join(f"{g} {equal[g] / 300:.3f}" for g in gates)
+    print(f"{name}: equal candidates refused: " + ", ".join(f"{g} {equal[g] / 300:.3f}" for g in gates)
           + "; over-confident refused: " + ", ".join(f"{g} {sure[g] / 300:.3f}" for g in gates))
     assert all(equal[g] / 300 <= 1 - suite.statistics.power + 0.05 for g in gates), equal
     assert all(sure[g] / 300 >= 0.8 for g in gates), sure

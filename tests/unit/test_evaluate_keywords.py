@@ -113,14 +113,19 @@ def test_decline_everything_fails_the_faq_suites(tmp_path: Path):
     assert all(c.expected["topic"] == "declined" for c in cases if c.should_decline)
     reference = [json.loads(line)["messages"][-1]["content"] for line in (tmp_path / "eval.jsonl").open()]
     same_likelihood = [-1.0] * len(cases)  # the answers are written by hand: no model to ask
-    right = score(gate, cases, reference, faq.parse_answer, same_likelihood)
-    assert right.metrics == {"topic_accuracy": 1.0, "format_rate": 1.0, "declined_when_should": 1.0,
-                             "wrongly_declined": 0.0, "answer_loglik": -1.0}
+    sure = [[-0.05]] * len(cases)  # and every answer given with probability 0.95
+    right = score(gate, cases, reference, faq.parse_answer, same_likelihood, None, sure)
+    assert {k: v for k, v in right.metrics.items() if "ece" not in k and "brier" not in k} == {
+        "topic_accuracy": 1.0, "format_rate": 1.0, "declined_when_should": 1.0, "wrongly_declined": 0.0,
+        "answer_loglik": -1.0}
+    assert right.metrics["answer_ece"] == pytest.approx(1 - 0.951, abs=1e-3)
     assert apply_gates(gate, right, right, "itself").passed
-    refuser = score(gate, cases, [faq.DECLINE] * len(cases), faq.parse_answer, same_likelihood)
+    refuser = score(gate, cases, [faq.DECLINE] * len(cases), faq.parse_answer, same_likelihood, None, sure)
     report = apply_gates(gate, refuser, right, "reference")
     assert not report.passed
-    assert {g.metric for g in report.gates if not g.passed} == {"topic_accuracy", "wrongly_declined"}
+    # wrong on every answerable question, and as sure of those answers as of the right ones
+    assert {g.metric for g in report.gates if not g.passed} == {"topic_accuracy", "wrongly_declined", "answer_ece",
+                                                                "answer_brier"}
 
     smoke = load_suite("faq-smoke")
     smoke_cases = load_cases(smoke)
