@@ -147,11 +147,12 @@ def llm_finetune():
         return evaluate_candidate(load_task(p["task"]), candidate, p["dataset"])
 
     @task(outlets=[release_candidate])
+    @fail_on_refusal  # a quantized build that fails the task's gates against the unquantized candidate
     def compile_model(candidate: dict, gates: dict, p: dict, outlet_events=None):
         from tuneship.stages import compile_candidate
         from tuneship.tasks import load_task
 
-        compiled = compile_candidate(load_task(p["task"]), candidate)
+        compiled = compile_candidate(load_task(p["task"]), candidate, gates, p["dataset"])
         outlet_events[release_candidate].extra = {
             "task": p["task"],
             "version": candidate["version"],

@@ -43,7 +43,11 @@ GENERIC_PARITY_PROMPTS = [
 # What ONNX Runtime GenAI's builder writes that the served model needs (its copies of the
 # tokenizer files are replaced by the HF tokenizer's own tokenizer.json, see model.py).
 BUILD_FILES = ("model.onnx", "model.onnx.data", "genai_config.json")
-BUILD_PRECISION, BUILD_PROVIDER = "fp32", "cpu"
+BUILD_PROVIDER = "cpu"
+# fp32 is held to eager PyTorch token for token; int8 and int4 (the builder's weight-only
+# MatMulNBits quantization, round-to-nearest in blocks) cannot be, and are held to the task's
+# own gates against the unquantized candidate instead (`tuneship.stages.quantization_gate`).
+PRECISIONS = ("fp32", "int8", "int4")
 # The CPU GroupQueryAttention kernel the builder emits for fp32 rejects other head sizes.
 HEAD_SIZE_MULTIPLE = 16
 
@@ -84,9 +88,24 @@ def _head_size(model_config: Any) -> int:
     return int(head) if head else int(model_config.hidden_size) // int(model_config.num_attention_heads)
 
 
-def build_genai_model(model: Any, tokenizer: Any, out_dir: Path, work_dir: Path) -> float:
+def builder_command(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "fp32",
+                    block_size: int | None = None, accuracy_level: int | None = None) -> list[str]:
+    """ONNX Runtime GenAI's model builder for a CPU model at `precision`; int8/int4 with their
+    weight-only quantization's block size and accuracy level (the builder's defaults: 32 and
+    4, int8 activations)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
+           "-p", precision, "-e", BUILD_PROVIDER, "-c", str(cache_dir)]
+    extra = [f"{k}={v}" for k, v in (("block_size", block_size), ("accuracy_level", accuracy_level))
+             if v is not None and precision != "fp32"]
+    return cmd + (["--extra_options", *extra] if extra else [])
+
+
+def build_genai_model(model: Any, tokenizer: Any, out_dir: Path, work_dir: Path, precision: str = "fp32",
+                      block_size: int | None = None, accuracy_level: int | None = None) -> float:
     """Save the merged model as an HF directory under work_dir and run ONNX Runtime GenAI's
-    model builder on it (fp32, CPU) into out_dir; returns the seconds the build took.
+    model builder on it (CPU, `precision`) into out_dir; returns the seconds the build took.
 
     The builder runs as a subprocess: it puts its own modules on sys.path and loads the
     weights again, neither of which belongs in the calling process."""
@@ -99,10 +118,9 @@ def build_genai_model(model: Any, tokenizer: Any, out_dir: Path, work_dir: Path)
             "num_attention_heads (or head_dim) so the head size is a multiple of 16."
         )
     hf_dir = work_dir / "hf"
+    cmd = builder_command(hf_dir, out_dir, work_dir / "cache", precision, block_size, accuracy_level)
     model.save_pretrained(str(hf_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(hf_dir))
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
-           "-p", BUILD_PRECISION, "-e", BUILD_PROVIDER, "-c", str(work_dir / "cache")]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work_dir)
     seconds = time.perf_counter() - t0
@@ -142,12 +160,28 @@ def served_text(tokenizer: Any, prompt: Any) -> str:
     return text
 
 
+def served_answers(version_dir: Path, tokenizer: Any, threads: int | None = None) -> Any:
+    """`(prompts, max_new) -> answers` from the built model through the class Triton runs,
+    each prompt rendered as the gateway sends it (`served_text`): how a quantized build, which
+    cannot match eager token for token, is scored on the task's suites."""
+    generator = load_triton_model_module().GenaiGreedyGenerator(str(version_dir),
+                                                                threads=threads or os.cpu_count() or 1)
+
+    def answers(prompts: list[Any], max_new: int) -> list[str]:
+        return [generator.generate(served_text(tokenizer, p), max_new)[0] for p in prompts]
+
+    return answers
+
+
 def check_parity(
     model: Any, tokenizer: Any, version_dir: Path, prompts: list[Any] | None = None,
     tolerance: float = LOGIT_TOLERANCE, max_new_tokens: int = 16, rtol: float = LOGIT_RTOL,
+    tokens: bool = True,
 ) -> dict[str, Any]:
-    """Compare the built model, through the class Triton runs, with eager PyTorch: the prompt
-    pass's logits (every position) and greedy completions. Raises ParityError."""
+    """Compare the built model, through the class Triton runs, with eager PyTorch: the served
+    tokenizer's ids, the prompt pass's logits (every position) and greedy completions. Raises
+    ParityError. `tokens=False` (a quantized build): the tokenizer only; its answers are held
+    to the task's gates instead."""
     import numpy as np
     import torch
 
@@ -161,6 +195,8 @@ def check_parity(
         served_ids = generator.encode(served_text(tokenizer, p))
         if served_ids != ids:
             raise ParityError(f"the served tokenizer encodes {p!r} as {served_ids}, eager as {ids}")
+        if not tokens:
+            continue
         with torch.no_grad():
             ref = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False).logits[0].numpy()
         got = generator.prompt_logits(ids)
@@ -170,6 +206,9 @@ def check_parity(
         max_diff = max(max_diff, float(diff.max()))
         max_logit = max(max_logit, float(np.abs(ref).max()))
         excess = max(excess, float((diff - rtol * np.abs(ref)).max()))
+    if not tokens:
+        return {"prompts": len(prompts), "tokenizer_equal": True, "generation_equal": None,
+                "held_to": "the task's gates against the unquantized candidate"}
     if excess > tolerance:
         raise ParityError(
             f"ONNX Runtime GenAI logits differ from PyTorch by {max_diff:.3g} (beyond tolerance {tolerance} + "
@@ -215,6 +254,10 @@ def compile_for_triton(
     tolerance: float = LOGIT_TOLERANCE,
     parity_prompts: list[str] | None = None,
     instances: int = 2,
+    precision: str = "fp32",
+    block_size: int | None = None,
+    accuracy_level: int | None = None,
+    quality_gate: Any = None,
 ) -> dict[str, Any]:
     """Build repo_dir/model_name/{config.pbtxt, <version>/...} for Triton; returns a report.
 
@@ -223,6 +266,10 @@ def compile_for_triton(
     `instances`: Triton model instances (processes, each with the model loaded once). One
     instance runs its requests one after another; two let a second request decode while the
     first is still generating (threads inside one instance measured no gain: bench/compile.py).
+    `precision`: fp32 must reproduce eager PyTorch (logits and greedy answers); int8 and int4
+    (weight-only quantization, `block_size`, `accuracy_level`) only its tokenizer here, their
+    answers being gated against the unquantized candidate by `quality_gate(answers)` (given
+    `served_answers`; it returns its report, or raises and nothing is written).
 
     The whole model directory is staged next to its destination and swapped in with a rename.
     Raises ParityError (nothing is written) when the compiled model is not faithful.
@@ -231,6 +278,9 @@ def compile_for_triton(
         raise ValueError(f"version must be >= 1 (Triton numbering), got {version}")
     if instances < 1:
         raise ValueError(f"instances must be >= 1, got {instances}")
+    if precision != "fp32" and quality_gate is None:
+        raise ValueError(f"a {precision} build cannot be held to eager PyTorch token for token: give `quality_gate` "
+                         "(the task's gates against the unquantized candidate)")
     deployment = dict(deployment or {})
     repo = Path(repo_dir)
     repo.mkdir(parents=True, exist_ok=True)
@@ -242,7 +292,7 @@ def compile_for_triton(
         vdir = stage / str(version)
         vdir.mkdir()
         built = stage / "build"
-        export_s = build_genai_model(model, tokenizer, built, Path(work))
+        export_s = build_genai_model(model, tokenizer, built, Path(work), precision, block_size, accuracy_level)
         for name in BUILD_FILES:
             os.replace(built / name, vdir / name)
         shutil.rmtree(built)
@@ -265,10 +315,12 @@ def compile_for_triton(
         }
         (vdir / "generation.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
         parity = check_parity(model, tokenizer, vdir, prompts=parity_prompts, tolerance=tolerance,
-                              max_new_tokens=max_new_tokens)
+                              max_new_tokens=max_new_tokens, tokens=precision == "fp32")
+        quality = quality_gate(served_answers(vdir, tokenizer)) if precision != "fp32" else None
         onnx_sha = model_sha256(vdir)
         deployment.setdefault("onnx_sha256", onnx_sha)
         deployment.setdefault("base_model", base_ref)
+        deployment.setdefault("precision", precision)
         if adapter_dir is not None and (Path(adapter_dir) / "adapter_model.safetensors").is_file():
             deployment.setdefault(
                 "adapter_sha256", sha256_file(Path(adapter_dir) / "adapter_model.safetensors")
@@ -294,9 +346,12 @@ def compile_for_triton(
         "onnx_sha256": onnx_sha,
         "onnx_bytes": sum((final / str(version) / n).stat().st_size for n in BUILD_FILES[:2]),
         "parity": parity,
+        "quality": quality,
         "export_seconds": round(export_s, 2),  # the model builder's run (incl. its start-up)
-        "builder": {"tool": "onnxruntime_genai.models.builder", "precision": BUILD_PRECISION,
-                    "execution_provider": BUILD_PROVIDER},
+        "builder": {"tool": "onnxruntime_genai.models.builder", "precision": precision,
+                    "execution_provider": BUILD_PROVIDER,
+                    **({"block_size": block_size or 32, "accuracy_level": accuracy_level or 4}
+                       if precision != "fp32" else {})},
         "version": version,
         "model_name": model_name,
     }

@@ -515,6 +515,15 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
             ref = gates.get("reference_name")
             for k, v in (gates.get("metrics") or {}).items():
                 print(f"   gate {k}: {fmt(v)} vs {ref} {fmt((gates.get('reference') or {}).get(k))}")
+        compiled = ft.get("compiled") or {}
+        if compiled.get("builder"):
+            quality = compiled.get("quality") or {}
+            held = (f"held to the task's gates against the unquantized candidate: "
+                    f"{'passed' if quality.get('passed') else 'refused'}, "
+                    + ", ".join(f"{s['suite']} {s['same_answer']:.0%} of answers unchanged"
+                                for s in quality.get("suites", []))) if quality else "token parity with eager"
+            print(f"   compiled {compiled['builder'].get('precision')} "
+                  f"({fmt((compiled.get('onnx_bytes') or 0) / 1e6, 'MB')}): {held}")
         for dag_id, secs in (cycle.get("seconds") or {}).items():
             print(f"   {dag_id} seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items()))
         rel = cycle.get("release") or {}

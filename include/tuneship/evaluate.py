@@ -591,6 +591,13 @@ class Suite(_Strict):
     def needs_parser(self) -> bool:
         return any(m.kind in PARSED_KINDS for m in self.metrics)
 
+    def answers_only(self) -> Suite:
+        """This suite less what reads the model's own probabilities (loglik, ece, brier) and
+        their gates: what a model reachable only by its answers (a compiled one) is scored on."""
+        keep = [m for m in self.metrics if not (m.kind == "loglik" or m.calibration)]
+        names = {m.name for m in keep}
+        return self.model_copy(update={"metrics": keep, "gates": [g for g in self.gates if g.metric in names]})
+
     def parse_fn(self, parse: Parse | None = None) -> Parse:
         """The parser to score with: the caller's (the task's), else the suite's own."""
         if parse is not None:
@@ -730,6 +737,17 @@ class SuiteResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any], metrics: Sequence[str] | None = None) -> SuiteResult:
+        """`to_dict`'s inverse (an evaluation report's candidate); `metrics`: these only."""
+        def keep(k: str) -> bool:
+            return metrics is None or k in metrics
+
+        return cls(doc["suite"], doc["version"], {k: v for k, v in doc["metrics"].items() if keep(k)},
+                   doc["n_cases"], doc.get("samples", []),
+                   {k: v for k, v in doc.get("outcomes", {}).items() if keep(k)}, doc.get("completions", []),
+                   doc.get("clusters", []))
 
 
 OptionScores = dict[str, tuple[list[str], list[list[float] | None]]]

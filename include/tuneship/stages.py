@@ -483,7 +483,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
                                                      **{f"eval_{k}": f"{v:.4f}" for k, v in metrics.items()}},
                               name)
     forest = plot_forest(rows, out.with_name(f"v{candidate['version']}-forest.png"), ref_name)
-    result = {"task": task.name, "suites": suites, "reference_name": ref_name, "passed": passed,
+    result = {"task": task.name, "dataset": dataset, "suites": suites, "reference_name": ref_name, "passed": passed,
               "gates": rows, "forest_plot": str(forest) if forest else None, "reliability_diagrams": diagrams,
               "lost_cases": lost}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -515,8 +515,13 @@ def parity_prompts(task: Task) -> list[str]:
     return [task.render_prompt(p) for p in prompts]
 
 
-def compile_candidate(task: Task, candidate: dict[str, Any]) -> dict[str, Any]:
-    """ONNX export + ONNX Runtime parity: a Triton-ready package. (TensorRT is not built here:
+def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[str, Any] | None = None,
+                      dataset: dict[str, str] | None = None) -> dict[str, Any]:
+    """ONNX Runtime GenAI build at the task's precision: a Triton-ready package. fp32 must
+    reproduce eager PyTorch (logits and greedy answers); a quantized build (int8, int4) must
+    pass the task's gates against the unquantized candidate on the same cases
+    (`quantization_gate`, from `evaluation`, the evaluate stage's result, and its `dataset`),
+    else it is refused (nothing written, one Slack alert). (TensorRT is not built here:
     `tuneship.compile.tensorrt_build_command` renders its command, checked by contract.)"""
     from tuneship import registry
     from tuneship.compile import compile_for_triton
@@ -527,18 +532,112 @@ def compile_candidate(task: Task, candidate: dict[str, Any]) -> dict[str, Any]:
     if marker.exists():
         return json.loads(marker.read_text())
     mv = registry.get_version(version, task.registered_model)
+    spec = task.compile
     deployment = {"task": task.name, "model": mv.name, "version": version,
                   "adapter_sha256": mv.tags.get("adapter_sha256"),
                   "base_model": mv.tags.get("base_model"), "dataset_version": mv.tags.get("dataset_version")}
+    gate = None
+    if spec.precision != "fp32":
+        # the evaluate stage's report (this run's, else the one it left for the version)
+        report = Path(evaluation["report"]) if evaluation else \
+            config.artifacts() / "tasks" / task.name / "evals" / f"v{version}.json"
+        if not report.is_file():
+            raise StageFailed(f"{task.name} v{version} compiles to {spec.precision}, which is gated against the "
+                              f"unquantized candidate's evaluation, and there is none at {report}: run "
+                              "llm_finetune's evaluate for it first")
+        dataset = dataset or json.loads(report.read_text()).get("dataset")
+        if not dataset:
+            raise StageFailed(f"{report} does not name the dataset it was scored on: evaluate v{version} again")
+        gate = quantization_gate(task, version, {"report": str(report)}, dataset)
     info = compile_for_triton(mv.tags["base_model"], _adapter_dir(task, version), package, "llm",
-                              deployment=deployment, parity_prompts=parity_prompts(task))
+                              deployment=deployment, parity_prompts=parity_prompts(task), precision=spec.precision,
+                              block_size=spec.block_size, accuracy_level=spec.accuracy_level, quality_gate=gate)
     # Round-trip through JSON so the XCom holds plain values (paths become strings).
     result = json.loads(json.dumps({"task": task.name, "version": version, "package": str(package / "llm"), **info},
                                    default=str))
     marker.write_text(json.dumps(result, indent=2))
-    registry.set_version_tags(version, {"compiled": "onnxruntime-genai", "onnx_sha256": str(info.get("onnx_sha256", ""))},
+    registry.set_version_tags(version, {"compiled": f"onnxruntime-genai {spec.precision}",
+                                        "onnx_sha256": str(info.get("onnx_sha256", "")),
+                                        **({"quantization": "passed"} if gate else {})},
                               task.registered_model)
     return result
+
+
+def quantization_gate(task: Task, version: int, evaluation: dict[str, Any], dataset: dict[str, str]) -> Any:
+    """The check a quantized build must pass (`compile_for_triton(quality_gate=...)`):
+    `score_quantized` against the unquantized candidate's answers (the evaluate stage's, from
+    its report). Logs `quant_*` metrics and the report to the version's MLflow run; a refusal
+    tags the version, alerts once and raises Refusal."""
+    from tuneship import registry
+
+    report = json.loads(Path(evaluation["report"]).read_text())
+    evaluated = {s["suite"]: s["candidate"] for s in report["suites"]}
+    precision = task.compile.precision
+
+    def check(answers: Any) -> dict[str, Any]:
+        result, metrics, summary = score_quantized(task, evaluated, Path(dataset["path"]), answers,
+                                                   f"unquantized v{version}")
+        out = config.artifacts() / "tasks" / task.name / "evals" / f"v{version}-{precision}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        mv = registry.get_version(version, task.registered_model)
+        registry.log_metrics(mv.run_id, metrics)
+        registry.log_artifact(mv.run_id, out, "evaluation")
+        print(f"quantization gate ({precision}, {result['seconds']}s):\n{summary}", flush=True)
+        if not result["passed"]:
+            registry.set_version_tags(version, {"quantization": "failed"}, task.registered_model)
+            notify(f"{task.name} v{version}: its {precision} build failed the task's gates against the unquantized "
+                   f"candidate:\n{summary}", level="error", version=version, task=task.name)
+            raise Refusal(f"the {precision} build failed the task's gates against the unquantized candidate:\n"
+                          f"{summary}")
+        return {**result, "report": str(out)}
+
+    return check
+
+
+def score_quantized(task: Task, evaluated: dict[str, dict[str, Any]], dataset: Path, answers: Any,
+                    reference_name: str) -> tuple[dict[str, Any], dict[str, float], str]:
+    """A quantized build's answers (`answers(prompts, max_new)`, e.g.
+    `tuneship.compile.served_answers`) on every gate suite's cases, scored by the suite's
+    answer metrics (`Suite.answers_only`: likelihood and calibration need probabilities) and
+    held to the suite's own gates with the unquantized candidate as the reference, paired on
+    the same cases: its floors and ceilings as the candidate was, and each `max_regression`
+    margin and `min_kept` floor against the unquantized answers (`evaluated`: suite@version ->
+    the candidate's `SuiteResult.to_dict()`, as the evaluation report holds it). Returns
+    (report, metrics for MLflow, summary)."""
+    from tuneship.evaluate import SuiteResult, apply_gates, gate_rows, load_cases, run_suite
+
+    t0 = time.monotonic()
+    sends = _as_client_sends(task, answers)
+    suites, rows, summaries, metrics, passed = [], [], [], {}, True
+    for suite_name in task.eval.suites:
+        full = task.suite(suite_name)
+        suite = full.answers_only()
+        key = f"{full.name}@v{full.version}"
+        if not suite.metrics:
+            continue
+        if key not in evaluated:
+            raise ValueError(f"the candidate's evaluation has no {key}: evaluate it again with the task's current "
+                             "suites")
+        cases = load_cases(suite, dataset, task.parser)
+        eager = SuiteResult.from_dict(evaluated[key], [m.name for m in suite.metrics])
+        if eager.n_cases != len(cases):
+            raise ValueError(f"{key}: the evaluation scored {eager.n_cases} cases, {dataset} gives {len(cases)}: "
+                             "evaluate the candidate again")
+        quant = run_suite(suite, sends, cases, task.parser)
+        gates = apply_gates(suite, quant, eager, reference_name)
+        same = sum(a == b for a, b in zip(quant.completions, eager.completions, strict=True)) / len(cases)
+        passed &= gates.passed
+        prefix = metric_prefix(task, full.name)
+        metrics.update({f"quant_{prefix}{k}": v for k, v in quant.metrics.items()})
+        metrics[f"quant_{prefix}same_answer"] = same
+        rows += gate_rows(key, gates, suite)
+        summaries.append(f"{key} ({same:.0%} of answers unchanged):\n{gates.summary()}")
+        suites.append({"suite": key, "cases": len(cases), "same_answer": same, "quantized": quant.metrics,
+                       "unquantized": eager.metrics, "gates": gates.to_dict(), "passed": gates.passed})
+    result = {"precision": task.compile.precision, "passed": passed, "suites": suites, "gates": rows,
+              "seconds": round(time.monotonic() - t0, 1)}
+    return result, metrics, "\n".join(summaries)
 
 
 # ------------------------------------------------------------------ release

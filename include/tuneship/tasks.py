@@ -73,8 +73,25 @@ class EvalSpec(_Strict):
 
 
 class CompileSpec(_Strict):
+    """How the candidate is compiled for serving (`tuneship.compile`). fp32 must reproduce eager
+    PyTorch token for token; int8 and int4 (weight-only quantization) must pass the task's own
+    gates against the unquantized candidate, on the same cases (`stages.quantization_gate`)."""
+
+    precision: Literal["fp32", "int8", "int4"] = Field(
+        default="fp32", description="fp32 (parity with eager), or int8 / int4 (quantized, gated on quality)")
+    block_size: Literal[16, 32, 64, 128, 256] | None = Field(
+        default=None, description="int8/int4: weights quantized in blocks of this many (builder default 32)")
+    accuracy_level: Literal[1, 2, 3, 4] | None = Field(
+        default=None, description="int8/int4: activations' precision in the quantized MatMuls: 1 fp32, 2 fp16, "
+                                  "3 bf16, 4 int8 (builder default on CPU: 4)")
     parity_prompts: list[str] = Field(default_factory=list,
                                       description="prompts the compiled model must reproduce (empty: the smoke suite's)")
+
+    @model_validator(mode="after")
+    def _quantization_options_need_quantization(self) -> CompileSpec:
+        if self.precision == "fp32" and (self.block_size is not None or self.accuracy_level is not None):
+            raise ValueError("compile.block_size and compile.accuracy_level are for precision int8 or int4, not fp32")
+        return self
 
 
 class ReleaseSpec(_Strict):

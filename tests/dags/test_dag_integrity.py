@@ -279,7 +279,8 @@ def test_validation_runs_nightly_and_when_a_batch_lands(dagbag):
 
 # The tasks whose stage can refuse (a gate's decision): each must fail once, without a retry.
 DECIDING_TASKS = {("llm_data_validation", "validate_and_version"), ("llm_finetune", "plan"),
-                  ("llm_finetune", "evaluate"), ("llm_release", "smoke"), ("llm_release", "serving_gate"),
+                  ("llm_finetune", "evaluate"), ("llm_finetune", "compile_model"), ("llm_release", "smoke"),
+                  ("llm_release", "serving_gate"),
                   ("llm_release", "decide"),
                   ("llm_release", "post_switch_guard")}
 

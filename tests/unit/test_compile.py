@@ -174,7 +174,7 @@ def test_stream_holds_back_an_incomplete_utf8_character():
 
 
 def test_failed_parity_leaves_nothing_behind(tmp_path, tmp_path_factory, monkeypatch):
-    def fake_build(model, tok, out_dir, work_dir):
+    def fake_build(model, tok, out_dir, work_dir, *options):
         out_dir.mkdir(parents=True)
         for name in tcompile.BUILD_FILES:
             (out_dir / name).write_bytes(b"not a model")
@@ -207,9 +207,11 @@ def test_builder_failure_carries_its_stderr(tmp_path, tmp_path_factory, monkeypa
     from tuneship.compile import merged_model
 
     model, tok = merged_model(str(base_model(tmp_path_factory)), None)
-    monkeypatch.setattr(tcompile, "BUILD_PRECISION", "fp7")
+    monkeypatch.setattr(tcompile, "PRECISIONS", (*tcompile.PRECISIONS, "fp7"))
     with pytest.raises(RuntimeError, match=r"(?s)model builder failed \(exit 2.*-p fp7.*invalid choice: 'fp7'"):
-        tcompile.build_genai_model(model, tok, tmp_path / "out", tmp_path)
+        tcompile.build_genai_model(model, tok, tmp_path / "out", tmp_path, "fp7")
+    with pytest.raises(ValueError, match="precision must be one of fp32, int8, int4"):
+        tcompile.build_genai_model(model, tok, tmp_path / "out", tmp_path, "fp8")
 
 
 def test_config_template_placeholders_are_all_filled():
