@@ -1,13 +1,14 @@
 """Compile a fine-tuned model for Triton: merge the adapter, build an ONNX Runtime GenAI model, prove parity.
 
 Embedded default: the merged model saved as an HF directory and turned by ONNX Runtime
-GenAI's model builder (`onnxruntime_genai.models.builder`, fp32, CPU) into an ONNX decoder
-with a KV cache (GroupQueryAttention), served by the Python backend through ONNX Runtime
-GenAI. Production: a TensorRT-LLM engine; `tensorrt_build_command` renders the build that a
-GPU node runs. Either way nothing reaches Triton unless the compiled model matches eager
-PyTorch: prompt logits within a tolerance AND identical greedy completions through the exact
-class Triton will run. The model directory is assembled in a temp dir and renamed into
-place, so Triton never loads a half-written version.
+GenAI's model builder (`onnxruntime_genai.models.builder`, CPU, at the task's precision)
+into an ONNX decoder with a KV cache (GroupQueryAttention), served by the Python backend
+through ONNX Runtime GenAI. On GPUs: TensorRT-LLM's LLM API, rendered and checked by
+contract in `tuneship.trtllm`. Nothing reaches Triton unless the compiled model is faithful:
+an fp32 build must match eager PyTorch (prompt logits within a tolerance AND identical greedy
+completions through the exact class Triton will run); a quantized one must pass the task's
+gates against the unquantized candidate (`quality_gate`). The model directory is assembled
+in a temp dir and renamed into place, so Triton never loads a half-written version.
 """
 
 from __future__ import annotations
@@ -89,21 +90,23 @@ def _head_size(model_config: Any) -> int:
 
 
 def builder_command(hf_dir: Path, out_dir: Path, cache_dir: Path, precision: str = "fp32",
-                    block_size: int | None = None, accuracy_level: int | None = None) -> list[str]:
+                    block_size: int | None = None, accuracy_level: int | None = None,
+                    extra_options: dict[str, Any] | None = None) -> list[str]:
     """ONNX Runtime GenAI's model builder for a CPU model at `precision`; int8/int4 with their
     weight-only quantization's block size and accuracy level (the builder's defaults: 32 and
-    4, int8 activations)."""
+    4, int8 activations); `extra_options`: any other of the builder's (adapter_path: LoRA slots)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
            "-p", precision, "-e", BUILD_PROVIDER, "-c", str(cache_dir)]
-    extra = [f"{k}={v}" for k, v in (("block_size", block_size), ("accuracy_level", accuracy_level))
-             if v is not None and precision != "fp32"]
-    return cmd + (["--extra_options", *extra] if extra else [])
+    options = {k: v for k, v in (("block_size", block_size), ("accuracy_level", accuracy_level))
+               if v is not None and precision != "fp32"} | dict(extra_options or {})
+    return cmd + (["--extra_options", *(f"{k}={v}" for k, v in options.items())] if options else [])
 
 
 def build_genai_model(model: Any, tokenizer: Any, out_dir: Path, work_dir: Path, precision: str = "fp32",
-                      block_size: int | None = None, accuracy_level: int | None = None) -> float:
+                      block_size: int | None = None, accuracy_level: int | None = None,
+                      extra_options: dict[str, Any] | None = None) -> float:
     """Save the merged model as an HF directory under work_dir and run ONNX Runtime GenAI's
     model builder on it (CPU, `precision`) into out_dir; returns the seconds the build took.
 
@@ -118,7 +121,7 @@ def build_genai_model(model: Any, tokenizer: Any, out_dir: Path, work_dir: Path,
             "num_attention_heads (or head_dim) so the head size is a multiple of 16."
         )
     hf_dir = work_dir / "hf"
-    cmd = builder_command(hf_dir, out_dir, work_dir / "cache", precision, block_size, accuracy_level)
+    cmd = builder_command(hf_dir, out_dir, work_dir / "cache", precision, block_size, accuracy_level, extra_options)
     model.save_pretrained(str(hf_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(hf_dir))
     t0 = time.perf_counter()
@@ -141,6 +144,25 @@ def model_sha256(version_dir: Path) -> str:
 
     lines = "".join(f"{name} {sha256_file(version_dir / name)}\n" for name in BUILD_FILES)
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def generation_config(tokenizer: Any, model_config: Any, max_new_tokens: int) -> dict[str, Any]:
+    """generation.json: what the served model (model.py) and the gateway read besides the graph."""
+    return {
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_new_tokens": max_new_tokens,
+        "max_tokens_limit": 256,
+        "max_context": int(getattr(model_config, "max_position_embeddings", 4096)),
+        "stop": ["eos", "newline"],
+        "decoding": "greedy",
+        # what the gateway needs to render a chat request as training rendered it
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        # the BOS the model's tokenizer adds itself ("" when it adds none): the gateway strips
+        # it from a rendered chat prompt so it is not there twice
+        "bos_token": tokenizer.bos_token if _adds_bos(tokenizer) else "",
+    }
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -298,21 +320,7 @@ def compile_for_triton(
         shutil.rmtree(built)
         shutil.copy2(TRITON_TEMPLATE_DIR / "model.py", vdir / "model.py")
         tokenizer.backend_tokenizer.save(str(vdir / "tokenizer.json"))
-        generation = {
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            "max_new_tokens": max_new_tokens,
-            "max_tokens_limit": 256,
-            "max_context": int(getattr(model.config, "max_position_embeddings", 4096)),
-            "stop": ["eos", "newline"],
-            "decoding": "greedy",
-            # what the gateway needs to render a chat request as training rendered it
-            "chat_template": getattr(tokenizer, "chat_template", None),
-            # the BOS the model's tokenizer adds itself ("" when it adds none): the gateway
-            # strips it from a rendered chat prompt so it is not there twice
-            "bos_token": tokenizer.bos_token if _adds_bos(tokenizer) else "",
-        }
+        generation = generation_config(tokenizer, model.config, max_new_tokens)
         (vdir / "generation.json").write_text(json.dumps(generation, indent=2, sort_keys=True))
         parity = check_parity(model, tokenizer, vdir, prompts=parity_prompts, tolerance=tolerance,
                               max_new_tokens=max_new_tokens, tokens=precision == "fp32")
@@ -355,51 +363,3 @@ def compile_for_triton(
         "version": version,
         "model_name": model_name,
     }
-
-
-def tensorrt_available() -> bool:
-    """True where a TensorRT(-LLM) build can run: the build tool on PATH and a CUDA device."""
-    if not (shutil.which("trtllm-build") or shutil.which("trtexec")):
-        return False
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
-def tensorrt_build_command(
-    onnx_or_ckpt_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    max_batch: int,
-    max_input_len: int,
-    max_output_len: int,
-) -> list[str]:
-    """The engine build a GPU node runs: trtexec for an .onnx file, trtllm-build for a
-    TensorRT-LLM checkpoint directory (from convert_checkpoint.py)."""
-    for key, value in (("max_batch", max_batch), ("max_input_len", max_input_len),
-                       ("max_output_len", max_output_len)):
-        if int(value) < 1:
-            raise ValueError(f"{key} must be >= 1, got {value}")
-    src, out = Path(onnx_or_ckpt_dir), Path(out_dir)
-    if src.suffix == ".onnx":
-        max_seq = max_input_len + max_output_len
-        return [
-            "trtexec",
-            f"--onnx={src}",
-            f"--saveEngine={out / 'model.plan'}",
-            "--minShapes=input_ids:1x1",
-            f"--optShapes=input_ids:{max(1, max_batch // 2)}x{max_input_len}",
-            f"--maxShapes=input_ids:{max_batch}x{max_seq}",
-            "--fp16",
-        ]
-    return [
-        "trtllm-build",
-        "--checkpoint_dir", str(src),
-        "--output_dir", str(out),
-        "--gemm_plugin", "auto",
-        "--max_batch_size", str(max_batch),
-        "--max_input_len", str(max_input_len),
-        "--max_seq_len", str(max_input_len + max_output_len),
-    ]

@@ -156,7 +156,7 @@ def secret_ref(secret_name: str, key: str, *, optional: bool = False) -> dict[st
     return {"secretKeyRef": ref}
 
 
-def _env_entry(name: str, value: Any) -> dict[str, Any]:
+def env_entry(name: str, value: Any) -> dict[str, Any]:
     if not _ENV_NAME.match(name):
         raise SpecInvalid(f"env var name {name!r} is not a valid C identifier-ish name")
     if isinstance(value, Mapping):
@@ -226,7 +226,7 @@ def render_trainer_pod(
     container["command"] = [str(a) for a in command]
     container.pop("args", None)
 
-    new_env = [_env_entry(k, v) for k, v in (env or {}).items()]
+    new_env = [env_entry(k, v) for k, v in (env or {}).items()]
     replaced = {e["name"] for e in new_env}
     container["env"] = [
         e for e in container.get("env") or [] if e.get("name") not in replaced

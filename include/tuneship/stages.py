@@ -521,8 +521,8 @@ def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[st
     reproduce eager PyTorch (logits and greedy answers); a quantized build (int8, int4) must
     pass the task's gates against the unquantized candidate on the same cases
     (`quantization_gate`, from `evaluation`, the evaluate stage's result, and its `dataset`),
-    else it is refused (nothing written, one Slack alert). (TensorRT is not built here:
-    `tuneship.compile.tensorrt_build_command` renders its command, checked by contract.)"""
+    else it is refused (nothing written, one Slack alert). (The GPU path, TensorRT-LLM, is
+    not built here: `tuneship.trtllm` renders and validates it by contract.)"""
     from tuneship import registry
     from tuneship.compile import compile_for_triton
 

@@ -15,8 +15,6 @@ from tuneship.compile import (
     ParityError,
     compile_for_triton,
     load_triton_model_module,
-    tensorrt_available,
-    tensorrt_build_command,
 )
 
 _CACHE: dict = {}
@@ -223,18 +221,3 @@ def test_config_template_placeholders_are_all_filled():
     assert '\\"note\\"' in cfg and "versions: [ 2 ]" in cfg
 
 
-def test_tensorrt_build_command_contract(tmp_path):
-    cmd = tensorrt_build_command(tmp_path / "ckpt", tmp_path / "engine", 8, 512, 64)
-    assert cmd[0] == "trtllm-build"
-    flags = dict(zip(cmd[1::2], cmd[2::2], strict=True))
-    assert flags["--checkpoint_dir"] == str(tmp_path / "ckpt")
-    assert flags["--output_dir"] == str(tmp_path / "engine")
-    assert flags["--max_batch_size"] == "8" and flags["--max_input_len"] == "512"
-    assert flags["--max_seq_len"] == "576"
-    onnx_cmd = tensorrt_build_command(tmp_path / "model.onnx", tmp_path / "engine", 4, 100, 20)
-    assert onnx_cmd[0] == "trtexec" and f"--onnx={tmp_path / 'model.onnx'}" in onnx_cmd
-    assert "--maxShapes=input_ids:4x120" in onnx_cmd
-    assert f"--saveEngine={tmp_path / 'engine' / 'model.plan'}" in onnx_cmd
-    with pytest.raises(ValueError, match="max_batch"):
-        tensorrt_build_command(tmp_path, tmp_path, 0, 1, 1)
-    assert tensorrt_available() is False  # no TensorRT and no GPU on the embedded default

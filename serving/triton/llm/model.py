@@ -56,8 +56,13 @@ class GenaiGreedyGenerator:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_tokens)
         generator = self._og.Generator(self.model, params)
+        self._before_prompt(generator)
         generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
         return generator
+
+    def _before_prompt(self, generator: Any) -> None:
+        """What a request sets on its generator before the prompt pass (a subclass's LoRA
+        adapter: `tuneship.lora_delta`); nothing here."""
 
     def prompt_logits(self, prompt_ids: list[int]) -> np.ndarray:
         """Logits [prompt_len, vocab] of the prompt pass (what the first token is chosen from);
