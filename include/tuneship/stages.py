@@ -601,10 +601,12 @@ def score_quantized(task: Task, evaluated: dict[str, dict[str, Any]], dataset: P
     `tuneship.compile.served_answers`) on every gate suite's cases, scored by the suite's
     answer metrics (`Suite.answers_only`: likelihood and calibration need probabilities) and
     held to the suite's own gates with the unquantized candidate as the reference, paired on
-    the same cases: its floors and ceilings as the candidate was, and each `max_regression`
-    margin and `min_kept` floor against the unquantized answers (`evaluated`: suite@version ->
-    the candidate's `SuiteResult.to_dict()`, as the evaluation report holds it). Returns
-    (report, metrics for MLflow, summary)."""
+    the same cases: each `max_regression` margin and `min_kept` floor against the unquantized
+    answers, and every floor and ceiling the unquantized candidate cleared (one it did not is
+    the evaluate stage's verdict, not what quantization changed: a version released by hand
+    after failing its gates is judged by the release's smoke, not refused here twice).
+    `evaluated`: suite@version -> the candidate's `SuiteResult.to_dict()`, as the evaluation
+    report holds it. Returns (report, metrics for MLflow, summary)."""
     from tuneship.evaluate import SuiteResult, apply_gates, gate_rows, load_cases, run_suite
 
     t0 = time.monotonic()
@@ -624,17 +626,26 @@ def score_quantized(task: Task, evaluated: dict[str, dict[str, Any]], dataset: P
         if eager.n_cases != len(cases):
             raise ValueError(f"{key}: the evaluation scored {eager.n_cases} cases, {dataset} gives {len(cases)}: "
                              "evaluate the candidate again")
-        quant = run_suite(suite, sends, cases, task.parser)
-        gates = apply_gates(suite, quant, eager, reference_name)
+        bounds = [g for g in suite.gates if g.min is not None or g.max is not None]
+        cleared = {id(g) for g, r in zip(bounds, apply_gates(suite.model_copy(update={"gates": bounds}), eager,
+                                                             None).gates, strict=True) if r.passed}
+        held = suite.model_copy(update={"gates": [g for g in suite.gates
+                                                  if id(g) in cleared or all(g is not b for b in bounds)]})
+        skipped = [f"{g.metric} {'>=' if g.min is not None else '<='} {g.min if g.min is not None else g.max}"
+                   for g in bounds if id(g) not in cleared]
+        quant = run_suite(held, sends, cases, task.parser)
+        gates = apply_gates(held, quant, eager, reference_name)
         same = sum(a == b for a, b in zip(quant.completions, eager.completions, strict=True)) / len(cases)
         passed &= gates.passed
         prefix = metric_prefix(task, full.name)
         metrics.update({f"quant_{prefix}{k}": v for k, v in quant.metrics.items()})
         metrics[f"quant_{prefix}same_answer"] = same
-        rows += gate_rows(key, gates, suite)
-        summaries.append(f"{key} ({same:.0%} of answers unchanged):\n{gates.summary()}")
+        rows += gate_rows(key, gates, held)
+        note = f"; not held to {', '.join(skipped)} (the unquantized candidate missed them)" if skipped else ""
+        summaries.append(f"{key} ({same:.0%} of answers unchanged{note}):\n{gates.summary()}")
         suites.append({"suite": key, "cases": len(cases), "same_answer": same, "quantized": quant.metrics,
-                       "unquantized": eager.metrics, "gates": gates.to_dict(), "passed": gates.passed})
+                       "unquantized": eager.metrics, "gates": gates.to_dict(), "passed": gates.passed,
+                       "not_held_to": skipped})
     result = {"precision": task.compile.precision, "passed": passed, "suites": suites, "gates": rows,
               "seconds": round(time.monotonic() - t0, 1)}
     return result, metrics, "\n".join(summaries)

@@ -25,22 +25,24 @@ def _task(precision: str, **options):
                                    "compile": CompileSpec(precision=precision, **options)})
 
 
-def _evaluated(tmp_path_factory) -> dict:
-    """The unquantized candidate's evaluation (the tiny demo fine-tune on the triage suite), as
-    the evaluate stage's report holds it."""
-    if "eager" not in _CACHE:
+def _evaluated(tmp_path_factory, adapter: bool = True) -> dict:
+    """The unquantized candidate's evaluation (the tiny demo fine-tune, or the base model, on
+    the triage suite), as the evaluate stage's report holds it."""
+    if ("eager", adapter) not in _CACHE:
         task = _task("int8")
         suite = task.suite("triage")
         eager = _as_client_sends(task, _generator(str(base_model(tmp_path_factory)),
-                                                  finetuned(tmp_path_factory) / "adapter", "eager"))
+                                                  finetuned(tmp_path_factory) / "adapter" if adapter else None,
+                                                  "eager"))
         result = run_suite(suite, eager, load_cases(suite, dataset(tmp_path_factory), task.parser), task.parser)
-        _CACHE["eager"] = {f"{suite.name}@v{suite.version}": json.loads(json.dumps(result.to_dict()))}
-    return _CACHE["eager"]
+        _CACHE["eager", adapter] = {f"{suite.name}@v{suite.version}": json.loads(json.dumps(result.to_dict()))}
+    return _CACHE["eager", adapter]
 
 
-def _compile(tmp_path_factory, tmp_path: Path, precision: str, adapter: bool = True, **options):
+def _compile(tmp_path_factory, tmp_path: Path, precision: str, adapter: bool = True, evaluated_with: bool = True,
+             **options):
     task = _task(precision, **options)
-    evaluated = _evaluated(tmp_path_factory)
+    evaluated = _evaluated(tmp_path_factory, evaluated_with)
     seen: dict = {}
 
     def gate(answers):
@@ -96,6 +98,20 @@ def test_a_build_that_loses_the_answers_is_refused_and_nothing_is_written(tmp_pa
     failed = {g["metric"] for g in result["gates"] if g["verdict"] != "pass"}
     assert failed and failed <= {"category_accuracy", "priority_accuracy", "format_rate"}
     assert list(tmp_path.iterdir()) == []  # staged, refused, removed
+
+
+def test_floors_the_unquantized_candidate_missed_are_not_judged_again(tmp_path_factory, tmp_path: Path):
+    """A version released by hand after failing its gates (here the base model, which never
+    answers in the format) is compiled on demand: its int8 build keeps its own answers, so
+    quantization passes; the floors it missed are named as not held, and the release's smoke
+    refuses it, not the compile step a second time."""
+    report, seen = _compile(tmp_path_factory, tmp_path, "int8", adapter=False, evaluated_with=False)
+    print(seen["summary"])
+    assert report is not None, seen["summary"]
+    (suite,) = seen["result"]["suites"]
+    assert suite["not_held_to"] == ["category_accuracy >= 0.7", "format_rate >= 0.8"]
+    assert suite["unquantized"]["format_rate"] == 0.0 and suite["same_answer"] >= 0.9
+    assert {g["rule"] for g in seen["result"]["gates"]} == {"vs reference", "kept >="}
 
 
 def test_quantization_is_declared_in_the_task_and_checked(tmp_path: Path):
