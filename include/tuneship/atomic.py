@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +34,19 @@ def exclusive(lock_path: Path, on_wait: Callable[[], None] | None = None) -> Ite
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def replace_dir(stage: Path, final: Path) -> None:
+    """Swap a fully written directory `stage` (a sibling of `final`) into place: `final` is
+    either the old directory or the new one, never half of each. The old one is moved aside
+    under a name unique to this process, then removed."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(stage, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, final)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuneship import config
+from tuneship import atomic, config
 from tuneship.basemodel import sha256_file
 from tuneship.generate import prompt_ids
 
@@ -336,13 +336,7 @@ def compile_for_triton(
         (vdir / "deployment.json").write_text(json.dumps(deployment, indent=2, sort_keys=True, default=str))
         (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment, instance_count=instances))
         os.chmod(stage, 0o755)
-        if final.exists():
-            old = repo / f".{model_name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(stage, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, final)
+        atomic.replace_dir(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from tuneship import atomic
 from tuneship.basemodel import sha256_file
 from tuneship.compile import (
     BUILD_FILES,
@@ -242,13 +243,7 @@ def build_shared_base(base_ref: str, adapter_dir: str | os.PathLike[str], out_di
         adapter_path = stage / ADAPTERS_DIR / f"{adapter_name}{ADAPTER_SUFFIX}"
         _write_adapter(baked, adapter_path, 1, model_version)
         os.chmod(stage, 0o755)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(stage, out)
+        atomic.replace_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

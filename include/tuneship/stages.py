@@ -520,7 +520,7 @@ def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[st
     """ONNX Runtime GenAI build at the task's precision: a Triton-ready package. fp32 must
     reproduce eager PyTorch (logits and greedy answers); a quantized build (int8, int4) must
     pass the task's gates against the unquantized candidate on the same cases
-    (`quantization_gate`, from `evaluation`, the evaluate stage's result, and its `dataset`),
+    (`quantization_gate`, from the evaluate stage's report: `evaluation`'s, else the one it left),
     else it is refused (nothing written, one Slack alert). (The GPU path, TensorRT-LLM, is
     not built here: `tuneship.trtllm` renders and validates it by contract.)"""
     from tuneship import registry
@@ -541,14 +541,7 @@ def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[st
         # the evaluate stage's report (this run's, else the one it left for the version)
         report = Path(evaluation["report"]) if evaluation else \
             config.artifacts() / "tasks" / task.name / "evals" / f"v{version}.json"
-        if not report.is_file():
-            raise StageFailed(f"{task.name} v{version} compiles to {spec.precision}, which is gated against the "
-                              f"unquantized candidate's evaluation, and there is none at {report}: run "
-                              "llm_finetune's evaluate for it first")
-        dataset = dataset or json.loads(report.read_text()).get("dataset")
-        if not dataset:
-            raise StageFailed(f"{report} does not name the dataset it was scored on: evaluate v{version} again")
-        gate = quantization_gate(task, version, {"report": str(report)}, dataset)
+        gate = quantization_gate(task, version, report, dataset)
     info = compile_for_triton(mv.tags["base_model"], _adapter_dir(task, version), package, "llm",
                               deployment=deployment, parity_prompts=parity_prompts(task), precision=spec.precision,
                               block_size=spec.block_size, accuracy_level=spec.accuracy_level, quality_gate=gate)
@@ -563,15 +556,23 @@ def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[st
     return result
 
 
-def quantization_gate(task: Task, version: int, evaluation: dict[str, Any], dataset: dict[str, str]) -> Any:
+def quantization_gate(task: Task, version: int, report: Path, dataset: dict[str, str] | None = None) -> Any:
     """The check a quantized build must pass (`compile_for_triton(quality_gate=...)`):
-    `score_quantized` against the unquantized candidate's answers (the evaluate stage's, from
-    its report). Logs `quant_*` metrics and the report to the version's MLflow run; a refusal
-    tags the version, alerts once and raises Refusal."""
+    `score_quantized` against the unquantized candidate's answers, from the evaluate stage's
+    `report` (read once; its `dataset` unless one is given). Logs `quant_*` metrics and the
+    result to the version's MLflow run; a refusal tags the version, alerts once and raises
+    Refusal."""
     from tuneship import registry
 
-    report = json.loads(Path(evaluation["report"]).read_text())
-    evaluated = {s["suite"]: s["candidate"] for s in report["suites"]}
+    if not report.is_file():
+        raise StageFailed(f"{task.name} v{version} compiles to {task.compile.precision}, which is gated against "
+                          f"the unquantized candidate's evaluation, and there is none at {report}: run "
+                          "llm_finetune's evaluate for it first")
+    doc = json.loads(report.read_text())
+    dataset = dataset or doc.get("dataset")
+    if not dataset:
+        raise StageFailed(f"{report} does not name the dataset it was scored on: evaluate v{version} again")
+    evaluated = {s["suite"]: s["candidate"] for s in doc["suites"]}
     precision = task.compile.precision
 
     def check(answers: Any) -> dict[str, Any]:
@@ -629,8 +630,8 @@ def score_quantized(task: Task, evaluated: dict[str, dict[str, Any]], dataset: P
         bounds = [g for g in suite.gates if g.min is not None or g.max is not None]
         cleared = {id(g) for g, r in zip(bounds, apply_gates(suite.model_copy(update={"gates": bounds}), eager,
                                                              None).gates, strict=True) if r.passed}
-        held = suite.model_copy(update={"gates": [g for g in suite.gates
-                                                  if id(g) in cleared or all(g is not b for b in bounds)]})
+        held = suite.model_copy(update={"gates": [g for g in suite.gates if id(g) in cleared
+                                                  or (g.min is None and g.max is None)]})
         skipped = [f"{g.metric} {'>=' if g.min is not None else '<='} {g.min if g.min is not None else g.max}"
                    for g in bounds if id(g) not in cleared]
         quant = run_suite(held, sends, cases, task.parser)
