@@ -16,11 +16,17 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponen
 TOKEN_MAX_AGE_S = 600.0  # re-authenticate well before Airflow's JWTs expire
 
 
+# Requests that do the same thing when sent twice: reads, and our PATCHes, each of which
+# sets absolute values (a run's state, a DAG's is_paused). A POST (a trigger) is never resent.
+IDEMPOTENT = frozenset({"GET", "PATCH"})
+
+
 def _transient(exc: BaseException) -> bool:
-    """Worth another try: the connection failed, or a read (GET) met a server error (the API
-    server on SQLite answers 500 now and then while the scheduler writes)."""
+    """Worth another try: the connection failed, or an idempotent request met a server error
+    (the API server on SQLite answers 500 now and then while the scheduler writes)."""
     return isinstance(exc, httpx.TransportError) or (
-        isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500 and exc.request.method == "GET")
+        isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code >= 500
+        and exc.request.method in IDEMPOTENT)
 
 
 class AirflowAPI:

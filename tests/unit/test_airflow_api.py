@@ -122,3 +122,24 @@ def test_task_log_asks_for_json_and_renders_lines() -> None:
 
 def test_format_log_event_without_timestamp_or_level() -> None:
     assert format_log_event({"event": "::group::Log message source details"}) == "::group::Log message source details"
+
+
+def test_a_server_error_is_retried_for_a_patch_but_a_trigger_is_never_sent_twice() -> None:
+    """The API server on SQLite answers 500 ("database is locked") while the scheduler writes:
+    a PATCH (absolute values) is sent again; a POST that may have started a run is not."""
+    sent: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/auth/token":
+            return httpx.Response(201, json={"access_token": "t"})
+        sent.append(request.method)
+        if len(sent) == 1 or request.method == "POST":
+            return httpx.Response(500, json={"detail": {"reason": "Database error"}})
+        return httpx.Response(200, json={"state": "failed"})
+
+    api = AirflowAPI("http://airflow", "admin", "pw", transport=httpx.MockTransport(handler))
+    assert api.request("PATCH", "/dags/d/dagRuns/r", json={"state": "failed"}) == {"state": "failed"}
+    assert sent == ["PATCH", "PATCH"]
+    with pytest.raises(httpx.HTTPStatusError, match="HTTP 500"):
+        api.trigger("d")
+    assert sent == ["PATCH", "PATCH", "POST"]
