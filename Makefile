@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 # process would otherwise recompile torch/transformers/peft from source (peft import: 13 s -> 6 s).
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: install chromium demo test bench up down status lock lint clean
+.PHONY: install chromium promtool demo test bench up down status lock lint clean
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt serving/triton/requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,17 @@ chromium:
 	  else echo "WARNING: chromium is missing and apt-get cannot run here: run 'apt-get install -y chromium'" \
 	    "as root, or the browser tests (tests/browser) fail" >&2; fi; }
 
-install: $(VENV)/.installed chromium
+# The autoscaling contract tests check the Prometheus adapter's PromQL with Debian's promtool
+# (package prometheus; recommends left out: no exporters): installed with apt-get when missing
+# and run as root, else a warning.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	  else echo "WARNING: promtool is missing and apt-get cannot run here: run 'apt-get install -y prometheus'" \
+	    "as root, or the autoscaling contract tests (tests/unit/test_autoscaling_contract.py) fail" >&2; fi; }
+
+install: $(VENV)/.installed chromium promtool
 
 demo: install
 	$(PY) -m tuneship.demo

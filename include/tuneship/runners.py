@@ -268,6 +268,26 @@ def _check_quantities(where: str, pod_spec: Mapping[str, Any]) -> None:
             check(f"{where}.volumes[{i}].emptyDir.sizeLimit", size)
 
 
+def _check_metric_targets(obj: Mapping[str, Any]) -> None:
+    """An HPA's metric targets (`value`, `averageValue`) are quantities too; the schema types them
+    only as strings, so `averageValue: 100ms` would pass it and be refused on admission."""
+    if obj.get("kind") != "HorizontalPodAutoscaler":
+        return
+    for i, metric in enumerate((obj.get("spec") or {}).get("metrics") or []):
+        kind = metric.get("type") or ""
+        key = kind[:1].lower() + kind[1:]  # Pods -> pods, ContainerResource -> containerResource
+        target = (metric.get(key) or {}).get("target") or {}
+        for field in ("value", "averageValue"):
+            q = target.get(field)
+            if q is not None and (
+                isinstance(q, bool) or not isinstance(q, str | int | float) or not _QUANTITY.match(str(q))
+            ):
+                raise SpecInvalid(
+                    f"HorizontalPodAutoscaler spec.metrics[{i}].{key}.target.{field}: {q!r} is not "
+                    "a Kubernetes quantity"
+                )
+
+
 def validate_manifest(obj: Mapping[str, Any], k8s_version: str = "1.31") -> None:
     """Validate one Kubernetes object against the strict OpenAPI schema of `k8s_version`.
 
@@ -289,6 +309,7 @@ def validate_manifest(obj: Mapping[str, Any], k8s_version: str = "1.31") -> None
         raise SpecInvalid(f"{obj.get('kind')} metadata.name {name!r} is not an RFC 1123 label")
     for where, pod_spec in _pod_specs(obj):
         _check_quantities(where, pod_spec)
+    _check_metric_targets(obj)
 
 
 def validate_pod(pod: Mapping[str, Any], k8s_version: str = "1.31") -> None:
