@@ -13,6 +13,7 @@ in a temp dir and renamed into place, so Triton never loads a half-written versi
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -57,8 +58,10 @@ class ParityError(RuntimeError):
     """The compiled model does not reproduce eager PyTorch; it must not be deployed."""
 
 
+@functools.cache
 def load_triton_model_module() -> Any:
-    """Import serving/triton/llm/model.py (not part of the package: it ships to Triton)."""
+    """Import serving/triton/llm/model.py (not part of the package: it ships to Triton), once
+    per process."""
     path = TRITON_TEMPLATE_DIR / "model.py"
     spec = importlib.util.spec_from_file_location("tuneship_triton_llm_model", path)
     if spec is None or spec.loader is None:

@@ -23,7 +23,7 @@ def _img(path: str | None, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}" style="max-width:720px">'
 
 
-def _table(rows: list[list[Any]], head: list[str]) -> str:
+def table(rows: list[list[Any]], head: list[str]) -> str:
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
@@ -90,20 +90,20 @@ def gates_table(gates: dict[str, Any]) -> str:
     rows = gates.get("gates")
     if not rows:
         ref = gates.get("reference") or {}
-        return _table([[k, fmt(v), fmt(ref.get(k))] for k, v in (gates.get("metrics") or {}).items()],
+        return table([[k, fmt(v), fmt(ref.get(k))] for k, v in (gates.get("metrics") or {}).items()],
                       ["metric", "candidate", "reference"])
     out = []
     for r in rows:
         out.append([r["suite"], r["metric"], _rule(r), _interval(r["value"], r["low"], r["high"]), fmt(r["n"]),
                     fmt(r["reference"]), _interval(r["diff"], r["diff_low"], r["diff_high"], signed=True),
                     _p(r["p_value"]), r["verdict"]])
-    return _table(out, ["suite", "metric", "gate", "candidate [95%]", "n", "reference", "difference [95%]",
+    return table(out, ["suite", "metric", "gate", "candidate [95%]", "n", "reference", "difference [95%]",
                         "p (McNemar; sign test)", "verdict"])
 
 
 def lost_table(rows: list[dict[str, Any]]) -> str:
     """The cases the reference got right and the candidate did not, side by side."""
-    return _table([[r["suite"], f"{r['metric']} ({r['lost']} lost)", r["prompt"], json.dumps(r["expected"]),
+    return table([[r["suite"], f"{r['metric']} ({r['lost']} lost)", r["prompt"], json.dumps(r["expected"]),
                     r["candidate"], r["reference"]] for r in rows],
                   ["suite", "metric", "prompt", "expected", "candidate's answer", "reference's answer"])
 
@@ -115,7 +115,7 @@ def serving_html(serving: dict[str, Any]) -> str:
     models = [("candidate v" + str(serving.get("version")), serving["candidate"])]
     if serving.get("live"):
         models.append((f"live v{serving.get('live_version')}", serving["live"]))
-    figures = _table([[name, fmt(f["requests"]), fmt(f["p50_ms"], "ms"),
+    figures = table([[name, fmt(f["requests"]), fmt(f["p50_ms"], "ms"),
                        _interval(f["p95_ms"], f["p95_ms_low"], f["p95_ms_high"]),
                        _interval(f["tokens_per_s"], f["tokens_per_s_low"], f["tokens_per_s_high"]),
                        fmt(f["peak_memory_mb"], "MB"), usd(f["cost_per_1k_tokens"])] for name, f in models],
@@ -135,14 +135,14 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
              f"<code>{html.escape(cycle['trigger'])}</code></h2>"]
     drift = cycle.get("drift")
     if drift:
-        parts.append("<h3>Drift</h3>" + _table(
+        parts.append("<h3>Drift</h3>" + table(
             [[fmt(drift.get("score")), fmt(drift.get("threshold")), fmt(drift.get("requests")), drift.get("reason")]],
             ["score", "threshold", "requests", "governor"]))
         parts.append(_img(drift.get("chart"), "drift chart"))
     ft = cycle.get("finetune") or {}
     model = ft.get("model") or {}
     if model:
-        parts.append("<h3>Fine-tune</h3>" + _table(
+        parts.append("<h3>Fine-tune</h3>" + table(
             [[f"v{model.get('version')}", fmt(model.get("train_loss")), fmt(model.get("eval_loss")),
               fmt(model.get("tokens_per_s")), model.get("init_from") or "fresh LoRA",
               (model.get("adapter_sha256") or "")[:16]]],
@@ -160,7 +160,7 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
     rel = cycle.get("release") or {}
     if rel:
         v = rel.get("verdict") or {}
-        parts.append("<h3>Release</h3>" + _table(
+        parts.append("<h3>Release</h3>" + table(
             [[rel.get("state"), v.get("verdict"), v.get("slot"), fmt(v.get("requests")), fmt(v.get("error_rate")),
               fmt(v.get("p95_ms"), "ms"), fmt(v.get("format_rate")), fmt(v.get("agreement_with_live"))]],
             ["run", "verdict", "slot", "requests", "error rate", "p95", "format rate", "agreement"]))
@@ -173,7 +173,7 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
     if seconds:
         rows = [[dag_id, task_id, fmt(secs, "s")] for dag_id, stages in seconds.items() for task_id, secs in stages.items()]
         parts.append(f"<h3>Where the time went (cycle: {fmt(cycle.get('wall_s'), 's')})</h3>"
-                     + _table(rows, ["DAG", "task", "seconds"]))
+                     + table(rows, ["DAG", "task", "seconds"]))
     return "\n".join(parts)
 
 
@@ -188,7 +188,7 @@ def write_demo_report(summary: dict[str, Any]) -> Path:
     body = [
         "<h1>Tuneship demo report</h1>",
         f"<p>Wall time {fmt(summary.get('wall_s'), 's')}.</p>",
-        _table(rows, ["task", "live", "colour", "requests", "ok", "failed"]),
+        table(rows, ["task", "live", "colour", "requests", "ok", "failed"]),
     ]
     if summary.get("error"):
         body.append(f"<p style='color:#b00'>Error: {html.escape(summary['error'])}</p>")

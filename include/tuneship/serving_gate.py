@@ -201,12 +201,18 @@ def figures(reading: Reading, price_per_hour: float | None, level: float = 0.95,
            "completion_tokens": sum(tok), "peak_memory_mb": reading.memory_mb, "processes": reading.processes,
            "cost_per_1k_tokens": None, "cost_per_1k_tokens_low": None, "cost_per_1k_tokens_high": None}
     if price_per_hour is not None:
-        def cost(rate: float) -> float | None:
-            return price_per_hour / 3600 / rate * 1000 if rate > 0 else None
-
-        out.update(cost_per_1k_tokens=cost(tps), cost_per_1k_tokens_low=cost(tps_high),
-                   cost_per_1k_tokens_high=cost(tps_low))
+        out.update(cost_per_1k_tokens=cost_per_1k_tokens(price_per_hour, tps),
+                   cost_per_1k_tokens_low=cost_per_1k_tokens(price_per_hour, tps_high),
+                   cost_per_1k_tokens_high=cost_per_1k_tokens(price_per_hour, tps_low))
     return out
+
+
+def cost_per_1k_tokens(price_per_hour: float | None, tokens_per_s: float) -> float | None:
+    """USD per 1k generated tokens of an instance at `price_per_hour` that generates
+    `tokens_per_s` (None: no price declared, or nothing generated)."""
+    if price_per_hour is None or tokens_per_s <= 0:
+        return None
+    return price_per_hour / 3600 / tokens_per_s * 1000
 
 
 def _row(metric: str, unit: str, rule: str, threshold: float, value: Any, low: Any, high: Any, n: int,

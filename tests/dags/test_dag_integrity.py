@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-DAG_IDS = {"llm_data_validation", "llm_finetune", "llm_release", "llm_drift_monitor"}
+DAG_IDS = {"llm_data_validation", "llm_finetune", "llm_release", "llm_drift_monitor", "llm_batch_inference"}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,7 @@ def test_asset_chain(dagbag):
     assert outlets["llm_finetune"] == {"release_candidate"}
     assert outlets["llm_release"] == {"model_promoted"}
     assert outlets["llm_drift_monitor"] == {"retrain_request"}
+    assert outlets["llm_batch_inference"] == set()
     assert names(dagbag.dags["llm_finetune"]) == {"validated_dataset", "retrain_request"}
     assert names(dagbag.dags["llm_release"]) == {"release_candidate"}
 
@@ -282,7 +283,8 @@ DECIDING_TASKS = {("llm_data_validation", "validate_and_version"), ("llm_finetun
                   ("llm_finetune", "evaluate"), ("llm_finetune", "compile_model"), ("llm_release", "smoke"),
                   ("llm_release", "serving_gate"),
                   ("llm_release", "decide"),
-                  ("llm_release", "post_switch_guard")}
+                  ("llm_release", "post_switch_guard"),
+                  ("llm_batch_inference", "plan"), ("llm_batch_inference", "answer_chunk")}
 
 
 def test_deciding_tasks_fail_on_refusal_and_others_keep_their_retries(dagbag):
