@@ -10,6 +10,10 @@ metric quantized against unquantized, and the verdict with the gates that refuse
 Cases: the task's demo data (`demo.generator`, seed 0) for dataset suites.
 
     python -m bench.quantize [--task triage] [--candidate DIR] [--precisions int8,int4]
+
+A precision may carry the task file's other quantization options after colons:
+`int4:k_quant:last_matmul+mixed_layers` is `{precision: int4, algorithm: k_quant,
+int8_layers: [last_matmul, mixed_layers]}`.
 """
 
 from __future__ import annotations
@@ -57,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             result = run_suite(suite, eager, load_cases(suite, data, task.parser), task.parser)
             evaluated[f"{suite.name}@v{suite.version}"] = result.to_dict()
         out["unquantized_scoring_s"] = round(time.perf_counter() - t0, 1)
-        for precision in args.precisions.split(","):
-            quantized = task.model_copy(update={"compile": CompileSpec(precision=precision)})
+        for variant in args.precisions.split(","):
+            precision, algorithm, layers = (variant.split(":") + ["", ""])[:3]
+            spec = CompileSpec(precision=precision, algorithm=algorithm or None,
+                               int8_layers=layers.split("+") if layers else [])
+            quantized = task.model_copy(update={"compile": spec})
             seen: dict = {}
 
             def check(answers, quantized=quantized, seen=seen):
@@ -66,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                 return seen["result"]
 
             t0 = time.perf_counter()
-            report = compile_for_triton(base, adapter, Path(tmp) / precision, "llm", precision=precision,
+            report = compile_for_triton(base, adapter, Path(tmp) / variant.replace(":", "-"), "llm",
+                                        precision=precision, builder_options=spec.builder_options(),
                                         quality_gate=check)
             result = seen["result"]
-            out["precisions"][precision] = {
+            out["precisions"][variant] = {
                 "model_mb": round(report["onnx_bytes"] / 1e6, 1), "builder_s": report["export_seconds"],
                 "compile_and_check_s": round(time.perf_counter() - t0, 1), "check_s": result["seconds"],
                 "passed": result["passed"],
@@ -79,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "metrics": {k: [round(v, 3), round(s["unquantized"][k], 3)]
                                                     for k, v in s["quantized"].items()}}
                            for s in result["suites"]}}
-            say(f"{precision}: {out['precisions'][precision]['model_mb']} MB, passed={result['passed']}, "
-                f"refused by {out['precisions'][precision]['refused_by'] or 'nothing'}")
+            say(f"{variant}: {out['precisions'][variant]['model_mb']} MB, passed={result['passed']}, "
+                f"refused by {out['precisions'][variant]['refused_by'] or 'nothing'}")
     emit(out, args.out)
     return 0
 

@@ -282,6 +282,7 @@ def compile_for_triton(
     precision: str = "fp32",
     block_size: int | None = None,
     accuracy_level: int | None = None,
+    builder_options: dict[str, Any] | None = None,
     quality_gate: Any = None,
 ) -> dict[str, Any]:
     """Build repo_dir/model_name/{config.pbtxt, <version>/...} for Triton; returns a report.
@@ -292,7 +293,8 @@ def compile_for_triton(
     instance runs its requests one after another; two let a second request decode while the
     first is still generating (threads inside one instance measured no gain: bench/compile.py).
     `precision`: fp32 must reproduce eager PyTorch (logits and greedy answers); int8 and int4
-    (weight-only quantization, `block_size`, `accuracy_level`) only its tokenizer here, their
+    (weight-only quantization, `block_size`, `accuracy_level`, any other of the builder's
+    options in `builder_options`: its rounding algorithm, groups kept at int8) only its tokenizer here, their
     answers being gated against the unquantized candidate by `quality_gate(answers)` (given
     `served_answers`; it returns its report, or raises and nothing is written).
 
@@ -317,7 +319,8 @@ def compile_for_triton(
         vdir = stage / str(version)
         vdir.mkdir()
         built = stage / "build"
-        export_s = build_genai_model(model, tokenizer, built, Path(work), precision, block_size, accuracy_level)
+        export_s = build_genai_model(model, tokenizer, built, Path(work), precision, block_size, accuracy_level,
+                                     builder_options)
         for name in BUILD_FILES:
             os.replace(built / name, vdir / name)
         shutil.rmtree(built)
@@ -355,7 +358,7 @@ def compile_for_triton(
         "export_seconds": round(export_s, 2),  # the model builder's run (incl. its start-up)
         "builder": {"tool": "onnxruntime_genai.models.builder", "precision": precision,
                     "execution_provider": BUILD_PROVIDER,
-                    **({"block_size": block_size or 32, "accuracy_level": accuracy_level or 4}
+                    **({"block_size": block_size or 32, "accuracy_level": accuracy_level or 4, **(builder_options or {})}
                        if precision != "fp32" else {})},
         "version": version,
         "model_name": model_name,

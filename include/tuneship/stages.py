@@ -544,7 +544,8 @@ def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[st
         gate = quantization_gate(task, version, report, dataset)
     info = compile_for_triton(mv.tags["base_model"], _adapter_dir(task, version), package, "llm",
                               deployment=deployment, parity_prompts=parity_prompts(task), precision=spec.precision,
-                              block_size=spec.block_size, accuracy_level=spec.accuracy_level, quality_gate=gate)
+                              block_size=spec.block_size, accuracy_level=spec.accuracy_level,
+                              builder_options=spec.builder_options(), quality_gate=gate)
     # Round-trip through JSON so the XCom holds plain values (paths become strings).
     result = json.loads(json.dumps({"task": task.name, "version": version, "package": str(package / "llm"), **info},
                                    default=str))

@@ -84,14 +84,31 @@ class CompileSpec(_Strict):
     accuracy_level: Literal[1, 2, 3, 4] | None = Field(
         default=None, description="int8/int4: activations' precision in the quantized MatMuls: 1 fp32, 2 fp16, "
                                   "3 bf16, 4 int8 (builder default on CPU: 4)")
+    algorithm: Literal["default", "rtn", "k_quant"] | None = Field(
+        default=None, description="int8/int4: how weights are rounded: the builder's default (round to nearest), "
+                                  "rtn, or k_quant (llama.cpp's k-quants)")
+    int8_layers: list[Literal["last_matmul", "mixed_layers"]] = Field(
+        default_factory=list, description="int4: MatMul groups kept at int8: last_matmul (the output head), "
+                                          "mixed_layers (llama.cpp's most quantization-sensitive layers)")
     parity_prompts: list[str] = Field(default_factory=list,
                                       description="prompts the compiled model must reproduce (empty: the smoke suite's)")
 
     @model_validator(mode="after")
     def _quantization_options_need_quantization(self) -> CompileSpec:
-        if self.precision == "fp32" and (self.block_size is not None or self.accuracy_level is not None):
-            raise ValueError("compile.block_size and compile.accuracy_level are for precision int8 or int4, not fp32")
+        if self.precision == "fp32" and (self.block_size is not None or self.accuracy_level is not None
+                                         or self.algorithm is not None):
+            raise ValueError("compile.block_size, compile.accuracy_level and compile.algorithm are for precision "
+                             "int8 or int4, not fp32")
+        if self.int8_layers and self.precision != "int4":
+            raise ValueError("compile.int8_layers keeps parts of an int4 build at int8: it needs precision int4")
         return self
+
+    def builder_options(self) -> dict[str, str]:
+        """The model builder's extra options besides block size and accuracy level."""
+        options = {"algo_config": self.algorithm} if self.algorithm else {}
+        if self.int8_layers:
+            options["matmul_mixed_precision"] = ",".join(f"{group}:int8" for group in self.int8_layers)
+        return options
 
 
 class ReleaseSpec(_Strict):

@@ -15,8 +15,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 from ml_fixtures import base_model, dataset, finetuned, read_jsonl
+from transformers import AutoTokenizer
 
 from tuneship import batch, notify
 from tuneship.compile import compile_for_triton, served_answers

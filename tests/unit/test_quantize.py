@@ -123,5 +123,30 @@ def test_quantization_is_declared_in_the_task_and_checked(tmp_path: Path):
     cmd = builder_command(tmp_path / "hf", tmp_path / "out", tmp_path / "cache", "int4", 64, 1)
     assert cmd[cmd.index("-p") + 1] == "int4" and cmd[-3:] == ["--extra_options", "block_size=64", "accuracy_level=1"]
     assert "--extra_options" not in builder_command(tmp_path, tmp_path, tmp_path, "fp32")
+    spec = CompileSpec(precision="int4", algorithm="k_quant", int8_layers=["last_matmul", "mixed_layers"])
+    assert spec.builder_options() == {"algo_config": "k_quant", "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"}
+    with pytest.raises(ValueError, match="int8_layers keeps parts of an int4 build at int8: it needs precision int4"):
+        CompileSpec(precision="int8", int8_layers=["last_matmul"])
+    with pytest.raises(ValueError, match="for precision int8 or int4, not fp32"):
+        CompileSpec(algorithm="rtn")
     with pytest.raises(ValueError, match="give `quality_gate`"):
         compile_for_triton("unused", None, tmp_path, "llm", precision="int8")
+
+
+def test_an_int4_build_keeps_the_groups_the_task_names_at_int8(tmp_path_factory, tmp_path: Path):
+    """`int8_layers` and `algorithm` reach the model builder: with `last_matmul` the output
+    head's MatMulNBits is 8-bit and the body 4-bit, and the build is still held to the task's
+    gates. (k_quant needs wider matrices than the tiny model's: its builder run fails, named.)"""
+    import onnx
+
+    spec = CompileSpec(precision="int4", algorithm="rtn", int8_layers=["last_matmul"])
+    checked: list = []
+    report = compile_for_triton(str(base_model(tmp_path_factory)), finetuned(tmp_path_factory) / "adapter", tmp_path,
+                                "llm", precision="int4", builder_options=spec.builder_options(),
+                                quality_gate=lambda answers: checked.append(answers(["Ticket: hello\nTriage:"], 8)))
+    assert len(checked) == 1 and report["builder"]["algo_config"] == "rtn"
+    graph = onnx.load(str(Path(report["onnx_path"])), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    head = [name for name in bits if "lm_head" in name]
+    assert head and {bits[name] for name in head} == {8}, bits
+    assert {b for name, b in bits.items() if name not in head} == {4}, bits
