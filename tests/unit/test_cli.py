@@ -50,7 +50,7 @@ def command_paths(cmd: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...
 def test_every_command_has_help(tmp_path):
     paths = command_paths(get_command(app))
     assert {("trigger",), ("runs", "wait"), ("status",), ("rollback",), ("keys", "create"), ("keys", "list"),
-            ("keys", "revoke"), ("config",)} <= set(paths)
+            ("keys", "revoke"), ("config",), ("edge-package",)} <= set(paths)
     for path in paths:
         r = run(*path, "--help", home=tmp_path)
         assert r.returncode == 0, (path, r.stderr)

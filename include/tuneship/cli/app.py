@@ -443,6 +443,36 @@ def tasks_check(
     err(f"ok: {len(checked)} task(s): {', '.join(sorted(checked))}")
 
 
+# -- edge ------------------------------------------------------------------------------------
+@app.command("edge-package")
+def edge_package(
+    task: Annotated[str, typer.Option(help="The task whose version to package.")],
+    version: Annotated[int, typer.Option(min=1, help="The registered model version (compiled by llm_finetune).")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="The package directory (replaced whole).")],
+    precision: Annotated[str, typer.Option(help="The precision the compiled build must have.")] = "int4",
+    archive: Annotated[bool, typer.Option("--archive", help="Also write OUT.tar.gz beside it.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Package a version's compiled build for a device that has ONNX Runtime GenAI and nothing
+    else (no Triton, no Tuneship): model, tokenizer, a standalone run.py and a MANIFEST.json
+    with every file's sha256. Prints the package's path. Exit 2 when the version has no
+    compiled build at that precision or cannot be packaged faithfully."""
+    from tuneship.edge import EdgeError, package_version
+    from tuneship.tasks import TaskError, load_task
+
+    try:
+        manifest = package_version(load_task(task), version, out, precision=precision, archive=archive)
+    except (TaskError, EdgeError, ValueError) as exc:
+        err(f"error: {exc}")
+        raise typer.Exit(EXIT_USAGE) from None
+    if as_json:
+        out_json(manifest)
+        return
+    err(f"{task} v{version} ({manifest['precision']}): {len(manifest['files'])} files, {manifest['bytes']:,} bytes; "
+        f"answers checked equal to the served model's on {manifest['checked']['prompts']} prompts")
+    typer.echo(manifest["path"])
+
+
 # -- configuration ---------------------------------------------------------------------------
 @app.command("config")
 @handled
