@@ -75,5 +75,32 @@ def finetuned(tmp_path_factory) -> Path:
     return _CACHE["ft"]
 
 
+def adapter_variant(adapter: Path, dest: Path, scale_b: float = 1.0, rank: int | None = None,
+                    keep: tuple[str, ...] | None = None) -> Path:
+    """Another peft adapter from the demo one: B scaled, or A/B cut to `rank` (alpha kept in
+    proportion), or only the modules in `keep`; written with safetensors as peft saves it."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    out = {}
+    for key, value in tensors.items():
+        if keep and not any(f".{m}." in key for m in keep):
+            continue
+        if rank is not None:
+            value = value[:rank] if ".lora_A." in key else value[:, :rank]
+        out[key] = np.ascontiguousarray(value * scale_b if ".lora_B." in key else value)
+    if rank is not None:
+        cfg["lora_alpha"] = cfg["lora_alpha"] * rank / cfg["r"]
+        cfg["r"] = rank
+    if keep:
+        cfg["target_modules"] = list(keep)
+    dest.mkdir(parents=True)
+    (dest / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(out, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

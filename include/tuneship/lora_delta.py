@@ -20,6 +20,11 @@ How the slots are made (the recipe of Microsoft Olive's ExtractAdapters pass):
    `AdapterFormat`; at run time ONNX Runtime GenAI adds the active adapter to the run options
    (`RunOptions::AddActiveLoraAdapter`) and its tensors override the empty defaults.
 
+Serving: `package_for_triton` turns a shared base into a Triton model directory (the merged
+build's config.pbtxt, whose optional ADAPTER input names a request's adapter; model.py, which
+loads every `adapters/<name>.onnx_adapter` once and activates the named one on each request's
+own generator). Every task's adapter then shares one loaded base in one Triton model.
+
 fp32 only: the builder's int4/int8 paths would quantize the LoRA MatMuls too, and a quantized
 slot cannot take an fp32 adapter. `build_shared_base` proves on every build that
 `export_adapter`'s mapping from peft's tensors to slots reproduces what the builder baked
@@ -33,9 +38,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +47,18 @@ from tuneship import atomic
 from tuneship.basemodel import sha256_file
 from tuneship.compile import (
     BUILD_FILES,
+    TRITON_TEMPLATE_DIR,
     build_genai_model,
     generation_config,
     load_triton_model_module,
     merged_model,
     model_sha256,
+    render_config,
 )
 
-ADAPTER_SUFFIX = ".onnx_adapter"
-ADAPTERS_DIR = "adapters"
+# Where model.py (what Triton runs) looks for adapters: one home for the layout.
+ADAPTER_SUFFIX: str = load_triton_model_module().ADAPTER_SUFFIX
+ADAPTERS_DIR: str = load_triton_model_module().ADAPTERS_DIR
 SLOTS_FILE = "lora_slots.json"
 RANK_DIM = "lora_r"
 # The builder's LoRA weight names (make_matmul_float: the node name with "/" -> ".").
@@ -261,65 +266,65 @@ def build_shared_base(base_ref: str, adapter_dir: str | os.PathLike[str], out_di
     }
 
 
-_GenaiGreedyGenerator: Any = load_triton_model_module().GenaiGreedyGenerator
+def package_for_triton(shared_base_dir: str | os.PathLike[str], repo_dir: str | os.PathLike[str],
+                       model_name: str, *, version: int = 1, adapters: list[str] | None = None,
+                       deployment: dict[str, Any] | None = None, instances: int = 2) -> dict[str, Any]:
+    """Triton's model directory for a shared base: repo_dir/model_name/{config.pbtxt,
+    <version>/...} with the slotted base, its `adapters` (None: all of them) and model.py, which
+    loads each adapter once and applies the one a request names in its ADAPTER input.
+
+    The config is `compile.render_config`'s, the merged build's (its optional ADAPTER input is
+    what selects an adapter here); deployment.json records each adapter's file digest. Staged
+    next to its destination and swapped in with a rename, like `compile_for_triton`."""
+    if version < 1:
+        raise ValueError(f"version must be >= 1 (Triton numbering), got {version}")
+    if instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
+    base = Path(shared_base_dir)
+    info = json.loads((base / SLOTS_FILE).read_text())
+    available = {p.name[: -len(ADAPTER_SUFFIX)]: p for p in (base / ADAPTERS_DIR).glob(f"*{ADAPTER_SUFFIX}")}
+    names = sorted(available) if adapters is None else list(adapters)
+    unknown = sorted(set(names) - set(available))
+    if unknown or not names:
+        raise ValueError(f"adapters {unknown or names} not in {base / ADAPTERS_DIR} (there: {sorted(available)})")
+    repo = Path(repo_dir)
+    repo.mkdir(parents=True, exist_ok=True)
+    final = repo / model_name
+    stage = Path(tempfile.mkdtemp(prefix=f".{model_name}.staging-", dir=repo))
+    try:
+        vdir = stage / str(version)
+        (vdir / ADAPTERS_DIR).mkdir(parents=True)
+        for name in (*BUILD_FILES, "tokenizer.json", "generation.json", SLOTS_FILE):
+            shutil.copy2(base / name, vdir / name)
+        for name in names:
+            shutil.copy2(available[name], vdir / ADAPTERS_DIR / available[name].name)
+        shutil.copy2(TRITON_TEMPLATE_DIR / "model.py", vdir / "model.py")
+        if model_sha256(vdir) != info["onnx_sha256"]:
+            raise RuntimeError(f"{base}'s model files are not the ones its {SLOTS_FILE} was written for")
+        files = {name: {"sha256": sha256_file(vdir / ADAPTERS_DIR / available[name].name),
+                        "bytes": available[name].stat().st_size} for name in names}
+        deployment = {**(deployment or {}), "base_model": info["base_model"], "onnx_sha256": info["onnx_sha256"],
+                      "precision": "fp32", "adapters": files}
+        (vdir / "deployment.json").write_text(json.dumps(deployment, indent=2, sort_keys=True, default=str))
+        (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment, instance_count=instances))
+        os.chmod(stage, 0o755)
+        atomic.replace_dir(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    vfinal = final / str(version)
+    return {
+        "model_dir": str(final),
+        "model_name": model_name,
+        "version": version,
+        "adapters": sorted(names),
+        "onnx_sha256": info["onnx_sha256"],
+        "base_bytes": sum((vfinal / n).stat().st_size for n in BUILD_FILES[:2]),
+        "adapter_bytes": {n: f["bytes"] for n, f in files.items()},
+        "package_bytes": sum(p.stat().st_size for p in final.rglob("*") if p.is_file()),
+    }
 
 
-class AdapterGreedyGenerator(_GenaiGreedyGenerator):  # type: ignore[misc]
-    """model.py's greedy decoder over a shared base, with a LoRA adapter chosen per request.
-
-    The base is loaded once (`og.Model`); each adapter file once (`og.Adapters.load`); each
-    request gets its own `og.Generator` with the named adapter set before the prompt pass
-    (`adapter=None`: the base model). Every decoding rule is model.py's own, inherited."""
-
-    def __init__(self, model_dir: str, threads: int = 1, load_all: bool = True) -> None:
-        super().__init__(model_dir, threads=threads)
-        self.adapters = self._og.Adapters(self.model)
-        self.loaded: dict[str, str] = {}
-        self._request = threading.local()
-        folder = Path(model_dir) / ADAPTERS_DIR
-        if load_all and folder.is_dir():
-            for path in sorted(folder.glob(f"*{ADAPTER_SUFFIX}")):
-                self.load_adapter(path.name[: -len(ADAPTER_SUFFIX)], str(path))
-
-    def load_adapter(self, name: str, path: str) -> None:
-        """Load an `.onnx_adapter` file under `name` (the base model is not reloaded)."""
-        self.adapters.load(str(path), name)
-        self.loaded[name] = str(path)
-
-    def unload_adapter(self, name: str) -> None:
-        self.adapters.unload(name)
-        del self.loaded[name]
-
-    @contextmanager
-    def _using(self, adapter: str | None) -> Iterator[None]:
-        if adapter is not None and adapter not in self.loaded:
-            raise KeyError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.loaded)})")
-        previous = getattr(self._request, "adapter", None)
-        self._request.adapter = adapter
-        try:
-            yield
-        finally:
-            self._request.adapter = previous
-
-    def _before_prompt(self, generator: Any) -> None:
-        """The request's adapter, activated before the prompt pass (model.py's hook)."""
-        adapter = getattr(self._request, "adapter", None)
-        if adapter is not None:
-            generator.set_active_adapter(self.adapters, adapter)
-
-    def generate(self, prompt: str, max_tokens: int | None = None,  # type: ignore[override]
-                 adapter: str | None = None) -> tuple[str, int, int]:
-        with self._using(adapter):
-            return super().generate(prompt, max_tokens)
-
-    def prompt_logits(self, prompt_ids: list[int], adapter: str | None = None) -> np.ndarray:  # type: ignore[override]
-        with self._using(adapter):
-            return super().prompt_logits(prompt_ids)
-
-    def stream(self, prompt: str, max_tokens: int | None = None,  # type: ignore[override]
-               adapter: str | None = None) -> Iterator[tuple[str, int, int]]:
-        pieces = super().stream(prompt, max_tokens)
-        with self._using(adapter):
-            first = next(pieces)  # the og.Generator (and its adapter) is made before the first piece
-        yield first
-        yield from pieces
+# The decoder that serves a shared base is model.py's own (the file Triton ships): it loads
+# adapters/*.onnx_adapter at start-up and takes `adapter=` per request. The old name stays.
+AdapterGreedyGenerator: Any = load_triton_model_module().GenaiGreedyGenerator

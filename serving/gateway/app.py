@@ -869,7 +869,7 @@ async def _answer(gw: Gateway, call: _Call) -> Answer:
     m = gw.metrics
     u0 = time.perf_counter()
     try:
-        c = await gw.triton.complete(call.live.model, call.prompt, call.max_tokens)
+        c = await gw.triton.complete(call.live.model, call.prompt, call.max_tokens, adapter=call.live.adapter)
     except UpstreamError as exc:
         raise call.upstream_failed(exc) from None
     finally:
@@ -903,7 +903,7 @@ async def _stream_answer(gw: Gateway, call: _Call, is_chat: bool, include_usage:
     m = gw.metrics
     u0 = time.perf_counter()
     try:
-        pieces = await gw.triton.stream(call.live.model, call.prompt, call.max_tokens)
+        pieces = await gw.triton.stream(call.live.model, call.prompt, call.max_tokens, adapter=call.live.adapter)
     except UpstreamError as exc:
         m.child(m.upstream_latency, call.role, call.live.model).observe(time.perf_counter() - u0)
         raise call.upstream_failed(exc) from None

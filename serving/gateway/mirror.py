@@ -100,7 +100,8 @@ class Mirror:
         m.child(m.shadow_sent, route.colour, route.model).inc()
         t0 = time.perf_counter()
         try:
-            c = await self._triton.complete(route.model, job.prompt, job.max_tokens, timeout_s=self._timeout)
+            c = await self._triton.complete(route.model, job.prompt, job.max_tokens, timeout_s=self._timeout,
+                                            adapter=route.adapter)
             result.update(completion=c.text, status=200, prompt_tokens=c.prompt_tokens,
                           completion_tokens=c.completion_tokens)
         except UpstreamError as exc:

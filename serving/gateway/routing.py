@@ -19,6 +19,7 @@ One file:
       "updated_by": "gw-host-1234",         # replica that wrote it
       "served_model": "tuneship",           # the `model` id clients send / /v1/models lists
       "live":     {"colour": "blue", "model": "llm_blue", "version": "3",
+                   "adapter": null,             # or a LoRA adapter on a shared-base model
                    "registered_model": "triage-llm", "adapter_sha256": "...",
                    "deployed_at": "...", "metadata": {...}} | null,
       "shadow":   {... same shape ...} | null,   # receives a mirrored copy of traffic
@@ -33,6 +34,11 @@ old or the new file, never a torn one. Reads: every request stats the file (one 
 and re-parses only when (inode, mtime_ns, size) changed, so a replica picks up a switch made
 through another replica on its next request. A file that fails to parse is logged and the
 last good state kept: a bad write must not take serving down.
+
+A route's `adapter` names a LoRA adapter of a shared-base Triton model (`tuneship.lora_delta`'s
+package): each request to it carries ADAPTER=<adapter>, so several served models (or a task's
+two colours) can be one Triton model with different adapters. Live and shadow must differ in
+model or adapter. No adapter: a merged model, sent no ADAPTER (as before).
 
 Canary: with `canary_weight` > 0 that share of requests (deterministic per request id, on a
 hash independent of the mirror sample) is answered by the shadow/candidate colour instead of
@@ -87,11 +93,18 @@ class Route(BaseModel):
 
     colour: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")
     model: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", description="Triton model name")
+    adapter: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+                                description="LoRA adapter of a shared-base Triton model (its ADAPTER input)")
     version: Annotated[str | None, BeforeValidator(_to_str)] = None  # registry version
     registered_model: str | None = None
     adapter_sha256: str | None = None
     deployed_at: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def target(self) -> tuple[str, str | None]:
+        """What answers: the Triton model and, on a shared base, the adapter."""
+        return self.model, self.adapter
 
 
 class RoutingState(BaseModel):
@@ -110,8 +123,8 @@ class RoutingState(BaseModel):
 
     @model_validator(mode="after")
     def _distinct(self) -> RoutingState:
-        if self.live and self.shadow and self.live.model == self.shadow.model:
-            raise ValueError("shadow must route to a different Triton model than live")
+        if self.live and self.shadow and self.live.target == self.shadow.target:
+            raise ValueError("shadow must route to a different Triton model (or adapter) than live")
         return self
 
 
@@ -174,7 +187,7 @@ def rollback(state: RoutingState) -> RoutingState:
     """Previous becomes live again; the rolled-back live becomes previous (so rollback twice = undo)."""
     if state.previous is None:
         raise InvalidTransition("no previous colour to roll back to")
-    shadow = state.shadow if state.shadow and state.shadow.model != state.previous.model else None
+    shadow = state.shadow if state.shadow and state.shadow.target != state.previous.target else None
     return state.model_copy(update={"live": state.previous, "previous": state.live, "shadow": shadow,
                                     "canary_weight": 0})
 

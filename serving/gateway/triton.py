@@ -2,9 +2,10 @@
 
 One `aiohttp.ClientSession` per gateway process (keep-alive pool to Triton). Inputs follow
 the LLM contract in docs/CONTRACTS.md: PROMPT (BYTES [1]), MAX_TOKENS (INT32 [1], optional)
--> COMPLETION, PROMPT_TOKENS, COMPLETION_TOKENS. If a model was configured with
-max_batch_size > 0, a leading batch dimension is added (learnt once per model from
-/v2/models/{name}/config).
+-> COMPLETION, PROMPT_TOKENS, COMPLETION_TOKENS; ADAPTER (BYTES [1], optional: the LoRA adapter
+of a shared-base model, a route's `adapter`) is sent only when the route names one. If a model
+was configured with max_batch_size > 0, a leading batch dimension is added (learnt once per
+model from /v2/models/{name}/config).
 
 Decoupled models (the compiled LLM, `model_transaction_policy.decoupled`, also learnt from
 the config) do not take KServe /infer: a whole answer comes from Triton's `generate`
@@ -202,17 +203,21 @@ class TritonClient:
             r.release()
 
     async def complete(
-        self, model: str, prompt: str, max_tokens: int | None, timeout_s: float | None = None
+        self, model: str, prompt: str, max_tokens: int | None, timeout_s: float | None = None,
+        adapter: str | None = None,
     ) -> Completion:
         info = await self._model_info(model)
         if info.decoupled:
-            r = await self._post(model, "/generate", generate_body(prompt, max_tokens, False), timeout_s)
+            r = await self._post(model, "/generate", generate_body(prompt, max_tokens, False, adapter), timeout_s)
             return _completion(await self._read(r), _decode_generated)
+        if adapter is not None:  # a shared base is always the decoupled compiled model
+            raise UpstreamError(502, "upstream_error", f"model {model} is not decoupled; it takes no ADAPTER")
         r = await self._post(model, "/infer", infer_body(prompt, max_tokens, info.batched), timeout_s)
         return _completion(await self._read(r), _decode_infer_outputs)
 
     async def stream(
-        self, model: str, prompt: str, max_tokens: int | None, timeout_s: float | None = None
+        self, model: str, prompt: str, max_tokens: int | None, timeout_s: float | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[Completion]:
         """Pieces of the answer as Triton produces them: (new text, prompt_tokens, completion
         tokens so far) each. Upstream failures before the first piece raise here, so the
@@ -220,9 +225,9 @@ class TritonClient:
         is not decoupled gives its whole answer as one piece."""
         info = await self._model_info(model)
         if not info.decoupled:
-            whole = await self.complete(model, prompt, max_tokens, timeout_s)
+            whole = await self.complete(model, prompt, max_tokens, timeout_s, adapter)
             return _one(whole)
-        r = await self._post(model, "/generate_stream", generate_body(prompt, max_tokens, True), timeout_s)
+        r = await self._post(model, "/generate_stream", generate_body(prompt, max_tokens, True, adapter), timeout_s)
         return self._events(r)
 
     async def _events(self, r: aiohttp.ClientResponse) -> AsyncIterator[Completion]:
@@ -249,11 +254,13 @@ class ModelInfo:
     decoupled: bool = False
 
 
-def generate_body(prompt: str, max_tokens: int | None, stream: bool) -> bytes:
+def generate_body(prompt: str, max_tokens: int | None, stream: bool, adapter: str | None = None) -> bytes:
     """The body of Triton's generate endpoints: inputs by name (scalars become [1] tensors)."""
     body: dict[str, Any] = {"PROMPT": prompt, "STREAM": stream}
     if max_tokens is not None:
         body["MAX_TOKENS"] = int(max_tokens)
+    if adapter is not None:
+        body["ADAPTER"] = adapter
     return _encode(body)
 
 

@@ -7,10 +7,9 @@ answers exactly what eager PyTorch generates; bad requests come back as errors, 
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from ml_fixtures import base_model, dataset, finetuned, read_jsonl
-from triton_server import start_triton
+from triton_server import generate, start_triton
 
 
 @pytest.fixture(scope="module")
@@ -28,38 +27,7 @@ def served(tmp_path_factory):
 
 
 def _generate(served, prompt: bytes, max_tokens: int | None, stream: bool = False) -> list[tuple[str, int, int]]:
-    """The model's responses to one request over tritonclient's gRPC stream (the model is
-    decoupled: KServe /infer does not take it); (text, prompt_tokens, completion_tokens) each.
-    An error response raises InferenceServerException."""
-    import queue
-
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{served.grpc_port}")
-    got: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: got.put((result, error)))
-    try:
-        inputs = [grpcclient.InferInput("PROMPT", [1], "BYTES")]
-        inputs[0].set_data_from_numpy(np.array([prompt], dtype=np.object_))
-        if max_tokens is not None:
-            inputs.append(grpcclient.InferInput("MAX_TOKENS", [1], "INT32"))
-            inputs[-1].set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
-        inputs.append(grpcclient.InferInput("STREAM", [1], "BOOL"))
-        inputs[-1].set_data_from_numpy(np.array([stream], dtype=bool))
-        client.async_stream_infer("llm_blue", inputs, enable_empty_final_response=True)
-        out = []
-        while True:
-            result, error = got.get(timeout=60)
-            if error is not None:
-                raise error
-            if result.as_numpy("COMPLETION") is not None:
-                out.append((result.as_numpy("COMPLETION")[0].decode(), int(result.as_numpy("PROMPT_TOKENS")[0]),
-                            int(result.as_numpy("COMPLETION_TOKENS")[0])))
-            if result.get_response().parameters["triton_final_response"].bool_param:
-                return out
-    finally:
-        client.stop_stream()
-        client.close()
+    return generate(served, "llm_blue", prompt, max_tokens, stream)
 
 
 def test_load_ready_and_exact_answers_whole_and_streamed(served, tmp_path_factory):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ml_fixtures import base_model, dataset, finetuned, read_jsonl
+from ml_fixtures import adapter_variant, base_model, dataset, finetuned, read_jsonl
 
 from tuneship import lora_delta
 from tuneship.compile import (
@@ -111,32 +111,6 @@ def test_no_adapter_is_the_plain_base_build(builds):
     assert max_diff < LOGIT_TOLERANCE
 
 
-def _variant(adapter: Path, dest: Path, scale_b: float = 1.0, rank: int | None = None,
-             keep: tuple[str, ...] | None = None) -> Path:
-    """Another peft adapter from the demo one: B scaled, or A/B cut to `rank` (alpha kept in
-    proportion), or only the modules in `keep`; written with safetensors as peft saves it."""
-    from safetensors.numpy import load_file, save_file
-
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    out = {}
-    for key, value in tensors.items():
-        if keep and not any(f".{m}." in key for m in keep):
-            continue
-        if rank is not None:
-            value = value[:rank] if ".lora_A." in key else value[:, :rank]
-        out[key] = np.ascontiguousarray(value * scale_b if ".lora_B." in key else value)
-    if rank is not None:
-        cfg["lora_alpha"] = cfg["lora_alpha"] * rank / cfg["r"]
-        cfg["r"] = rank
-    if keep:
-        cfg["target_modules"] = list(keep)
-    dest.mkdir(parents=True)
-    (dest / "adapter_config.json").write_text(json.dumps(cfg))
-    save_file(out, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return dest
-
-
 def test_adapters_switch_per_request_on_one_loaded_base(builds, tmp_path):
     """(3) Adapters exported later (no rebuild: the base files are unchanged) load into the
     running generator and switch per request; each matches eager PyTorch with that adapter
@@ -150,9 +124,9 @@ def test_adapters_switch_per_request_on_one_loaded_base(builds, tmp_path):
     mdir = Path(shared_info["model_dir"])
     shared, merged, _ = _generators(builds)
     model_object = shared.model
-    variants = {"double": _variant(adapter, tmp_path / "double", scale_b=2.0),
-                "zero": _variant(adapter, tmp_path / "zero", scale_b=0.0),
-                "rank8": _variant(adapter, tmp_path / "rank8", rank=8)}
+    variants = {"double": adapter_variant(adapter, tmp_path / "double", scale_b=2.0),
+                "zero": adapter_variant(adapter, tmp_path / "zero", scale_b=0.0),
+                "rank8": adapter_variant(adapter, tmp_path / "rank8", rank=8)}
     for name, vdir in variants.items():
         report = lora_delta.export_adapter(vdir, mdir, name)
         assert report["rank"] == (8 if name == "rank8" else 16) and Path(report["path"]).is_file()
@@ -190,7 +164,7 @@ def test_adapter_of_other_modules_is_refused(builds, tmp_path):
     """An adapter that does not fill the slots (here: q and v only) is refused before any file
     is written; so is a peft option the LoRA graph cannot express."""
     mdir = Path(builds["shared"]["model_dir"])
-    qv = _variant(builds["adapter"], tmp_path / "qv", keep=("q_proj", "v_proj"))
+    qv = adapter_variant(builds["adapter"], tmp_path / "qv", keep=("q_proj", "v_proj"))
     with pytest.raises(lora_delta.AdapterShapeError, match=r"does not fit .* \(20 missing, 0 extra\)"):
         lora_delta.export_adapter(qv, mdir, "qv")
     assert not (mdir / "adapters" / "qv.onnx_adapter").exists()

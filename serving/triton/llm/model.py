@@ -13,6 +13,14 @@ Version directory layout: model.onnx + model.onnx.data + genai_config.json (the 
 GenAI model builder's output), tokenizer.json (the HF tokenizer: ONNX Runtime GenAI's own
 tokenizer does not add the BOS the eager tokenizer adds, so prompts are encoded with
 `tokenizers`), generation.json, deployment.json.
+
+A shared base with LoRA slots (`tuneship.lora_delta`) adds adapters/<name>.onnx_adapter (and
+lora_slots.json): each adapter is loaded once at start-up with ONNX Runtime GenAI's Adapters
+API over the one loaded base, and a request's optional ADAPTER input names the one its
+generator activates (`set_active_adapter`) before the prompt pass. Requests for different
+adapters may follow each other on one instance: each has its own `og.Generator`. No ADAPTER
+(or an empty one) is the base model alone; a name not loaded is that request's error. A
+merged model directory has no adapters/, so nothing of this runs for it.
 """
 
 from __future__ import annotations
@@ -24,10 +32,22 @@ from typing import Any
 
 import numpy as np
 
+ADAPTERS_DIR = "adapters"
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+class UnknownAdapterError(KeyError):
+    """A request named an adapter this model has not loaded (its message names those it has)."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the whole message
+        return str(self.args[0])
+
 
 class GenaiGreedyGenerator:
     """Greedy decoder over an ONNX Runtime GenAI model directory; one `og.Generator` (its own
-    KV cache) per request over one shared `og.Model` (weights loaded once)."""
+    KV cache) per request over one shared `og.Model` (weights loaded once). A shared base's
+    LoRA adapters (`adapters/*.onnx_adapter`) are loaded once too; a request names the one it
+    wants (`adapter`; None or "": the base alone)."""
 
     def __init__(self, model_dir: str, threads: int = 1) -> None:
         import onnxruntime_genai as og
@@ -47,27 +67,55 @@ class GenaiGreedyGenerator:
             "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
         self._og = og
         self.model = og.Model(cfg)
+        self.adapters: Any = None  # og.Adapters, made with the first adapter loaded
+        self.loaded: dict[str, str] = {}  # adapter name -> file
+        folder = os.path.join(model_dir, ADAPTERS_DIR)
+        if os.path.isdir(folder):
+            for file in sorted(os.listdir(folder)):
+                if file.endswith(ADAPTER_SUFFIX):
+                    self.load_adapter(file[: -len(ADAPTER_SUFFIX)], os.path.join(folder, file))
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load an `.onnx_adapter` file under `name` (the base model is not reloaded)."""
+        if self.adapters is None:
+            self.adapters = self._og.Adapters(self.model)
+        self.adapters.load(str(path), name)
+        self.loaded[name] = str(path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.adapters.unload(name)
+        del self.loaded[name]
+
+    def _adapter(self, adapter: str | None) -> str | None:
+        """The adapter a request asked for (None: the base alone), or UnknownAdapterError."""
+        if not adapter:
+            return None
+        if adapter not in self.loaded:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded (loaded: {sorted(self.loaded)})")
+        return adapter
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt token ids, special tokens included (as eager generation encodes them)."""
         return self.tokenizer.encode(prompt, add_special_tokens=True).ids
 
-    def _generator(self, prompt_ids: list[int], max_tokens: int) -> Any:
+    def _generator(self, prompt_ids: list[int], max_tokens: int, adapter: str | None = None) -> Any:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=len(prompt_ids) + max_tokens)
         generator = self._og.Generator(self.model, params)
-        self._before_prompt(generator)
+        self._before_prompt(generator, self._adapter(adapter))
         generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
         return generator
 
-    def _before_prompt(self, generator: Any) -> None:
-        """What a request sets on its generator before the prompt pass (a subclass's LoRA
-        adapter: `tuneship.lora_delta`); nothing here."""
+    def _before_prompt(self, generator: Any, adapter: str | None) -> None:
+        """What a request sets on its generator before the prompt pass: its LoRA adapter, if
+        it names one (this generator only; other requests' generators keep theirs)."""
+        if adapter is not None:
+            generator.set_active_adapter(self.adapters, adapter)
 
-    def prompt_logits(self, prompt_ids: list[int]) -> np.ndarray:
+    def prompt_logits(self, prompt_ids: list[int], adapter: str | None = None) -> np.ndarray:
         """Logits [prompt_len, vocab] of the prompt pass (what the first token is chosen from);
         the compile step compares them with eager PyTorch's."""
-        generator = self._generator(prompt_ids, 1)
+        generator = self._generator(prompt_ids, 1, adapter)
         return np.asarray(generator.get_output("logits"))[0]
 
     def _decode(self, ids: list[int]) -> tuple[str, bool]:
@@ -76,9 +124,11 @@ class GenaiGreedyGenerator:
             return text.split("\n", 1)[0], True
         return text, False
 
-    def _steps(self, prompt: str, max_tokens: int | None) -> Iterator[tuple[str, int, int]]:
+    def _steps(self, prompt: str, max_tokens: int | None,
+               adapter: str | None = None) -> Iterator[tuple[str, int, int]]:
         """The decoding loop: (completion text so far, prompt_tokens, completion_tokens),
         first before any token, then after each generated token until a stop."""
+        adapter = self._adapter(adapter)
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("PROMPT must be a non-empty UTF-8 string")
         max_tokens = self.default_max_tokens if max_tokens is None else int(max_tokens)
@@ -90,7 +140,7 @@ class GenaiGreedyGenerator:
                 f"prompt is {len(prompt_ids)} tokens; with MAX_TOKENS={max_tokens} it exceeds the "
                 f"model context of {self.max_context}"
             )
-        generator = self._generator(prompt_ids, max_tokens)
+        generator = self._generator(prompt_ids, max_tokens, adapter)
         out: list[int] = []
         yield "", len(prompt_ids), 0
         for _ in range(max_tokens):
@@ -104,12 +154,14 @@ class GenaiGreedyGenerator:
             if hit_newline:
                 break
 
-    def generate(self, prompt: str, max_tokens: int | None = None) -> tuple[str, int, int]:
+    def generate(self, prompt: str, max_tokens: int | None = None,
+                 adapter: str | None = None) -> tuple[str, int, int]:
         """(completion text, prompt_tokens, completion_tokens) for one prompt."""
-        *_, last = self._steps(prompt, max_tokens)  # the state after the last token
+        *_, last = self._steps(prompt, max_tokens, adapter)  # the state after the last token
         return last
 
-    def stream(self, prompt: str, max_tokens: int | None = None) -> Iterator[tuple[str, int, int]]:
+    def stream(self, prompt: str, max_tokens: int | None = None,
+               adapter: str | None = None) -> Iterator[tuple[str, int, int]]:
         """The same completion as `generate`, as (new text, prompt_tokens, completion_tokens)
         pieces while it is decoded; the last piece (possibly empty) carries the totals.
 
@@ -119,7 +171,7 @@ class GenaiGreedyGenerator:
         """
         sent = ""
         text, n_prompt, n_out = "", 0, 0
-        for text, n_prompt, n_out in self._steps(prompt, max_tokens):
+        for text, n_prompt, n_out in self._steps(prompt, max_tokens, adapter):
             if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
                 yield text[len(sent):], n_prompt, n_out
                 sent = text
@@ -168,12 +220,16 @@ class TritonPythonModel:
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
 
     @staticmethod
-    def _inputs(request: Any, pb_utils: Any) -> tuple[str, int | None, bool]:
+    def _inputs(request: Any, pb_utils: Any) -> tuple[str, int | None, bool, str | None]:
         raw = _scalar(pb_utils.get_input_tensor_by_name(request, "PROMPT"))
         prompt = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
         mt = pb_utils.get_input_tensor_by_name(request, "MAX_TOKENS")
         st = pb_utils.get_input_tensor_by_name(request, "STREAM")
-        return prompt, (int(_scalar(mt)) if mt is not None else None), bool(_scalar(st)) if st is not None else False
+        ad = pb_utils.get_input_tensor_by_name(request, "ADAPTER")  # a shared base's LoRA adapter
+        adapter = _scalar(ad) if ad is not None else None
+        return (prompt, (int(_scalar(mt)) if mt is not None else None),
+                bool(_scalar(st)) if st is not None else False,
+                adapter.decode("utf-8") if isinstance(adapter, bytes) else adapter)
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
         import triton_python_backend_utils as pb_utils
@@ -185,8 +241,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                prompt, max_tokens, _ = self._inputs(request, pb_utils)
-                responses.append(_response(pb_utils, *self.generator.generate(prompt, max_tokens)))
+                prompt, max_tokens, _, adapter = self._inputs(request, pb_utils)
+                responses.append(_response(pb_utils, *self.generator.generate(prompt, max_tokens, adapter)))
             except Exception as e:  # noqa: BLE001 - one bad request must not take the model down
                 responses.append(_error(pb_utils, e))
         return responses
@@ -195,11 +251,11 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            prompt, max_tokens, stream = self._inputs(request, pb_utils)
+            prompt, max_tokens, stream, adapter = self._inputs(request, pb_utils)
             if not stream:
-                sender.send(_response(pb_utils, *self.generator.generate(prompt, max_tokens)), flags=final)
+                sender.send(_response(pb_utils, *self.generator.generate(prompt, max_tokens, adapter)), flags=final)
                 return
-            pieces = self.generator.stream(prompt, max_tokens)
+            pieces = self.generator.stream(prompt, max_tokens, adapter)
             held = next(pieces)  # one piece held back, so the last one sent carries the final flag
             for piece in pieces:
                 sender.send(_response(pb_utils, *held))
