@@ -56,8 +56,16 @@ test: install
 	$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
 	@bash .ci/pytest.sh
 
+# NVIDIA AIPerf (bench/served.py's client) in its own locked environment: its dependencies
+# (dash, kaleido, pandas, kopf...) stay out of the main one. Lock: see bench/requirements-aiperf.in.
+AIPERF_VENV := .venv-aiperf
+$(AIPERF_VENV)/.installed: bench/requirements-aiperf.txt | $(VENV)/.installed
+	@test -x $(AIPERF_VENV)/bin/python || $(PYTHON) -m venv $(AIPERF_VENV)
+	$(UV) pip install --quiet --python $(AIPERF_VENV)/bin/python -r bench/requirements-aiperf.txt
+	@touch $@
+
 # Benchmarks against baselines measured in the same run (not part of `make test`).
-bench: install
+bench: install $(AIPERF_VENV)/.installed
 	$(PY) -m bench
 
 up: install
@@ -73,6 +81,7 @@ status:
 lock:
 	$(UV) pip compile --quiet --python-version 3.11 $(FIND_LINKS) requirements.in -o requirements.txt
 	$(UV) pip compile --quiet --python-version 3.11 --no-header serving/triton/requirements.in -o serving/triton/requirements.txt
+	$(UV) pip compile --quiet --python-version 3.11 --no-header bench/requirements-aiperf.in -o bench/requirements-aiperf.txt
 
 lint: install
 	$(VENV)/bin/ruff check dags plugins include serving tests

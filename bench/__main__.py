@@ -11,7 +11,7 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "trainer", "gateway", "compile", "quantize", "eval", "gates", "serving", "retrain")
+BENCHES = ("validation", "trainer", "gateway", "compile", "quantize", "eval", "gates", "serving", "served", "retrain")
 
 
 def main(argv: list[str]) -> int:
