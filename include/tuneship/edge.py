@@ -159,24 +159,15 @@ def generator(package_dir=HERE, threads=1):
     import onnxruntime_genai as og
 
     served = _served_module(package_dir)
+    if not hasattr(served.GenaiGreedyGenerator, "_load_tokenizer"):
+        raise EdgeError("this build's model.py has no tokenizer hook (it predates edge packages): compile the "
+                        "version again")
 
     class EdgeGenerator(served.GenaiGreedyGenerator):
-        def __init__(self, model_dir, threads=1):
-            # model.py's __init__ less its `tokenizers` import: the same generation.json fields and
-            # thread settings, ONNX Runtime GenAI's tokenizer in place of the Hugging Face one
-            self.model_dir = model_dir
-            self.generation = _json(model_dir, "generation.json")
-            self.eos_id = int(self.generation["eos_token_id"])
-            self.default_max_tokens = int(self.generation.get("max_new_tokens", 16))
-            self.max_tokens_limit = int(self.generation.get("max_tokens_limit", 256))
-            self.max_context = int(self.generation.get("max_context", 4096))
-            cfg = og.Config(model_dir)
-            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
-            self._og = og
-            self.model = og.Model(cfg)
-            self.edge = _json(model_dir, "edge.json")
-            self.tokenizer = OgTokenizer(og.Tokenizer(self.model), self.edge)
+        def _load_tokenizer(self):
+            # ONNX Runtime GenAI's tokenizer in place of the `tokenizers` one model.py loads
+            self.edge = _json(self.model_dir, "edge.json")
+            return OgTokenizer(og.Tokenizer(self.model), self.edge)
 
         def messages(self, prompt):
             """Chat messages for a prompt (a string is the user's turn), the system prompt first."""

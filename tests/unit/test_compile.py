@@ -164,10 +164,10 @@ def test_stream_holds_back_an_incomplete_utf8_character():
     the token that completes it, so a client never sees a replacement character."""
     cls = load_triton_model_module().GenaiGreedyGenerator
     gen = cls.__new__(cls)  # the decoding loop replaced by a scripted one
-    gen._steps = lambda prompt, max_tokens: iter(
+    gen._steps = lambda prompt, max_tokens, adapter=None: iter(
         [("", 3, 0), (" ca", 3, 1), (" caf\ufffd", 3, 2), (" café", 3, 3), (" café!", 3, 4)])
     assert list(gen.stream("x")) == [(" ca", 3, 1), ("fé", 3, 3), ("!", 3, 4), ("", 3, 4)]
-    gen._steps = lambda prompt, max_tokens: iter([("", 5, 0)])  # eos first: one empty final piece
+    gen._steps = lambda prompt, max_tokens, adapter=None: iter([("", 5, 0)])  # eos first: one empty final piece
     assert list(gen.stream("x")) == [("", 5, 0)]
 
 

@@ -51,7 +51,6 @@ class GenaiGreedyGenerator:
 
     def __init__(self, model_dir: str, threads: int = 1) -> None:
         import onnxruntime_genai as og
-        from tokenizers import Tokenizer
 
         self.model_dir = model_dir
         with open(os.path.join(model_dir, "generation.json"), encoding="utf-8") as f:
@@ -60,13 +59,13 @@ class GenaiGreedyGenerator:
         self.default_max_tokens = int(self.generation.get("max_new_tokens", 16))
         self.max_tokens_limit = int(self.generation.get("max_tokens_limit", 256))
         self.max_context = int(self.generation.get("max_context", 4096))
-        self.tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
         cfg = og.Config(model_dir)
         # Threads per request's forward pass; Triton scales out with model instances.
         cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {
             "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
         self._og = og
         self.model = og.Model(cfg)
+        self.tokenizer = self._load_tokenizer()
         self.adapters: Any = None  # og.Adapters, made with the first adapter loaded
         self.loaded: dict[str, str] = {}  # adapter name -> file
         folder = os.path.join(model_dir, ADAPTERS_DIR)
@@ -74,6 +73,14 @@ class GenaiGreedyGenerator:
             for file in sorted(os.listdir(folder)):
                 if file.endswith(ADAPTER_SUFFIX):
                     self.load_adapter(file[: -len(ADAPTER_SUFFIX)], os.path.join(folder, file))
+
+    def _load_tokenizer(self) -> Any:
+        """The tokenizer prompts are encoded and answers decoded with: the model's own
+        (`tokenizers`, tokenizer.json), which adds the special tokens eager encoding adds. (The
+        edge package, with ONNX Runtime GenAI alone, puts its tokenizer here instead.)"""
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(os.path.join(self.model_dir, "tokenizer.json"))
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load an `.onnx_adapter` file under `name` (the base model is not reloaded)."""
