@@ -11,7 +11,7 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "trainer", "gateway", "compile", "quantize", "eval", "gates", "serving", "served", "retrain")
+BENCHES = ("validation", "trainer", "gateway", "compile", "quantize", "eval", "gates", "serving", "served", "retrain", "shadow")
 
 
 def main(argv: list[str]) -> int:
