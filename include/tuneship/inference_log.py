@@ -9,7 +9,7 @@ Python, no FastAPI, so the shadow verdict and the drift monitor can import it an
 task's shadow verdict, post-switch guard and drift monitor want); without `model`, every
 partition.
 
-Two kinds of line, joined by `request_id`:
+Three kinds of line, joined by `request_id`:
 
 * ``"kind": "request"`` -- written when the live answer is done:
   ts, request_id, replica, endpoint, served_model, model (as the client sent it), role,
@@ -27,12 +27,18 @@ Two kinds of line, joined by `request_id`:
   when the copy was still queued after its route stopped being the shadow (switch, rollback,
   shadow cleared) and so was never sent.
 
+* ``"kind": "feedback"`` -- a client's verdict on an answer (`POST /v1/feedback`), written
+  when it arrives (its own ts, so in the hour it arrived, in the served model's partition):
+  ts, feedback_id, request_id, replica, served_model, key_id (the caller's key id), rating
+  (1-5 | null), task_success (bool | null), comment (str | null)[, pii_redacted].
+
 `status` is the HTTP status the gateway answered (live) or would have (shadow): 200 ok,
 502/503/504 upstream failures. A "pending" shadow that never gets its second line means the
 replica stopped before the shadow answered.
 
 `read_inference_log` returns one merged dict per request in the contract's shape
-(the shadow line's object replaces the request's "pending" placeholder).
+(the shadow line's object replaces the request's "pending" placeholder; a request with
+feedback from its own client key gains `feedback`, see `read_inference_log`).
 """
 
 from __future__ import annotations
@@ -144,35 +150,98 @@ def read_inference_log(
     since: datetime | str | float | None = None,
     until: datetime | str | float | None = None,
     model: str | None = None,
+    *,
+    feedback_stats: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Joined records (one per request, contract shape), oldest first.
 
     `since`/`until` (datetime, ISO string or epoch seconds; naive = UTC) bound the request's ts, inclusive
     of `since`, exclusive of `until`. `model`: one served model's partition; None: every one.
+
+    Feedback: a request gains ``feedback: {ts, feedback_id, key_id, replica, rating,
+    task_success, comment[, pii_redacted], count}`` from the latest (by ts) feedback line sent
+    with the *same client key* that made the request (`count`: how many that key sent; the
+    older ones are superseded). Feedback sent with any other key is never attached: it is
+    counted as `foreign` (a client cannot rate another client's answers). Requests logged
+    while keys were not enforced have key_id null and take feedback only from callers without
+    a key. Feedback lines are read from the same hour files as the rest, so one that
+    arrived after `until`'s hour is not seen by a read bounded by `until`.
+
+    `feedback_stats`: a dict to fill with counts of feedback *lines*: `lines` (all read),
+    `attached` (requests that got feedback), `superseded` (older lines of the same key),
+    `foreign` (another key's, for a request that was read), `unknown` (no request line with
+    that id in what was read) and `outside_window` (the request's ts is outside since/until).
     """
     lo = parse_ts(since) if since is not None else None
     hi = parse_ts(until) if until is not None else None
     requests: dict[str, dict[str, Any]] = {}
     shadows: dict[str, dict[str, Any]] = {}
+    # request_id -> {key_id: [latest line from that key, lines from that key]}; sparse.
+    feedback: dict[str, dict[Any, list[Any]]] = {}
+    n_feedback = 0
     for obj in iter_lines(root, lo, hi, model):
         kind = obj.get("kind", "request")
         if kind == "shadow":
             shadows[obj["request_id"]] = obj
         elif kind == "request":
             requests[obj["request_id"]] = obj
+        elif kind == "feedback":
+            n_feedback += 1
+            by_key = feedback.get(obj["request_id"])
+            if by_key is None:
+                by_key = feedback[obj["request_id"]] = {}
+            held = by_key.get(obj.get("key_id"))
+            if held is None:
+                by_key[obj.get("key_id")] = [obj, 1]
+            else:
+                held[1] += 1
+                if not _older(obj, held[0]):
+                    held[0] = obj
+    counts = {"lines": n_feedback, "attached": 0, "superseded": 0, "foreign": 0, "unknown": 0, "outside_window": 0}
     out = []
     for rid, rec in requests.items():
+        fb = feedback.pop(rid, None) if feedback else None
         try:
             ts = parse_ts(rec["ts"])
         except (KeyError, ValueError, TypeError):
-            continue
-        if (lo is not None and ts < lo) or (hi is not None and ts >= hi):
+            ts = None
+        if ts is None or (lo is not None and ts < lo) or (hi is not None and ts >= hi):
+            if fb:
+                counts["outside_window"] += sum(n for _, n in fb.values())
             continue
         rec = dict(rec)
         rec.pop("kind", None)
         sh = shadows.get(rid)
         if sh is not None and isinstance(sh.get("shadow"), dict):
             rec["shadow"] = {**sh["shadow"], "completed_at": sh.get("completed_at")}
+        if fb:
+            own = fb.pop(rec.get("key_id"), None)
+            counts["foreign"] += sum(n for _, n in fb.values())
+            if own is not None:
+                line, n = own
+                rec["feedback"] = {**{k: line.get(k) for k in _FEEDBACK_FIELDS},
+                                   **({"pii_redacted": line["pii_redacted"]} if "pii_redacted" in line else {}),
+                                   "count": n}
+                counts["attached"] += 1
+                counts["superseded"] += n - 1
         out.append((ts, rec))
+    counts["unknown"] = sum(n for by_key in feedback.values() for _, n in by_key.values())
+    if feedback_stats is not None:
+        feedback_stats.update(counts)
     out.sort(key=lambda p: p[0])
     return [rec for _, rec in out]
+
+
+_FEEDBACK_FIELDS = ("ts", "feedback_id", "key_id", "replica", "rating", "task_success", "comment")
+
+
+def _older(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether feedback line `a` was sent before `b` (a tie, or an unreadable ts: the line
+    read later wins). The gateway's ts strings share one format, so they compare as text."""
+    ta, tb = a.get("ts"), b.get("ts")
+    if isinstance(ta, str) and isinstance(tb, str) and len(ta) == len(tb) and ta[-6:] == tb[-6:] == "+00:00":
+        return ta < tb
+    try:
+        return parse_ts(ta) < parse_ts(tb)  # type: ignore[arg-type]
+    except (ValueError, TypeError, AttributeError):
+        return False

@@ -108,7 +108,46 @@ def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds, *,
         "format_rate": format_rate,
         "agreement_with_live": agreement,
         "slot": answers[0]["slot"] if answers else None,
+        # Reported, not gated (yet): users' feedback on the answers the candidate gave them.
+        **feedback_summary(records, version),
+        "feedback_by_version": feedback_by_version(records),
     }
+
+
+# ---------------------------------------------------------------- feedback (reported only)
+
+
+def feedback_summary(records: list[dict], version: str) -> dict[str, Any]:
+    """Task success and user rating over the feedback joined to requests that `version`
+    answered for the user (`live` holds the colour that answered: live traffic, a canary's
+    share, or a bootstrap candidate in the live slot). A shadow copy is never seen by the
+    user, so feedback never rates it. Rates are None when no feedback has that field."""
+    successes = ratings = 0
+    n_success = n_rating = 0
+    for rec in records:
+        fb = rec.get("feedback")
+        if not fb or str((rec.get("live") or {}).get("version")) != str(version):
+            continue
+        if isinstance(fb.get("task_success"), bool):
+            n_success += 1
+            successes += fb["task_success"]
+        r = fb.get("rating")
+        if isinstance(r, int) and not isinstance(r, bool):
+            n_rating += 1
+            ratings += r
+    return {
+        "task_success_rate": successes / n_success if n_success else None,
+        "task_success_n": n_success,
+        "mean_rating": ratings / n_rating if n_rating else None,
+        "rating_n": n_rating,
+    }
+
+
+def feedback_by_version(records: list[dict]) -> dict[str, dict[str, Any]]:
+    """`feedback_summary` for every version that answered a request with feedback (the
+    candidate and, for comparison, the live version), keyed by version."""
+    versions = {str((rec.get("live") or {}).get("version")) for rec in records if rec.get("feedback")}
+    return {v: feedback_summary(records, v) for v in sorted(versions)}
 
 
 # ---------------------------------------------------------------- post-switch guard

@@ -4,6 +4,8 @@
     POST /v1/chat/completions   OpenAI chat; messages -> prompt as training rendered chat rows
                                 (serving.gateway.chat); stream: true as server-sent events
     GET  /v1/models[/{id}]      every served model that has a live colour
+    POST /v1/feedback           {"request_id", "rating"?, "task_success"?, "comment"?}: a client's
+                                verdict on one answer, as a `feedback` line in the inference log (202)
     GET  /version               registry facts of each served model's live route (?model=: one)
     GET  /health/live           process is up
     GET  /health/ready          per served model; 503 until some model has a live colour and every
@@ -59,7 +61,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.gateway import chat, routing
@@ -147,6 +149,43 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": text}
 
 
+FEEDBACK_COMMENT_MAX = 2000
+# The gateway's request ids (uuid4 hex), bare as in `x-request-id` or as the completion's `id`.
+_FEEDBACK_RID = re.compile(r"^(?:chatcmpl-|cmpl-)?([0-9a-f]{32})$")
+
+
+class FeedbackRequest(BaseModel):
+    """POST /v1/feedback. `request_id` takes what a client has: the completion's `id`
+    (`chatcmpl-<id>` / `cmpl-<id>`, what the `openai` SDK returns) or the bare id of the
+    `x-request-id` response header; both are logged as the bare id. `model` picks the served
+    model's log partition: needed only when several served models have routes (the
+    completion's `model`). Strict types: "5" is not a rating, 1 is not `true`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    rating: int | None = Field(default=None, ge=1, le=5, strict=True)
+    task_success: bool | None = Field(default=None, strict=True)
+    comment: str | None = Field(default=None, max_length=FEEDBACK_COMMENT_MAX)
+    model: str | None = None
+
+    @field_validator("request_id")
+    @classmethod
+    def _gateway_request_id(cls, value: str) -> str:
+        m = _FEEDBACK_RID.match(value.strip())
+        if m is None:
+            raise ValueError("not a request id this gateway issued: send the completion's `id` "
+                             "(chatcmpl-<32 hex>) or the `x-request-id` response header (32 hex)")
+        return m.group(1)
+
+    @field_validator("comment")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return value.strip() or None
+
+
 class ChatCompletionRequest(_GenerationRequest):
     """OpenAI's /v1/chat/completions body (text only; tools and n > 1 are refused)."""
 
@@ -170,6 +209,7 @@ class Gateway:
     triton: TritonClient | None = None
     writer: InferenceLogWriter | None = None
     mirror: Mirror | None = None
+    redactor: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # PII redaction, when on
     default_chat_template: str | None = None
     _templates: dict[tuple[str, str], chat.ChatTemplate] = field(default_factory=dict)
 
@@ -234,6 +274,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         from serving.gateway.pii import RecordRedactor
 
         redactor = RecordRedactor(settings.redact_pii_kinds, settings.redact_pii_phone_regions)
+    gw.redactor = redactor
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -343,6 +384,13 @@ def _install_routes(app: FastAPI) -> None:
 
     app.add_route("/v1/completions", completions, methods=["POST"])
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+
+    @app.post("/v1/feedback", status_code=202)
+    async def feedback(request: Request, key: Annotated[ClientKey | None, Depends(authenticate_client)]) -> JSONResponse:
+        """A client's verdict on one answer: client key (401) -> rate limit (429) -> body
+        (400, naming the field) -> served model (404) -> a `kind: feedback` line through the
+        inference-log writer (503 if its buffer is full) -> 202 with what was recorded."""
+        return await _feedback(_gw(request), request, key)
 
     @app.get("/v1/models", dependencies=[Depends(require_client)])
     async def list_models(request: Request) -> dict[str, Any]:
@@ -647,6 +695,62 @@ async def _update(gw: Gateway, model: str, change: Any, expected: int | None) ->
         first = exc.errors()[0]
         raise bad_request(f"Invalid routing state: {first.get('msg')}",
                           param=".".join(str(p) for p in first.get("loc", ())) or None) from None
+
+
+async def _feedback(gw: Gateway, request: Request, key: ClientKey | None) -> JSONResponse:
+    try:
+        raw = await request.body()
+    except BodyTooLarge as exc:
+        raise too_large(exc.limit) from None
+    try:
+        body = FeedbackRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _validation_error(exc.errors()) from None
+    if body.rating is None and body.task_success is None:
+        raise bad_request("Give at least one of 'rating' (1-5) and 'task_success' (true/false).", param="rating",
+                          code="missing_required_parameter")
+    served = _feedback_model(gw, body.model)
+    ts = utcnow()
+    record: dict[str, Any] = {
+        "kind": "feedback",
+        "ts": format_ts(ts),
+        "feedback_id": uuid.uuid4().hex,
+        "request_id": body.request_id,
+        "replica": gw.settings.replica_id,
+        "served_model": served,
+        "key_id": key.id if key else None,
+        "rating": body.rating,
+        "task_success": body.task_success,
+        "comment": body.comment,
+    }
+    if gw.redactor is not None:
+        # Redacted here, not only in the writer thread, so the answer shows what is stored;
+        # the writer's redactor leaves a record that already has `pii_redacted` alone.
+        record = await asyncio.to_thread(gw.redactor, record) if body.comment else gw.redactor(record)
+    assert gw.writer is not None
+    if not gw.writer.submit(ts, record):
+        raise OpenAIError(503, "The inference log is not keeping up; feedback was not recorded. Retry shortly.",
+                          "server_error", code="log_unavailable", headers={"Retry-After": "1"})
+    gw.metrics.child(gw.metrics.feedback, served).inc()
+    out = {k: v for k, v in record.items() if k != "kind"}
+    return JSONResponse({"object": "feedback", **out}, status_code=202)
+
+
+def _feedback_model(gw: Gateway, model: str | None) -> str:
+    """The served model whose log partition takes the feedback: `model` when given (it must
+    have routes), else the only served model with routes."""
+    if model is not None:
+        if gw.routes.get(model) is None:
+            raise model_not_found(model, _served_names(gw))
+        return model
+    names = gw.routes.names()
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise OpenAIError(404, "No model is served yet, so there is no answer to give feedback on.",
+                          "invalid_request_error", code="model_not_found", param="model")
+    raise bad_request(f"Several served models have routes ({', '.join(names)}); name the answer's model "
+                      "in `model` (the completion's `model`).", param="model", code="model_required")
 
 
 def _client_request_id(request: Request) -> str | None:

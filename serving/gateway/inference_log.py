@@ -7,7 +7,9 @@ Join strategy: each request is logged once when its live answer is done (`kind: 
 shadow = null | {status: "pending"} | {status: "dropped"}); a mirrored call writes a second
 line (`kind: shadow`) with the same request_id and the request's ts when it finishes, so
 both lines land in the same partition file. `tuneship.inference_log.read_inference_log`
-merges them. This keeps the live path free of any wait on the shadow.
+merges them. This keeps the live path free of any wait on the shadow. Client feedback
+(`POST /v1/feedback`) is a third kind of line (`kind: feedback`), submitted here like the
+others with its own ts, so it lands in the hour it arrived; the reader joins it too.
 
 Requests only append a (ts, record) pair to a deque: no lock, no wake-up. A daemon thread
 wakes every `interval_s` (50 ms), takes what has accumulated, serialises it (msgspec) and

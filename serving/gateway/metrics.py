@@ -63,6 +63,10 @@ class GatewayMetrics:
         self.shadow_queue_depth = Gauge(
             "tuneship_gateway_shadow_queue_depth", "Shadow copies waiting in the mirror queue.", registry=r,
         )
+        self.feedback = Counter(
+            "tuneship_gateway_feedback_total", "Client feedback (POST /v1/feedback) accepted into the inference log.",
+            ["served_model"], registry=r,
+        )
         self.log_dropped = Counter(
             "tuneship_gateway_inference_log_dropped_total", "Inference-log records dropped (writer queue full).",
             registry=r,

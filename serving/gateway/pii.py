@@ -48,6 +48,11 @@ class RecordRedactor:
                 holder[field], kinds = self.detector.redact(holder[field])
                 found.update(kinds)
 
+        if record.get("kind") == "feedback":  # a client's comment on an answer
+            if "pii_redacted" not in record:  # the gateway redacts it before answering; not twice
+                clean(record, "comment")
+                record["pii_redacted"] = sorted(found)
+            return record
         if record.get("kind") == "shadow":  # the mirrored answer: its flag travels with it in the join
             clean(record.get("shadow"), "completion")
             if isinstance(record.get("shadow"), dict):

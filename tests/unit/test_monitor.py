@@ -144,3 +144,24 @@ def test_post_switch_needs_min_requests_before_it_can_breach():
 
 def test_post_switch_open_window_without_breach_keeps_watching():
     assert judge([live("7")] * 50, window_over=False)["verdict"] == "watching"
+
+
+def test_feedback_rates_count_only_answers_the_version_gave_users():
+    def fb(r, **verdict):
+        return {**r, "feedback": {"rating": None, "task_success": None, **verdict}}
+
+    records = [
+        fb(rec("2", GOOD), rating=5, task_success=True),   # a canary answer by the candidate
+        fb(rec("2", GOOD), task_success=False),
+        fb(rec("2", GOOD), rating=4),
+        rec("2", GOOD),                                      # no feedback: not counted
+        fb(rec("1", GOOD, "2", GOOD), rating=1, task_success=False),  # v2 only as a shadow copy
+    ]
+    v = shadow_verdict(records, "2", ShadowThresholds(min_requests=1))
+    assert (v["task_success_rate"], v["task_success_n"], v["mean_rating"], v["rating_n"]) == (0.5, 2, 4.5, 2)
+    assert v["feedback_by_version"]["1"] == {"task_success_rate": 0.0, "task_success_n": 1,
+                                             "mean_rating": 1.0, "rating_n": 1}
+    assert v["verdict"] == shadow_verdict([{k: x for k, x in r.items() if k != "feedback"} for r in records],
+                                          "2", ShadowThresholds(min_requests=1))["verdict"]
+    none = shadow_verdict([rec("1", GOOD, "2", GOOD)], "2", ShadowThresholds(min_requests=1))
+    assert (none["task_success_rate"], none["mean_rating"], none["feedback_by_version"]) == (None, None, {})
