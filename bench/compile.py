@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import compile_variant
+
 NAME = "smollm2-135m-instruct"
 ANSWER_TOKENS = 12
 QUESTIONS = [
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads and the multi-thread ORT run")
     ap.add_argument("--prompts", type=int, default=8, help=f"chat prompts timed (max {len(QUESTIONS)})")
-    ap.add_argument("--precisions", default="fp32,int8,int4", help="comma-separated builds to compile and time")
+    ap.add_argument("--precisions", default="fp32,int8,int4",
+                    help="comma-separated builds to compile and time; a build may carry the task file's "
+                         "quantization options: int4:block_size=128:accuracy_level=1 (bench.compile_variant)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     result["bandwidth_gb_s"] = round(copy_bandwidth() / 1e9, 1)
     result["compile"], vdirs = {}, {}
     for precision in args.precisions.split(","):
+        spec = compile_variant(precision)
         say(f"compiling {precision} (merge, model builder, parity or the answers' check) ...")
         seen: dict[str, Any] = {}
 
@@ -144,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
             return seen
 
         t0 = time.perf_counter()
-        report = compile_for_triton(NAME, None, work / f"triton-{precision}", "llm", deployment={"bench": "compile"},
-                                    parity_prompts=chats[:2], precision=precision,
-                                    quality_gate=record if precision != "fp32" else None)
+        report = compile_for_triton(NAME, None, work / f"triton-{precision.replace(':', '-')}", "llm",
+                                    deployment={"bench": "compile"}, parity_prompts=chats[:2],
+                                    precision=spec.precision, block_size=spec.block_size,
+                                    accuracy_level=spec.accuracy_level, builder_options=spec.builder_options(),
+                                    quality_gate=record if spec.precision != "fp32" else None)
         vdirs[precision] = Path(report["model_dir"]) / str(report["version"])
         result["compile"][precision] = {
             "wall_s": round(time.perf_counter() - t0, 2), "builder_s": report["export_seconds"],

@@ -11,9 +11,9 @@ Cases: the task's demo data (`demo.generator`, seed 0) for dataset suites.
 
     python -m bench.quantize [--task triage] [--candidate DIR] [--precisions int8,int4]
 
-A precision may carry the task file's other quantization options after colons:
-`int4:k_quant:last_matmul+mixed_layers` is `{precision: int4, algorithm: k_quant,
-int8_layers: [last_matmul, mixed_layers]}`.
+A precision may carry the task file's other quantization options after colons
+(`bench.compile_variant`): `int4:algorithm=k_quant:int8_layers=last_matmul+mixed_layers` is
+`{precision: int4, algorithm: k_quant, int8_layers: [last_matmul, mixed_layers]}`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import emit
+from bench import compile_variant, emit
 
 
 def say(msg: str) -> None:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuneship.compile import compile_for_triton
     from tuneship.evaluate import load_cases, run_suite
     from tuneship.stages import _as_client_sends, _generator, score_quantized
-    from tuneship.tasks import CompileSpec, load_task
+    from tuneship.tasks import load_task
 
     task = load_task(args.task)
     base = resolve_base_ref(task.base_model)[0]
@@ -62,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluated[f"{suite.name}@v{suite.version}"] = result.to_dict()
         out["unquantized_scoring_s"] = round(time.perf_counter() - t0, 1)
         for variant in args.precisions.split(","):
-            precision, algorithm, layers = (variant.split(":") + ["", ""])[:3]
-            spec = CompileSpec(precision=precision, algorithm=algorithm or None,
-                               int8_layers=layers.split("+") if layers else [])
+            spec = compile_variant(variant)
+            precision = spec.precision
             quantized = task.model_copy(update={"compile": spec})
             seen: dict = {}
 
@@ -74,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
             t0 = time.perf_counter()
             report = compile_for_triton(base, adapter, Path(tmp) / variant.replace(":", "-"), "llm",
-                                        precision=precision, builder_options=spec.builder_options(),
+                                        precision=precision, block_size=spec.block_size,
+                                        accuracy_level=spec.accuracy_level, builder_options=spec.builder_options(),
                                         quality_gate=check)
             result = seen["result"]
             out["precisions"][variant] = {

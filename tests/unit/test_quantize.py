@@ -150,3 +150,16 @@ def test_an_int4_build_keeps_the_groups_the_task_names_at_int8(tmp_path_factory,
     head = [name for name in bits if "lm_head" in name]
     assert head and {bits[name] for name in head} == {8}, bits
     assert {b for name, b in bits.items() if name not in head} == {4}, bits
+
+
+def test_benchmarks_name_builds_as_a_task_file_declares_them():
+    from bench import compile_variant
+
+    spec = compile_variant("int4:block_size=128:accuracy_level=1:algorithm=k_quant:int8_layers=last_matmul+mixed_layers")
+    assert (spec.precision, spec.block_size, spec.accuracy_level) == ("int4", 128, 1)
+    assert spec.builder_options() == {"algo_config": "k_quant", "matmul_mixed_precision": "last_matmul:int8,mixed_layers:int8"}
+    assert compile_variant("fp32") == CompileSpec()
+    with pytest.raises(ValueError, match="'bs' is not key=value"):
+        compile_variant("int4:bs")
+    with pytest.raises(ValueError, match="block_size"):
+        compile_variant("int4:block_size=48")
