@@ -99,6 +99,10 @@ class CompileSpec(_Strict):
                                          or self.algorithm is not None):
             raise ValueError("compile.block_size, compile.accuracy_level and compile.algorithm are for precision "
                              "int8 or int4, not fp32")
+        if self.precision == "int8" and self.accuracy_level == 1:
+            raise ValueError("compile.accuracy_level 1 with precision int8 runs 8-bit weights with fp32 activations, "
+                             "which ONNX Runtime has no fast CPU kernel for (measured 0.18x eager PyTorch, README "
+                             "Figures): leave accuracy_level out (4, int8 activations) or use fp32")
         if self.int8_layers and self.precision != "int4":
             raise ValueError("compile.int8_layers keeps parts of an int4 build at int8: it needs precision int4")
         return self

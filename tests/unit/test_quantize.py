@@ -129,6 +129,9 @@ def test_quantization_is_declared_in_the_task_and_checked(tmp_path: Path):
         CompileSpec(precision="int8", int8_layers=["last_matmul"])
     with pytest.raises(ValueError, match="for precision int8 or int4, not fp32"):
         CompileSpec(algorithm="rtn")
+    with pytest.raises(ValueError, match="no fast CPU kernel"):
+        CompileSpec(precision="int8", accuracy_level=1)
+    assert CompileSpec(precision="int4", accuracy_level=1).accuracy_level == 1
     with pytest.raises(ValueError, match="give `quality_gate`"):
         compile_for_triton("unused", None, tmp_path, "llm", precision="int8")
 
