@@ -45,6 +45,7 @@ from typing import Any
 import httpx
 import psutil
 
+from bench.tree import cpu_seconds, tree
 from tuneship import config, tritonserver
 
 GOAL = {"p50_added_ms": 1.0, "p99_added_ms": 3.0, "throughput_ratio": 0.90}
@@ -152,34 +153,26 @@ def _run_client(coro: Any) -> Any:
 # ---------------------------------------------------------------- the servers
 
 
-def _cpu_seconds(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
+ECHO_MODELS = ("llm_blue", "llm_green")
 
 
 @contextlib.contextmanager
-def _servers(workdir: Path, access_log: bool) -> Iterator[dict[str, Any]]:
-    """Triton (llm_blue, llm_green loaded) and one gateway routing to llm_blue, on free loopback ports."""
+def servers(workdir: Path, access_log: bool = False, echo_models: tuple[str, ...] = ECHO_MODELS
+            ) -> Iterator[dict[str, Any]]:
+    """Triton (with the echo test model loaded as each of `echo_models`) and one gateway, on
+    free loopback ports; the caller routes the gateway."""
     if not tritonserver.is_installed():
         tritonserver.install()
     repo = workdir / "models"
-    for name in ("llm_blue", "llm_green"):
+    repo.mkdir(parents=True, exist_ok=True)
+    for name in echo_models:
         shutil.copytree(ECHO_MODEL, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     server = tritonserver.TritonServer(repository=repo, http_port=_free_port(), grpc_port=_free_port(),
                                        metrics_port=_free_port(), log_path=workdir / "triton.log")
     gateway: subprocess.Popen | None = None
     server.start(timeout=60)
     try:
-        for name in ("llm_blue", "llm_green"):
+        for name in echo_models:
             r = httpx.post(f"http://{server.url}/v2/repository/models/{name}/load", timeout=120)
             if r.status_code != 200:
                 raise RuntimeError(f"Triton could not load {name}: {r.text}")
@@ -257,12 +250,12 @@ def _one_run(s: dict[str, Any], mode: str, concurrency: int, seconds: float, bod
         url, payload = f"{s['gateway_url']}/v1/completions", bodies["gateway"]
         headers = {"Authorization": f"Bearer {s['key']}"}
     headers["Content-Type"] = "application/json"
-    gw_procs, triton_procs = _tree(s["gateway"].pid), _tree(s["triton"].proc.pid)
+    gw_procs, triton_procs = tree(s["gateway"].pid), tree(s["triton"].proc.pid)
     me = psutil.Process()
     shadow0 = {k: _gateway_metric(s, f"tuneship_gateway_shadow_{k}_total") for k in ("sent", "dropped", "failed")}
-    cpu0 = (_cpu_seconds(gw_procs), _cpu_seconds(triton_procs), _cpu_seconds([me]))
+    cpu0 = (cpu_seconds(gw_procs), cpu_seconds(triton_procs), cpu_seconds([me]))
     out = _run_client(_drive(url, payload, headers, concurrency, seconds, mode, "[llm_blue]"))
-    cpu1 = (_cpu_seconds(gw_procs), _cpu_seconds(triton_procs), _cpu_seconds([me]))
+    cpu1 = (cpu_seconds(gw_procs), cpu_seconds(triton_procs), cpu_seconds([me]))
     out["cpu_s"] = {k: b - a for k, a, b in zip(("gateway", "triton", "client"), cpu0, cpu1, strict=True)}
     out["shadow"] = {k: _gateway_metric(s, f"tuneship_gateway_shadow_{k}_total") - v for k, v in shadow0.items()}
     return out
@@ -316,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     bench_root = config.home() / "bench"
     bench_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="gateway-", dir=bench_root) as wd, _servers(Path(wd), args.access_log) as s:
+    with tempfile.TemporaryDirectory(prefix="gateway-", dir=bench_root) as wd, servers(Path(wd), args.access_log) as s:
         print(f"[gateway] triton {s['triton_url']}, gateway {s['gateway_url']}; "
               f"{args.rounds} rounds x {len(MODES)} modes x {args.seconds:.0f} s at concurrency {concurrencies}",
               flush=True)

@@ -10,8 +10,8 @@ client for OpenAI-compatible endpoints, so the figures read like everyone else's
    and reused while the base model's weights, the Triton model code and the config template
    are unchanged (the instance count is re-rendered into config.pbtxt on reuse);
 2. one real tritonserver and one real gateway (`bench.gateway`'s server set-up: free loopback
-   ports, a client key enforced, the inference log on) serve it; the precision's model is
-   loaded alone (the echo models that set-up brings are unloaded) and routed live with the
+   ports, a client key enforced, the inference log on; no echo models) serve it; the
+   precision's model is loaded alone and routed live with the
    model's own chat template in the route's metadata, as `llm_release` routes a release;
 3. AIPerf (`aiperf profile`, from its own environment .venv-aiperf: `make bench` installs it)
    runs per concurrency (--concurrency, default 1,8) a fixed number of requests (--requests,
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -55,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,7 +64,8 @@ import psutil
 
 from bench import emit
 from bench.compile import QUESTIONS
-from bench.gateway import _cpu_seconds, _servers, _tree
+from bench.gateway import servers
+from bench.tree import PeakRss, cpu_seconds, tree
 from tuneship import config
 
 NAME = "smollm2-135m-instruct"
@@ -246,13 +245,13 @@ def run_aiperf(cmd: list[str], artifact_dir: Path, timeout: float,
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    procs = {name: _tree(pid) for name, pid in (watch or {}).items()}
-    cpu0 = {name: _cpu_seconds(p) for name, p in procs.items()}
+    procs = {name: tree(pid) for name, pid in (watch or {}).items()}
+    cpu0 = {name: cpu_seconds(p) for name, p in procs.items()}
     client0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=artifact_dir)
     wall = time.perf_counter() - t0
-    cpu = {name: round(_cpu_seconds(p) - cpu0[name], 2) for name, p in procs.items()}
+    cpu = {name: round(cpu_seconds(p) - cpu0[name], 2) for name, p in procs.items()}
     cpu["aiperf"] = round(_children_cpu() - client0, 2)  # AIPerf and its services, start-up included
     (artifact_dir / "aiperf.log").write_text(proc.stdout + proc.stderr)
     exports = sorted(artifact_dir.rglob(EXPORT_FILE))
@@ -269,18 +268,15 @@ def run_aiperf(cmd: list[str], artifact_dir: Path, timeout: float,
 # ---------------------------------------------------------------- packages
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def package_key(hf_dir: Path, precision: str, max_new_tokens: int) -> dict[str, Any]:
     """What a cached package was built from; a different key rebuilds it."""
+    from tuneship.basemodel import sha256_file
     from tuneship.compile import TRITON_TEMPLATE_DIR
 
     manifest = json.loads((hf_dir / "base_model.json").read_text())
     return {"precision": precision, "base_weights_sha256": manifest.get("weights_sha256"),
-            "model_py_sha256": _sha256(TRITON_TEMPLATE_DIR / "model.py"),
-            "config_template_sha256": _sha256(TRITON_TEMPLATE_DIR / "config.pbtxt.tmpl"),
+            "model_py_sha256": sha256_file(TRITON_TEMPLATE_DIR / "model.py"),
+            "config_template_sha256": sha256_file(TRITON_TEMPLATE_DIR / "config.pbtxt.tmpl"),
             "max_new_tokens": max_new_tokens}
 
 
@@ -315,37 +311,6 @@ def ensure_package(work: Path, hf_dir: Path, precision: str, instances: int, max
 
 
 # ---------------------------------------------------------------- servers and memory
-
-
-class PeakRss:
-    """Peak of the summed resident memory of a process and its descendants, sampled."""
-
-    def __init__(self, pid: int, interval: float = 0.1) -> None:
-        self.pid, self.interval, self.peak = pid, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> int:
-        total = 0
-        with contextlib.suppress(psutil.Error):
-            root = psutil.Process(self.pid)
-            for p in (root, *root.children(recursive=True)):
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _post(url: str, **kw: Any) -> httpx.Response:
@@ -506,11 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         "goal": {"gateway_tokens_per_s_ratio": GOAL_RATIO}, "precisions": {},
     }
     packages = {p: ensure_package(work, hf_dir, p, args.instances, args.max_tokens) for p in args.precisions.split(",")}
-    with tempfile.TemporaryDirectory(prefix="served-", dir=work) as wd, _servers(Path(wd), False) as s:
+    with tempfile.TemporaryDirectory(prefix="served-", dir=work) as wd, servers(Path(wd), echo_models=()) as s:
         triton_pid = s["triton"].proc.pid
-        for echo in ("llm_blue", "llm_green"):  # the set-up's echo models: not measured, not in memory
-            _post(f"{s['triton_url']}/v2/repository/models/{echo}/unload")
-        _wait_gone(triton_pid, 0)
         say(f"triton {s['triton_url']}, gateway {s['gateway_url']}")
         artifacts = work / "aiperf-last"  # AIPerf's own exports of the latest run, kept for a look
         shutil.rmtree(artifacts, ignore_errors=True)

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from tuneship import atomic, config
+from tuneship.basemodel import sha256_file
 from tuneship.notify import notify
-from tuneship.stages import Refusal
+from tuneship.stages import Refusal, compiled_dir
 from tuneship.tasks import Task
 
 DEFAULT_CHUNK_ROWS = 64
@@ -49,15 +50,7 @@ class BatchError(Refusal):
 
 def package_dir(task: Task, version: int | str) -> Path:
     """The Triton model version directory compile_candidate left for `version`."""
-    return config.artifacts() / "tasks" / task.name / "compiled" / f"v{version}" / "llm" / "1"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return compiled_dir(task, version) / "llm" / "1"
 
 
 def read_rows(path: Path, task: Task) -> list[dict[str, Any]]:
@@ -182,7 +175,7 @@ def _plan(task: Task, *, version: int | str | None = None, input_uri: str | None
     rows = read_rows(path, task)
     max_new = max_new_tokens or task.suite(task.eval.suites[0]).generation.max_new_tokens
     price = price_per_hour if price_per_hour is not None else task.serving.price_per_hour
-    input_sha = _sha256(path)
+    input_sha = sha256_file(path)
     key = hashlib.sha256(json.dumps([input_sha, deployment.get("onnx_sha256"), max_new, chunk_rows],
                                     sort_keys=True).encode()).hexdigest()[:10]
     out = results_root / f"v{version}-{key}"
@@ -228,7 +221,7 @@ def run_chunk(plan: dict[str, Any] | str | Path, index: int, *, progress: Callab
         progress(f"chunk {index + 1}/{plan['chunks']}: already written ({done['rows']} rows), not run again")
         return {**done, "resumed": True}
     path = Path(plan["input"])
-    if _sha256(path) != plan["input_sha256"]:
+    if sha256_file(path) != plan["input_sha256"]:
         raise BatchError(f"batch input {path} changed since this batch was planned: plan it again (a new run); "
                          f"the chunks already written stay in {out}")
     task = load_task(plan["task"])
@@ -280,9 +273,8 @@ def finish_batch(plan: dict[str, Any] | str | Path) -> dict[str, Any]:
         raise BatchError(f"{len(missing)} of {plan['chunks']} chunks of {out} are not written yet "
                          f"(first: {missing[0]}): run them first")
     records = [json.loads(_record(out, i).read_text()) for i in range(plan["chunks"])]
-    tmp = out / f".{RESULTS_FILE}.tmp"
     agree: dict[str, list[int]] = {}
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic.replacing(out / RESULTS_FILE) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for i in range(plan["chunks"]):
             text = _chunk(out, i).read_text(encoding="utf-8")
             fh.write(text)
@@ -294,9 +286,6 @@ def finish_batch(plan: dict[str, Any] | str | Path) -> dict[str, Any]:
                         agree.setdefault(f, [0, 0])
                         agree[f][0] += want is not None and got == want
                         agree[f][1] += 1
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / RESULTS_FILE)
     completion = sum(r["completion_tokens"] for r in records)
     seconds = sum(r["seconds"] for r in records)
     tps = completion / seconds if seconds > 0 else 0.0
@@ -325,7 +314,7 @@ def report_html(summary: dict[str, Any], results: Path, sample: int = 20) -> str
     """The batch's figures and its first answers, self-contained."""
     import html
 
-    from tuneship.report import fmt, table, usd
+    from tuneship.report import fmt, page, table, usd
 
     rows = [["rows", fmt(summary["rows"])], ["chunks", fmt(summary["chunks"])],
             ["generated tokens", fmt(summary["completion_tokens"])],
@@ -340,8 +329,6 @@ def report_html(summary: dict[str, Any], results: Path, sample: int = 20) -> str
             r = json.loads(line)
             first.append([r["line"], r["id"] if r["id"] is not None else "", r["answer"], r["conforms"]])
     title = f"Batch: task {summary['task']}, version {summary['version']}"
-    return (f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 8px;text-align:left}</style>"
-            f"<h1>{html.escape(title)}</h1><p>{html.escape(summary['input'])}</p>"
-            + table(rows, ["figure", "value"]) + f"<h2>First {len(first)} answers</h2>"
-            + table(first, ["line", "id", "answer", "in shape"]))
+    return page(title, f"<h1>{html.escape(title)}</h1><p>{html.escape(summary['input'])}</p>"
+                + table(rows, ["figure", "value"]) + f"<h2>First {len(first)} answers</h2>"
+                + table(first, ["line", "id", "answer", "in shape"]))

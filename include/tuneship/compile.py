@@ -267,6 +267,16 @@ def render_config(model_name: str, version: int, deployment: dict[str, Any],
     )
 
 
+def publish_model_dir(stage: Path, final: Path, model_name: str, version: int, deployment: dict[str, Any],
+                      instances: int) -> None:
+    """Finish a staged Triton model directory (`stage/<version>/` holding the model files):
+    its deployment.json and config.pbtxt, then swap it into place as `final`."""
+    (stage / str(version) / "deployment.json").write_text(json.dumps(deployment, indent=2, sort_keys=True, default=str))
+    (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment, instance_count=instances))
+    os.chmod(stage, 0o755)
+    atomic.replace_dir(stage, final)
+
+
 def compile_for_triton(
     base_ref: str,
     adapter_dir: str | os.PathLike[str] | None,
@@ -339,10 +349,7 @@ def compile_for_triton(
             deployment.setdefault(
                 "adapter_sha256", sha256_file(Path(adapter_dir) / "adapter_model.safetensors")
             )
-        (vdir / "deployment.json").write_text(json.dumps(deployment, indent=2, sort_keys=True, default=str))
-        (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment, instance_count=instances))
-        os.chmod(stage, 0o755)
-        atomic.replace_dir(stage, final)
+        publish_model_dir(stage, final, model_name, version, deployment, instances)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

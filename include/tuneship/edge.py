@@ -30,7 +30,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from tuneship import atomic, config
+from tuneship import atomic
 from tuneship.basemodel import sha256_file
 from tuneship.compile import (
     BUILD_FILES,
@@ -390,16 +390,10 @@ def package_edge(version_dir: str | os.PathLike[str], out_dir: str | os.PathLike
 def write_archive(package_dir: Path) -> Path:
     """PACKAGE.tar.gz beside the package (one top-level directory, its name), written atomically."""
     dest = package_dir.with_name(f"{package_dir.name}.tar.gz")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=package_dir.parent)
-    os.close(fd)
-    try:
+    with atomic.replacing(dest) as tmp:
         with tarfile.open(tmp, "w:gz") as tar:
             tar.add(package_dir, arcname=package_dir.name)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 
@@ -431,9 +425,9 @@ def package_version(task: Any, version: int, out_dir: str | os.PathLike[str], *,
     """The edge package of a registered version's compiled build (the one `llm_finetune`'s
     compile stage held to the task's gates), rendering prompts as the task's clients send
     them and checked on the task's parity prompts."""
-    from tuneship.stages import parity_prompts
+    from tuneship.stages import compiled_dir, parity_prompts
 
-    marker = config.artifacts() / "tasks" / task.name / "compiled" / f"v{version}" / "COMPILED.json"
+    marker = compiled_dir(task, version) / "COMPILED.json"
     if not marker.is_file():
         raise EdgeError(f"{task.name} v{version} has no compiled build ({marker} is missing): the edge package is "
                         "made from the build llm_finetune's compile stage gated; compile the version first")

@@ -53,7 +53,7 @@ from tuneship.compile import (
     load_triton_model_module,
     merged_model,
     model_sha256,
-    render_config,
+    publish_model_dir,
 )
 
 # Where model.py (what Triton runs) looks for adapters: one home for the layout.
@@ -305,10 +305,7 @@ def package_for_triton(shared_base_dir: str | os.PathLike[str], repo_dir: str | 
                         "bytes": available[name].stat().st_size} for name in names}
         deployment = {**(deployment or {}), "base_model": info["base_model"], "onnx_sha256": info["onnx_sha256"],
                       "precision": "fp32", "adapters": files}
-        (vdir / "deployment.json").write_text(json.dumps(deployment, indent=2, sort_keys=True, default=str))
-        (stage / "config.pbtxt").write_text(render_config(model_name, version, deployment, instance_count=instances))
-        os.chmod(stage, 0o755)
-        atomic.replace_dir(stage, final)
+        publish_model_dir(stage, final, model_name, version, deployment, instances)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -324,7 +321,3 @@ def package_for_triton(shared_base_dir: str | os.PathLike[str], repo_dir: str | 
         "package_bytes": sum(p.stat().st_size for p in final.rglob("*") if p.is_file()),
     }
 
-
-# The decoder that serves a shared base is model.py's own (the file Triton ships): it loads
-# adapters/*.onnx_adapter at start-up and takes `adapter=` per request. The old name stays.
-AdapterGreedyGenerator: Any = load_triton_model_module().GenaiGreedyGenerator

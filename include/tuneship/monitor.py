@@ -85,6 +85,7 @@ def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds, *,
         if a["slot"] == "shadow" and is_ok(a["request"].get("live") or {})
     ]
     agreement = (sum(s == lv for s, lv in agree_pairs) / len(agree_pairs)) if agree_pairs else None
+    by_version = feedback_by_version(records)
     p95 = _p95([float(a["latency_ms"]) for a in ok if a.get("latency_ms") is not None])
     error_rate = len(errors) / n if n else 0.0
     reasons = []
@@ -109,8 +110,8 @@ def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds, *,
         "agreement_with_live": agreement,
         "slot": answers[0]["slot"] if answers else None,
         # Reported, not gated (yet): users' feedback on the answers the candidate gave them.
-        **feedback_summary(records, version),
-        "feedback_by_version": feedback_by_version(records),
+        **(by_version.get(str(version)) or _feedback_figures(0, 0, 0, 0)),
+        "feedback_by_version": by_version,
     }
 
 
@@ -122,32 +123,35 @@ def feedback_summary(records: list[dict], version: str) -> dict[str, Any]:
     answered for the user (`live` holds the colour that answered: live traffic, a canary's
     share, or a bootstrap candidate in the live slot). A shadow copy is never seen by the
     user, so feedback never rates it. Rates are None when no feedback has that field."""
-    successes = ratings = 0
-    n_success = n_rating = 0
+    return feedback_by_version(records).get(str(version)) or _feedback_figures(0, 0, 0, 0)
+
+
+def feedback_by_version(records: list[dict]) -> dict[str, dict[str, Any]]:
+    """`feedback_summary` for every version that answered a request with feedback (the
+    candidate and, for comparison, the live version), keyed by version: one pass."""
+    tally: dict[str, list[int]] = {}  # version -> [success n, successes, rating n, rating sum]
     for rec in records:
         fb = rec.get("feedback")
-        if not fb or str((rec.get("live") or {}).get("version")) != str(version):
+        if not fb:
             continue
+        t = tally.setdefault(str((rec.get("live") or {}).get("version")), [0, 0, 0, 0])
         if isinstance(fb.get("task_success"), bool):
-            n_success += 1
-            successes += fb["task_success"]
+            t[0] += 1
+            t[1] += fb["task_success"]
         r = fb.get("rating")
         if isinstance(r, int) and not isinstance(r, bool):
-            n_rating += 1
-            ratings += r
+            t[2] += 1
+            t[3] += r
+    return {v: _feedback_figures(*tally[v]) for v in sorted(tally)}
+
+
+def _feedback_figures(n_success: int, successes: int, n_rating: int, ratings: int) -> dict[str, Any]:
     return {
         "task_success_rate": successes / n_success if n_success else None,
         "task_success_n": n_success,
         "mean_rating": ratings / n_rating if n_rating else None,
         "rating_n": n_rating,
     }
-
-
-def feedback_by_version(records: list[dict]) -> dict[str, dict[str, Any]]:
-    """`feedback_summary` for every version that answered a request with feedback (the
-    candidate and, for comparison, the live version), keyed by version."""
-    versions = {str((rec.get("live") or {}).get("version")) for rec in records if rec.get("feedback")}
-    return {v: feedback_summary(records, v) for v in sorted(versions)}
 
 
 # ---------------------------------------------------------------- post-switch guard

@@ -29,6 +29,17 @@ def table(rows: list[list[Any]], head: list[str]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}"
+         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+         "font-size:14px}th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}")
+
+
+def page(title: str, body: str) -> str:
+    """A whole self-contained HTML page: every report's one style."""
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{body}</body></html>")
+
+
 def fmt(value: Any, unit: str = "") -> str:
     """Every figure a person reads (this report, the demo summary) goes through here, so a
     p95 reads `8.3 ms`, never `8.298449999999999`: times to 0.1, scores and rates below 10
@@ -193,10 +204,6 @@ def write_demo_report(summary: dict[str, Any]) -> Path:
     if summary.get("error"):
         body.append(f"<p style='color:#b00'>Error: {html.escape(summary['error'])}</p>")
     body += [_cycle_html(i, c) for i, c in enumerate(summary.get("cycles", []), 1)]
-    style = ("body{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "font-size:14px}th{background:#f3f3f3}code{background:#f3f3f3;padding:1px 4px}")
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Tuneship demo</title>"
-                   f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    out.write_text(page("Tuneship demo", "".join(body)))
     (out.parent / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return out

@@ -515,6 +515,12 @@ def parity_prompts(task: Task) -> list[str]:
     return [task.render_prompt(p) for p in prompts]
 
 
+def compiled_dir(task: Task, version: int | str) -> Path:
+    """Where `compile_candidate` leaves version `version`'s Triton package (`llm/1/...`) and
+    its COMPILED.json."""
+    return config.artifacts() / "tasks" / task.name / "compiled" / f"v{version}"
+
+
 def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[str, Any] | None = None,
                       dataset: dict[str, str] | None = None) -> dict[str, Any]:
     """ONNX Runtime GenAI build at the task's precision: a Triton-ready package. fp32 must
@@ -527,7 +533,7 @@ def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[st
     from tuneship.compile import compile_for_triton
 
     version = candidate["version"]
-    package = config.artifacts() / "tasks" / task.name / "compiled" / f"v{version}"
+    package = compiled_dir(task, version)
     marker = package / "COMPILED.json"
     if marker.exists():
         return json.loads(marker.read_text())

@@ -47,7 +47,7 @@ def builds(tmp_path_factory):
 
 def _generators(builds):
     gen = load_triton_model_module().GenaiGreedyGenerator
-    return (lora_delta.AdapterGreedyGenerator(builds["shared"]["model_dir"]),
+    return (load_triton_model_module().GenaiGreedyGenerator(builds["shared"]["model_dir"]),
             gen(str(Path(builds["merged"]["model_dir"]) / "1")), gen(str(Path(builds["plain"]["model_dir"]) / "1")))
 
 
