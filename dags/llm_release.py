@@ -15,14 +15,20 @@ on the same requests straight to Triton (`serving_gate`: p95, tokens/s, peak mem
 per 1k tokens, with the task file's `serving` gates; a failure is refused the same way), then
 mirror live
 traffic to it for the shadow window (deferrable: the wait runs on the triggerer, default
-72 h, `shadow_hours` Param). The verdict promotes (atomic gateway switch, `@champion`
-alias follows, `model_promoted` Asset) or rolls back (live untouched, run fails loudly,
-Slack says why). With no live model yet (first release) the candidate goes live after
-smoke and the window watches it in the live slot, rolling back on a breach.
+72 h, `shadow_hours` Param). The window is decided with anytime-valid confidence sequences
+(`tuneship.shadow`, `tuneship.sequential`): error rate, p95, the task's format rate and,
+against live on the same requests, format and refusal differences; a clear loser is rolled
+back as soon as a bound crosses, a clear non-inferior candidate is promoted early once the
+task's `release.min_requests` and `release.min_seconds` have passed, and what is still open
+at the window's end follows the task's `release.on_open` (rollback, hold, or estimates).
+Promote: atomic gateway switch, `@champion` alias follows, `model_promoted` Asset. Rollback
+or hold: live untouched, the run fails loudly, Slack says which bound crossed what after how
+many requests. With no live model yet (first release) the candidate goes live after smoke
+and the window watches it in the live slot.
 
 After the switch a post-switch guard watches the new version's own live answers
-(deferrable, `post_switch_minutes`, default 30): if, once `post_switch_min_requests` are
-in, the error rate exceeds `max_error_rate` or p95 latency `max_p95_ms`, traffic goes back
+(deferrable, `post_switch_minutes`, default 30): as soon as the confidence sequence of the
+error rate or of p95 latency lies above `max_error_rate` or `max_p95_ms`, traffic goes back
 at once (gateway rollback to the previous colour, still loaded; `@champion` follows), Slack
 gets the figures and the run fails (no retry). A first release has nothing to go back to:
 its live route is taken down and `@champion` removed. Too little traffic to judge is a
@@ -227,8 +233,8 @@ def llm_release():
         task="{{ ti.xcom_pull(task_ids='plan')['task'] }}",
         candidate_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
         window_hours="{{ ti.xcom_pull(task_ids='plan')['shadow_hours'] }}",
-        thresholds={k: f"{{{{ ti.xcom_pull(task_ids='plan')['thresholds']['{k}'] }}}}"
-                    for k in ("max_error_rate", "max_p95_ms", "min_requests")},
+        release="{{ ti.xcom_pull(task_ids='plan')['thresholds'] | tojson }}",
+        slot="{{ ti.xcom_pull(task_ids='start_shadow') }}",
         poll_interval=5.0,
         execution_timeout=timedelta(hours=80),
     )
@@ -255,6 +261,7 @@ def llm_release():
         window_minutes="{{ ti.xcom_pull(task_ids='plan')['post_switch_minutes'] }}",
         thresholds={"max_error_rate": "{{ ti.xcom_pull(task_ids='plan')['thresholds']['max_error_rate'] }}",
                     "max_p95_ms": "{{ ti.xcom_pull(task_ids='plan')['thresholds']['max_p95_ms'] }}",
+                    "alpha": "{{ ti.xcom_pull(task_ids='plan')['thresholds']['alpha'] }}",
                     "min_requests": "{{ params.post_switch_min_requests }}"},
         poll_interval=5.0,
         execution_timeout=timedelta(hours=25),

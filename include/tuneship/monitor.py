@@ -1,11 +1,6 @@
-"""Production monitoring: the shadow verdict and drift detection, both read from the inference log.
+"""Production monitoring read from the inference log: users' feedback per version and drift
+detection. (The shadow window and the post-switch guard are `tuneship.shadow`.)
 
-Shadow verdict: how did the candidate answer real (or replayed) traffic in the window —
-error rate, p95 latency, the task's format rate (its answer check), and agreement with live
-(the task's parsed fields) when live exists.
-Post-switch verdict: once the candidate is live, its own live answers since the switch, on
-error rate and p95 latency only, so a regression the shadow window missed is caught within
-minutes and traffic goes back.
 Drift: the recent prompts' text profile against the reference profile stored in the
 training dataset's manifest (`tuneship.profile`), plus a retrain governor (cooldown and
 debounce) so a noisy hour does not launch a GPU job.
@@ -15,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,23 +26,6 @@ def task_records(served_model: str, *, since: float | None = None) -> list[dict]
     from tuneship.inference_log import read_inference_log
 
     return read_inference_log(log_root(), since=since, model=served_model)
-
-
-def _p95(values: list[float]) -> float | None:
-    if not values:
-        return None
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=float), 95))
-
-
-@dataclass
-class ShadowThresholds:
-    min_requests: int = 20
-    max_error_rate: float = 0.01
-    max_p95_ms: float = 2000.0
-    min_format_rate: float = 0.9
-    min_agreement: float = 0.0  # agreement with live is reported; gate it only if asked
 
 
 def is_ok(resp: dict) -> bool:
@@ -68,51 +45,6 @@ def candidate_responses(records: list[dict], version: str) -> list[dict]:
                 out.append({**resp, "slot": slot, "request": rec})
                 break
     return out
-
-
-def shadow_verdict(records: list[dict], version: str, th: ShadowThresholds, *,
-                   conforms: Callable[[str], bool], parse: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-    """`conforms` and `parse` are the task's answer check and parser (`tuneship.tasks.Task`):
-    the format rate counts conforming answers, agreement compares every parsed field."""
-    answers = candidate_responses(records, version)
-    n = len(answers)
-    errors = [a for a in answers if not is_ok(a)]
-    ok = [a for a in answers if is_ok(a)]
-    format_rate = sum(bool(conforms(a.get("completion") or "")) for a in ok) / max(len(ok), 1)
-    agree_pairs = [
-        (parse(a.get("completion") or ""), parse(a["request"]["live"].get("completion") or ""))
-        for a in ok
-        if a["slot"] == "shadow" and is_ok(a["request"].get("live") or {})
-    ]
-    agreement = (sum(s == lv for s, lv in agree_pairs) / len(agree_pairs)) if agree_pairs else None
-    by_version = feedback_by_version(records)
-    p95 = _p95([float(a["latency_ms"]) for a in ok if a.get("latency_ms") is not None])
-    error_rate = len(errors) / n if n else 0.0
-    reasons = []
-    if n < th.min_requests:
-        reasons.append(f"only {n} candidate responses in the window (need {th.min_requests})")
-    if error_rate > th.max_error_rate:
-        reasons.append(f"error rate {error_rate:.3f} > {th.max_error_rate}")
-    if p95 is not None and p95 > th.max_p95_ms:
-        reasons.append(f"p95 latency {p95:.0f} ms > {th.max_p95_ms:g} ms")
-    if ok and format_rate < th.min_format_rate:
-        reasons.append(f"format rate {format_rate:.3f} < {th.min_format_rate}")
-    if agreement is not None and agreement < th.min_agreement:
-        reasons.append(f"agreement with live {agreement:.3f} < {th.min_agreement}")
-    return {
-        "verdict": "promote" if not reasons else "rollback",
-        "reasons": reasons,
-        "requests": n,
-        "errors": len(errors),
-        "error_rate": error_rate,
-        "p95_ms": p95,
-        "format_rate": format_rate,
-        "agreement_with_live": agreement,
-        "slot": answers[0]["slot"] if answers else None,
-        # Reported, not gated (yet): users' feedback on the answers the candidate gave them.
-        **(by_version.get(str(version)) or _feedback_figures(0, 0, 0, 0)),
-        "feedback_by_version": by_version,
-    }
 
 
 # ---------------------------------------------------------------- feedback (reported only)
@@ -152,76 +84,6 @@ def _feedback_figures(n_success: int, successes: int, n_rating: int, ratings: in
         "mean_rating": ratings / n_rating if n_rating else None,
         "rating_n": n_rating,
     }
-
-
-# ---------------------------------------------------------------- post-switch guard
-
-
-@dataclass
-class PostSwitchThresholds:
-    """What the new live version must hold right after the switch (the shadow's own
-    `max_error_rate` / `max_p95_ms` are reused; `min_requests` is the guard's own)."""
-
-    min_requests: int = 20
-    max_error_rate: float = 0.01
-    max_p95_ms: float = 2000.0
-
-
-def live_responses_since(records: list[dict], version: str, since: Any = None) -> list[dict]:
-    """Live answers given by `version` in requests at or after `since` (datetime, ISO string
-    or epoch seconds; None: all). A record without a readable `ts` is left out when `since`
-    is given. Canary answers count: the `live` object is whichever colour answered."""
-    from tuneship.inference_log import parse_ts
-
-    lo = parse_ts(since) if since is not None else None
-    out = []
-    for rec in records:
-        resp = rec.get("live")
-        if not resp or str(resp.get("version")) != str(version):
-            continue
-        if lo is not None:
-            try:
-                if parse_ts(rec["ts"]) < lo:
-                    continue
-            except (KeyError, ValueError, TypeError):
-                continue
-        out.append(resp)
-    return out
-
-
-def post_switch_verdict(records: list[dict], version: str, th: PostSwitchThresholds, *, since: Any = None,
-                        window_over: bool = True) -> dict[str, Any]:
-    """Judge the new live version's answers since the switch.
-
-    `breach` as soon as at least `min_requests` answers are in and the error rate is above
-    `max_error_rate` or the p95 latency of the successful answers is above `max_p95_ms`
-    (equal to a threshold is within it); fewer answers never breach, however bad. Without a
-    breach: `watching` while the window is open, then `healthy`, or `insufficient` when fewer
-    than `min_requests` answers came in (the guard could not judge; nothing was shown wrong).
-    """
-    answers = live_responses_since(records, version, since)
-    n = len(answers)
-    errors = sum(not is_ok(a) for a in answers)
-    error_rate = errors / n if n else 0.0
-    p95 = _p95([float(a["latency_ms"]) for a in answers if is_ok(a) and a.get("latency_ms") is not None])
-    reasons = []
-    if n >= th.min_requests:
-        if error_rate > th.max_error_rate:
-            reasons.append(f"error rate {error_rate:.3f} ({errors} of {n}) > {th.max_error_rate}")
-        if p95 is not None and p95 > th.max_p95_ms:
-            reasons.append(f"p95 latency {p95:.1f} ms > {th.max_p95_ms:g} ms")
-    if reasons:
-        verdict = "breach"
-    elif not window_over:
-        verdict = "watching"
-    elif n < th.min_requests:
-        verdict = "insufficient"
-        reasons.append(f"not enough traffic: only {n} live responses from v{version} since the switch "
-                       f"(need {th.min_requests} to judge)")
-    else:
-        verdict = "healthy"
-    return {"verdict": verdict, "reasons": reasons, "version": str(version), "requests": n, "errors": errors,
-            "error_rate": error_rate, "p95_ms": p95, "thresholds": asdict(th)}
 
 
 # ---------------------------------------------------------------- drift

@@ -175,6 +175,7 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
             [[rel.get("state"), v.get("verdict"), v.get("slot"), fmt(v.get("requests")), fmt(v.get("error_rate")),
               fmt(v.get("p95_ms"), "ms"), fmt(v.get("format_rate")), fmt(v.get("agreement_with_live"))]],
             ["run", "verdict", "slot", "requests", "error rate", "p95", "format rate", "agreement"]))
+        parts.append(window_html(v))
         smoke = rel.get("smoke") or {}
         if smoke:
             figures = ", ".join(f"{k} {fmt(v)}" for k, v in (smoke.get("metrics") or {}).items())
@@ -186,6 +187,25 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
         parts.append(f"<h3>Where the time went (cycle: {fmt(cycle.get('wall_s'), 's')})</h3>"
                      + table(rows, ["DAG", "task", "seconds"]))
     return "\n".join(parts)
+
+
+def window_html(verdict: dict[str, Any]) -> str:
+    """A decided window (`tuneship.shadow`): each metric's anytime-valid interval against its
+    threshold, its status, and after how many requests it was decided; then the reasons."""
+    metrics = verdict.get("metrics") or []
+    if not metrics:
+        return ""
+    rows = [[m["name"], m["rule"], fmt(m.get("estimate")),
+             f"[{fmt(m['interval'][0])}, {fmt(m['interval'][1])}]", m.get("status"),
+             fmt(m.get("decided_at_requests")), fmt(m.get("observations")), m.get("crossed") or ""]
+            for m in metrics]
+    reasons = "".join(f"<li>{html.escape(str(r))}</li>" for r in verdict.get("reasons") or [])
+    return (f"<h4>Shadow window: {html.escape(str(verdict.get('verdict')))} after {fmt(verdict.get('requests'))} "
+            f"requests (alpha {fmt(verdict.get('alpha'))} over the whole window, "
+            f"{html.escape(str(verdict.get('alpha_split', '')))}; {html.escape(str(verdict.get('decided_by') or 'bounds'))})"
+            "</h4>" + table(rows, ["metric", "rule", "estimate", "confidence sequence", "status", "decided after",
+                                   "observations", "crossed"])
+            + (f"<ul>{reasons}</ul>" if reasons else ""))
 
 
 def write_demo_report(summary: dict[str, Any]) -> Path:

@@ -470,7 +470,9 @@ class Policy:
     min_requests: int = 500  # before an early promote (a rollback may fire any time)
     min_seconds: float = 3600.0  # likewise
     window_seconds: float = 72 * 3600.0
-    on_open: Literal["rollback", "hold"] = "hold"  # what the window's end does with open metrics
+    # what the window's end does with open metrics: roll back, hold for a person, or judge
+    # them by their point estimates (`tuneship.shadow.by_estimates`: one fixed-horizon look)
+    on_open: Literal["rollback", "hold", "estimates"] = "hold"
     t_opt: int = 2000  # the quantile boundaries are tightest near this many observations
 
     def alpha_per_metric(self, k: int) -> float:
@@ -500,10 +502,12 @@ def combine(statuses: np.ndarray, *, requests: Any, elapsed_s: Any, window_over:
     statuses = np.asarray(statuses)
     bad = (statuses == -1).any(axis=0)
     good = (statuses == 1).all(axis=0)
-    minimums = (np.asarray(requests) >= policy.min_requests) & (np.asarray(elapsed_s) >= policy.min_seconds)
+    enough = np.asarray(requests) >= policy.min_requests
+    minimums = enough & (np.asarray(elapsed_s) >= policy.min_seconds)
     over = np.asarray(window_over, dtype=bool)
     end_code = -1 if policy.on_open == "rollback" else 2
-    return np.where(bad, -1, np.where(good & (minimums | over), 1, np.where(over, end_code, 0)))
+    # early: every bound good and both minimums met; at the end, good with enough requests
+    return np.where(bad, -1, np.where(good & (minimums | over & enough), 1, np.where(over, end_code, 0)))
 
 
 VERDICTS: dict[int, Verdict] = {0: "continue", 1: "promote", -1: "rollback", 2: "hold"}
@@ -605,6 +609,7 @@ class SequentialRelease:
             crossed = _crossing(m.rule, *((cur_lo, cur_hi) if s == 1 else (lo, hi)), s)
             out_metrics.append({
                 "name": m.rule.name, "rule": m.rule.describe(), "kind": m.rule.kind,
+                "direction": m.rule.direction, "threshold": m.rule.threshold,
                 "bound": EB_CITATION if m.rule.kind in ("rate", "diff") else QUANTILE_CITATION,
                 "alpha": a, "estimate": float(est), "interval": [lo, hi], "current_interval": [cur_lo, cur_hi],
                 "observations": int(m.cs.n),

@@ -934,7 +934,8 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         registry.set_version_tags(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                             "colour": plan["colour"]}, name)
         notify(f"{plan['task']} v{version} is live on {plan['colour']} (shadow: {verdict['requests']} requests, "
-               f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms)",
+               f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms; "
+               + "; ".join(verdict.get("reasons") or ["promoted"]) + ")",
                level="success", version=version, task=plan["task"], verdict=verdict)
         return {"decision": "promoted", "version": version, "colour": plan["colour"], "verdict": verdict}
     routes = gateway.routes()
@@ -944,9 +945,16 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         gateway.put_routes({**routes, "live": None, "shadow": None})
     if triton.is_ready(model):
         triton.unload(model)
-    why = "; ".join(verdict.get("reasons") or ["verdict was rollback"])
-    notify(f"{plan['task']} v{version} rolled back after the shadow window: {why}. Live traffic stays on "
-           f"{plan.get('previous_colour') or 'nothing'} v{plan.get('previous_version')}.",
+    why = "; ".join(verdict.get("reasons") or [f"verdict was {verdict['verdict']}"])
+    after = f"{verdict.get('requests', 0)} candidate answers"
+    if verdict["verdict"] == "hold":
+        notify(f"{plan['task']} v{version} held for a person after the shadow window ({after}): {why}. Nothing "
+               f"was switched; live traffic stays on {plan.get('previous_colour') or 'nothing'} "
+               f"v{plan.get('previous_version')}. To ship it anyway, release v{version} by hand (llm_release, "
+               "`version` Param).", level="warning", version=version, task=plan["task"], verdict=verdict)
+        raise Refusal(f"release of v{version} held for a person: {why}")
+    notify(f"{plan['task']} v{version} rolled back after the shadow window ({after}): {why}. Live traffic stays "
+           f"on {plan.get('previous_colour') or 'nothing'} v{plan.get('previous_version')}.",
            level="error", version=version, task=plan["task"], verdict=verdict)
     raise Refusal(f"release of v{version} rolled back: {why}")
 

@@ -116,11 +116,31 @@ class CompileSpec(_Strict):
 
 
 class ReleaseSpec(_Strict):
+    """The shadow window and post-switch guard (`tuneship.shadow`): thresholds each metric's
+    anytime-valid confidence sequence is held to, and the decision rule."""
+
     shadow_hours: float = Field(default=72.0, gt=0)
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     max_p95_ms: float = Field(default=2000.0, gt=0)
-    min_requests: int = Field(default=20, ge=1)
+    min_requests: int = Field(default=20, ge=1, description="candidate answers before an early promote, and at "
+                              "the window's end before any promote")
     min_format_rate: float = Field(default=0.9, ge=0, le=1)
+    alpha: float = Field(default=0.05, gt=0, le=0.2, description="chance of any wrong decision over the whole "
+                         "window however often it is polled (split over the metrics)")
+    min_seconds: float = Field(default=3600.0, ge=0, description="seconds of shadow before an early promote "
+                               "(a rollback may come any time)")
+    on_open: Literal["rollback", "hold", "estimates"] = Field(
+        default="hold", description="what the window's end does with a metric still undecided: roll back, hold "
+        "the release for a person (not promoted, live untouched), or judge it by its point estimate (one "
+        "fixed-horizon look, said so in the verdict)")
+    max_format_drop: float | None = Field(default=0.05, ge=0, le=1, description="candidate format rate minus "
+                                          "live's on the same requests, at least -this (empty: not gated)")
+    max_refusal_increase: float | None = Field(default=0.05, ge=0, le=1, description="candidate refusal rate "
+                                               "minus live's on the same requests (the suites' declared "
+                                               "detector), at most this (empty: not gated)")
+    max_p95_ratio: float | None = Field(default=None, gt=1, description="candidate p95 / live p95 on the same "
+                                        "requests, at most this (empty: not gated; the serving gate measures it "
+                                        "before the shadow)")
 
 
 class ServingSpec(_Strict):

@@ -26,78 +26,96 @@ from tuneship_airflow.triggers import (
 )
 
 
+def _release_settings(value: Any) -> dict[str, Any]:
+    """A release's settings as given: a dict, or its JSON (a rendered template)."""
+    import json
+
+    if isinstance(value, str):
+        value = json.loads(value) if value.strip() else {}
+    if not isinstance(value, dict):
+        raise ValueError(f"release settings must be a mapping, got {value!r}")
+    return value
+
+
 class ShadowWindowOperator(BaseOperator):
     """Wait out the shadow window on the triggerer, then return the verdict.
 
-    The verdict is computed from the task's partition of the inference log by
-    `tuneship.monitor.shadow_verdict`, with the task's answer check and parser.
-    `thresholds` (fields of `ShadowThresholds`) is templated, so it can come from Params.
+    The window is decided by `tuneship.shadow` (anytime-valid confidence sequences over the
+    task's partition of the inference log, with the task's answer check, parser and refusal
+    detector): a clear loser is rolled back as soon as a bound says so, a clear non-inferior
+    candidate is promoted once the declared minimums have passed, and what is still open at
+    the window's end is decided by the task's `release.on_open`. `release` (the task's
+    release settings merged with the run's Params, a dict or its JSON) is templated; `slot`
+    is where the candidate answers (`shadow`, or `live` for a first release).
     """
 
-    template_fields: Sequence[str] = ("task", "candidate_version", "window_hours", "thresholds")
+    template_fields: Sequence[str] = ("task", "candidate_version", "window_hours", "release", "slot")
     ui_color = "#e8dff5"
 
     def __init__(self, *, task: str, candidate_version: str, window_hours: float | str = 72.0,
-                 poll_interval: float = 10.0, thresholds: dict[str, float] | None = None, **kwargs: Any) -> None:
+                 poll_interval: float = 10.0, release: dict[str, Any] | str | None = None, slot: str = "shadow",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.task = task
         self.candidate_version = candidate_version
         self.window_hours = window_hours
         self.poll_interval = poll_interval
-        self.thresholds = thresholds or {}
+        self.release = release or {}
+        self.slot = slot
 
     def execute(self, context: Any) -> None:
+        from tuneship.shadow import state_path
         from tuneship.tasks import load_task
 
         hours = float(self.window_hours)
         if hours <= 0:
             raise ValueError(f"window_hours must be > 0, got {hours}")
+        if self.slot not in ("shadow", "live"):
+            raise ValueError(f"slot must be shadow or live, got {self.slot!r}")
         now = time.time()
         task = load_task(self.task)
-        self.log.info("shadow window for %s version %s: %.3f h", task.name, self.candidate_version, hours)
+        release = {**task.release.model_dump(), **_release_settings(self.release)}
+        self.log.info("shadow window for %s version %s (%s slot): %.3f h", task.name, self.candidate_version,
+                      self.slot, hours)
         self.defer(
             trigger=ShadowWindowTrigger(
-                served_model=task.served_model,
-                candidate_version=str(self.candidate_version),
-                ends_at=now + hours * 3600,
-                since=now,
+                task_name=task.name, slot=self.slot, served_model=task.served_model,
+                version=str(self.candidate_version), since=now, ends_at=now + hours * 3600, release=release,
+                state_path=str(state_path(task.served_model, "shadow", str(self.candidate_version), now)),
                 poll_interval=self.poll_interval,
-                max_error_rate=float(self.thresholds.get("max_error_rate", 0.01)),
-                min_requests=int(float(self.thresholds.get("min_requests", 20))),
             ),
             method_name="execute_complete",
         )
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        from tuneship.monitor import ShadowThresholds, shadow_verdict, task_records
+        from tuneship.monitor import feedback_by_version, task_records
+        from tuneship.shadow import readable
         from tuneship.tasks import load_task
 
-        if not event or event.get("status") not in {"complete", "breach"}:
+        if not event or event.get("status") != "decided" or not isinstance(event.get("verdict"), dict):
             raise RuntimeError(f"shadow window ended without a usable event: {event!r}")
+        report = event["verdict"]
         task = load_task(self.task)
-        # rendered templates are strings: cast each to its field's type
-        th = ShadowThresholds(min_format_rate=task.release.min_format_rate,
-                              **{k: (int(float(v)) if k == "min_requests" else float(v))
-                                 for k, v in self.thresholds.items() if k in ShadowThresholds.__annotations__})
-        since = float(event["at"]) - float(self.window_hours) * 3600
-        verdict = shadow_verdict(task_records(task.served_model, since=since), str(self.candidate_version), th,
-                                 conforms=task.conforms, parse=task.parser)
-        if event["status"] == "breach" and verdict["verdict"] == "promote":
-            verdict = {**verdict, "verdict": "rollback", "reasons": ["error budget breached during the window"]}
-        verdict["window_event"] = event
-        self.log.info("shadow verdict: %s", verdict)
+        # Reported, not gated: users' feedback on the answers each version gave them (one read
+        # of the window, once; the polls never re-read it).
+        by_version = feedback_by_version(task_records(task.served_model, since=float(report["since"])))
+        verdict = {**report, "reasons": readable(report), "slot": self.slot,
+                   **(by_version.get(str(self.candidate_version)) or {}), "feedback_by_version": by_version,
+                   "window_event": {"status": event["status"], "at": event["at"]}}
+        self.log.info("shadow verdict: %s after %d requests: %s", verdict["verdict"], verdict["requests"],
+                      verdict["reasons"])
         return verdict
 
 
 class PostSwitchWindowOperator(BaseOperator):
     """Watch the new live version for `window_minutes` after the switch, on the triggerer;
-    return the verdict of `tuneship.monitor.post_switch_verdict` (`breach`, `healthy` or
+    return the verdict of `tuneship.shadow.guard_verdict` (`breach`, `healthy` or
     `insufficient`). Acting on it is the next task's job (`tuneship.stages.guard_release`).
 
     The window is anchored on `switched_at` (epoch seconds, from the task that switched), so
     a retry or a late start resumes the same window instead of starting a new one.
-    `thresholds`: `max_error_rate`, `max_p95_ms`, `min_requests` (templated, so they can
-    come from Params)."""
+    `thresholds`: `max_error_rate`, `max_p95_ms`, `min_requests` and optionally `alpha`
+    (templated, so they can come from Params)."""
 
     template_fields: Sequence[str] = ("served_model", "version", "switched_at", "window_minutes", "thresholds")
     ui_color = "#f5dfe3"
@@ -114,6 +132,8 @@ class PostSwitchWindowOperator(BaseOperator):
         self.poll_interval = poll_interval
 
     def execute(self, context: Any) -> None:
+        from tuneship.shadow import state_path
+
         minutes = float(self.window_minutes)
         if minutes <= 0:
             raise ValueError(f"window_minutes must be > 0, got {minutes}")
@@ -127,10 +147,12 @@ class PostSwitchWindowOperator(BaseOperator):
                 version=str(self.version),
                 since=since,
                 ends_at=since + minutes * 60,
+                release={"max_error_rate": float(th.get("max_error_rate", 0.01)),
+                         "max_p95_ms": float(th.get("max_p95_ms", 2000.0)),
+                         "min_requests": int(float(th.get("min_requests", 20))),
+                         "alpha": float(th.get("alpha", 0.05)), "min_seconds": 0.0, "on_open": "hold"},
+                state_path=str(state_path(str(self.served_model), "post-switch", str(self.version), since)),
                 poll_interval=self.poll_interval,
-                max_error_rate=float(th.get("max_error_rate", 0.01)),
-                max_p95_ms=float(th.get("max_p95_ms", 2000.0)),
-                min_requests=int(float(th.get("min_requests", 20))),
             ),
             method_name="execute_complete",
         )

@@ -2,14 +2,14 @@
 
 `ShadowWindowTrigger` watches the inference log for a release's shadow window;
 `PostSwitchWindowTrigger` watches the new live version's own answers right after the
-switch; `IncomingBatchTrigger` is the AssetWatcher trigger that starts llm_data_validation
+switch (both with `tuneship.shadow`'s anytime-valid watch, reading only what is new); `IncomingBatchTrigger` is the AssetWatcher trigger that starts llm_data_validation
 when a batch finishes landing. `ReleaseSlotTrigger` waits for a task's release slot (one
 release at a time per task) without holding a worker.
 
 `serialize()` holds ids and timings only (no secrets, no payloads). `run()` never blocks
-the triggerer's loop: log reads go to a thread. The window triggers fire once: when the
-window ends, or early on a breach (no point watching a broken model for 72 hours, nor
-leaving users on one for the rest of the post-switch window).
+the triggerer's loop: log reads go to a thread. The window triggers fire once: as soon as
+the evidence decides (no point watching a broken model for 72 hours, nor leaving users on
+one for the rest of the post-switch window), else when the window ends.
 """
 
 from __future__ import annotations
@@ -22,135 +22,143 @@ from typing import Any
 from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent
 
 
-class ShadowWindowTrigger(BaseTrigger):
-    def __init__(
-        self,
-        *,
-        served_model: str,
-        candidate_version: str,
-        ends_at: float,
-        since: float,
-        poll_interval: float = 15.0,
-        max_error_rate: float = 0.01,
-        min_requests: int = 20,
-    ) -> None:
-        super().__init__()
-        self.served_model = served_model
-        self.candidate_version = str(candidate_version)
-        self.ends_at = float(ends_at)
-        self.since = float(since)
-        self.poll_interval = float(poll_interval)
-        self.max_error_rate = float(max_error_rate)
-        self.min_requests = int(min_requests)
+class _WindowTrigger(BaseTrigger):
+    """A window watched by `tuneship.shadow.WindowWatch`: each poll reads only the log lines
+    written since the previous one, updates the window's confidence sequences and saves the
+    watch to `state_path` (a restarted triggerer resumes from it). Fires once, with the
+    window's report, as soon as the watch decides, and at `ends_at` at the latest."""
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            "tuneship_airflow.triggers.ShadowWindowTrigger",
-            {
-                "served_model": self.served_model,
-                "candidate_version": self.candidate_version,
-                "ends_at": self.ends_at,
-                "since": self.since,
-                "poll_interval": self.poll_interval,
-                "max_error_rate": self.max_error_rate,
-                "min_requests": self.min_requests,
-            },
-        )
+    mode = "shadow"
 
-    def _count(self) -> tuple[int, int]:
-        from tuneship.monitor import candidate_responses, is_ok, task_records
-
-        answers = candidate_responses(task_records(self.served_model, since=self.since), self.candidate_version)
-        return len(answers), sum(not is_ok(a) for a in answers)
-
-    async def run(self) -> AsyncIterator[TriggerEvent]:
-        try:
-            while True:
-                now = time.time()
-                n, errors = await asyncio.to_thread(self._count)
-                if n >= self.min_requests and errors / n > self.max_error_rate:
-                    self.log.warning("candidate %s breached the error budget: %d/%d", self.candidate_version, errors, n)
-                    yield TriggerEvent({"status": "breach", "requests": n, "errors": errors, "at": now})
-                    return
-                if now >= self.ends_at:
-                    yield TriggerEvent({"status": "complete", "requests": n, "errors": errors, "at": now})
-                    return
-                self.log.info("shadow window: %d candidate responses, %d errors, %.0fs left",
-                              n, errors, self.ends_at - now)
-                await asyncio.sleep(min(self.poll_interval, max(self.ends_at - now, 0.1)))
-        except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides
-            yield TriggerEvent({"status": "error", "message": str(exc)})
-
-
-class PostSwitchWindowTrigger(BaseTrigger):
-    """Polls the inference log for `version`'s live answers since `since` (the switch).
-
-    Fires `breach` as soon as `tuneship.monitor.post_switch_verdict` says so, else
-    `complete` once `ends_at` has passed (verdict `healthy` or `insufficient`); the event
-    carries the verdict (figures only). An exception is reported as an `error` event."""
-
-    def __init__(
-        self,
-        *,
-        served_model: str,
-        version: str,
-        since: float,
-        ends_at: float,
-        poll_interval: float = 15.0,
-        max_error_rate: float = 0.01,
-        max_p95_ms: float = 2000.0,
-        min_requests: int = 20,
-    ) -> None:
+    def __init__(self, *, served_model: str, version: str, since: float, ends_at: float, release: dict[str, Any],
+                 state_path: str, poll_interval: float = 15.0) -> None:
         super().__init__()
         self.served_model = served_model
         self.version = str(version)
         self.since = float(since)
         self.ends_at = float(ends_at)
+        self.release = dict(release)
+        self.state_path = state_path
         self.poll_interval = float(poll_interval)
-        self.max_error_rate = float(max_error_rate)
-        self.max_p95_ms = float(max_p95_ms)
-        self.min_requests = int(min_requests)
+        self._watch: Any = None
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            "tuneship_airflow.triggers.PostSwitchWindowTrigger",
-            {
-                "served_model": self.served_model,
-                "version": self.version,
-                "since": self.since,
-                "ends_at": self.ends_at,
-                "poll_interval": self.poll_interval,
-                "max_error_rate": self.max_error_rate,
-                "max_p95_ms": self.max_p95_ms,
-                "min_requests": self.min_requests,
-            },
-        )
+    def _kwargs(self) -> dict[str, Any]:
+        return {"served_model": self.served_model, "version": self.version, "since": self.since,
+                "ends_at": self.ends_at, "release": self.release, "state_path": self.state_path,
+                "poll_interval": self.poll_interval}
 
-    def judge(self, window_over: bool) -> dict[str, Any]:
-        from tuneship.monitor import PostSwitchThresholds, post_switch_verdict, task_records
+    def _checks(self) -> Any:
+        return None
 
-        th = PostSwitchThresholds(min_requests=self.min_requests, max_error_rate=self.max_error_rate,
-                                  max_p95_ms=self.max_p95_ms)
-        records = task_records(self.served_model, since=self.since)
-        return post_switch_verdict(records, self.version, th, since=self.since, window_over=window_over)
+    def _start(self, checks: Any) -> Any:
+        from tuneship import shadow
+        from tuneship.monitor import log_root
+
+        return shadow.WindowWatch.start(mode=self.mode, version=self.version, since=self.since,
+                                        rules=shadow.guard_rules(self.release),
+                                        policy=shadow.policy_of(self.release, self.ends_at - self.since),
+                                        root=log_root(), served_model=self.served_model, checks=checks)
+
+    def poll(self, now: float) -> dict[str, Any]:
+        """One poll (in a thread): resume or start the watch, read what is new, decide, save."""
+        import json
+        from pathlib import Path
+
+        from tuneship import atomic, shadow
+        from tuneship.monitor import log_root
+
+        path = Path(self.state_path)
+        if self._watch is None:
+            checks = self._checks()
+            self._watch = (shadow.WindowWatch.from_state(json.loads(path.read_text()), root=log_root(),
+                                                         served_model=self.served_model, checks=checks)
+                           if path.exists() else self._start(checks))
+        report = self._watch.poll(now, window_over=now >= self.ends_at)
+        atomic.write_text(path, json.dumps(self._watch.to_state()))
+        return report
+
+    def _event(self, report: dict[str, Any], now: float) -> dict[str, Any] | None:
+        raise NotImplementedError
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
             while True:
                 now = time.time()
-                verdict = await asyncio.to_thread(self.judge, now >= self.ends_at)
-                if verdict["verdict"] == "breach":
-                    self.log.warning("v%s breached after the switch: %s", self.version, verdict["reasons"])
-                    yield TriggerEvent({"status": "breach", "verdict": verdict, "at": now})
+                report = await asyncio.to_thread(self.poll, now)
+                event = self._event(report, now)
+                if event is not None:
+                    yield TriggerEvent(event)
                     return
-                if verdict["verdict"] != "watching":
-                    yield TriggerEvent({"status": "complete", "verdict": verdict, "at": now})
-                    return
-                self.log.info("post-switch window: v%s %d live responses, %d errors, %.0fs left",
-                              self.version, verdict["requests"], verdict["errors"], self.ends_at - now)
+                self.log.info("%s window of v%s: %d answers (%d errors), %d read this poll, %.0fs left",
+                              self.mode, self.version, report["requests"], report["errors"],
+                              report["bytes_read"], self.ends_at - now)
                 await asyncio.sleep(min(self.poll_interval, max(self.ends_at - now, 0.1)))
         except Exception as exc:  # noqa: BLE001 - report as an event, the operator decides
             yield TriggerEvent({"status": "error", "message": str(exc)})
+
+
+class ShadowWindowTrigger(_WindowTrigger):
+    """The candidate's shadow window (`slot` "shadow": live answered the same requests, so the
+    paired comparisons apply; "live": a first release, nothing to compare with). Fires
+    `{"status": "decided", "verdict": <report>}` once the sequences say promote, rollback
+    or (at the window's end, by the task's rule) hold."""
+
+    mode = "shadow"
+
+    def __init__(self, *, task_name: str, slot: str = "shadow", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.task_name = task_name  # not `task`: BaseTrigger has a read-only `task`
+        self.slot = slot
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("tuneship_airflow.triggers.ShadowWindowTrigger",
+                {**self._kwargs(), "task_name": self.task_name, "slot": self.slot})
+
+    def _checks(self) -> Any:
+        from tuneship.shadow import Checks
+        from tuneship.tasks import load_task
+
+        return Checks.of(load_task(self.task_name))
+
+    def _start(self, checks: Any) -> Any:
+        from tuneship import shadow
+        from tuneship.monitor import log_root
+
+        return shadow.WindowWatch.start(
+            mode="shadow", version=self.version, since=self.since,
+            rules=shadow.shadow_rules(self.release, with_live=self.slot == "shadow", checks=checks),
+            policy=shadow.policy_of(self.release, self.ends_at - self.since),
+            root=log_root(), served_model=self.served_model, checks=checks)
+
+    def _event(self, report: dict[str, Any], now: float) -> dict[str, Any] | None:
+        if report["verdict"] == "continue":
+            return None
+        self.log.info("shadow window of v%s decided: %s (%s)", self.version, report["verdict"], report["reasons"])
+        return {"status": "decided", "verdict": report, "at": now}
+
+
+class PostSwitchWindowTrigger(_WindowTrigger):
+    """The new live version's own answers since the switch (`since`). Fires `breach` as soon
+    as a bound crosses (`tuneship.shadow.guard_verdict`), else `complete` once `ends_at` has
+    passed (verdict `healthy` or `insufficient`); the event carries the verdict (figures only)."""
+
+    mode = "live"
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return "tuneship_airflow.triggers.PostSwitchWindowTrigger", self._kwargs()
+
+    def _event(self, report: dict[str, Any], now: float) -> dict[str, Any] | None:
+        from tuneship.shadow import guard_verdict
+
+        over = now >= self.ends_at
+        verdict = guard_verdict(report, min_requests=int(float(self.release.get("min_requests", 20))),
+                                window_over=over, thresholds=self.release)
+        if verdict["verdict"] == "breach":
+            self.log.warning("v%s breached after the switch: %s", self.version, verdict["reasons"])
+            return {"status": "breach", "verdict": verdict, "at": now}
+        if verdict["verdict"] != "watching":
+            return {"status": "complete", "verdict": verdict, "at": now}
+        return None
 
 
 def dag_run_state(dag_id: str, run_id: str) -> str | None:

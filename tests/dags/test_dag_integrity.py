@@ -111,11 +111,12 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     assert type(dag.get_task("retention_window")).__name__ == "DateTimeSensorAsync"
     # every threshold template names a Param that exists, or the plan's figures (the task's
     # release section with the run's Params on top: tuneship.stages.release_thresholds)
-    for op in (watch, dag.get_task("shadow_window")):
-        for key, value in op.thresholds.items():
-            names = re.findall(r"params\.(\w+)", value)
-            assert names and names[0] in dag.params or f"['thresholds']['{key}']" in value, (op.task_id, value)
+    for key, value in watch.thresholds.items():
+        names = re.findall(r"params\.(\w+)", value)
+        assert names and names[0] in dag.params or f"['thresholds']['{key}']" in value, (watch.task_id, value)
     assert "post_switch_min_requests" in watch.thresholds["min_requests"]
+    shadow = dag.get_task("shadow_window")  # the whole release section, the run's Params on top
+    assert "['thresholds'] | tojson" in shadow.release and "start_shadow" in shadow.slot
 
 
 def test_release_runs_tasks_side_by_side_one_per_task(dagbag):

@@ -262,37 +262,52 @@ def log_root(home: Path) -> Path:
     return home / "inference_log"
 
 
-def test_trigger_fires_early_on_a_breach(log_root: Path):
+def guard_trigger(version: str, since: float, ends_at: float, **release: Any) -> Any:
+    from tuneship.shadow import state_path
     from tuneship_airflow.triggers import PostSwitchWindowTrigger
 
+    release = {"max_error_rate": 0.05, "max_p95_ms": 500.0, "min_requests": 20, **release}
+    return PostSwitchWindowTrigger(served_model="tuneship", version=version, since=since, ends_at=ends_at,
+                                   release=release, state_path=str(state_path("tuneship", "post-switch", version, since)),
+                                   poll_interval=0.05)
+
+
+def test_trigger_fires_early_on_a_breach(log_root: Path):
     switch = time.time() - 5
-    write_log(log_root, "7", 18, at=switch + 1)
-    write_log(log_root, "7", 4, at=switch + 2, status=502)  # 4 of 22 = 0.18
+    write_log(log_root, "7", 10, at=switch + 1)
+    write_log(log_root, "7", 30, at=switch + 2, status=502)  # 30 of 40
     write_log(log_root, "7", 40, at=switch - 60, status=502)  # before the switch: not counted
     write_log(log_root, "7", 40, at=switch + 1, status=502, served_model="faq")  # another task's v7: not counted
-    trigger = PostSwitchWindowTrigger(served_model="tuneship", version="7", since=switch, ends_at=switch + 3600, poll_interval=0.05,
-                                      max_error_rate=0.05, max_p95_ms=500, min_requests=20)
+    trigger = guard_trigger("7", switch, switch + 3600)
     path, kwargs = trigger.serialize()
     assert path == "tuneship_airflow.triggers.PostSwitchWindowTrigger"
     assert type(trigger)(**kwargs).serialize() == (path, kwargs)
     event = asyncio.run(first_event(trigger))  # an hour before the window ends
     assert event["status"] == "breach" and event["verdict"]["verdict"] == "breach"
-    assert (event["verdict"]["requests"], event["verdict"]["errors"]) == (22, 4)
+    assert (event["verdict"]["requests"], event["verdict"]["errors"]) == (40, 30)
+    assert event["verdict"]["reasons"][0].startswith("error rate: lower bound")
+
+
+def test_one_error_in_twenty_two_is_watched_not_rolled_back(log_root: Path):
+    """Its point estimate (0.045) is over the 0.01 budget; its confidence sequence is not."""
+    switch = time.time() - 5
+    write_log(log_root, "7", 21, at=switch + 1)
+    write_log(log_root, "7", 1, at=switch + 2, status=502)
+    with pytest.raises(TimeoutError):
+        asyncio.run(first_event(guard_trigger("7", switch, time.time() + 60, max_error_rate=0.01), timeout=0.5))
 
 
 def test_trigger_completes_when_the_window_ends(log_root: Path):
-    from tuneship_airflow.triggers import PostSwitchWindowTrigger
-
     switch = time.time() - 5
     write_log(log_root, "7", 25, at=switch + 1)
-    open_window = PostSwitchWindowTrigger(served_model="tuneship", version="7", since=switch, ends_at=time.time() + 60, poll_interval=0.05)
+    open_window = guard_trigger("7", switch, time.time() + 60)
     with pytest.raises(TimeoutError):  # healthy so far, window still open: keeps watching
         asyncio.run(first_event(open_window, timeout=0.5))
-    ended = PostSwitchWindowTrigger(served_model="tuneship", version="7", since=switch, ends_at=time.time() + 0.3, poll_interval=0.05)
+    ended = guard_trigger("7", switch + 0.001, time.time() + 0.3)
     event = asyncio.run(first_event(ended))
     assert event["status"] == "complete" and event["verdict"]["verdict"] == "healthy"
     assert event["at"] >= ended.ends_at
-    quiet = PostSwitchWindowTrigger(served_model="tuneship", version="8", since=switch, ends_at=switch + 1, poll_interval=0.05)
+    quiet = guard_trigger("8", switch, switch + 1)
     assert asyncio.run(first_event(quiet))["verdict"]["verdict"] == "insufficient"
 
 
@@ -308,7 +323,9 @@ def test_operator_defers_on_the_switch_time_and_checks_the_event():
         op.execute({})
     trig = deferred.value.trigger
     assert (trig.since, trig.ends_at) == (1800000000.5, 1800000000.5 + 120)
-    assert (trig.max_error_rate, trig.max_p95_ms, trig.min_requests) == (0.05, 900.0, 10)
+    assert {k: trig.release[k] for k in ("max_error_rate", "max_p95_ms", "min_requests")} == {
+        "max_error_rate": 0.05, "max_p95_ms": 900.0, "min_requests": 10}
+    assert trig.state_path.endswith("post-switch-v7-1800000000.500.json")  # a retry resumes the same watch
     assert deferred.value.method_name == "execute_complete"
 
     verdict = {"verdict": "breach", "reasons": ["error rate 0.2 > 0.05"], "requests": 10}
