@@ -3,6 +3,9 @@ candidates that are equal to live, better, worse on one slice, slower, and faili
 intermittently, each replayed as many independent shadow windows, polled every `--poll`
 requests, decided by the same rules and the same vectorized code a window uses.
 
+Also what one poll of a real window costs after 1,000 and after 100,000 requests (the watch
+reads only what arrived since the previous poll; re-reading the window grows with it).
+
 What it shows: the verdicts each kind of candidate gets, how many requests each needs to be
 decided (median and 90th percentile), and the false-alarm rate: equal candidates rolled back
 (and, for the worse ones, promoted), with its Wilson interval, against the declared alpha.
@@ -156,6 +159,75 @@ def summarize(name: str, result: dict[str, np.ndarray], alpha: float) -> dict[st
     return out
 
 
+def _write_log(root: Any, start: float, n: int, offset: int = 0, per_hour: int = 0) -> None:
+    """n mirrored requests (request line, then the candidate's shadow line) from `start`,
+    `per_hour` of them per hour of log (0: all in the first hour)."""
+    import json
+
+    from tuneship.inference_log import format_ts, parse_ts, partition_file
+
+    files: dict[Any, Any] = {}
+    try:
+        for i in range(offset, offset + n):
+            at = start + (i * 3600.0 / per_hour if per_hour else i * 1e-3)
+            ts = parse_ts(at)
+            path = partition_file(root, ts, "gw0", "bench")
+            f = files.get(path)
+            if f is None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = files[path] = open(path, "a")  # noqa: SIM115 - closed below
+            live = {"colour": "blue", "version": "1", "completion": "category=billing priority=low",
+                    "latency_ms": 400.0, "status": 200}
+            f.write(json.dumps({"kind": "request", "ts": format_ts(ts), "request_id": f"r{i}", "served_model": "bench",
+                                "prompt": "Ticket: my parcel is late\nTriage:", "live": live,
+                                "shadow": {"colour": "green", "version": "2", "status": "pending"}}) + "\n")
+            f.write(json.dumps({"kind": "shadow", "ts": format_ts(ts), "request_id": f"r{i}", "served_model": "bench",
+                                "shadow": {**live, "colour": "green", "version": "2"}}) + "\n")
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def poll_cost(windows: tuple[int, ...] = (1_000, 100_000), new: int = 100, per_hour: int = 1_400) -> list[dict]:
+    """What one poll costs once `n` requests are in the window and `new` more arrive: the
+    watch (`tuneship.shadow`, reads what is new) against re-reading the window
+    (`read_inference_log` since its start, what the triggers did before). 1,400 requests an
+    hour is 100,000 in 72 h."""
+    import tempfile
+    from pathlib import Path
+
+    from tuneship import shadow
+    from tuneship.inference_log import read_inference_log
+
+    checks = shadow.Checks(conforms=lambda t: t.startswith("category="), parse=lambda t: {"answer": t})
+    release = {"max_error_rate": 0.01, "max_p95_ms": 2000.0, "min_format_rate": 0.9, "max_format_drop": 0.05}
+    rows = []
+    for n in windows:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            start = time.time() - (n / per_hour + 1) * 3600
+            _write_log(root, start, n, per_hour=per_hour)
+            w = shadow.WindowWatch.start(mode="shadow", version="2", since=start,
+                                         rules=shadow.shadow_rules(release, with_live=True, checks=checks),
+                                         policy=Policy(window_seconds=72 * 3600.0), root=root, served_model="bench",
+                                         checks=checks)
+            w.poll(time.time())  # catch up with the window
+            _write_log(root, time.time() - 1, new, offset=n)
+            t = time.perf_counter()
+            report = w.poll(time.time())
+            watch_s = time.perf_counter() - t
+            t = time.perf_counter()
+            records = read_inference_log(root, since=start, model="bench")
+            reread_s = time.perf_counter() - t
+            assert report["requests"] == n + new == len(records)
+            rows.append({"window_requests": n, "new_requests": new, "watch_poll_s": watch_s,
+                         "watch_bytes_read": report["bytes_read"], "reread_poll_s": reread_s,
+                         "speedup": reread_s / watch_s})
+            say(f"poll after {n:,} requests, {new} new: watch {watch_s * 1000:.1f} ms "
+                f"({report['bytes_read']:,} bytes), re-reading the window {reread_s * 1000:.0f} ms")
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = f"{'scenario':<13}{'promote':>8}{'rollback':>9}{'hold':>6}{'median n':>10}{'p90 n':>8}  wrong-way rate [95% Wilson]"
     lines = [head]
@@ -194,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
            "live": asdict(LIVE), "scenarios": {k: asdict(v) for k, v in SCENARIOS.items()},
            "window_requests": window, "poll_requests": args.poll, "rate_per_s": args.rate,
            "results": rows, "wall_s": round(time.perf_counter() - t0, 1),
-           "false_alarm_within_alpha": rows[0]["wrong_rate"] <= policy.alpha}
+           "false_alarm_within_alpha": rows[0]["wrong_rate"] <= policy.alpha,
+           "poll_cost": poll_cost()}
     emit(out, args.out)
     return 0
 
