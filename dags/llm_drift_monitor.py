@@ -4,11 +4,18 @@
 Hourly, for each task (one mapped task instance per task file): compares the task's
 recent inference log (prompts its live model answered) with the reference text profile
 stored in its champion's training-dataset manifest (length-distribution PSI and
-token-distribution divergence, `tuneship.profile`). The task's retrain governor (debounce:
-N drifted checks in a row; cooldown between requests) decides whether to emit
-`retrain_request` (extra: `task`), which triggers `llm_finetune`. A drift chart is written
-beside the run's reports. The settings come from the task file's `drift:` section; a Param
-given here replaces it for this run.
+token-distribution divergence, `tuneship.profile`), and runs the task's two-sample tests as
+one family (`tuneship.drift`, Holm by default): an MMD permutation test on sentence
+embeddings of a sample of recent prompts against the champion's training prompts, and the
+champion's recent answers against its own first window after promotion (length, format
+failures, refusals, each parsed label). The task's retrain governor decides whether to emit
+`retrain_request` (extra: `task`), which triggers `llm_finetune`: debounce (N drifted checks
+in a row), cooldown, hysteresis (the drift must clear before it fires again), one open
+retrain per task, and a GPU-hour budget per week from the champion's measured training time.
+Every decision, with what drifted and why it did or did not fire, is appended to
+`monitor/<task>/governor.jsonl`. Charts (the profile, the tests) are written beside the run's
+reports. The settings come from the task file's `drift:` section; a Param given here
+replaces it for this run.
 """
 
 from __future__ import annotations

@@ -187,6 +187,42 @@ def embedding_sample(texts: Sequence[str], *, n: int = DEFAULT_SAMPLE_SIZE, seed
             **model.info}
 
 
+def train_prompts(train_path: Path) -> list[str]:
+    """The prompts of a dataset version's train split, as its reference profile reads them
+    (`tuneship.data.checks.split_texts`: chat rows are every message before the answer)."""
+    from tuneship.data.checks import split_texts
+    from tuneship.data.reader import detect_shape
+
+    out = []
+    with open(train_path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            shape = detect_shape(rec)
+            if shape is not None:
+                prompt = split_texts(rec, shape)[0]
+                if prompt.strip():
+                    out.append(prompt)
+    return out
+
+
+def reference_embeddings(train_path: Path, *, n: int = DEFAULT_SAMPLE_SIZE, seed: int = 0) -> np.ndarray:
+    """A dataset version's reference sample, embedded once and kept beside it
+    (`drift/reference-<n>-<seed>.npy`, float16: 256 x 384 is 192 KiB); later checks read it."""
+    from tuneship import atomic
+
+    cached = train_path.parent / "drift" / f"reference-{n}-{seed}.npy"
+    if cached.exists():
+        return np.load(cached).astype(np.float32)
+    emb = embedding_sample(train_prompts(train_path), n=n, seed=seed)["embeddings"]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.replacing(cached) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, emb.astype(np.float16))
+    return emb.astype(np.float32)
+
+
 # ---------------------------------------------------------------- MMD two-sample test
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +135,34 @@ def drift_chart(reference: dict, current: dict, out: Path, title: str) -> Path:
 
 @dataclass
 class GovernorState:
+    """A task's retrain governor between checks (`monitor/<task>/governor.json`)."""
+
     consecutive_drifted: int = 0
     last_request_ts: float | None = None
+    armed: bool = True  # hysteresis: False from a retrain request until the drift has cleared
+    consecutive_clear: int = 0
+    open_retrain: dict[str, Any] | None = None  # {"at", "champion", "latest_version"} until a new version lands
+    spent: list[list[float]] = field(default_factory=list)  # [requested at, GPU hours] in the budget period
+
+
+@dataclass(frozen=True)
+class GovernorRules:
+    """What the governor holds a drift to before a GPU job starts (the task file's `drift:`).
+
+    `debounce` drifted checks in a row; `cooldown_s` since the last request; `clear_checks`
+    clear checks in a row before it may fire again (hysteresis); one open retrain per task
+    (open until a newer registered version exists, or `open_timeout_s` has passed: a retrain
+    that died before registering must not block the task for ever); at most
+    `budget_gpu_hours` per `period_s`, each retrain costing `retrain_gpu_hours` (the
+    champion's measured training time times its GPUs)."""
+
+    debounce: int = 2
+    cooldown_s: float = 24 * 3600.0
+    clear_checks: int = 1
+    open_timeout_s: float = 24 * 3600.0
+    budget_gpu_hours: float | None = None
+    period_s: float = 7 * 24 * 3600.0
+    retrain_gpu_hours: float | None = None
 
 
 def governor_path(task: str) -> Path:
@@ -153,16 +179,87 @@ def save_governor(task: str, state: GovernorState) -> None:
     atomic.write_text(governor_path(task), json.dumps(asdict(state)))
 
 
-def governor_decide(state: GovernorState, drifted: bool, *, debounce: int, cooldown_s: float,
-                    now: float | None = None) -> tuple[bool, GovernorState, str]:
-    """Fire a retrain only after `debounce` drifted checks in a row and outside the cooldown."""
+def record_decision(task: str, decision: dict[str, Any]) -> Path:
+    """Append one governor decision (what it saw, what it did, why) to the task's decision log,
+    `monitor/<task>/governor.jsonl`: one JSON line each, flushed and fsynced."""
+    import os
+
+    path = config.home() / "monitor" / task / "governor.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(decision, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def read_decisions(task: str) -> list[dict[str, Any]]:
+    path = config.home() / "monitor" / task / "governor.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line
+    return out
+
+
+def governor_decide(state: GovernorState, drifted: bool, *, debounce: int | None = None,
+                    cooldown_s: float | None = None, rules: GovernorRules | None = None, now: float | None = None,
+                    latest_version: int | None = None) -> tuple[bool, GovernorState, str]:
+    """Fire a retrain only when every rule allows it; returns (fire, new state, reason).
+    `latest_version`: the newest registered version now (closes an open retrain it exceeds)."""
+    from dataclasses import replace
+
+    rules = rules or GovernorRules()
+    if debounce is not None or cooldown_s is not None:
+        rules = replace(rules, **{k: v for k, v in (("debounce", debounce), ("cooldown_s", cooldown_s))
+                                  if v is not None})
     now = time.time() if now is None else now
+    st = replace(state, spent=[s for s in state.spent if now - s[0] < rules.period_s])
+    notes = []
+    if st.open_retrain is not None:
+        landed = latest_version is not None and latest_version > int(st.open_retrain.get("latest_version") or 0)
+        if landed or now - float(st.open_retrain["at"]) >= rules.open_timeout_s:
+            notes.append("the open retrain " + (f"registered v{latest_version}" if landed else
+                                                 f"gave no version in {rules.open_timeout_s / 3600:g} h: closed"))
+            st = replace(st, open_retrain=None)
+
+    def out(fire: bool, new: GovernorState, reason: str) -> tuple[bool, GovernorState, str]:
+        return fire, new, "; ".join([*notes, reason])
+
     if not drifted:
-        return False, GovernorState(0, state.last_request_ts), "no drift"
-    streak = state.consecutive_drifted + 1
-    if streak < debounce:
-        return False, GovernorState(streak, state.last_request_ts), f"drifted {streak}/{debounce} checks in a row"
-    if state.last_request_ts is not None and now - state.last_request_ts < cooldown_s:
-        left = cooldown_s - (now - state.last_request_ts)
-        return False, GovernorState(streak, state.last_request_ts), f"cooldown: {left / 3600:.1f} h left"
-    return True, GovernorState(0, now), "drift confirmed: retrain requested"
+        clear = st.consecutive_clear + 1
+        armed = st.armed or clear >= rules.clear_checks
+        why = "no drift" + ("; drift cleared: re-armed" if armed and not st.armed else
+                            "" if armed else f"; clear {clear}/{rules.clear_checks} checks before it may fire again")
+        return out(False, replace(st, consecutive_drifted=0, consecutive_clear=clear, armed=armed), why)
+    streak = st.consecutive_drifted + 1
+    st = replace(st, consecutive_drifted=streak, consecutive_clear=0)
+    if streak < rules.debounce:
+        return out(False, st, f"drifted {streak}/{rules.debounce} checks in a row")
+    if not st.armed:
+        return out(False, st, f"hysteresis: the drift has not cleared since the last retrain request "
+                              f"({rules.clear_checks} clear check(s) needed)")
+    if st.open_retrain is not None:
+        return out(False, st, f"dedupe: a retrain requested at {_utc(st.open_retrain['at'])} is still open "
+                              "(no newer version registered yet)")
+    if st.last_request_ts is not None and now - st.last_request_ts < rules.cooldown_s:
+        left = rules.cooldown_s - (now - st.last_request_ts)
+        return out(False, st, f"cooldown: {left / 3600:.1f} h left")
+    cost = rules.retrain_gpu_hours
+    if rules.budget_gpu_hours is not None and cost is not None:
+        used = sum(s[1] for s in st.spent)
+        if used + cost > rules.budget_gpu_hours:
+            return out(False, st, f"GPU budget: {used:.2f} of {rules.budget_gpu_hours:g} GPU hours used in the last "
+                                  f"{rules.period_s / 86400:g} days; a retrain costs {cost:.2f}")
+    fired = replace(st, consecutive_drifted=0, last_request_ts=now, armed=False,
+                    open_retrain={"at": now, "latest_version": latest_version},
+                    spent=[*st.spent, [now, float(cost or 0.0)]])
+    return out(True, fired, "drift confirmed: retrain requested")
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(ts)))

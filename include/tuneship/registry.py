@@ -138,6 +138,18 @@ def by_alias(alias: str, name: str) -> ModelVersion | None:
         return None
 
 
+def latest_version(name: str) -> int | None:
+    """The newest version number registered under `name` (None: none yet)."""
+    versions = [int(mv.version) for mv in client().search_model_versions(f"name = '{name}'")]
+    return max(versions) if versions else None
+
+
+def run_metric(run_id: str, key: str) -> float | None:
+    """A run's latest value of metric `key` (None when the run has none)."""
+    value = client().get_run(run_id).data.metrics.get(key)
+    return float(value) if value is not None else None
+
+
 def get_version(version: str, name: str) -> ModelVersion:
     return _as_version(client().get_model_version(name, str(version)))
 

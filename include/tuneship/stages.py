@@ -1134,12 +1134,16 @@ def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[
 
 def drift_settings(task: Task, params: dict[str, Any] | None = None) -> dict[str, float]:
     """The task's drift settings, each replaced by a run's Param when one is given."""
-    return with_params(task.drift.model_dump(exclude={"retrain"}), params)
+    return with_params(task.drift.model_dump(include={"window_hours", "threshold", "min_requests", "debounce",
+                                                      "cooldown_hours"}), params)
 
 
 def check_drift(task: Task, *, window_hours: float, threshold: float, min_requests: int, debounce: int,
                 cooldown_hours: float, run_id: str) -> dict[str, Any]:
-    """The task's recent live prompts vs its champion's training reference; its governor decides."""
+    """The task's recent live prompts vs its champion's training reference; its governor decides
+    and every decision is appended to `monitor/<task>/governor.jsonl`."""
+    from dataclasses import asdict
+
     from tuneship import monitor, registry
 
     base = {"task": task.name}
@@ -1151,13 +1155,29 @@ def check_drift(task: Task, *, window_hours: float, threshold: float, min_reques
     records = monitor.task_records(task.served_model, since=since)
     prompts = [r["prompt"] for r in records if monitor.is_ok(r.get("live") or {})]
     report = monitor.drift_report(manifest["reference"], prompts, threshold=threshold, min_requests=min_requests)
+    tests = None
+    if report["status"] == "ok" and (task.drift.tests.embedding or task.drift.tests.outputs):
+        tests = drift_tests(task, champion, Path(champion.tags["dataset_manifest"]).parent / "train.jsonl",
+                            prompts, records, window_hours=window_hours, run_id=run_id)
+        if tests["drifted"] and not report["drifted"]:
+            report = {**report, "drifted": True}
+    wall_s = registry.run_metric(champion.run_id, "final_wall_s")
+    cost = wall_s / 3600 * task.drift.gpus_per_retrain if wall_s is not None else None
+    rules = task.drift.governor_rules(debounce=debounce, cooldown_hours=cooldown_hours, retrain_gpu_hours=cost)
     state = monitor.load_governor(task.name)
-    fire, new_state, reason = monitor.governor_decide(state, report["drifted"], debounce=debounce,
-                                                      cooldown_s=cooldown_hours * 3600)
+    now = time.time()
+    fire, new_state, reason = monitor.governor_decide(state, report["drifted"], rules=rules, now=now,
+                                                      latest_version=registry.latest_version(task.registered_model))
     monitor.save_governor(task.name, new_state)
     out = {**base, **{k: v for k, v in report.items() if k not in ("current", "details")}}
     out.update({"fire": fire, "reason": reason, "champion": champion.version,
-                "dataset_version": champion.tags.get("dataset_version")})
+                "dataset_version": champion.tags.get("dataset_version"), "retrain_gpu_hours": cost,
+                "tests": tests, "why": drift_reasons(report, threshold, tests)})
+    monitor.record_decision(task.name, {"at": now, "run_id": run_id, "champion": champion.version,
+                                        "status": report["status"], "score": report["score"],
+                                        "drifted": report["drifted"], "requests": report["requests"],
+                                        "why": out["why"], "fire": fire, "reason": reason, "retrain_gpu_hours": cost,
+                                        "state": asdict(new_state)})
     if report["status"] == "ok":
         chart = config.home() / "reports" / f"drift-{task.name}-{slug(run_id)}.png"
         monitor.drift_chart(manifest["reference"], report["current"], chart,
@@ -1168,9 +1188,66 @@ def check_drift(task: Task, *, window_hours: float, threshold: float, min_reques
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2, default=str))
     if fire:
-        notify(f"Drift on {task.name} champion v{champion.version}: score {report['score']:.3f} >= {threshold}; "
-               "retrain requested", level="warning", **{k: out[k] for k in ("task", "score", "requests")})
+        notify(f"Drift on {task.name} champion v{champion.version}: {'; '.join(out['why'])}; retrain requested",
+               level="warning", **{k: out[k] for k in ("task", "score", "requests")})
     return out
+
+
+def drift_reasons(report: dict[str, Any], threshold: float, tests: dict[str, Any] | None) -> list[str]:
+    """What drifted, in words: the profile score and each feature the tests found."""
+    why = []
+    if report.get("score") is not None and report["score"] >= threshold:
+        why.append(f"profile score {report['score']:.3f} >= {threshold:g}")
+    for f in (tests or {}).get("features") or []:
+        if f["drifted"]:
+            why.append(f"{f['feature']}: {f['test']} p={f['p_value']:.3g} (adjusted {f['p_adjusted']:.3g} <= "
+                       f"{tests['alpha']:g}), {f['effect_name']} {f['effect'] if f['effect'] is None else round(f['effect'], 4)}")
+    return why
+
+
+def drift_tests(task: Task, champion: Any, train_path: Path, prompts: list[str], records: list[dict], *,
+                window_hours: float, run_id: str) -> dict[str, Any]:
+    """The task's two-sample drift tests (`tuneship.drift.drift_check`, one family): embeddings
+    of a sample of recent prompts against the champion's training prompts, and the champion's
+    recent answers against its own answers in its first window after promotion."""
+    from tuneship import drift, monitor
+
+    spec = task.drift.tests
+    kwargs: dict[str, Any] = {}
+    if spec.embedding:
+        kwargs["reference_embeddings"] = drift.reference_embeddings(train_path, n=spec.sample_size)
+        kwargs["current_embeddings"] = drift.embedding_sample(prompts, n=spec.sample_size, seed=1)["embeddings"]
+    promoted = champion.tags.get("promoted_at")
+    if spec.outputs and promoted:
+        import calendar
+
+        start = calendar.timegm(time.strptime(promoted, "%Y-%m-%dT%H:%M:%SZ"))
+        first = monitor.task_records(task.served_model, since=start)
+        first = [r for r in first if r.get("ts") and _epoch(r["ts"]) < start + window_hours * 3600]
+
+        def answers(recs: list[dict]) -> list[str]:
+            return [r["live"].get("completion") or "" for r in recs
+                    if monitor.is_ok(r.get("live") or {}) and str(r["live"].get("version")) == str(champion.version)]
+
+        ref, cur = answers(first), answers(records)
+        if len(ref) >= 20 and len(cur) >= 20:
+            from tuneship.drift import refusal_detector
+
+            kwargs.update(reference_answers=ref, current_answers=cur, conforms=task.conforms, parse=task.parser,
+                          fields=task.answers.fields, declined=refusal_detector(task))
+    if not kwargs:
+        return {"drifted": False, "features": [], "note": "nothing to test"}
+    verdict, mmd = drift.drift_check(permutations=spec.permutations, method=spec.method, alpha=spec.alpha,
+                                     min_effect=spec.min_effect, **kwargs)
+    chart = config.home() / "reports" / f"drift-tests-{task.name}-{slug(run_id)}.png"
+    drift.drift_tests_chart(verdict, chart, f"{task.name}: drift tests ({spec.method}, alpha {spec.alpha:g})", mmd)
+    return {**verdict, "chart": str(chart)}
+
+
+def _epoch(ts: str) -> float:
+    from tuneship.inference_log import parse_ts
+
+    return parse_ts(ts).timestamp()
 
 
 # ------------------------------------------------------------------ serving state

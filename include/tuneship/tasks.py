@@ -191,13 +191,47 @@ class RetrainSpec(_Strict):
                 if v is not None}
 
 
+class DriftTestsSpec(_Strict):
+    """Two-sample tests beside the profile score (`tuneship.drift`): one family, one correction."""
+
+    embedding: bool = Field(default=True, description="MMD permutation test on all-MiniLM-L6-v2 embeddings of a "
+                            "sample of recent prompts against a sample of the champion's training prompts")
+    outputs: bool = Field(default=True, description="the champion's recent answers against its own answers in its "
+                          "first window after promotion: length, format failures, refusals, parsed labels")
+    sample_size: int = Field(default=256, ge=20, le=4096, description="prompts embedded a side")
+    permutations: int = Field(default=500, ge=99, le=10000)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    method: Literal["holm", "bh"] = Field(default="holm", description="holm: family-wise error; bh: false "
+                                          "discovery rate")
+    min_effect: dict[str, float] = Field(default_factory=dict, description="per feature, the smallest effect "
+                                         "that counts as drift (a large sample makes a harmless shift significant)")
+
+
 class DriftSpec(_Strict):
+    """llm_drift_monitor's check and the retrain governor (`tuneship.monitor.governor_decide`)."""
+
     window_hours: float = Field(default=1.0, gt=0)
     threshold: float = Field(default=0.2, gt=0)
     min_requests: int = Field(default=50, ge=1)
     debounce: int = Field(default=2, ge=1)
     cooldown_hours: float = Field(default=24.0, ge=0)
+    clear_checks: int = Field(default=1, ge=1, description="hysteresis: clear checks in a row before a drift may "
+                              "fire another retrain")
+    open_retrain_timeout_hours: float = Field(default=24.0, gt=0, description="one open retrain per task: open "
+                                              "until a newer version is registered, or this long")
+    gpu_hours_per_week: float | None = Field(default=None, gt=0, description="budget of drift retrains over the "
+                                             "last 7 days (empty: none)")
+    gpus_per_retrain: int = Field(default=1, ge=1, description="GPUs a retrain holds: its cost is the champion's "
+                                  "measured training time times this")
+    tests: DriftTestsSpec = DriftTestsSpec()
     retrain: RetrainSpec = RetrainSpec()
+
+    def governor_rules(self, *, debounce: int, cooldown_hours: float, retrain_gpu_hours: float | None) -> Any:
+        from tuneship.monitor import GovernorRules
+
+        return GovernorRules(debounce=debounce, cooldown_s=cooldown_hours * 3600, clear_checks=self.clear_checks,
+                             open_timeout_s=self.open_retrain_timeout_hours * 3600,
+                             budget_gpu_hours=self.gpu_hours_per_week, retrain_gpu_hours=retrain_gpu_hours)
 
 
 class DemoSpec(_Strict):
