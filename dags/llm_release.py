@@ -24,7 +24,11 @@ at the window's end follows the task's `release.on_open` (rollback, hold, or est
 Promote: atomic gateway switch, `@champion` alias follows, `model_promoted` Asset. Rollback
 or hold: live untouched, the run fails loudly, Slack says which bound crossed what after how
 many requests. With no live model yet (first release) the candidate goes live after smoke
-and the window watches it in the live slot.
+and the window watches it in the live slot. A task whose `release.strategy` is `canary` or
+`shadow_then_canary` then runs a progressive canary (`canary`, deferrable): the candidate
+answers `canary_steps` percent of live traffic in turn, each step baked
+`canary_bake_minutes` under the same sequential analysis of its own answers (and of users'
+task success, `min_task_success`); a breach at any step sends all traffic back at once.
 
 After the switch a post-switch guard watches the new version's own live answers
 (deferrable, `post_switch_minutes`, default 30): as soon as the confidence sequence of the
@@ -66,6 +70,7 @@ from airflow.sdk import Param, dag, task
 from tuneship.tasks import task_names
 from tuneship_airflow.assets import model_promoted, release_candidate
 from tuneship_airflow.operators import (
+    CanaryOperator,
     PostSwitchWindowOperator,
     ReleaseSlotOperator,
     ShadowWindowOperator,
@@ -239,6 +244,18 @@ def llm_release():
         execution_timeout=timedelta(hours=80),
     )
 
+    canary = CanaryOperator(
+        task_id="canary",
+        task="{{ ti.xcom_pull(task_ids='plan')['task'] }}",
+        candidate_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
+        release="{{ ti.xcom_pull(task_ids='plan')['thresholds'] | tojson }}",
+        slot="{{ ti.xcom_pull(task_ids='start_shadow') }}",
+        shadow_verdict="{{ ti.xcom_pull(task_ids='shadow_window') | tojson }}",
+        window_hours="{{ ti.xcom_pull(task_ids='plan')['shadow_hours'] }}",
+        poll_interval=5.0,
+        execution_timeout=timedelta(hours=200),
+    )
+
     @task(outlets=[model_promoted])
     @fail_on_refusal  # a rollback is a decision: fail loudly, never retry it
     def decide(p: dict, slot: str, outlet_events=None, ti=None):
@@ -247,7 +264,9 @@ def llm_release():
         from tuneship.stages import finish_release
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
-        verdict = ti.xcom_pull(task_ids="shadow_window")
+        verdict = ti.xcom_pull(task_ids="canary")
+        if not verdict or verdict.get("skipped"):  # no canary: the shadow window decides
+            verdict = ti.xcom_pull(task_ids="shadow_window")
         switched_at = time.time()  # the post-switch window counts the new version's answers from here
         result = finish_release(p, slot, verdict, gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
         outlet_events[model_promoted].extra = {"task": p["task"], "version": p["version"], "colour": p["colour"]}
@@ -299,7 +318,7 @@ def llm_release():
     smoked = smoke(model, p)
     slot = start_shadow(model, p, serving_gate(model, p, smoked))
     decided = decide(p, slot)
-    slot >> window >> decided >> post_window
+    slot >> window >> canary >> decided >> post_window
     retired = retire_previous(p)
     post_window >> post_switch_guard(p) >> retention >> retired
     retired >> give_back_release_slot(chosen).as_teardown(setups=take_slot)

@@ -43,6 +43,9 @@ from tuneship.sequential import Policy, Rule, SequentialRelease
 # A request whose shadow answer has not arrived after this long is given up on (the replica
 # stopped before the mirror answered); a shadow line whose request line never came likewise.
 PENDING_TTL_S = 900.0
+# Users' feedback on a canary answer counts when it comes within this long of the answer
+# (the watch's state stays bounded however long the canary runs).
+FEEDBACK_TTL_S = 3600.0
 
 
 # ------------------------------------------------------------------ reading only what is new
@@ -174,6 +177,17 @@ def shadow_rules(release: Mapping[str, Any], *, with_live: bool, checks: Checks)
     return rules
 
 
+def canary_rules(release: Mapping[str, Any]) -> list[Rule]:
+    """A canary's own live answers (no paired live answer exists for them), plus users' task
+    success on them when the task declares a floor and feedback comes in."""
+    rules = [Rule("error_rate", "rate", "at_most", float(release.get("max_error_rate", 0.01))),
+             Rule("p95_ms", "quantile", "at_most", float(release.get("max_p95_ms", 2000.0))),
+             Rule("format_rate", "rate", "at_least", float(release.get("min_format_rate", 0.9)))]
+    if (floor := _opt(release.get("min_task_success"))) is not None:
+        rules.append(Rule("task_success", "rate", "at_least", floor))
+    return rules
+
+
 def guard_rules(release: Mapping[str, Any]) -> list[Rule]:
     """The post-switch guard: the new live version's error rate and p95 only."""
     return [Rule("error_rate", "rate", "at_most", float(release.get("max_error_rate", 0.01))),
@@ -186,7 +200,9 @@ def guard_rules(release: Mapping[str, Any]) -> list[Rule]:
 @dataclass
 class WindowWatch:
     """One window's watch. `mode`: `shadow` (the candidate's answers in the shadow slot, or in
-    live for a first release) or `live` (the version's live answers: the post-switch guard).
+    live for a first release), `canary` (the candidate's answers to its canary share of live
+    traffic, and users' feedback on them) or `live` (the version's live answers: the
+    post-switch guard).
 
     `poll(now)` reads what is new, updates the sequences and returns `decide`'s report plus
     the running counts (`requests`, `errors`, `agreement`, `pending`, `bytes_read`)."""
@@ -201,6 +217,7 @@ class WindowWatch:
                                                               "paired": 0, "agree": 0, "expired": 0})
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> live side, waiting
     early: dict[str, dict[str, Any]] = field(default_factory=dict)  # shadow answers before their request
+    rated: dict[str, list] = field(default_factory=dict)  # canary request id -> [ts, key id], awaiting feedback
 
     # -- observations
     def _observe(self, cand: Mapping[str, Any], live: Mapping[str, Any] | None, obs: dict[str, list]) -> None:
@@ -247,14 +264,32 @@ class WindowWatch:
 
     def _take(self, lines: list[dict[str, Any]], obs: dict[str, list]) -> None:
         v = self.version
-        for line in lines:
+        # feedback after the requests of the same poll: another replica's file may hold the
+        # request line of a verdict read earlier in this poll
+        for line in sorted(lines, key=lambda x: x.get("kind") == "feedback"):
             kind = line.get("kind", "request")
             rid = line["request_id"]
+            if kind == "feedback":
+                # only the key that made the request may rate it (as `read_inference_log` joins);
+                # its first verdict counts, later ones do not move the bound
+                waiting = self.rated.get(rid)
+                if waiting is not None and waiting[1] == line.get("key_id") and \
+                        isinstance(line.get("task_success"), bool) and "task_success" in obs:
+                    del self.rated[rid]
+                    obs["task_success"].append(1.0 if line["task_success"] else 0.0)
+                    self.counts["rated"] = self.counts.get("rated", 0) + 1
+                continue
             if kind == "request":
                 ts = self._ts(line)
                 if ts is None:
                     continue
                 live, shadow = line.get("live"), line.get("shadow")
+                if self.mode == "canary":
+                    if line.get("role") == "canary" and isinstance(live, dict) and str(live.get("version")) == v:
+                        self._observe(live, None, obs)
+                        if "task_success" in obs:
+                            self.rated[rid] = [ts, line.get("key_id")]
+                    continue
                 if self.mode == "live" or not isinstance(shadow, dict) or str(shadow.get("version")) != v:
                     # a first release's candidate answers in the live slot; the guard watches live
                     if isinstance(live, dict) and str(live.get("version")) == v:
@@ -282,6 +317,7 @@ class WindowWatch:
                         self.early[rid] = {**_slim(sh), "ts": ts}
 
     def _expire(self, now: float) -> None:
+        self.rated = {rid: w for rid, w in self.rated.items() if now - w[0] <= FEEDBACK_TTL_S}
         for store in (self.pending, self.early):
             old = [rid for rid, p in store.items() if now - float(p.get("ts", now)) > PENDING_TTL_S]
             for rid in old:
@@ -310,13 +346,13 @@ class WindowWatch:
                 "p95_ms": float(p95.cs.estimate) if p95 is not None and p95.cs.n else None,
                 "format_rate": c["conforming"] / c["ok"] if c["ok"] else None,
                 "agreement_with_live": c["agree"] / c["paired"] if c["paired"] else None,
-                "paired": c["paired"], "expired": c["expired"]}
+                "paired": c["paired"], "expired": c["expired"], "rated": c.get("rated", 0)}
 
     # -- persistence (what the trigger writes between polls)
     def to_state(self) -> dict[str, Any]:
         return {"mode": self.mode, "version": self.version, "since": self.since, "tail": self.tail.to_state(),
                 "release": self.release.to_state(), "counts": self.counts, "pending": self.pending,
-                "early": self.early}
+                "early": self.early, "rated": self.rated}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], *, root: Path | str, served_model: str,
@@ -324,13 +360,13 @@ class WindowWatch:
         t = state["tail"]
         return cls(state["mode"], state["version"], LogTail(root, served_model, t["since"], t["offsets"], t["floor_hour"]),
                    SequentialRelease.from_state(state["release"]), checks, float(state["since"]),
-                   dict(state["counts"]), dict(state["pending"]), dict(state["early"]))
+                   dict(state["counts"]), dict(state["pending"]), dict(state["early"]), dict(state.get("rated") or {}))
 
     @classmethod
     def start(cls, *, mode: str, version: str, since: float, rules: list[Rule], policy: Policy,
               root: Path | str, served_model: str, checks: Checks | None) -> WindowWatch:
-        if mode not in ("shadow", "live"):
-            raise ValueError(f"mode must be shadow or live, got {mode!r}")
+        if mode not in ("shadow", "canary", "live"):
+            raise ValueError(f"mode must be shadow, canary or live, got {mode!r}")
         return cls(mode, str(version), LogTail(root, served_model, since), SequentialRelease(rules, policy), checks,
                    float(since))
 
@@ -378,6 +414,7 @@ def by_estimates(report: dict[str, Any], policy: Policy) -> dict[str, Any]:
 
 
 LABELS = {"error_rate": "error rate", "p95_ms": "p95 latency (ms)", "format_rate": "format rate",
+          "task_success": "users' task success",
           "format_vs_live": "format rate vs live", "refusal_vs_live": "refusal rate vs live",
           "p95_ratio": "p95 / live p95"}
 

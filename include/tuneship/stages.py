@@ -933,7 +933,8 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         registry.set_alias("champion", version, name)
         registry.set_version_tags(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                             "colour": plan["colour"]}, name)
-        notify(f"{plan['task']} v{version} is live on {plan['colour']} (shadow: {verdict['requests']} requests, "
+        notify(f"{plan['task']} v{version} is live on {plan['colour']} ({'canary' if verdict.get('canary') else 'shadow'}: "
+               f"{verdict['requests']} requests, "
                f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms; "
                + "; ".join(verdict.get("reasons") or ["promoted"]) + ")",
                level="success", version=version, task=plan["task"], verdict=verdict)
@@ -946,17 +947,67 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
     if triton.is_ready(model):
         triton.unload(model)
     why = "; ".join(verdict.get("reasons") or [f"verdict was {verdict['verdict']}"])
+    window = "the canary" if verdict.get("canary") else "the shadow window"
     after = f"{verdict.get('requests', 0)} candidate answers"
     if verdict["verdict"] == "hold":
-        notify(f"{plan['task']} v{version} held for a person after the shadow window ({after}): {why}. Nothing "
+        notify(f"{plan['task']} v{version} held for a person after {window} ({after}): {why}. Nothing "
                f"was switched; live traffic stays on {plan.get('previous_colour') or 'nothing'} "
                f"v{plan.get('previous_version')}. To ship it anyway, release v{version} by hand (llm_release, "
                "`version` Param).", level="warning", version=version, task=plan["task"], verdict=verdict)
         raise Refusal(f"release of v{version} held for a person: {why}")
-    notify(f"{plan['task']} v{version} rolled back after the shadow window ({after}): {why}. Live traffic stays "
+    notify(f"{plan['task']} v{version} rolled back after {window} ({after}): {why}. Live traffic stays "
            f"on {plan.get('previous_colour') or 'nothing'} v{plan.get('previous_version')}.",
            level="error", version=version, task=plan["task"], verdict=verdict)
     raise Refusal(f"release of v{version} rolled back: {why}")
+
+
+# ------------------------------------------------------------------ progressive canary
+
+
+def canary_plan(release: dict[str, Any], *, slot: str, shadow_verdict: dict[str, Any] | None,
+                shadow_hours: float) -> dict[str, Any]:
+    """Whether this release runs a canary, and its steps: `{"run": False, "reason"}` when the
+    task's strategy is `shadow`, for a first release (nothing live to share traffic with), or
+    when the shadow window did not promote; else `{"run": True, "steps", "bake_s"}`. A step
+    bakes `canary_bake_minutes`, at most the release's shadow window (the demo's override
+    shortens both)."""
+    strategy = release.get("strategy", "shadow")
+    if strategy == "shadow":
+        return {"run": False, "reason": "the task's release strategy is shadow"}
+    if slot != "shadow":
+        return {"run": False, "reason": "first release: nothing live to share traffic with"}
+    if shadow_verdict is not None and shadow_verdict.get("verdict") != "promote":
+        return {"run": False, "reason": f"the shadow window decided {shadow_verdict.get('verdict')}"}
+    steps = [int(w) for w in release.get("canary_steps") or [1, 5, 25, 50, 100]]
+    bake = min(float(release.get("canary_bake_minutes", 60.0)) * 60, float(shadow_hours) * 3600)
+    return {"run": True, "steps": steps, "bake_s": bake}
+
+
+def canary_step(gateway: Any, plan: dict[str, Any], step: int, event: dict[str, Any],
+                history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Act on the end of canary step `step` (its trigger's event): on a breach, all traffic goes
+    back to live at once (weight 0) and the verdict is `rollback`; a passed step moves to the
+    next weight (`{"next": i}`), and the last one's verdict is `promote`."""
+    from tuneship.shadow import readable
+
+    report = event["verdict"]
+    weight = plan["steps"][step]
+    history = [*history, {"step": step + 1, "weight": weight, "requests": report["requests"],
+                          "errors": report["errors"], "at": event["at"], "status": event["status"]}]
+    figures = {k: report.get(k) for k in ("requests", "errors", "error_rate", "p95_ms", "format_rate", "metrics",
+                                          "alpha", "alpha_per_metric", "policy", "since")}
+    if event["status"] == "breach":
+        gateway.canary(0)
+        reasons = [f"canary step {step + 1} of {len(plan['steps'])} ({weight} % of traffic): {r}"
+                   for r in readable(report)]
+        return {**figures, "verdict": "rollback", "reasons": reasons, "slot": "shadow",
+                "canary": {"steps": history, "breached_at_weight": weight}}
+    if step + 1 < len(plan["steps"]):
+        gateway.canary(plan["steps"][step + 1])
+        return {"next": step + 1, "history": history}
+    return {**figures, "verdict": "promote", "slot": "shadow",
+            "reasons": [f"canary: every step passed ({', '.join(f'{w} %' for w in plan['steps'])}), "
+                        f"{report['requests']} canary answers"], "canary": {"steps": history}}
 
 
 def with_params(declared: dict[str, Any], params: dict[str, Any] | None) -> dict[str, Any]:

@@ -141,6 +141,23 @@ class ReleaseSpec(_Strict):
     max_p95_ratio: float | None = Field(default=None, gt=1, description="candidate p95 / live p95 on the same "
                                         "requests, at most this (empty: not gated; the serving gate measures it "
                                         "before the shadow)")
+    strategy: Literal["shadow", "canary", "shadow_then_canary"] = Field(
+        default="shadow", description="shadow: the candidate answers copies of live traffic, then takes it all; "
+        "canary: it answers a growing share of live traffic itself (canary_steps); shadow_then_canary: both")
+    canary_steps: list[int] = Field(default_factory=lambda: [1, 5, 25, 50, 100], min_length=1,
+                                    description="percent of live traffic the candidate answers, step by step")
+    canary_bake_minutes: float = Field(default=60.0, gt=0, description="how long each step runs before the next")
+    min_task_success: float | None = Field(default=None, ge=0, le=1, description="users' task success on the "
+                                           "canary's answers (POST /v1/feedback), at least this (empty: reported "
+                                           "only)")
+
+    @model_validator(mode="after")
+    def _steps_rise_to_all(self) -> ReleaseSpec:
+        steps = self.canary_steps
+        if any(not 1 <= w <= 100 for w in steps) or any(b <= a for a, b in zip(steps, steps[1:], strict=False)) \
+                or steps[-1] != 100:
+            raise ValueError(f"canary_steps must rise strictly within 1-100 and end at 100, got {steps}")
+        return self
 
 
 class ServingSpec(_Strict):

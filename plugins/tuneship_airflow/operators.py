@@ -19,6 +19,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from tuneship_airflow.triggers import (
+    CanaryStepTrigger,
     PostSwitchWindowTrigger,
     ReleaseSlotTrigger,
     ShadowWindowTrigger,
@@ -63,7 +64,7 @@ class ShadowWindowOperator(BaseOperator):
         self.release = release or {}
         self.slot = slot
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Any) -> dict[str, Any] | None:
         from tuneship.shadow import state_path
         from tuneship.tasks import load_task
 
@@ -75,6 +76,11 @@ class ShadowWindowOperator(BaseOperator):
         now = time.time()
         task = load_task(self.task)
         release = {**task.release.model_dump(), **_release_settings(self.release)}
+        if release.get("strategy") == "canary" and self.slot == "shadow":
+            self.log.info("task %s releases by canary alone: no shadow window", task.name)
+            return {"verdict": "promote", "skipped": True, "slot": self.slot, "requests": 0, "errors": 0,
+                    "error_rate": 0.0, "p95_ms": None, "reasons": ["the task's release strategy is canary: "
+                                                                    "no shadow window"]}
         self.log.info("shadow window for %s version %s (%s slot): %.3f h", task.name, self.candidate_version,
                       self.slot, hours)
         self.defer(
@@ -105,6 +111,83 @@ class ShadowWindowOperator(BaseOperator):
         self.log.info("shadow verdict: %s after %d requests: %s", verdict["verdict"], verdict["requests"],
                       verdict["reasons"])
         return verdict
+
+
+class CanaryOperator(BaseOperator):
+    """The progressive canary (`tuneship.stages.canary_plan`): when the task's strategy asks for
+    one and the shadow window promoted, the candidate answers `canary_steps` percent of live
+    traffic in turn, each step baked on the triggerer (`CanaryStepTrigger`); a breach at any
+    step sends all traffic back to live at once and returns a `rollback` verdict, the last step
+    passed returns `promote`. Otherwise returns `{"skipped": True, "reason"}` at once.
+    `shadow_verdict` and `release` are templated (dicts or their JSON)."""
+
+    template_fields: Sequence[str] = ("task", "candidate_version", "release", "slot", "shadow_verdict",
+                                      "window_hours")
+    ui_color = "#dff5e3"
+
+    def __init__(self, *, task: str, candidate_version: str, release: dict[str, Any] | str | None = None,
+                 slot: str = "shadow", shadow_verdict: dict[str, Any] | str | None = None,
+                 window_hours: float | str = 72.0, poll_interval: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.task = task
+        self.candidate_version = candidate_version
+        self.release = release or {}
+        self.slot = slot
+        self.shadow_verdict = shadow_verdict
+        self.window_hours = window_hours
+        self.poll_interval = poll_interval
+
+    def _plan(self) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        from tuneship.stages import canary_plan
+        from tuneship.tasks import load_task
+
+        task = load_task(self.task)
+        release = {**task.release.model_dump(), **_release_settings(self.release)}
+        verdict = _release_settings(self.shadow_verdict) if self.shadow_verdict else None
+        return task, release, canary_plan(release, slot=self.slot, shadow_verdict=verdict,
+                                          shadow_hours=float(self.window_hours))
+
+    def _defer_step(self, task: Any, release: dict[str, Any], plan: dict[str, Any], step: int, started: float,
+                    history: list[dict[str, Any]]) -> None:
+        from tuneship.shadow import state_path
+
+        now = time.time()
+        self.log.info("canary step %d of %d: %d %% of live traffic for %.0f s", step + 1, len(plan["steps"]),
+                      plan["steps"][step], plan["bake_s"])
+        self.defer(
+            trigger=CanaryStepTrigger(
+                task_name=task.name, slot="shadow", served_model=task.served_model,
+                version=str(self.candidate_version), since=started, ends_at=now + plan["bake_s"], release=release,
+                state_path=str(state_path(task.served_model, "canary", str(self.candidate_version), started)),
+                poll_interval=self.poll_interval),
+            method_name="step_done", kwargs={"step": step, "started": started, "history": history})
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        from tuneship_airflow.hooks import GatewayHook
+
+        task, release, plan = self._plan()
+        if not plan["run"]:
+            self.log.info("no canary: %s", plan["reason"])
+            return {"skipped": True, "reason": plan["reason"]}
+        GatewayHook(served_model=task.served_model).canary(plan["steps"][0])
+        self._defer_step(task, release, plan, 0, time.time(), [])
+        return None
+
+    def step_done(self, context: Any, event: dict[str, Any] | None = None, *, step: int, started: float,
+                  history: list[dict[str, Any]]) -> dict[str, Any] | None:
+        from tuneship.stages import canary_step
+        from tuneship_airflow.hooks import GatewayHook
+
+        if not event or event.get("status") not in {"breach", "step_done"} or not isinstance(event.get("verdict"), dict):
+            GatewayHook(served_model=self._plan()[0].served_model).canary(0)  # unknown state: traffic back
+            raise RuntimeError(f"canary step ended without a usable event (traffic sent back to live): {event!r}")
+        task, release, plan = self._plan()
+        out = canary_step(GatewayHook(served_model=task.served_model), plan, step, event, history)
+        if "next" in out:
+            self._defer_step(task, release, plan, out["next"], started, out["history"])
+            return None
+        self.log.info("canary verdict: %s: %s", out["verdict"], out["reasons"])
+        return out
 
 
 class PostSwitchWindowOperator(BaseOperator):

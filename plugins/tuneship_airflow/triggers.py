@@ -29,6 +29,7 @@ class _WindowTrigger(BaseTrigger):
     window's report, as soon as the watch decides, and at `ends_at` at the latest."""
 
     mode = "shadow"
+    ends_decide = True  # the window's end is the decision's end (a canary step's end is not)
 
     def __init__(self, *, served_model: str, version: str, since: float, ends_at: float, release: dict[str, Any],
                  state_path: str, poll_interval: float = 15.0) -> None:
@@ -73,7 +74,7 @@ class _WindowTrigger(BaseTrigger):
             self._watch = (shadow.WindowWatch.from_state(json.loads(path.read_text()), root=log_root(),
                                                          served_model=self.served_model, checks=checks)
                            if path.exists() else self._start(checks))
-        report = self._watch.poll(now, window_over=now >= self.ends_at)
+        report = self._watch.poll(now, window_over=self.ends_decide and now >= self.ends_at)
         atomic.write_text(path, json.dumps(self._watch.to_state()))
         return report
 
@@ -135,6 +136,37 @@ class ShadowWindowTrigger(_WindowTrigger):
             return None
         self.log.info("shadow window of v%s decided: %s (%s)", self.version, report["verdict"], report["reasons"])
         return {"status": "decided", "verdict": report, "at": now}
+
+
+class CanaryStepTrigger(ShadowWindowTrigger):
+    """One step of a progressive canary: the candidate's answers to its share of live traffic
+    (and users' feedback on them), one watch for the whole canary (`since` its first step, so
+    the evidence adds up across steps). Fires `breach` as soon as a bound crosses to the bad
+    side, else `step_done` when the step's bake time (`ends_at`) is over."""
+
+    mode = "canary"
+    ends_decide = False
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("tuneship_airflow.triggers.CanaryStepTrigger",
+                {**self._kwargs(), "task_name": self.task_name, "slot": self.slot})
+
+    def _start(self, checks: Any) -> Any:
+        from tuneship import shadow
+        from tuneship.monitor import log_root
+
+        return shadow.WindowWatch.start(
+            mode="canary", version=self.version, since=self.since, rules=shadow.canary_rules(self.release),
+            policy=shadow.policy_of({**self.release, "on_open": "hold"}, 72 * 3600.0),
+            root=log_root(), served_model=self.served_model, checks=checks)
+
+    def _event(self, report: dict[str, Any], now: float) -> dict[str, Any] | None:
+        if report["verdict"] == "rollback":
+            self.log.warning("canary of v%s breached: %s", self.version, report["reasons"])
+            return {"status": "breach", "verdict": report, "at": now}
+        if now >= self.ends_at:
+            return {"status": "step_done", "verdict": report, "at": now}
+        return None
 
 
 class PostSwitchWindowTrigger(_WindowTrigger):

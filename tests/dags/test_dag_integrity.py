@@ -101,7 +101,7 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     dag = dagbag.dags["llm_release"]
     order = ["which_task", "take_release_slot", "reconcile", "plan", "load_candidate", "smoke", "serving_gate",
              "start_shadow",
-             "shadow_window", "decide", "post_switch_window", "post_switch_guard", "retention_window",
+             "shadow_window", "canary", "decide", "post_switch_window", "post_switch_guard", "retention_window",
              "retire_previous", "give_back_release_slot"]
     assert set(dag.task_ids) == {*order, "other_candidates", "fan_out"}
     for before, after in zip(order, order[1:], strict=False):

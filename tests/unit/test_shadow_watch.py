@@ -267,3 +267,25 @@ def test_a_first_release_is_watched_in_the_live_slot(tmp_path: Path):
         append(tmp_path, request(f"b{i}", start + 1, answer("2", text="oops" if i < 5 else "category=x"), None))
     report = w.poll(time.time())
     assert (report["requests"], report["format_rate"], report["paired"]) == (25, 0.8, 0)
+
+
+def test_a_canary_counts_its_own_answers_and_its_users_task_success(tmp_path: Path):
+    start = time.time() - 60
+    release = {**RELEASE, "min_task_success": 0.8}
+    w = shadow.WindowWatch.start(mode="canary", version="2", since=start, rules=shadow.canary_rules(release),
+                                 policy=shadow.policy_of(release, 3600), root=tmp_path, served_model=MODEL,
+                                 checks=CHECKS)
+    for i in range(40):
+        canary = i % 2 == 0  # half the traffic: the candidate answers it itself
+        line = request(f"c{i}", start + i, answer("2" if canary else "1"), None)
+        append(tmp_path, {**line, "role": "canary" if canary else "live", "key_id": "alice"})
+    for i in range(0, 40, 2):  # every canary user says it failed; bob's verdicts are not his to give
+        append(tmp_path, {"kind": "feedback", "ts": format_ts(parse_ts(start + 50)), "request_id": f"c{i}",
+                          "key_id": "bob", "task_success": True})
+        append(tmp_path, {"kind": "feedback", "ts": format_ts(parse_ts(start + 51)), "request_id": f"c{i}",
+                          "key_id": "alice", "task_success": False})
+    report = w.poll(time.time())
+    assert (report["requests"], report["rated"]) == (20, 20)
+    success = next(m for m in report["metrics"] if m["name"] == "task_success")
+    assert success["estimate"] == 0.0 and success["status"] == "bad"
+    assert report["verdict"] == "rollback" and any(r.startswith("task_success") for r in report["reasons"])
