@@ -396,7 +396,7 @@ def by_estimates(report: dict[str, Any], policy: Policy) -> dict[str, Any]:
     metric already decided bad stays bad, and fewer than `min_requests` never promotes."""
     if any(m["status"] == "bad" for m in report["metrics"]):
         return report
-    reasons, worse = [], []
+    met, worse = [], []
     for m in report["metrics"]:
         if m["status"] != "open":
             continue
@@ -405,12 +405,18 @@ def by_estimates(report: dict[str, Any], policy: Policy) -> dict[str, Any]:
             worse.append(f"{label(m['name'])}: no observations in the window")
             continue
         fine = est <= threshold if m["direction"] == "at_most" else est >= threshold
-        (reasons if fine else worse).append(f"{label(m['name'])}: open at the window's end, estimate {est:.4g} "
-                                            f"{'meets' if fine else 'misses'} {m['rule']} (point estimate, not a bound)")
+        op = "<=" if m["direction"] == "at_most" else ">="
+        if fine:
+            met.append(f"{label(m['name'])} {est:.4g} {op} {threshold:g}")
+        else:
+            worse.append(f"{label(m['name'])}: open at the window's end, point estimate {est:.4g} misses "
+                         f"{op} {threshold:g}")
     if report["requests"] < policy.min_requests:
         worse.append(f"only {report['requests']} requests in the window (need {policy.min_requests})")
     verdict = "rollback" if worse else "promote"
-    return {**report, "verdict": verdict, "reasons": worse or reasons, "decided_by": "estimates at the window's end"}
+    reasons = worse or [f"no bound decided in {report['requests']} requests; at the window's end the point "
+                        f"estimates (one fixed-horizon look, not a bound) meet every threshold: {', '.join(met)}"]
+    return {**report, "verdict": verdict, "reasons": reasons, "decided_by": "estimates at the window's end"}
 
 
 LABELS = {"error_rate": "error rate", "p95_ms": "p95 latency (ms)", "format_rate": "format rate",

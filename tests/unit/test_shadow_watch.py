@@ -151,7 +151,7 @@ def test_a_short_window_ends_by_the_tasks_rule(tmp_path: Path, on_open: str, ver
     assert report["verdict"] == verdict
     if on_open == "estimates":
         assert report["decided_by"] == "estimates at the window's end"
-        assert any("point estimate, not a bound" in r for r in report["reasons"])
+        assert report["reasons"][0].startswith("no bound decided in 30 requests") and "not a bound" in report["reasons"][0]
     else:
         assert any("still open at the window's end" in r for r in report["reasons"])
 
@@ -168,7 +168,7 @@ def test_estimates_never_promote_on_too_few_requests_or_a_missed_estimate(tmp_pa
     mirrored(sloppy, start + 1, 5, cand=answer("2", text="oops"), offset=100)  # format 0.8, too few to bound
     report = w.poll(time.time(), window_over=True)
     assert report["verdict"] == "rollback"
-    assert any(r.startswith("format rate: open") and "misses" in r for r in report["reasons"]), report["reasons"]
+    assert any(r.startswith("format rate: open") and "misses >= 0.9" in r for r in report["reasons"]), report["reasons"]
 
 
 def test_equal_candidates_are_promoted_early_once_the_bounds_and_minimums_allow(tmp_path: Path):
