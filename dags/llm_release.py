@@ -233,28 +233,16 @@ def llm_release():
         hook.put_routes({**routes, "live": route, "shadow": None})
         return "live"
 
-    window = ShadowWindowOperator(
-        task_id="shadow_window",
-        task="{{ ti.xcom_pull(task_ids='plan')['task'] }}",
-        candidate_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
-        window_hours="{{ ti.xcom_pull(task_ids='plan')['shadow_hours'] }}",
-        release="{{ ti.xcom_pull(task_ids='plan')['thresholds'] | tojson }}",
-        slot="{{ ti.xcom_pull(task_ids='start_shadow') }}",
-        poll_interval=5.0,
-        execution_timeout=timedelta(hours=80),
-    )
-
-    canary = CanaryOperator(
-        task_id="canary",
-        task="{{ ti.xcom_pull(task_ids='plan')['task'] }}",
-        candidate_version="{{ ti.xcom_pull(task_ids='plan')['version'] }}",
-        release="{{ ti.xcom_pull(task_ids='plan')['thresholds'] | tojson }}",
-        slot="{{ ti.xcom_pull(task_ids='start_shadow') }}",
-        shadow_verdict="{{ ti.xcom_pull(task_ids='shadow_window') | tojson }}",
-        window_hours="{{ ti.xcom_pull(task_ids='plan')['shadow_hours'] }}",
-        poll_interval=5.0,
-        execution_timeout=timedelta(hours=200),
-    )
+    # the candidate and its release settings (the task file's, the run's Params on top), as
+    # the windows on the triggerer read them
+    candidate = {"task": "{{ ti.xcom_pull(task_ids='plan')['task'] }}",
+                 "candidate_version": "{{ ti.xcom_pull(task_ids='plan')['version'] }}",
+                 "window_hours": "{{ ti.xcom_pull(task_ids='plan')['shadow_hours'] }}",
+                 "release": "{{ ti.xcom_pull(task_ids='plan')['thresholds'] | tojson }}",
+                 "slot": "{{ ti.xcom_pull(task_ids='start_shadow') }}", "poll_interval": 5.0}
+    window = ShadowWindowOperator(task_id="shadow_window", execution_timeout=timedelta(hours=80), **candidate)
+    canary = CanaryOperator(task_id="canary", shadow_verdict="{{ ti.xcom_pull(task_ids='shadow_window') | tojson }}",
+                            execution_timeout=timedelta(hours=200), **candidate)
 
     @task(outlets=[model_promoted])
     @fail_on_refusal  # a rollback is a decision: fail loudly, never retry it

@@ -242,3 +242,30 @@ def shared_gateway(triton: Triton, tmp_path_factory: pytest.TempPathFactory) -> 
     gw = wait_live(spawn_gateway(triton, d / "home", d, "shared"))
     yield gw
     _stop_all([gw])
+
+
+@pytest.fixture
+def release_stack(triton, start_gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Factory: release_stack(registered_model) -> (gateway, TritonControl, [v1, v2]): a fresh
+    home and gateway on the session's Triton, and two registered versions to release. The
+    echo models a test unloads are loaded again afterwards, as the other tests expect."""
+    from tuneship import registry
+    from tuneship.triton_control import TritonControl
+
+    control = TritonControl(triton.url)
+
+    def make(name: str) -> tuple[Gateway, TritonControl, list[str]]:
+        home = tmp_path / "home"
+        monkeypatch.setenv("TUNESHIP_HOME", str(home))
+        monkeypatch.setenv("TUNESHIP_TRITON_REPOSITORY", str(triton.server.repository))
+        gw = start_gateway(home=home)
+        versions = []
+        for key in (f"{name}-v1", f"{name}-v2"):
+            run_id = registry.start_run(key, run_name=key)
+            versions.append(registry.register(run_id, key, tags={}, name=name).version)
+        return gw, control, versions
+
+    yield make
+    for model in ("llm_blue", "llm_green", "llm_slow"):
+        if not control.is_ready(model):
+            control.load(model)

@@ -8,18 +8,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tuneship import registry
 from tuneship.gateway_admin import GatewayAdmin
 from tuneship.notify import read_sink
 from tuneship.shadow import state_path
 from tuneship.stages import Refusal, canary_plan, canary_step, finish_release
-from tuneship.triton_control import TritonControl
 
 pytestmark = pytest.mark.integration
 NAME = "tuneship-canary-test"
@@ -33,22 +30,10 @@ def route(colour: str, model: str, version: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def stack(triton, start_gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("TUNESHIP_HOME", str(home))
-    monkeypatch.setenv("TUNESHIP_TRITON_REPOSITORY", str(triton.server.repository))
-    gw = start_gateway(home=home)
-    admin = GatewayAdmin(gw.url, gw.admin_token, served_model="tuneship")
-    control = TritonControl(triton.url)
-    versions = []
-    for key in ("canary-v1", "canary-v2"):
-        run_id = registry.start_run(key, run_name=key)
-        versions.append(registry.register(run_id, key, tags={}, name=NAME).version)
-    yield gw, admin, control, versions
-    admin.close()
-    for model in ("llm_blue", "llm_green", "llm_slow"):
-        if not control.is_ready(model):
-            control.load(model)
+def stack(release_stack):
+    gw, control, versions = release_stack(NAME)
+    with GatewayAdmin(gw.url, gw.admin_token, served_model="tuneship") as admin:
+        yield gw, admin, control, versions
 
 
 class Clients:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -28,7 +27,6 @@ from tuneship.inference_log import read_inference_log
 from tuneship.notify import read_sink
 from tuneship.stages import Refusal, guard_release, reconcile_serving, retire_previous
 from tuneship.tasks import load_task
-from tuneship.triton_control import TritonControl
 
 NAME = "tuneship-guard-test"  # the registered model of these tests
 # The triage task under the name the session's echo models carry (llm_blue, llm_green).
@@ -65,20 +63,9 @@ def route(colour: str, model: str, version: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def stack(triton, start_gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("TUNESHIP_HOME", str(home))
-    monkeypatch.setenv("TUNESHIP_TRITON_REPOSITORY", str(triton.server.repository))
-    gw = start_gateway(home=home)
-    control = TritonControl(triton.url)
-    versions = []
-    for key in ("guard-v1", "guard-v2"):
-        run_id = registry.start_run(key, run_name=key)
-        versions.append(registry.register(run_id, key, tags={}, name=NAME).version)
-    yield gw, Admin(gw), control, versions
-    for model in ("llm_blue", "llm_green", "llm_slow"):  # leave the session's Triton as other tests expect
-        if not control.is_ready(model):
-            control.load(model)
+def stack(release_stack):
+    gw, control, versions = release_stack(NAME)
+    return gw, Admin(gw), control, versions
 
 
 def _send(gw: Any, n: int) -> list[httpx.Response]:
