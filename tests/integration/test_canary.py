@@ -47,9 +47,10 @@ class Clients:
         with self.gw.client() as c:
             i = 0
             while not self._stop.is_set():
+                sent = time.time()
                 r = c.post("/v1/completions", json={"model": "tuneship", "prompt": f"Ticket: parcel {i}\nTriage:",
                                                     "max_tokens": 4})
-                self.colours.append((r.status_code, r.headers.get("x-tuneship-colour")))
+                self.colours.append((r.status_code, r.headers.get("x-tuneship-colour"), sent))
                 i += 1
 
     def __enter__(self) -> Clients:
@@ -97,7 +98,7 @@ def test_a_good_canary_walks_every_step_and_is_promoted(stack):
     assert [s["weight"] for s in verdict["canary"]["steps"]] == [50, 100]
     assert [s["status"] for s in verdict["canary"]["steps"]] == ["step_done", "step_done"]
     assert verdict["requests"] > 0 and verdict["errors"] == 0
-    answered = {colour for status, colour in clients.colours if status == 200}
+    answered = {colour for status, colour, _ in clients.colours if status == 200}
     assert answered == {"blue", "green"}  # half and half, then green alone
 
 
@@ -107,15 +108,19 @@ def test_a_slow_canary_is_caught_at_its_first_step_and_traffic_goes_back_at_once
     before = admin.routes()
     with Clients(gw) as clients:
         verdict = run_canary(admin, v2, bake_s=600.0)  # decided long before the step's bake ends
-        weight_after = admin.routes()["canary_weight"]
-        time.sleep(1.2)  # a slow answer already in flight when the weight dropped
-        n = len(clients.colours)
-        time.sleep(1.5)
-        after_breach = clients.colours[n:]
+        weight_after, dropped_at = admin.routes()["canary_weight"], time.time()
+
+        def after_breach() -> list[str]:
+            return [colour for _, colour, sent in clients.colours if sent > dropped_at]
+
+        deadline = time.time() + 60
+        while len(after_breach()) < 5 and time.time() < deadline:  # a busy machine answers slowly
+            time.sleep(0.2)
+    after_breach = after_breach()
     assert verdict["verdict"] == "rollback" and weight_after == 0
     assert verdict["canary"]["breached_at_weight"] == 50 and len(verdict["canary"]["steps"]) == 1
     assert verdict["reasons"][0].startswith("canary step 1 of 2 (50 % of traffic): p95 latency (ms): lower bound")
-    assert after_breach and all(colour == "blue" for _, colour in after_breach)  # every request on live again
+    assert len(after_breach) >= 5 and set(after_breach) == {"blue"}  # every request sent since: live
     plan = {"task": "llm", "registered_model": NAME, "model": "llm_slow", "version": v2, "colour": "slow",
             "previous_version": v1, "previous_colour": "blue"}
     sent = len(read_sink())
