@@ -29,11 +29,3 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("SLACK_BOT_TOKEN", None)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The end-to-end demo first (a stable sort: every other test keeps its order). Under
-    `make test`'s two workers (`.ci/pytest.sh`, `--dist loadscope`) the first module goes to
-    the first worker at once: the longest module starts first instead of last, and the other
-    modules run beside it on the second worker."""
-    items.sort(key=lambda item: 0 if "e2e" in item.path.parts else 1)
