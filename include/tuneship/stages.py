@@ -1063,7 +1063,7 @@ def _same_route(route: dict[str, Any] | None, model: str, version: str | None) -
 
 def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_minutes: float,
                   gateway: Any, triton: Any, now: float | None = None) -> dict[str, Any]:
-    """Act on the post-switch verdict (`tuneship.monitor.post_switch_verdict`).
+    """Act on the post-switch verdict (`tuneship.shadow.guard_verdict`).
 
     `healthy` or `insufficient` (a Slack warning: the guard could not judge): the release
     stands; returns `retain_until`, when the previous colour may be unloaded (`now` +
