@@ -1272,9 +1272,11 @@ def drift_tests(task: Task, champion: Any, train_path: Path, prompts: list[str],
     if spec.outputs and promoted:
         import calendar
 
+        from tuneship.inference_log import read_inference_log
+
         start = calendar.timegm(time.strptime(promoted, "%Y-%m-%dT%H:%M:%SZ"))
-        first = monitor.task_records(task.served_model, since=start)
-        first = [r for r in first if r.get("ts") and _epoch(r["ts"]) < start + window_hours * 3600]
+        first = read_inference_log(monitor.log_root(), since=start, until=start + window_hours * 3600,
+                                   model=task.served_model)  # its first window only, however old
 
         def answers(recs: list[dict]) -> list[str]:
             return [r["live"].get("completion") or "" for r in recs
@@ -1293,12 +1295,6 @@ def drift_tests(task: Task, champion: Any, train_path: Path, prompts: list[str],
     chart = config.home() / "reports" / f"drift-tests-{task.name}-{slug(run_id)}.png"
     drift.drift_tests_chart(verdict, chart, f"{task.name}: drift tests ({spec.method}, alpha {spec.alpha:g})", mmd)
     return {**verdict, "chart": str(chart)}
-
-
-def _epoch(ts: str) -> float:
-    from tuneship.inference_log import parse_ts
-
-    return parse_ts(ts).timestamp()
 
 
 # ------------------------------------------------------------------ serving state
