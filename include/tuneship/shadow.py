@@ -471,14 +471,3 @@ def state_path(served_model: str, kind: str, version: str, since: float) -> Path
     from tuneship import config
 
     return config.home() / "monitor" / "windows" / served_model / f"{kind}-v{version}-{since:.3f}.json"
-
-
-def poll_window(path: Path, make: Callable[[], WindowWatch], load: Callable[[dict], WindowWatch], now: float,
-                *, window_over: bool) -> dict[str, Any]:
-    """Resume the watch saved at `path` (else start one), poll it, save it back atomically."""
-    from tuneship import atomic
-
-    watch = load(json.loads(path.read_text())) if path.exists() else make()
-    report = watch.poll(now, window_over=window_over)
-    atomic.write_text(path, json.dumps(watch.to_state()))
-    return report
