@@ -173,8 +173,10 @@ def _cycle_html(i: int, cycle: dict[str, Any]) -> str:
         v = rel.get("verdict") or {}
         parts.append("<h3>Release</h3>" + table(
             [[rel.get("state"), v.get("verdict"), v.get("slot"), fmt(v.get("requests")), fmt(v.get("error_rate")),
-              fmt(v.get("p95_ms"), "ms"), fmt(v.get("format_rate")), fmt(v.get("agreement_with_live"))]],
-            ["run", "verdict", "slot", "requests", "error rate", "p95", "format rate", "agreement"]))
+              fmt(v.get("p95_ms"), "ms"), fmt(v.get("format_rate")), fmt(v.get("agreement_with_live")),
+              fmt(v.get("answer_similarity"))]],
+            ["run", "verdict", "slot", "requests", "error rate", "p95", "format rate", "agreement",
+             "similarity"]))
         parts.append(window_html(v))
         smoke = rel.get("smoke") or {}
         if smoke:

@@ -20,10 +20,13 @@ declared refusal detector), never from a task's name:
   `format_vs_live` (paired difference candidate - live of format validity, at least
   `-max_format_drop`), `refusal_vs_live` (paired difference of declared refusals, at most
   `max_refusal_increase`, only with a detector), `p95_ratio` (candidate p95 / live p95, at
-  most `max_p95_ratio`, when declared).
+  most `max_p95_ratio`, when declared), `answer_similarity` (mean cosine similarity of the
+  candidate's and live's answers to the same request, embedded with all-MiniLM-L6-v2, at least
+  `min_answer_similarity`, when declared).
 
-Agreement of the parsed answers with live is counted and reported: without labels it cannot
-say which side is right, so it gates nothing.
+Agreement of the parsed answers with live and the answers' semantic similarity are measured
+and reported on every paired request: without labels neither can say which side is right,
+so they gate only where the task declares how close to live a candidate must stay.
 """
 
 from __future__ import annotations
@@ -138,12 +141,34 @@ class Checks:
     conforms: Callable[[str], Any]
     parse: Callable[[str], Mapping[str, Any]]
     declined: Callable[[str], bool] | None = None
+    # pairs of answers -> one similarity in [0, 1] per pair; None: not measured
+    similarity: Callable[[list[str], list[str]], list[float]] | None = None
 
     @classmethod
     def of(cls, task: Any) -> Checks:
-        from tuneship.drift import refusal_detector
+        from tuneship.drift import packaged_model_dir, refusal_detector
 
-        return cls(task.conforms, task.parser, refusal_detector(task))
+        try:
+            packaged_model_dir()
+            similarity = pair_similarity
+        except RuntimeError:  # the sentence-embedding wheel is not installed: not measured
+            similarity = None
+        return cls(task.conforms, task.parser, refusal_detector(task), similarity)
+
+
+def pair_similarity(a: list[str], b: list[str]) -> list[float]:
+    """Cosine similarity of each pair of answers' all-MiniLM-L6-v2 embeddings (one model per
+    process, loaded on first use), clipped to [0, 1]: unrelated answers score near 0, the same
+    fact in other words about 0.8, identical answers 1."""
+    import numpy as np
+
+    from tuneship.drift import embedder
+
+    if not a:
+        return []
+    emb = embedder().embed([*a, *b])  # L2-normalised rows
+    sims = np.einsum("ij,ij->i", emb[: len(a)], emb[len(a):])
+    return [float(x) for x in np.clip(sims, 0.0, 1.0)]
 
 
 def _opt(value: Any) -> float | None:
@@ -174,6 +199,8 @@ def shadow_rules(release: Mapping[str, Any], *, with_live: bool, checks: Checks)
             rules.append(Rule("refusal_vs_live", "diff", "at_most", more))
         if (ratio := _opt(release.get("max_p95_ratio"))) is not None:
             rules.append(Rule("p95_ratio", "quantile_ratio", "at_most", ratio))
+        if checks.similarity is not None and (floor := _opt(release.get("min_answer_similarity"))) is not None:
+            rules.append(Rule("answer_similarity", "rate", "at_least", floor))
     return rules
 
 
@@ -213,7 +240,7 @@ class WindowWatch:
     release: SequentialRelease
     checks: Checks | None  # None: errors and latency only (the post-switch guard)
     since: float
-    counts: dict[str, int] = field(default_factory=lambda: {"requests": 0, "errors": 0, "ok": 0, "conforming": 0,
+    counts: dict[str, Any] = field(default_factory=lambda: {"requests": 0, "errors": 0, "ok": 0, "conforming": 0,
                                                               "paired": 0, "agree": 0, "expired": 0})
     pending: dict[str, dict[str, Any]] = field(default_factory=dict)  # request id -> live side, waiting
     early: dict[str, dict[str, Any]] = field(default_factory=dict)  # shadow answers before their request
@@ -244,6 +271,8 @@ class WindowWatch:
         live_text = live.get("completion") or ""
         c["paired"] += 1
         c["agree"] += self.checks.parse(text) == self.checks.parse(live_text)
+        if self.checks.similarity is not None:
+            obs.setdefault("_pairs", []).append((text, live_text))
         if "format_vs_live" in rules:
             obs["format_vs_live"].append(float(good) - float(bool(self.checks.conforms(live_text))))
         if "refusal_vs_live" in rules and self.checks.declined is not None:
@@ -329,6 +358,12 @@ class WindowWatch:
         before = self.counts["requests"]
         self._take(self.tail.read(), obs)
         self._expire(now)
+        if pairs := obs.pop("_pairs", None):  # one batch of embeddings a poll
+            sims = self.checks.similarity(*map(list, zip(*pairs, strict=True)))
+            self.counts["similarity_sum"] = self.counts.get("similarity_sum", 0.0) + sum(sims)
+            self.counts["similarity_n"] = self.counts.get("similarity_n", 0) + len(sims)
+            if "answer_similarity" in obs:
+                obs["answer_similarity"].extend(sims)
         self.release.update({k: (tuple(zip(*o, strict=True)) if self.release.metrics[k].rule.kind == "quantile_ratio"
                                  else o) for k, o in obs.items() if o},
                             requests=self.counts["requests"] - before)
@@ -346,6 +381,7 @@ class WindowWatch:
                 "p95_ms": float(p95.cs.estimate) if p95 is not None and p95.cs.n else None,
                 "format_rate": c["conforming"] / c["ok"] if c["ok"] else None,
                 "agreement_with_live": c["agree"] / c["paired"] if c["paired"] else None,
+                "answer_similarity": (c["similarity_sum"] / c["similarity_n"]) if c.get("similarity_n") else None,
                 "paired": c["paired"], "expired": c["expired"], "rated": c.get("rated", 0)}
 
     # -- persistence (what the trigger writes between polls)
@@ -422,7 +458,7 @@ def by_estimates(report: dict[str, Any], policy: Policy) -> dict[str, Any]:
 LABELS = {"error_rate": "error rate", "p95_ms": "p95 latency (ms)", "format_rate": "format rate",
           "task_success": "users' task success",
           "format_vs_live": "format rate vs live", "refusal_vs_live": "refusal rate vs live",
-          "p95_ratio": "p95 / live p95"}
+          "p95_ratio": "p95 / live p95", "answer_similarity": "answer similarity to live"}
 
 
 def label(name: str) -> str:

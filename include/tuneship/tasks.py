@@ -141,6 +141,11 @@ class ReleaseSpec(_Strict):
     max_p95_ratio: float | None = Field(default=None, gt=1, description="candidate p95 / live p95 on the same "
                                         "requests, at most this (empty: not gated; the serving gate measures it "
                                         "before the shadow)")
+    min_answer_similarity: float | None = Field(default=None, ge=0, le=1, description="mean cosine similarity "
+                                                "(all-MiniLM-L6-v2) of the candidate's answers to live's on the "
+                                                "same requests, at least this (empty: reported only). For a "
+                                                "candidate that should answer as live does: a rebuild, a retrain "
+                                                "on the same data")
     strategy: Literal["shadow", "canary", "shadow_then_canary"] = Field(
         default="shadow", description="shadow: the candidate answers copies of live traffic, then takes it all; "
         "canary: it answers a growing share of live traffic itself (canary_steps); shadow_then_canary: both")

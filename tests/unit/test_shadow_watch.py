@@ -289,3 +289,45 @@ def test_a_canary_counts_its_own_answers_and_its_users_task_success(tmp_path: Pa
     success = next(m for m in report["metrics"] if m["name"] == "task_success")
     assert success["estimate"] == 0.0 and success["status"] == "bad"
     assert report["verdict"] == "rollback" and any(r.startswith("task_success") for r in report["reasons"])
+
+
+FACT = "Refunds reach your original payment method within 5-7 business days."
+REWORDED = "Your refund is paid back to the card you used in 5 to 7 business days."
+UNRELATED = "Orders can be cancelled within 1 hour of being placed."
+
+
+@pytest.mark.parametrize(("candidate", "verdict"), [(REWORDED, "promote"), (UNRELATED, "rollback")])
+def test_answer_similarity_to_live_gates_only_where_declared(tmp_path: Path, candidate: str, verdict: str):
+    """The candidate's answers embedded beside live's (all-MiniLM-L6-v2, the packaged wheel):
+    the same fact reworded stays above a declared floor of 0.6, another fact falls under it
+    and is rolled back by that bound; without the floor the similarity is only reported."""
+    checks = shadow.Checks(conforms=lambda t: True, parse=lambda t: {"answer": t}, declined=None,
+                           similarity=shadow.pair_similarity)
+    start = time.time() - 60
+    for i in range(60):
+        append(tmp_path, request(f"r{i}", start + i * 0.01, answer("1", text=FACT, colour="blue"),
+                                 answer("2", text=candidate)))
+    release = {**RELEASE, "min_answer_similarity": 0.6, "max_error_rate": 0.2, "max_format_drop": None,
+               "on_open": "estimates"}
+
+    def run(rel: dict) -> dict:
+        w = shadow.WindowWatch.start(mode="shadow", version="2", since=start,
+                                     rules=shadow.shadow_rules(rel, with_live=True, checks=checks),
+                                     policy=shadow.policy_of(rel, 30.0), root=tmp_path, served_model=MODEL,
+                                     checks=checks)
+        return w.poll(time.time(), window_over=True)
+
+    report = run(release)
+    sim = next(m for m in report["metrics"] if m["name"] == "answer_similarity")
+    assert report["verdict"] == verdict, report["reasons"]
+    assert report["answer_similarity"] == pytest.approx(sim["estimate"])
+    if verdict == "rollback":
+        assert sim["status"] == "bad" and report["answer_similarity"] < 0.4
+        assert any(r.startswith("answer_similarity") for r in report["reasons"])
+        assert "answer similarity to live" in " ".join(shadow.readable(report))
+    else:
+        assert sim["status"] != "bad" and report["answer_similarity"] > 0.7
+    # not declared: measured and reported, never a rule
+    plain = run({**release, "min_answer_similarity": None})
+    assert "answer_similarity" not in {m["name"] for m in plain["metrics"]}
+    assert plain["answer_similarity"] == pytest.approx(report["answer_similarity"])
