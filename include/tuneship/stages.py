@@ -348,6 +348,7 @@ def register_training(plan: dict[str, Any]) -> dict[str, Any]:
         **({"init_from": plan["init_from"]} if plan.get("init_from") else {}),
     })
     metrics = json.loads((out / "metrics.json").read_text())
+    publish_card(plan["task"], mv.version)
     return {"task": plan["task"], "name": mv.name, "version": mv.version, "run_id": run_id,
             "adapter_sha256": adapter_sha, "init_from": plan.get("init_from"),
             "train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
@@ -491,6 +492,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     registry.log_artifact(mv.run_id, out, "evaluation")
     for png in [*([forest] if forest else []), *diagrams]:
         registry.log_artifact(mv.run_id, Path(png), "evaluation")
+    publish_card(task, candidate["version"])
     summary = "\n".join(summaries)
     if not passed:
         notify(f"{task.name} v{candidate['version']} failed its gates against {ref_name}:\n{summary}",
@@ -560,6 +562,7 @@ def compile_candidate(task: Task, candidate: dict[str, Any], evaluation: dict[st
                                         "onnx_sha256": str(info.get("onnx_sha256", "")),
                                         **({"quantization": "passed"} if gate else {})},
                               task.registered_model)
+    publish_card(task, version)
     return result
 
 
@@ -843,6 +846,7 @@ def serving_candidate(task: Task, colour_model: str, plan: dict[str, Any], *, tr
                                         **{f"serving_{k}": f"{cand[k]:.4g}" for k in
                                            ("p95_ms", "tokens_per_s", "peak_memory_mb", "cost_per_1k_tokens")
                                            if cand.get(k) is not None}}, task.registered_model)
+    publish_card(task, version)
     print(f"serving gate, {colour_model} against {live or 'nothing live'}:\n{result['summary']}")
     reported = {k: v for k, v in result.items() if k != "readings"}  # the XCom and Slack: no raw readings
     if result["passed"]:
@@ -933,6 +937,7 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         registry.set_alias("champion", version, name)
         registry.set_version_tags(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                             "colour": plan["colour"]}, name)
+        publish_card(plan["task"], version)
         notify(f"{plan['task']} v{version} is live on {plan['colour']} ({'canary' if verdict.get('canary') else 'shadow'}: "
                f"{verdict['requests']} requests, "
                f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms; "
@@ -948,6 +953,9 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         triton.unload(model)
     why = "; ".join(verdict.get("reasons") or [f"verdict was {verdict['verdict']}"])
     window = "the canary" if verdict.get("canary") else "the shadow window"
+    registry.set_version_tags(version, {"release_verdict": f"{verdict['verdict']} after {window}",
+                                        "release_reason": why[:5000]}, name)
+    publish_card(plan["task"], version)
     after = f"{verdict.get('requests', 0)} candidate answers"
     if verdict["verdict"] == "hold":
         notify(f"{plan['task']} v{version} held for a person after {window} ({after}): {why}. Nothing "
@@ -1139,6 +1147,7 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
             registry.delete_alias("champion", name)
     registry.set_version_tags(version, {"post_switch_breach_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                         "post_switch_breach": why[:500]}, name)
+    publish_card(plan["task"], version)
     if not _same_route(live_now, model, version):
         if _same_route(routes.get("previous"), model, version):
             routes = gateway.put_routes({**routes, "previous": None})
@@ -1177,7 +1186,28 @@ def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[
     unloaded = triton.is_ready(old_model)
     if unloaded:
         triton.unload(old_model)
+    if plan.get("registered_model"):
+        from tuneship import registry
+
+        registry.set_version_tags(str(old_version), {"retired_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                  plan["registered_model"])
+        publish_card(plan["task"], old_version)
     return {"retired": old_model, "version": str(old_version), "cleared_previous": cleared, "unloaded": unloaded}
+
+
+def publish_card(task: Task | str, version: str | int) -> str | None:
+    """(Re)write the version's model card from its lineage (`tuneship.model_card`) after a step
+    that added to it. A card that cannot be written is a warning, never the step's failure:
+    the next step writes it again from the same lineage."""
+    from tuneship import model_card
+    from tuneship.tasks import load_task
+
+    t = load_task(task) if isinstance(task, str) else task
+    try:
+        return model_card.publish(t, version)["html"]
+    except Exception as exc:  # noqa: BLE001 - MLflow or disk: the release it describes goes on
+        print(f"WARNING: model card of {t.name} v{version} not written: {type(exc).__name__}: {exc}")
+        return None
 
 
 # ------------------------------------------------------------------ drift

@@ -256,6 +256,13 @@ class DriftSpec(_Strict):
                              budget_gpu_hours=self.gpu_hours_per_week, retrain_gpu_hours=retrain_gpu_hours)
 
 
+class CardSpec(_Strict):
+    """What the task's model cards say it is for: declared once here, printed on every card."""
+
+    intended_use: str = Field(min_length=1, description="who uses it for what, in a sentence or two")
+    limits: list[str] = Field(default_factory=list, description="known limits and uses it is not for")
+
+
 class DemoSpec(_Strict):
     """What the embedded demo (and the tests) need to make this task's data and traffic."""
 
@@ -288,6 +295,7 @@ class Task(_Strict):
     release: ReleaseSpec = ReleaseSpec()
     serving: ServingSpec = ServingSpec()
     drift: DriftSpec = DriftSpec()
+    card: CardSpec | None = None
     demo: DemoSpec | None = None
 
     _path: Path = PrivateAttr()
