@@ -953,9 +953,8 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         triton.unload(model)
     why = "; ".join(verdict.get("reasons") or [f"verdict was {verdict['verdict']}"])
     window = "the canary" if verdict.get("canary") else "the shadow window"
-    registry.set_version_tags(version, {"release_verdict": f"{verdict['verdict']} after {window}",
-                                        "release_reason": why[:5000]}, name)
-    publish_card(plan["task"], version)
+    publish_card(plan["task"], version, tags={"release_verdict": f"{verdict['verdict']} after {window}",
+                                              "release_reason": why[:5000]})
     after = f"{verdict.get('requests', 0)} candidate answers"
     if verdict["verdict"] == "hold":
         notify(f"{plan['task']} v{version} held for a person after {window} ({after}): {why}. Nothing "
@@ -1186,27 +1185,26 @@ def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[
     unloaded = triton.is_ready(old_model)
     if unloaded:
         triton.unload(old_model)
-    if plan.get("registered_model"):
-        from tuneship import registry
-
-        registry.set_version_tags(str(old_version), {"retired_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
-                                  plan["registered_model"])
-        publish_card(plan["task"], old_version)
+    publish_card(plan["task"], old_version, tags={"retired_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return {"retired": old_model, "version": str(old_version), "cleared_previous": cleared, "unloaded": unloaded}
 
 
-def publish_card(task: Task | str, version: str | int) -> str | None:
+def publish_card(task: Task | str, version: str | int, tags: dict[str, str] | None = None) -> str | None:
     """(Re)write the version's model card from its lineage (`tuneship.model_card`) after a step
-    that added to it. A card that cannot be written is a warning, never the step's failure:
-    the next step writes it again from the same lineage."""
-    from tuneship import model_card
+    that added to it, first tagging the version with `tags` (what the step decided). A card
+    that cannot be written is a warning, never the step's failure (a rollback stays a
+    rollback when MLflow is down): the next step writes it again from the same lineage."""
+    from tuneship import model_card, registry
     from tuneship.tasks import load_task
 
-    t = load_task(task) if isinstance(task, str) else task
     try:
+        t = load_task(task) if isinstance(task, str) else task
+        if tags:
+            registry.set_version_tags(str(version), tags, t.registered_model)
         return model_card.publish(t, version)["html"]
     except Exception as exc:  # noqa: BLE001 - MLflow or disk: the release it describes goes on
-        print(f"WARNING: model card of {t.name} v{version} not written: {type(exc).__name__}: {exc}")
+        print(f"WARNING: model card of {getattr(task, 'name', task)} v{version} not written: "
+              f"{type(exc).__name__}: {exc}")
         return None
 
 
