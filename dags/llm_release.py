@@ -30,6 +30,13 @@ answers `canary_steps` percent of live traffic in turn, each step baked
 `canary_bake_minutes` under the same sequential analysis of its own answers (and of users'
 task success, `min_task_success`); a breach at any step sends all traffic back at once.
 
+Before the switch, `approval` asks a person when the task file's `approval` rules give a
+reason (every release; a changed dataset schema or source, hyperparameters or base model
+against the champion; a window that ended undecided; a gate its suite held): an Airflow
+human-in-the-loop request (the UI's Required Actions, or the REST API) with the reasons,
+figures and links. Approve switches (a held window included), Reject or a timeout
+(`approval.on_timeout: rollback`) rolls back; who answered and why goes with the verdict.
+
 After the switch a post-switch guard watches the new version's own live answers
 (deferrable, `post_switch_minutes`, default 30): as soon as the confidence sequence of the
 error rate or of p95 latency lies above `max_error_rate` or `max_p95_ms`, traffic goes back
@@ -72,6 +79,7 @@ from tuneship_airflow.assets import model_promoted, release_candidate
 from tuneship_airflow.operators import (
     CanaryOperator,
     PostSwitchWindowOperator,
+    ReleaseApprovalOperator,
     ReleaseSlotOperator,
     ShadowWindowOperator,
 )
@@ -244,17 +252,21 @@ def llm_release():
     canary = CanaryOperator(task_id="canary", shadow_verdict="{{ ti.xcom_pull(task_ids='shadow_window') | tojson }}",
                             execution_timeout=timedelta(hours=200), **candidate)
 
+    # a person approves before the switch when the task's `approval` rules give a reason
+    approve = ReleaseApprovalOperator(task_id="approval", task_name=candidate["task"],
+                                      candidate_version=candidate["candidate_version"])
+
     @task(outlets=[model_promoted])
     @fail_on_refusal  # a rollback is a decision: fail loudly, never retry it
     def decide(p: dict, slot: str, outlet_events=None, ti=None):
         import time
 
-        from tuneship.stages import finish_release
+        from tuneship import approval
+        from tuneship.stages import finish_release, release_verdict
         from tuneship_airflow.hooks import GatewayHook, TritonHook
 
-        verdict = ti.xcom_pull(task_ids="canary")
-        if not verdict or verdict.get("skipped"):  # no canary: the shadow window decides
-            verdict = ti.xcom_pull(task_ids="shadow_window")
+        verdict = approval.apply(release_verdict(ti.xcom_pull(task_ids="canary"), ti.xcom_pull(task_ids="shadow_window")),
+                                 ti.xcom_pull(task_ids="approval"))
         switched_at = time.time()  # the post-switch window counts the new version's answers from here
         result = finish_release(p, slot, verdict, gateway=GatewayHook(served_model=p["served_model"]), triton=TritonHook())
         outlet_events[model_promoted].extra = {"task": p["task"], "version": p["version"], "colour": p["colour"]}
@@ -306,7 +318,7 @@ def llm_release():
     smoked = smoke(model, p)
     slot = start_shadow(model, p, serving_gate(model, p, smoked))
     decided = decide(p, slot)
-    slot >> window >> canary >> decided >> post_window
+    slot >> window >> canary >> approve >> decided >> post_window
     retired = retire_previous(p)
     post_window >> post_switch_guard(p) >> retention >> retired
     retired >> give_back_release_slot(chosen).as_teardown(setups=take_slot)

@@ -36,7 +36,7 @@ the interval's lower bound clears it and fails when its upper bound is below it;
 `max_regression` margin passes when the paired difference's lower bound is above minus the
 margin (non-inferiority) and fails when its upper bound is below it; `min_kept` is a floor on
 the share of the reference's right answers the candidate keeps, case by case; anything in between is
-inconclusive, which the suite's `statistics.on_inconclusive` decides (today: fail). A gate
+inconclusive, which the suite's `statistics.on_inconclusive` decides: `fail`, or `hold` (the candidate goes on, and its release waits for a person's approval naming the gate, `tuneship.approval`). A gate
 its suite is too small to ever pass (a floor above a perfect score's lower bound, a margin
 below what the suite can detect at its declared power) is a configuration error. A `smoke`
 suite (a handful of fixed cases through the gateway) makes no statistical claim: its gates
@@ -441,7 +441,9 @@ class Statistics(_Strict):
     power: float = Field(default=0.8, ge=0.5, lt=1)
     discordance: float = Field(default=0.1, gt=0, lt=1)
     expected_rate: float = Field(default=0.9, gt=0, lt=1)  # the reference's rate of the better outcome
-    on_inconclusive: Literal["fail"] = "fail"  # "hold for a person" arrives with approvals
+    # an interval that straddles a gate's threshold: `fail` the candidate, or `hold` it for a
+    # person (the release asks for approval before the switch, naming the gate)
+    on_inconclusive: Literal["fail", "hold"] = "fail"
 
     @model_validator(mode="after")
     def _discordance_fits(self) -> Statistics:
@@ -1033,8 +1035,9 @@ def decide_on_interval(low: float, high: float, threshold: float, floor: bool, s
         return "pass", True, ""
     if (high < threshold) if floor else (low > threshold):
         return "fail", False, ""
-    return "inconclusive", False, (f"the {st.confidence:.0%} interval straddles the threshold: more cases would "
-                                   f"decide it; inconclusive counts as {st.on_inconclusive}")
+    return "inconclusive", st.on_inconclusive == "hold", (
+        f"the {st.confidence:.0%} interval straddles the threshold: more cases would decide it; inconclusive "
+        + ("holds the release for a person's approval" if st.on_inconclusive == "hold" else "counts as fail"))
 
 
 def apply_gates(suite: Suite, candidate: SuiteResult, reference: SuiteResult | None,

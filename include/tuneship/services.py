@@ -58,7 +58,8 @@ def airflow_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         {
             "TUNESHIP_HOME": str(home),
             "AIRFLOW_HOME": str(ah),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(config.REPO_ROOT / "dags"),
+            # TUNESHIP_DAGS_FOLDER: the tests' own DAGs (tests/fixtures/dags) around the plugin's operators
+            "AIRFLOW__CORE__DAGS_FOLDER": os.environ.get("TUNESHIP_DAGS_FOLDER", str(config.REPO_ROOT / "dags")),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(config.REPO_ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",

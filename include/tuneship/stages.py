@@ -480,7 +480,10 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     bounds.update({f"eval_{metric_prefix(task, r['suite'].split('@')[0])}{r['metric']}_diff_{k}": r[src] for r in rows
                    if r["rule"] == "vs reference" for k, src in (("low", "diff_low"), ("high", "diff_high"))})
     registry.log_metrics(mv.run_id, {**{f"eval_{k}": v for k, v in metrics.items()}, **bounds})
-    registry.set_version_tags(candidate["version"], {"gates": "passed" if passed else "failed",
+    # gates whose suite holds an inconclusive interval for a person: the release asks first
+    held = [f"{r['suite']} {r['metric']}" for r in rows if r.get("verdict") == "inconclusive"] if passed else []
+    registry.set_version_tags(candidate["version"], {"gates": ("held" if held else "passed") if passed else "failed",
+                                                     **({"gates_held": "; ".join(held)[:5000]} if held else {}),
                                                      **{f"eval_{k}": f"{v:.4f}" for k, v in metrics.items()}},
                               name)
     forest = plot_forest(rows, out.with_name(f"v{candidate['version']}-forest.png"), ref_name)
@@ -498,7 +501,7 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         notify(f"{task.name} v{candidate['version']} failed its gates against {ref_name}:\n{summary}",
                level="error", version=candidate["version"], task=task.name)
         raise Refusal(f"gates failed against {ref_name}:\n{summary}")
-    return {"passed": True, "metrics": metrics, "reference": ref_metrics, "reference_name": ref_name,
+    return {"passed": True, "held": held, "metrics": metrics, "reference": ref_metrics, "reference_name": ref_name,
             "report": str(out), "gates": rows, "forest_plot": result["forest_plot"],
             "reliability_diagrams": diagrams, "lost_cases": lost}
 
@@ -922,6 +925,16 @@ def route_for(plan: dict[str, Any], model: str) -> dict[str, Any]:
                          "prompt_format": plan["prompt_format"],
                          # the gateway renders chat requests with the model's own template
                          **{k: plan[k] for k in ("chat_template", "bos_token") if plan.get(k) is not None}}}
+
+
+def release_verdict(canary: dict[str, Any] | None, shadow: dict[str, Any] | None) -> dict[str, Any]:
+    """The window that decides a release: the canary's, unless it was skipped (no canary in
+    the task's strategy), else the shadow window's."""
+    if canary and not canary.get("skipped"):
+        return canary
+    if not shadow:
+        raise StageFailed("no window verdict: neither the canary nor the shadow window returned one")
+    return shadow
 
 
 def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:

@@ -256,6 +256,24 @@ class DriftSpec(_Strict):
                              budget_gpu_hours=self.gpu_hours_per_week, retrain_gpu_hours=retrain_gpu_hours)
 
 
+class ApprovalSpec(_Strict):
+    """When a release waits for a person before the switch (Airflow's human-in-the-loop
+    request, answered in its UI or REST API), and what a timeout does (`tuneship.approval`)."""
+
+    when: list[Literal["always", "changed", "inconclusive"]] = Field(
+        default_factory=list, description="always; changed: something in `changes` differs from the champion's; "
+        "inconclusive: the shadow or canary ended undecided (`release.on_open: hold`). Empty: never, except "
+        "for gates a suite holds (`statistics.on_inconclusive: hold`), which always ask")
+    changes: list[Literal["dataset_schema", "dataset_source", "hyperparameters", "base_model"]] = Field(
+        default_factory=lambda: ["dataset_schema", "dataset_source", "hyperparameters", "base_model"],
+        description="what counts as changed against the champion (the checklist's: the dataset's schema or "
+        "source, the recipe's hyperparameters, the base model)")
+    timeout_hours: float | None = Field(default=24.0, gt=0, description="how long the request waits; empty: "
+                                        "for ever")
+    on_timeout: Literal["rollback", "wait"] = Field(default="rollback", description="rollback: no answer is a "
+                                                    "refusal (live untouched); wait: keep waiting")
+
+
 class CardSpec(_Strict):
     """What the task's model cards say it is for: declared once here, printed on every card."""
 
@@ -295,6 +313,7 @@ class Task(_Strict):
     release: ReleaseSpec = ReleaseSpec()
     serving: ServingSpec = ServingSpec()
     drift: DriftSpec = DriftSpec()
+    approval: ApprovalSpec = ApprovalSpec()
     card: CardSpec | None = None
     demo: DemoSpec | None = None
 

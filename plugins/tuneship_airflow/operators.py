@@ -1,5 +1,5 @@
-"""Operators: the deferrable shadow and post-switch windows, the release slot, and the local
-fine-tune runner.
+"""Operators: the deferrable shadow and post-switch windows, the release slot, the release's
+approval (human in the loop), and the local fine-tune runner.
 
 The Kubernetes and Docker runners use the providers' own KubernetesPodOperator and
 DockerOperator (see dags/llm_finetune.py); the local runner below runs exactly the same
@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import BaseOperator
 
 from tuneship_airflow.triggers import (
@@ -340,3 +341,68 @@ class LocalTrainerOperator(BaseOperator):
     def on_kill(self) -> None:
         if self._proc and self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGTERM)
+
+
+class ReleaseApprovalOperator(HITLOperator):
+    """Approval before the switch, through Airflow's human-in-the-loop request (answered in
+    the UI's Required Actions page or `PATCH .../hitlDetails`): asks only when the task's
+    `approval` rules give a reason (`tuneship.approval.reasons`), else returns at once
+    (`asked: false`). The request names why, with the figures and links; the task waits in
+    `awaiting_input`, holding no worker. A timeout does what the task declares: `rollback`
+    answers Reject (Airflow applies the default), `wait` never times out. Returns
+    `{asked, approved, by, comment, at, timed_out, reasons}` for `decide`."""
+
+    template_fields: Sequence[str] = (*HITLOperator.template_fields, "task_name", "candidate_version")
+
+    def __init__(self, *, task_name: str, candidate_version: str, verdict_task_ids: Sequence[str] = ("canary", "shadow_window"),
+                 **kwargs: Any) -> None:
+        from airflow.sdk import Param
+
+        # the form's one field; the DAG's own Params arrive in kwargs too (HITL keeps task-level ones)
+        params = dict(kwargs.pop("params", None) or {})
+        params["comment"] = Param("", type="string", title="Comment", description="Why (kept with the release's record)")
+        super().__init__(subject="Release approval", options=["Approve", "Reject"], params=params, **kwargs)
+        self.task_name = task_name
+        self.candidate_version = candidate_version
+        self.verdict_task_ids = tuple(verdict_task_ids)
+
+    def execute(self, context: Any) -> Any:
+        from datetime import timedelta
+
+        from tuneship import approval
+        from tuneship.stages import release_verdict
+        from tuneship.tasks import load_task
+
+        ti = context["ti"]
+        verdict = release_verdict(*(ti.xcom_pull(task_ids=t) for t in self.verdict_task_ids))
+        task = load_task(self.task_name)
+        why = approval.reasons(task, self.candidate_version, verdict) if verdict.get("verdict") in ("promote", "hold") \
+            else []
+        if not why:
+            return {"asked": False, "reasons": [], "approved": None}
+        plan = ti.xcom_pull(task_ids="plan")
+        self.subject, self.body = approval.request(task, plan, verdict, why,
+                                                   links=approval.links(task, self.candidate_version, context["dag_run"]))
+        spec = task.approval
+        if spec.on_timeout == "rollback" and spec.timeout_hours:
+            self.response_timeout = timedelta(hours=spec.timeout_hours)
+            self.defaults = ["Reject"]
+        else:
+            self.response_timeout, self.defaults = None, None
+        self.validate_defaults()
+        ti.xcom_push(key="request", value={"subject": self.subject, "body": self.body, "reasons": why,
+                                           "timeout_hours": spec.timeout_hours if self.defaults else None})
+        return super().execute(context)  # waits in awaiting_input; resumes in execute_complete
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        payload = super().execute_complete(context, event)
+        ti = context["ti"]
+        request = ti.xcom_pull(task_ids=ti.task_id, key="request") or {}
+        user = payload["responded_by_user"] or None
+        at = payload["responded_at"]
+        return {"asked": True, "reasons": request.get("reasons") or [],
+                "approved": payload["chosen_options"] == ["Approve"],
+                "by": (user.get("name") or user.get("id")) if isinstance(user, dict) else user,
+                "comment": (payload["params_input"] or {}).get("comment") or None,
+                "at": at.isoformat() if hasattr(at, "isoformat") else str(at),
+                "timed_out": user is None, "timeout_hours": request.get("timeout_hours")}

@@ -101,7 +101,7 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     dag = dagbag.dags["llm_release"]
     order = ["which_task", "take_release_slot", "reconcile", "plan", "load_candidate", "smoke", "serving_gate",
              "start_shadow",
-             "shadow_window", "canary", "decide", "post_switch_window", "post_switch_guard", "retention_window",
+             "shadow_window", "canary", "approval", "decide", "post_switch_window", "post_switch_guard", "retention_window",
              "retire_previous", "give_back_release_slot"]
     assert set(dag.task_ids) == {*order, "other_candidates", "fan_out"}
     for before, after in zip(order, order[1:], strict=False):
@@ -117,6 +117,9 @@ def test_release_guards_the_switch_then_retires_the_previous_colour(dagbag):
     assert "post_switch_min_requests" in watch.thresholds["min_requests"]
     shadow = dag.get_task("shadow_window")  # the whole release section, the run's Params on top
     assert "['thresholds'] | tojson" in shadow.release and "start_shadow" in shadow.slot
+    approval = dag.get_task("approval")  # Airflow's human-in-the-loop request, with a comment field
+    assert type(approval).__name__ == "ReleaseApprovalOperator" and approval.options == ["Approve", "Reject"]
+    assert "comment" in approval.params and "task_name" in approval.template_fields
 
 
 def test_release_runs_tasks_side_by_side_one_per_task(dagbag):
