@@ -507,3 +507,19 @@ def state_path(served_model: str, kind: str, version: str, since: float) -> Path
     from tuneship import config
 
     return config.home() / "monitor" / "windows" / served_model / f"{kind}-v{version}-{since:.3f}.json"
+
+
+def history_path(state: Path | str) -> Path:
+    """Where a window's per-poll bounds go, beside its state: `<state>.history.jsonl`."""
+    return Path(state).with_suffix(".history.jsonl")
+
+
+def append_history(state: Path | str, report: dict[str, Any], now: float) -> None:
+    """One line per poll that saw new answers (or decided): each metric's estimate, interval,
+    threshold and status, so the Deployments page can draw the bounds over the requests. One
+    short line a poll; a 72-hour window polled every 15 s stays under a few MB."""
+    line = {"at": round(now, 3), "requests": report["requests"], "verdict": report.get("verdict"),
+            "metrics": [{k: m.get(k) for k in ("name", "rule", "estimate", "interval", "threshold", "status")}
+                        for m in report.get("metrics") or []]}
+    with open(history_path(state), "a", encoding="utf-8") as f:
+        f.write(json.dumps(finite(line)) + "\n")

@@ -42,6 +42,7 @@ class _WindowTrigger(BaseTrigger):
         self.state_path = state_path
         self.poll_interval = float(poll_interval)
         self._watch: Any = None
+        self._last_verdict: str | None = None
 
     def _kwargs(self) -> dict[str, Any]:
         return {"served_model": self.served_model, "version": self.version, "since": self.since,
@@ -74,8 +75,12 @@ class _WindowTrigger(BaseTrigger):
             self._watch = (shadow.WindowWatch.from_state(json.loads(path.read_text()), root=log_root(),
                                                          served_model=self.served_model, checks=checks)
                            if path.exists() else self._start(checks))
+        before = self._watch.counts["requests"]
         report = self._watch.poll(now, window_over=self.ends_decide and now >= self.ends_at)
         atomic.write_text(path, json.dumps(self._watch.to_state()))
+        if report["requests"] != before or report.get("verdict") != self._last_verdict:
+            shadow.append_history(path, report, now)  # the Deployments page draws the bounds from it
+        self._last_verdict = report.get("verdict")
         return report
 
     def _event(self, report: dict[str, Any], now: float) -> dict[str, Any] | None:
