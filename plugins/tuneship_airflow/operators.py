@@ -360,7 +360,8 @@ class ReleaseApprovalOperator(HITLOperator):
 
         # the form's one field; the DAG's own Params arrive in kwargs too (HITL keeps task-level ones)
         params = dict(kwargs.pop("params", None) or {})
-        params["comment"] = Param("", type="string", title="Comment", description="Why (kept with the release's record)")
+        params["comment"] = Param(None, type=["null", "string"], title="Comment",
+                                  description="Why (optional; kept with the release's record)")
         super().__init__(subject="Release approval", options=["Approve", "Reject"], params=params, **kwargs)
         self.task_name = task_name
         self.candidate_version = candidate_version

@@ -14,112 +14,26 @@ Actions page does.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from envs import override_env
-from ports import free_port
-
-from tuneship import config
+from approval_stack import DAG, approval_airflow, finished, release, state, version, wait
 
 pytestmark = pytest.mark.integration
-
-AIRFLOW = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor"]
-DAG = "approval_release"
-
-
-def wait(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def task_file(tasks: Path, name: str, approval: dict) -> None:
-    """triage's task file under another name, with an approval section (its module beside it)."""
-    spec = yaml.safe_load((config.REPO_ROOT / "include" / "tasks" / "triage.yaml").read_text())
-    spec.update(name=name, served_model=name, registered_model=f"tuneship-{name}", approval=approval)
-    spec.pop("demo", None)
-    (tasks / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-
-
-def version(task: str, run_key: str, *, recipe_hash: str, lora_r: str, home: Path) -> str:
-    """A registered version with the lineage `register_training` records."""
-    from tuneship import registry
-
-    manifest = home / "datasets" / run_key / "manifest.json"
-    manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"schema": "prompt_completion", "source_uri": f"/landing/{task}/batch-0001"}))
-    run_id = registry.start_run(run_key, run_name=run_key)
-    registry.client().log_param(run_id, "lora_r", lora_r)
-    mv = registry.register(run_id, run_key, name=f"tuneship-{task}", tags={
-        "base_model": "smollm2-135m-instruct", "recipe_hash": recipe_hash, "dataset_manifest": str(manifest),
-        "gates": "passed", "serving": "passed", "serving_p95_ms": "454"})
-    return mv.version
 
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
-    from tuneship import registry, services
-    from tuneship.airflow_api import AirflowAPI
-
     home = tmp_path_factory.mktemp("approval-airflow")
-    tasks = home / "tasks"
-    tasks.mkdir()
-    shutil.copy(config.REPO_ROOT / "include" / "tasks" / "triage_task.py", tasks / "gated_task.py")
-    for name, approval in (("gated", {"when": ["changed"], "timeout_hours": 1}),
-                           ("gated_quick", {"when": ["always"], "timeout_hours": 0.003, "on_timeout": "rollback"})):
-        task_file(tasks, name, approval)
-        text = (tasks / f"{name}.yaml").read_text().replace("triage_task:", "gated_task:")
-        (tasks / f"{name}.yaml").write_text(text)
-    env = {"TUNESHIP_HOME": str(home), "TUNESHIP_PORT_AIRFLOW": str(free_port()),
-           "TUNESHIP_DAGS_FOLDER": str(config.REPO_ROOT / "tests" / "fixtures" / "dags"),
-           "TUNESHIP_TASK_PATH": str(tasks), "MLFLOW_TRACKING_URI": ""}
-    with override_env(**env):
-        try:
-            champion = version("gated", "champion", recipe_hash="h1", lora_r="8", home=home)
-            registry.set_alias("champion", champion, "tuneship-gated")
-            services.start(AIRFLOW, timeout=240)
-            api = AirflowAPI(f"http://127.0.0.1:{env['TUNESHIP_PORT_AIRFLOW']}", services.ADMIN_USER,
-                             services.admin_password())
-            wait(lambda: DAG in api.dags(pattern="approval") or api.import_errors(), f"{DAG} to be parsed", 240)
-            assert not api.import_errors(), api.import_errors()
-            api.unpause(DAG)
-            yield api, home
-        finally:
-            services.stop(AIRFLOW)
-
-
-PROMOTE = {"verdict": "promote", "requests": 412, "error_rate": 0.0, "p95_ms": 480.0, "agreement_with_live": 0.91,
-           "reasons": ["every bound on the good side"]}
-
-
-def release(api: Any, task: str, v: str, verdict: dict = PROMOTE) -> str:
-    plan = {"task": task, "version": v, "colour": "green", "previous_version": "1", "previous_colour": "blue"}
-    return api.trigger(DAG, {"plan": plan, "verdict": verdict})
-
-
-def state(api: Any, run_id: str, task_id: str) -> str | None:
-    return next((t["state"] for t in api.task_instances(DAG, run_id) if t["task_id"] == task_id), None)
+    with approval_airflow(home) as api:
+        yield api, home
 
 
 def hitl(api: Any, run_id: str) -> str:
     return f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/approval/-1/hitlDetails"
-
-
-def finished(api: Any, run_id: str) -> dict:
-    run = wait(lambda: (r := api.run(DAG, run_id))["state"] in ("success", "failed") and r, f"run {run_id}", 180)
-    failed = [t["task_id"] for t in api.task_instances(DAG, run_id) if t["state"] == "failed"]
-    assert run["state"] == "success", {t: api.task_log(DAG, run_id, t)[-3000:] for t in failed}
-    return api.xcom(DAG, run_id, "decide")
 
 
 @pytest.mark.parametrize(("answer", "comment", "verdict", "said"), [
