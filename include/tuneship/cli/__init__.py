@@ -7,5 +7,8 @@ keys. It talks only HTTP (Airflow's REST API, the gateway's admin API); see docs
 from __future__ import annotations
 
 from tuneship.cli.app import app, main
+from tuneship.cli.audit import audit_app
+
+app.add_typer(audit_app, name="audit")  # reads a local file, not a service: tuneship/cli/audit.py
 
 __all__ = ["app", "main"]
