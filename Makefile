@@ -35,15 +35,17 @@ chromium:
 	  else echo "WARNING: chromium is missing and apt-get cannot run here: run 'apt-get install -y chromium'" \
 	    "as root, or the browser tests (tests/browser) fail" >&2; fi; }
 
-# The autoscaling contract tests check the Prometheus adapter's PromQL with Debian's promtool
-# (package prometheus; recommends left out: no exporters): installed with apt-get when missing
-# and run as root, else a warning.
+# Debian's package prometheus (recommends left out: no exporters): its promtool checks the
+# autoscaling adapter's PromQL, the alert and recording rules and the Grafana queries, and its
+# server is the embedded default's Prometheus. Installed with apt-get when missing and run as
+# root, else a warning.
 promtool:
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	  else echo "WARNING: promtool is missing and apt-get cannot run here: run 'apt-get install -y prometheus'" \
-	    "as root, or the autoscaling contract tests (tests/unit/test_autoscaling_contract.py) fail" >&2; fi; }
+	    "as root, or the autoscaling contract, Prometheus rules and Grafana dashboard tests fail and" \
+	    "the embedded default runs without its Prometheus" >&2; fi; }
 
 install: $(VENV)/.installed chromium promtool
 

@@ -31,9 +31,9 @@ from typing import Any
 
 from tuneship import atomic, config
 from tuneship.basemodel import sha256_file
-from tuneship.notify import notify
+from tuneship.notify import notify, release_links
 from tuneship.stages import Refusal, compiled_dir
-from tuneship.tasks import Task
+from tuneship.tasks import Task, load_task
 
 DEFAULT_CHUNK_ROWS = 64
 PROGRESS_EVERY_S = 10.0
@@ -156,7 +156,8 @@ def plan_batch(task: Task, **settings: Any) -> dict[str, Any]:
     try:
         return _plan(task, **settings)
     except BatchError as exc:
-        notify(f"Batch inference for task {task.name} refused: {exc}", level="error", task=task.name)
+        notify(f"Batch inference for task {task.name} refused: {exc}", level="error",
+               title=f"{task.name}: batch inference refused", figures={"Task": task.name}, task=task.name)
         raise
 
 
@@ -306,6 +307,11 @@ def finish_batch(plan: dict[str, Any] | str | Path) -> dict[str, Any]:
     cost = f", USD {summary['cost_per_1k_tokens']:.4f} per 1k tokens" if summary["cost_per_1k_tokens"] else ""
     notify(f"Batch inference for task {plan['task']} (version {plan['version']}) done: {plan['rows']:,} rows, "
            f"{completion:,} tokens at {tps:.1f} tokens/s{cost}; {summary['results']}", level="success",
+           title=f"{plan['task']} v{plan['version']}: batch inference done",
+           figures={"Task": plan["task"], "Version": plan["version"], "Rows": plan["rows"], "Tokens": completion,
+                    "Tokens/s": round(tps, 1), "USD per 1k tokens": summary["cost_per_1k_tokens"],
+                    "Conforming": f"{summary['conform_rate']:.1%}"},
+           links=release_links(load_task(plan["task"]).registered_model, plan["version"], summary["report"]),
            task=plan["task"], version=plan["version"], report=summary["report"])
     return summary
 

@@ -48,6 +48,8 @@ class Ports:
     triton_grpc: int
     triton_metrics: int
     gateway: int
+    # Not 9090: Debian's `prometheus` package runs its own system Prometheus there.
+    prometheus: int = 9190
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -58,6 +60,7 @@ class Ports:
             triton_grpc=_port("triton_grpc", 8001),
             triton_metrics=_port("triton_metrics", 8002),
             gateway=_port("gateway", 8100),
+            prometheus=_port("prometheus", 9190),
         )
 
 

@@ -1,7 +1,9 @@
 """Start, check and stop the local services of the embedded default.
 
 Airflow (api-server, scheduler, dag-processor, triggerer: what `airflow standalone` runs,
-started one by one so each has its own log and pid), the MLflow UI, Triton and the gateway.
+started one by one so each has its own log and pid), the MLflow UI, Triton, the gateway and
+Prometheus (Debian's `prometheus` binary, when installed: scraping the gateway and Triton with
+the rules in serving/prometheus/rules).
 Each runs detached, with a pid file and a log under TUNESHIP_HOME, so `make up` can leave
 them running and `make down` (or the end of `make demo`) stops exactly what was started.
 """
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tuneship import config
 
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 ADMIN_USER = "admin"
+PROMETHEUS_DIR = config.REPO_ROOT / "serving" / "prometheus"  # compose's prometheus.yml and the rules
 
 
 def run_dir() -> Path:
@@ -111,6 +116,47 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+# -- Prometheus -------------------------------------------------------------------------------
+def prometheus_binary() -> str | None:
+    """TUNESHIP_PROMETHEUS_BIN, else `prometheus` on PATH (Debian's package `prometheus`)."""
+    return os.environ.get("TUNESHIP_PROMETHEUS_BIN") or shutil.which("prometheus")
+
+
+def prometheus_config(targets: dict[str, str], rules_dir: Path = PROMETHEUS_DIR / "rules") -> dict[str, Any]:
+    """Compose's serving/prometheus/prometheus.yml with each job's target replaced (`targets`:
+    job name -> host:port) and the rule files read from `rules_dir`: one scrape configuration,
+    two deployments."""
+    import yaml
+
+    source = PROMETHEUS_DIR / "prometheus.yml"
+    cfg = yaml.safe_load(source.read_text())
+    jobs = {job["job_name"] for job in cfg["scrape_configs"]}
+    if set(targets) != jobs:
+        raise ValueError(f"{source}: scrape jobs {sorted(jobs)}; targets were given for {sorted(targets)}: "
+                         "give one host:port per job")
+    for job in cfg["scrape_configs"]:
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+    cfg["rule_files"] = [str(Path(rules_dir) / "*.yml")]
+    return cfg
+
+
+def prometheus_home() -> Path:
+    return config.home() / "prometheus"
+
+
+def write_prometheus_config(ports: config.Ports | None = None) -> Path:
+    """The embedded default's configuration: the gateway and Triton's metrics port on loopback."""
+    import yaml
+
+    ports = ports or config.Ports.from_env()
+    cfg = prometheus_config({"tuneship-gateway": f"127.0.0.1:{ports.gateway}",
+                             "triton": f"127.0.0.1:{ports.triton_metrics}"})
+    path = prometheus_home() / "prometheus.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 @dataclass(frozen=True)
 class Service:
     name: str
@@ -150,6 +196,18 @@ def services() -> dict[str, Service]:
         [sys.executable, "-m", "serving.gateway"],
         f"http://127.0.0.1:{ports.gateway}/health/live",
         dict(base_env, PYTHONPATH=str(config.REPO_ROOT)),
+    )
+    out["prometheus"] = Service(
+        "prometheus",
+        [
+            prometheus_binary() or "prometheus",
+            f"--config.file={prometheus_home() / 'prometheus.yml'}",
+            f"--storage.tsdb.path={prometheus_home() / 'data'}",
+            "--storage.tsdb.retention.time=15d",
+            f"--web.listen-address=127.0.0.1:{ports.prometheus}",
+        ],
+        f"http://127.0.0.1:{ports.prometheus}/-/ready",
+        base_env,
     )
     return out
 
@@ -205,6 +263,13 @@ def start(names: list[str], timeout: float = 180.0) -> None:
     table = services()
     if any(n.startswith("airflow-") for n in names):
         prepare_airflow()
+    if "prometheus" in names:
+        if prometheus_binary() is None:
+            print("[services] Prometheus is not installed, so nothing scrapes the gateway and Triton: "
+                  "`make promtool` (or `apt-get install prometheus`) installs it; starting the others", flush=True)
+            names = [n for n in names if n != "prometheus"]
+        else:
+            write_prometheus_config()
     if "triton" in names and pid_of("triton") is None:
         from tuneship import tritonserver
 
@@ -275,7 +340,7 @@ def stop(names: list[str] | None = None, timeout: float = 30.0) -> list[str]:
     return [n for n, _ in stopped]
 
 
-ALL = [*(f"airflow-{c}" for c in AIRFLOW_COMPONENTS), "mlflow", "triton", "gateway"]
+ALL = [*(f"airflow-{c}" for c in AIRFLOW_COMPONENTS), "mlflow", "triton", "gateway", "prometheus"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneship import atomic, config
-from tuneship.notify import notify
+from tuneship.notify import notify, release_links, release_thread
 
 if TYPE_CHECKING:
     from tuneship.tasks import Task
@@ -123,6 +123,7 @@ def validate_and_version(task: Task, dataset_uri: str, *, run_id: str) -> dict[s
     if not report.accepted:
         message = report.summary()
         notify(f"Dataset rejected for task {task.name}: {dataset_uri}\n{message}", level="error",
+               title=f"{task.name}: dataset rejected", figures={"Task": task.name, "Dataset": dataset_uri},
                dataset_uri=dataset_uri, task=task.name)
         raise Refusal(message)
     version = version_dataset(dataset_uri, report, artifacts_root=datasets_root(task).parent)
@@ -133,7 +134,9 @@ def validate_and_version(task: Task, dataset_uri: str, *, run_id: str) -> dict[s
               "quarantined": report.quarantine_count}
     if version.created:
         notify(f"Dataset {version.version_id} accepted for task {task.name} from {dataset_uri}",
-               level="success", **result)
+               level="success", title=f"{task.name}: dataset {version.version_id} accepted",
+               figures={"Task": task.name, "Version": version.version_id, "Quarantined rows": result["quarantined"],
+                        "From": dataset_uri}, **result)
     return result
 
 
@@ -222,7 +225,9 @@ def dataset_by_version(task: Task, version_id: str) -> dict[str, str]:
         message = (f"task {task.name} has no accepted dataset version {version_id!r} (no {path / 'manifest.json'}); "
                    f"known versions: {', '.join(known[-5:]) or 'none'}. Leave dataset_version empty for the newest, "
                    "or run llm_data_validation first")
-        notify(message, level="error", task=task.name, dataset_version=version_id)
+        notify(message, level="error", title=f"{task.name}: no dataset version {version_id}",
+               figures={"Task": task.name, "Dataset version": version_id}, task=task.name,
+               dataset_version=version_id)
         raise Refusal(message)
     return {"task": task.name, "version_id": version_id, "path": str(path), "manifest_uri": str(path / "manifest.json")}
 
@@ -498,8 +503,15 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
     publish_card(task, candidate["version"])
     summary = "\n".join(summaries)
     if not passed:
+        failed = [r for r in rows if r["verdict"] != "pass"]
         notify(f"{task.name} v{candidate['version']} failed its gates against {ref_name}:\n{summary}",
-               level="error", version=candidate["version"], task=task.name)
+               level="error", title=f"{task.name} v{candidate['version']}: evaluation gates failed",
+               figures={"Task": task.name, "Version": candidate["version"], "Reference": ref_name,
+                        "Failed gates": f"{len(failed)} of {len(rows)}",
+                        "Failing": ", ".join(dict.fromkeys(r["metric"] for r in failed))},
+               links=release_links(task.registered_model, candidate["version"]),
+               thread=release_thread(task.name, candidate["version"]),
+               version=candidate["version"], task=task.name, report=str(out))
         raise Refusal(f"gates failed against {ref_name}:\n{summary}")
     return {"passed": True, "held": held, "metrics": metrics, "reference": ref_metrics, "reference_name": ref_name,
             "report": str(out), "gates": rows, "forest_plot": result["forest_plot"],
@@ -601,7 +613,11 @@ def quantization_gate(task: Task, version: int, report: Path, dataset: dict[str,
         if not result["passed"]:
             registry.set_version_tags(version, {"quantization": "failed"}, task.registered_model)
             notify(f"{task.name} v{version}: its {precision} build failed the task's gates against the unquantized "
-                   f"candidate:\n{summary}", level="error", version=version, task=task.name)
+                   f"candidate:\n{summary}", level="error", title=f"{task.name} v{version}: {precision} build refused",
+                   figures={"Task": task.name, "Version": version, "Precision": precision,
+                            "Against": f"unquantized v{version}"},
+                   links=release_links(task.registered_model, version), thread=release_thread(task.name, version),
+                   version=version, task=task.name, report=str(out))
             raise Refusal(f"the {precision} build failed the task's gates against the unquantized candidate:\n"
                           f"{summary}")
         return {**result, "report": str(out)}
@@ -710,7 +726,9 @@ def warm_up_candidate(task: Task, model: str, triton: Any) -> dict[str, Any]:
     try:
         return triton.warm_up(model, prompts)
     except RuntimeError as exc:
-        notify(f"candidate {model} failed its warm-up: {exc}; live traffic untouched", level="error")
+        notify(f"candidate {model} failed its warm-up: {exc}; live traffic untouched", level="error",
+               title=f"{task.name}: {model} failed its warm-up", figures={"Task": task.name, "Model": model},
+               task=task.name, model=model)
         raise StageFailed(str(exc)) from exc
 
 
@@ -781,7 +799,11 @@ def smoke_candidate(task: Task, colour_model: str, version: str, *, gateway: Any
     if triton.is_ready(colour_model):
         triton.unload(colour_model)
     notify(f"{task.name} v{version} failed smoke on {colour_model} ({figures}); candidate unloaded, "
-           "live traffic untouched", level="error", version=version, task=task.name, smoke=result)
+           "live traffic untouched", level="error", title=f"{task.name} v{version}: smoke failed",
+           figures={"Task": task.name, "Version": version, "Model": colour_model,
+                    **{m: result["metrics"][m] for m in result["failed"]}},
+           links=release_links(task.registered_model, version), thread=release_thread(task.name, version),
+           version=version, task=task.name, smoke=result)
     raise Refusal(f"smoke failed on {colour_model} (v{version}): {figures} below the smoke suite's gates; "
                   f"samples: {result['samples']}")
 
@@ -859,7 +881,15 @@ def serving_candidate(task: Task, colour_model: str, plan: dict[str, Any], *, tr
         triton.unload(colour_model)
     lines = "\n".join(serving_gate.line(r) for r in failed)
     notify(f"{task.name} v{version} failed its serving gates against {live or 'its ceilings'}; candidate unloaded, "
-           f"live traffic untouched:\n{lines}", level="error", version=version, task=task.name, serving=reported)
+           f"live traffic untouched:\n{lines}", level="error", title=f"{task.name} v{version}: serving gates failed",
+           figures={"Task": task.name, "Version": version, "Against": live or "its ceilings",
+                    "Failed gates": f"{len(failed)} of {len(result['rows'])}",
+                    **{label: cand[k] for k, label in (("p95_ms", "p95 ms"), ("tokens_per_s", "tokens/s"),
+                                                        ("peak_memory_mb", "peak memory MB"),
+                                                        ("cost_per_1k_tokens", "USD per 1k tokens"))
+                       if cand.get(k) is not None}},
+           links=release_links(task.registered_model, version), thread=release_thread(task.name, version),
+           version=version, task=task.name, serving=reported)
     raise Refusal(f"serving gates failed for v{version} on {colour_model}:\n{lines}")
 
 
@@ -937,6 +967,18 @@ def release_verdict(canary: dict[str, Any] | None, shadow: dict[str, Any] | None
     return shadow
 
 
+def release_alert(plan: dict[str, Any], verdict: dict[str, Any], title: str) -> dict[str, Any]:
+    """Slack's header, key figures, buttons and thread for a decision on a release `plan`."""
+    version = plan["version"]
+    before = f"{plan['previous_colour']} v{plan['previous_version']}" if plan.get("previous_version") else "nothing"
+    return {"title": f"{plan['task']} v{version}: {title}",
+            "figures": {"Task": plan["task"], "Version": version, "Colour": plan.get("colour"), "Live before": before,
+                        "Requests": verdict.get("requests"), "Error rate": verdict.get("error_rate"),
+                        "p95 ms": verdict.get("p95_ms")},
+            "links": release_links(plan.get("registered_model"), version),
+            "thread": release_thread(plan["task"], version)}
+
+
 def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:
     """Promote (switch + @champion) or roll back (live untouched), and say so on Slack.
 
@@ -955,7 +997,8 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
                f"{verdict['requests']} requests, "
                f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms; "
                + "; ".join(verdict.get("reasons") or ["promoted"]) + ")",
-               level="success", version=version, task=plan["task"], verdict=verdict)
+               level="success", version=version, task=plan["task"], verdict=verdict,
+               **release_alert(plan, verdict, f"live on {plan['colour']}"))
         return {"decision": "promoted", "version": version, "colour": plan["colour"], "verdict": verdict}
     routes = gateway.routes()
     if slot == "shadow":
@@ -973,11 +1016,13 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         notify(f"{plan['task']} v{version} held for a person after {window} ({after}): {why}. Nothing "
                f"was switched; live traffic stays on {plan.get('previous_colour') or 'nothing'} "
                f"v{plan.get('previous_version')}. To ship it anyway, release v{version} by hand (llm_release, "
-               "`version` Param).", level="warning", version=version, task=plan["task"], verdict=verdict)
+               "`version` Param).", level="warning", version=version, task=plan["task"], verdict=verdict,
+               **release_alert(plan, verdict, f"held for a person after {window}"))
         raise Refusal(f"release of v{version} held for a person: {why}")
     notify(f"{plan['task']} v{version} rolled back after {window} ({after}): {why}. Live traffic stays "
            f"on {plan.get('previous_colour') or 'nothing'} v{plan.get('previous_version')}.",
-           level="error", version=version, task=plan["task"], verdict=verdict)
+           level="error", version=version, task=plan["task"], verdict=verdict,
+           **release_alert(plan, verdict, f"rolled back after {window}"))
     raise Refusal(f"release of v{version} rolled back: {why}")
 
 
@@ -1119,7 +1164,8 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
                    "The release stands" + (f"; v{plan['previous_version']} on {plan.get('previous_colour')} stays "
                                           f"loaded for {retention_minutes:g} min for an instant rollback "
                                           "(POST /admin/rollback)" if has_previous else ""),
-                   level="warning", version=version, verdict=verdict)
+                   level="warning", version=version, task=plan["task"], verdict=verdict,
+                   **release_alert(plan, verdict, "post-switch guard could not judge"))
         return {"decision": "kept", "version": version, "colour": plan["colour"], "verdict": verdict,
                 "retain_until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(retain_until))}
     if status != "breach":
@@ -1148,7 +1194,8 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
             action = "first release, nothing to roll back to: the live route is taken down"
     except Exception as exc:
         notify(f"v{version} breached the post-switch guard ({why}; {figs}) and the automatic rollback "
-               f"FAILED: {exc}. Act now: POST /admin/rollback", level="error", version=version, verdict=verdict)
+               f"FAILED: {exc}. Act now: POST /admin/rollback", level="error", version=version, task=plan["task"],
+               verdict=verdict, **release_alert(plan, verdict, "automatic rollback FAILED, act now"))
         raise
     live_now = routes.get("live")
     champion = registry.by_alias("champion", name)
@@ -1169,7 +1216,8 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
     champ = registry.by_alias("champion", name)
     notify(f"{plan['task']} v{version} breached the post-switch guard: {why} ({figs}). {action}. "
            f"@champion: {'v' + champ.version if champ else 'none'}.",
-           level="error", version=version, verdict=verdict)
+           level="error", version=version, task=plan["task"], verdict=verdict,
+           **release_alert(plan, verdict, "post-switch guard breached"))
     raise Refusal(f"post-switch guard: v{version} breached ({why}); {action}")
 
 

@@ -78,7 +78,7 @@ from serving.gateway.errors import (
 )
 from serving.gateway.inference_log import InferenceLogWriter
 from serving.gateway.keys import DEFAULT_RPM, ClientKey, KeyStore
-from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.metrics import GatewayMetrics, Prices, route_events
 from serving.gateway.mirror import Mirror, ShadowJob
 from serving.gateway.ratelimit import TokenBuckets
 from serving.gateway.routing import RouteRegistry, RoutesUpdate, RoutingState, check_served_model
@@ -210,6 +210,7 @@ class Gateway:
     writer: InferenceLogWriter | None = None
     mirror: Mirror | None = None
     redactor: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # PII redaction, when on
+    prices: Prices = field(default_factory=Prices)  # declared USD per instance-hour (cost metrics)
     default_chat_template: str | None = None
     _templates: dict[tuple[str, str], chat.ChatTemplate] = field(default_factory=dict)
 
@@ -266,7 +267,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                              default_mirror_sample=settings.mirror_sample, legacy_path=settings.legacy_routes_path),
         admin=AdminAuth(token),
         clients=ClientAuth(KeyStore(settings.api_keys_path), settings.client_auth),
-        metrics=GatewayMetrics(),
+        metrics=GatewayMetrics(settings.monitor_root),
+        prices=Prices.from_task_files(),
         default_chat_template=settings.chat_template_path.read_text() if settings.chat_template_path else None,
     )
     redactor = None
@@ -470,8 +472,7 @@ def _install_routes(app: FastAPI) -> None:
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         gw = _gw(request)
-        for name, st in gw.routes.states().items():
-            gw.metrics.child(gw.metrics.route_generation, name).set(st.generation)
+        gw.metrics.observe_routes(gw.routes.states(), gw.prices)
         return Response(generate_latest(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- admin ----------------------------------------------------------------------------
@@ -503,7 +504,14 @@ def _install_routes(app: FastAPI) -> None:
             await _require_ready(gw, update.live)
         if update.canary_weight and update.shadow is not None and not force:
             await _require_ready(gw, update.shadow)
-        new = await _update(gw, name, update.apply, expected)
+        replaced: list[RoutingState] = []
+
+        def change(current: RoutingState) -> RoutingState:
+            replaced.append(current)
+            return update.apply(current)
+
+        new = await _update(gw, name, change, expected)
+        _count_events(gw, name, route_events(replaced[-1], new))
         log.info("routes of %s replaced (generation %s): live=%s shadow=%s sample=%s", name, new.generation,
                  _label(new.live), _label(new.shadow), new.mirror_sample)
         return new.model_dump(mode="json")
@@ -527,6 +535,7 @@ def _install_routes(app: FastAPI) -> None:
             await _require_ready(gw, snap.shadow)
         expected = _expected_generation(if_match, None)
         new = await _update(gw, name, routing.switch, snap.generation if expected is None else expected)
+        _count_events(gw, name, ["switch"])
         log.info("%s switched (generation %s): live %s -> %s", name, new.generation, _label(new.previous),
                  _label(new.live))
         return new.model_dump(mode="json")
@@ -547,6 +556,7 @@ def _install_routes(app: FastAPI) -> None:
             await _require_ready(gw, snap.previous)
         expected = _expected_generation(if_match, None)
         new = await _update(gw, name, routing.rollback, snap.generation if expected is None else expected)
+        _count_events(gw, name, ["rollback"])
         log.warning("%s rolled back (generation %s): live %s -> %s", name, new.generation, _label(new.previous),
                     _label(new.live))
         return new.model_dump(mode="json")
@@ -570,6 +580,7 @@ def _install_routes(app: FastAPI) -> None:
         expected = _expected_generation(if_match, None)
         new = await _update(gw, name, lambda s: s.model_copy(update={"canary_weight": update.weight}),
                             snap.generation if expected is None else expected)
+        _count_events(gw, name, route_events(snap, new))
         log.info("%s canary weight %s%% (generation %s) on %s", name, new.canary_weight, new.generation,
                  _label(new.shadow))
         return new.model_dump(mode="json")
@@ -614,6 +625,12 @@ class CanaryUpdate(BaseModel):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+def _count_events(gw: Gateway, served_model: str, events: list[str]) -> None:
+    """Deployment events for dashboards' annotations (`tuneship_gateway_deployment_events_total`)."""
+    for event in events:
+        gw.metrics.child(gw.metrics.deployment_events, served_model, event).inc()
+
+
 def _label(route: routing.Route | None) -> str | None:
     return f"{route.colour}({route.model} v{route.version})" if route else None
 
@@ -852,7 +869,7 @@ class _Call:
     key_id: str | None
     prompt: str
     max_tokens: int
-    mirror: Callable[[], dict[str, Any] | None]
+    mirror: Callable[[str | None], dict[str, Any] | None]  # (live answer) -> the log's shadow entry
 
     @property
     def logged(self) -> bool:
@@ -866,15 +883,21 @@ class _Call:
                          time.perf_counter() - self.t0, shadow, c, error)
 
     def upstream_failed(self, exc: UpstreamError) -> OpenAIError:
-        self.log(None, exc.status, None, exc.code, self.mirror())
+        self.log(None, exc.status, None, exc.code, self.mirror(None))
         return OpenAIError(exc.status, f"The {self.live.colour} model failed to answer: {exc.message}",
                            "server_error", code=exc.code)
 
-    def answered(self, c: Completion) -> None:
+    def answered(self, c: Completion, upstream_s: float) -> None:
+        """`upstream_s`: the seconds Triton spent on it (tokens/s and cost, `serving.gateway.metrics`)."""
         m = self.gw.metrics
-        m.child(m.prompt_tokens, self.served_model, self.live.colour, self.live.model).inc(c.prompt_tokens)
-        m.child(m.completion_tokens, self.served_model, self.live.colour, self.live.model).inc(c.completion_tokens)
-        self.log(c.text, 200, c, None, self.mirror())
+        served, colour, model = self.served_model, self.live.colour, self.live.model
+        m.child(m.prompt_tokens, served, colour, model).inc(c.prompt_tokens)
+        m.child(m.completion_tokens, served, colour, model).inc(c.completion_tokens)
+        m.child(m.generation_seconds, served, colour, model).inc(upstream_s)
+        price = self.gw.prices.of(served, self.live)
+        if price is not None:
+            m.child(m.request_cost, served, colour, model).observe(price / 3600 * upstream_s)
+        self.log(c.text, 200, c, None, self.mirror(c.text))
 
 
 def _prepare(
@@ -935,9 +958,10 @@ def _prepare(
                           param="prompt" if messages is None else "messages", code="context_length_exceeded")
     labels.update(colour=live.colour, model=live.model, role=role)
 
-    def mirror() -> dict[str, Any] | None:
+    def mirror(live_text: str | None) -> dict[str, Any] | None:
         # Offered once the live answer is in, so the copy never competes with the live call
-        # of the same request (the gateway and Triton share CPUs); never awaited.
+        # of the same request (the gateway and Triton share CPUs); never awaited. The live
+        # answer goes with it: the shadow answer is compared with it (agreement metrics).
         if shadow is None or gw.mirror is None:
             return None
         try:
@@ -945,7 +969,7 @@ def _prepare(
         except OpenAIError:
             shadow_prompt = None  # the candidate's format cannot take these messages: not mirrored
         sent = shadow_prompt is not None and gw.mirror.offer(
-            ShadowJob(rid, state.served_model, ts, shadow, shadow_prompt, max_tokens))
+            ShadowJob(rid, state.served_model, ts, shadow, shadow_prompt, max_tokens, live.version, live_text))
         return {"colour": shadow.colour, "version": shadow.version, "model": shadow.model,
                 "status": "pending" if sent else "dropped"}
 
@@ -975,10 +999,11 @@ async def _answer(gw: Gateway, call: _Call) -> Answer:
     try:
         c = await gw.triton.complete(call.live.model, call.prompt, call.max_tokens, adapter=call.live.adapter)
     except UpstreamError as exc:
-        raise call.upstream_failed(exc) from None
-    finally:
         m.child(m.upstream_latency, call.role, call.live.model).observe(time.perf_counter() - u0)
-    call.answered(c)
+        raise call.upstream_failed(exc) from None
+    upstream_s = time.perf_counter() - u0
+    m.child(m.upstream_latency, call.role, call.live.model).observe(upstream_s)
+    call.answered(c, upstream_s)
     return Answer(call.rid, call.ts, call.served_model, call.live, call.role, c, call.max_tokens)
 
 
@@ -1051,11 +1076,13 @@ async def _stream_answer(gw: Gateway, call: _Call, is_chat: bool, include_usage:
             return
         finally:
             await pieces.aclose()  # a client that went away also closes the call to Triton
-            m.child(m.upstream_latency, call.role, call.live.model).observe(time.perf_counter() - u0)
+            upstream_s = time.perf_counter() - u0
+            m.child(m.upstream_latency, call.role, call.live.model).observe(upstream_s)
             if outcome[0] == 200:
-                call.answered(ans.completion)
+                call.answered(ans.completion, upstream_s)
             else:
-                call.log("".join(texts) or None, outcome[0], None, outcome[1], call.mirror() if outcome[0] != 499 else None)
+                call.log("".join(texts) or None, outcome[0], None, outcome[1],
+                         call.mirror(None) if outcome[0] != 499 else None)
         yield chunk(None if is_chat else "", ans.finish_reason)
         if include_usage:
             yield chat.sse({**base, "choices": [], "usage": ans.usage()})

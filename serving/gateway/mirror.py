@@ -12,6 +12,9 @@ job's route must still be its served model's shadow route (same colour, model, v
 after a switch, a rollback or a cleared/replaced shadow it is dropped instead (reason
 `route_changed`, and a `dropped` shadow line), never sent to a model that is now live or
 unloaded. A copy already in flight when the state changes finishes as it started.
+
+A shadow answer is compared with the live answer of the same request (the job carries it)
+and counted in `tuneship_gateway_shadow_compared_total` by agreement (`metrics.agreement`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from serving.gateway.metrics import agreement
 from serving.gateway.routing import Route
 from serving.gateway.triton import TritonClient, UpstreamError
 from tuneship.inference_log import format_ts, utcnow
@@ -40,6 +44,8 @@ class ShadowJob:
     route: Route
     prompt: str
     max_tokens: int | None
+    live_version: str | None = None  # the version that answered live, and its answer: the
+    live_completion: str | None = None  # shadow answer is compared with it (metrics.agreement)
 
 
 class Mirror:
@@ -104,6 +110,9 @@ class Mirror:
                                             adapter=route.adapter)
             result.update(completion=c.text, status=200, prompt_tokens=c.prompt_tokens,
                           completion_tokens=c.completion_tokens)
+            if job.live_completion is not None:
+                m.child(m.shadow_compared, job.served_model, job.live_version or "", route.colour, route.model,
+                        route.version or "", agreement(job.live_completion, c.text)).inc()
         except UpstreamError as exc:
             m.child(m.shadow_failed, route.colour, route.model).inc()
             result.update(completion=None, status=exc.status, error=exc.code)

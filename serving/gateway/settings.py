@@ -46,6 +46,9 @@ class GatewaySettings(BaseSettings):
     log_root: Path = Field(default_factory=lambda: config.home() / "inference_log")
     log_queue_size: int = 10_000
 
+    # The drift monitor's results (monitor/<task>/governor.jsonl, drift-*.json), exported on /metrics.
+    monitor_root: Path = Field(default_factory=lambda: config.home() / "monitor")
+
     # Routing state: one file per served model (serving.gateway.routing.RouteRegistry)
     routes_dir: Path = Field(default_factory=lambda: config.home() / "gateway" / "routes")
     # A single-model routes file from before per-model routes: migrated into routes_dir at start-up.

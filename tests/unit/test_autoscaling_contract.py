@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
+from promtool import promtool, run_promtool
 
 from tuneship.runners import SpecInvalid, load_manifests, validate_manifest
 
@@ -52,20 +52,6 @@ _TEMPLATE_FIELDS = re.compile(r"<<\s*\.(\w+)\s*>>")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is missing: run `make promtool` (installs Debian's `prometheus` package, "
-            "which ships it); the autoscaling contract checks the adapter's PromQL with it"
-        )
-    return path
-
-
-def _run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([promtool(), *args], capture_output=True, text=True, timeout=60)
 
 
 def deployments() -> dict[tuple[str, str], dict[str, Any]]:
@@ -249,7 +235,7 @@ def write_rule_file(path: Path, record: str, expr: str) -> Path:
 
 
 def check_rules(path: Path) -> subprocess.CompletedProcess[str]:
-    return _run_promtool("check", "rules", str(path))
+    return run_promtool("check", "rules", str(path))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -479,7 +465,7 @@ def _unit_test_file(tmp_path: Path, expr: str, expected: dict[str, float]) -> Pa
 
 
 def test_metrics_query_computes_queue_seconds_per_request(tmp_path, expanded_query):
-    proc = _run_promtool("test", "rules", str(_unit_test_file(tmp_path, expanded_query, EXPECTED)))
+    proc = run_promtool("test", "rules", str(_unit_test_file(tmp_path, expanded_query, EXPECTED)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUCCESS" in proc.stdout
 
@@ -491,17 +477,17 @@ def test_promtool_unit_test_bites(tmp_path, expanded_query):
         sum by (pod) (rate(nv_inference_queue_duration_us{{namespace="{NAMESPACE}",pod=~"{pods}"}}[2m]))
         / clamp_min(sum by (pod) (rate(nv_inference_request_success{{namespace="{NAMESPACE}",pod=~"{pods}"}}[2m])), 1e-9)
         / 1e6""").strip()
-    proc = _run_promtool("test", "rules", str(_unit_test_file(tmp_path, pooled, EXPECTED)))
+    proc = run_promtool("test", "rules", str(_unit_test_file(tmp_path, pooled, EXPECTED)))
     assert proc.returncode != 0
     assert f'got: {{pod="{A}"}} 2.5E-02' in proc.stdout + proc.stderr
     # Without clamp_min the idle pod reads 0/0 = NaN.
     unclamped = re.sub(r"clamp_min\(\s*(.*?),\s*1e-9\s*\)", r"\1", expanded_query, flags=re.S)
     assert "clamp_min" not in unclamped
-    proc = _run_promtool("test", "rules", str(_unit_test_file(tmp_path, unclamped, EXPECTED)))
+    proc = run_promtool("test", "rules", str(_unit_test_file(tmp_path, unclamped, EXPECTED)))
     assert proc.returncode != 0
     assert f'{{pod="{C}"}} NaN' in proc.stdout + proc.stderr
     # And the real query reads seconds, not the microseconds Triton counts in.
     micro = {pod: v * 1e6 for pod, v in EXPECTED.items()}
-    proc = _run_promtool("test", "rules", str(_unit_test_file(tmp_path, expanded_query, micro)))
+    proc = run_promtool("test", "rules", str(_unit_test_file(tmp_path, expanded_query, micro)))
     assert proc.returncode != 0
     assert f'got: {{pod="{A}"}} 5E-02' in proc.stdout + proc.stderr

