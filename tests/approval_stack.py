@@ -104,3 +104,12 @@ def finished(api: Any, run_id: str) -> dict:
     failed = [t["task_id"] for t in api.task_instances(DAG, run_id) if t["state"] == "failed"]
     assert run["state"] == "success", {t: api.task_log(DAG, run_id, t)[-3000:] for t in failed}
     return api.xcom(DAG, run_id, "decide")
+
+
+def trail(home: Path, task: str, v: str) -> list[dict]:
+    """The audit records of one release (the trail verified whole first)."""
+    from tuneship import audit
+
+    path = home / "audit" / "audit.jsonl"
+    assert audit.verify(path).ok, audit.verify(path).summary()
+    return [r for r in audit.read(task=task, path=path) if r.get("version") == str(v)]

@@ -136,17 +136,40 @@ def apply(verdict: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
 
 def links(task: Any, version: str, dag_run: Any = None) -> dict[str, str]:
     """Where a person reads more: the model card (the Reports page), the MLflow version, the
-    Airflow run. Base URLs from the embedded default's ports unless configured."""
-    import os
-    from urllib.parse import quote
+    Airflow run (the same addresses Slack's buttons open: `tuneship.notify`)."""
+    from tuneship import model_card, notify
 
-    from tuneship import config
-
-    airflow = os.environ.get("AIRFLOW__API__BASE_URL", f"http://127.0.0.1:{config.Ports.from_env().airflow}").rstrip("/")
-    out = {"Model card": f"{airflow}/tuneship/reports/model-card-{task.name}-v{version}.html"}
-    mlflow = config.mlflow_tracking_uri()
-    if mlflow.startswith("http"):
-        out["MLflow version"] = f"{mlflow.rstrip('/')}/#/models/{quote(task.registered_model)}/versions/{version}"
+    out = {"Model card": notify.report_url(model_card.report_path(task.name, version)) or "",
+           "MLflow version": notify.mlflow_version_url(task.registered_model, version)}
     if dag_run is not None:
-        out["Airflow run"] = f"{airflow}/dags/{quote(dag_run.dag_id)}/runs/{quote(dag_run.run_id)}"
-    return out
+        out["Airflow run"] = notify.airflow_run_url(dag_run.dag_id, dag_run.run_id)
+    return {k: v for k, v in out.items() if v}
+
+
+def asked(task: Any, plan: dict[str, Any], why: list[str], request_url: str | None) -> None:
+    """Say that a release waits for a person: Slack, in the release's thread, with a button
+    to the request; and the audit trail."""
+    from tuneship import audit, notify
+
+    version = str(plan["version"])
+    hours = task.approval.timeout_hours if task.approval.on_timeout == "rollback" else None
+    wait = f"no answer within {hours:g} h rolls it back" if hours else "it waits until someone answers"
+    notify.notify(f"{task.name} v{version} waits for a person's approval before the switch: " + "; ".join(why)
+                  + f". Live traffic is untouched; {wait}.", level="warning",
+                  title=f"{task.name} v{version}: approval needed", task=task.name, version=version,
+                  figures={"Task": task.name, "Version": version, "Why": "; ".join(why)},
+                  links={"Approve or reject": request_url, **notify.release_links(task.registered_model, version)},
+                  thread=notify.release_thread(task.name, version))
+    audit.record("approval_requested", task=task.name, version=version, reason="; ".join(why),
+                 figures={"timeout_hours": hours}, key=audit.run_key("approval_requested", version))
+
+
+def answered(task: Any, version: str, answer: dict[str, Any]) -> None:
+    """Record a person's answer (or the timeout's) in the audit trail, with who and why."""
+    from tuneship import audit
+
+    by = answer.get("by") or "airflow:timeout"
+    said = answer.get("comment") or ("no answer within the approval timeout" if answer.get("timed_out") else "")
+    audit.record("approved" if answer.get("approved") else "refused", task=task.name, version=str(version),
+                 actor=by, reason=said or "no comment", figures={"timed_out": bool(answer.get("timed_out"))},
+                 key=audit.run_key("approval_answer", version))

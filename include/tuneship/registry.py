@@ -10,6 +10,7 @@ registered model (`registered_model` in its task file): every call names it.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,12 @@ RUN_KEY = "tuneship.run_key"
 def _mlflow():
     import mlflow
 
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(config.mlflow_tracking_uri())
+    if configured is None:
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI; left there, it would pin every later
+        # lookup to this home's store even after TUNESHIP_HOME changes (tests, tools in one process)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     return mlflow
 
 

@@ -125,6 +125,8 @@ def validate_and_version(task: Task, dataset_uri: str, *, run_id: str) -> dict[s
         notify(f"Dataset rejected for task {task.name}: {dataset_uri}\n{message}", level="error",
                title=f"{task.name}: dataset rejected", figures={"Task": task.name, "Dataset": dataset_uri},
                dataset_uri=dataset_uri, task=task.name)
+        decided("dataset_rejected", task.name, message.splitlines()[0] if message else "rejected",
+                figures={"dataset_uri": dataset_uri, "quarantined": report.quarantine_count})
         raise Refusal(message)
     version = version_dataset(dataset_uri, report, artifacts_root=datasets_root(task).parent)
     atomic.write_text(datasets_root(task) / "LATEST", version.version_id)
@@ -137,6 +139,8 @@ def validate_and_version(task: Task, dataset_uri: str, *, run_id: str) -> dict[s
                level="success", title=f"{task.name}: dataset {version.version_id} accepted",
                figures={"Task": task.name, "Version": version.version_id, "Quarantined rows": result["quarantined"],
                         "From": dataset_uri}, **result)
+        decided("dataset_accepted", task.name, f"batch {dataset_uri} passed validation",
+                figures={"dataset_version": version.version_id, "quarantined": result["quarantined"]})
     return result
 
 
@@ -353,6 +357,10 @@ def register_training(plan: dict[str, Any]) -> dict[str, Any]:
         **({"init_from": plan["init_from"]} if plan.get("init_from") else {}),
     })
     metrics = json.loads((out / "metrics.json").read_text())
+    decided("version_registered", plan["task"], f"fine-tuned on dataset {plan['dataset']['version_id']}",
+            version=mv.version, figures={"train_loss": metrics.get("train_loss"), "eval_loss": metrics.get("eval_loss"),
+                                         "recipe_hash": rhash, "init_from": plan.get("init_from"),
+                                         "runner": plan["runner"]})
     publish_card(plan["task"], mv.version)
     return {"task": plan["task"], "name": mv.name, "version": mv.version, "run_id": run_id,
             "adapter_sha256": adapter_sha, "init_from": plan.get("init_from"),
@@ -502,6 +510,13 @@ def evaluate_candidate(task: Task, candidate: dict[str, Any], dataset: dict[str,
         registry.log_artifact(mv.run_id, Path(png), "evaluation")
     publish_card(task, candidate["version"])
     summary = "\n".join(summaries)
+    decided("gates_passed" if passed else "gates_failed", task.name,
+            f"{'passed' if passed else 'failed'} against {ref_name}" + (f"; held for a person: {'; '.join(held)}"
+                                                                         if held else ""),
+            version=candidate["version"],
+            figures={"gate": "eval", "held": held,
+                     "failed": [] if passed else [f"{r['suite']} {r['metric']}" for r in rows
+                                                  if r.get("verdict") != "pass"][:50]})
     if not passed:
         failed = [r for r in rows if r["verdict"] != "pass"]
         notify(f"{task.name} v{candidate['version']} failed its gates against {ref_name}:\n{summary}",
@@ -618,6 +633,8 @@ def quantization_gate(task: Task, version: int, report: Path, dataset: dict[str,
                             "Against": f"unquantized v{version}"},
                    links=release_links(task.registered_model, version), thread=release_thread(task.name, version),
                    version=version, task=task.name, report=str(out))
+            decided("gates_failed", task.name, f"its {precision} build failed the task's gates against the "
+                    "unquantized candidate", version=version, figures={"gate": "quantization", "precision": precision})
             raise Refusal(f"the {precision} build failed the task's gates against the unquantized candidate:\n"
                           f"{summary}")
         return {**result, "report": str(out)}
@@ -804,6 +821,8 @@ def smoke_candidate(task: Task, colour_model: str, version: str, *, gateway: Any
                     **{m: result["metrics"][m] for m in result["failed"]}},
            links=release_links(task.registered_model, version), thread=release_thread(task.name, version),
            version=version, task=task.name, smoke=result)
+    decided("gates_failed", task.name, f"smoke failed on {colour_model}: {figures}", version=version,
+            figures={"gate": "smoke", **{m: result["metrics"][m] for m in result["failed"]}})
     raise Refusal(f"smoke failed on {colour_model} (v{version}): {figures} below the smoke suite's gates; "
                   f"samples: {result['samples']}")
 
@@ -874,7 +893,11 @@ def serving_candidate(task: Task, colour_model: str, plan: dict[str, Any], *, tr
     publish_card(task, version)
     print(f"serving gate, {colour_model} against {live or 'nothing live'}:\n{result['summary']}")
     reported = {k: v for k, v in result.items() if k != "readings"}  # the XCom and Slack: no raw readings
+    serving_figures = {"gate": "serving", "against": live, **{k: cand.get(k) for k in
+                       ("p95_ms", "tokens_per_s", "peak_memory_mb", "cost_per_1k_tokens")}}
     if result["passed"]:
+        decided("gates_passed", task.name, f"serving gates passed against {live or 'its ceilings'}", version=version,
+                figures=serving_figures)
         return reported
     failed = [r for r in result["rows"] if r["verdict"] != "pass"]
     if triton.is_ready(colour_model):
@@ -890,6 +913,8 @@ def serving_candidate(task: Task, colour_model: str, plan: dict[str, Any], *, tr
                        if cand.get(k) is not None}},
            links=release_links(task.registered_model, version), thread=release_thread(task.name, version),
            version=version, task=task.name, serving=reported)
+    decided("gates_failed", task.name, f"serving gates failed against {live or 'its ceilings'}: "
+            + "; ".join(f"{r['metric']} {r['verdict']}" for r in failed), version=version, figures=serving_figures)
     raise Refusal(f"serving gates failed for v{version} on {colour_model}:\n{lines}")
 
 
@@ -943,7 +968,9 @@ def release_plan(task: Task, candidate: dict[str, Any] | None, version: str | No
             "adapter_sha256": mv.tags.get("adapter_sha256"), "dataset_version": mv.tags.get("dataset_version"),
             "prompt_format": task.prompt_format, "colour": colour, "model": task.colour_model(colour),
             "chat_template": gen.get("chat_template"), "bos_token": gen.get("bos_token"),
-            "previous_version": live.get("version"), "previous_colour": live.get("colour")}
+            "previous_version": live.get("version"), "previous_colour": live.get("colour"),
+            "price_per_hour": task.serving.price_per_hour,
+            "max_cost_per_1k_tokens": task.serving.max_cost_per_1k_tokens}
 
 
 def route_for(plan: dict[str, Any], model: str) -> dict[str, Any]:
@@ -953,8 +980,10 @@ def route_for(plan: dict[str, Any], model: str) -> dict[str, Any]:
             "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "metadata": {"task": plan["task"], "dataset_version": plan.get("dataset_version"),
                          "prompt_format": plan["prompt_format"],
-                         # the gateway renders chat requests with the model's own template
-                         **{k: plan[k] for k in ("chat_template", "bos_token") if plan.get(k) is not None}}}
+                         # the gateway renders chat requests with the model's own template; its
+                         # cost metrics use the task's declared price (any deployment, no task files)
+                         **{k: plan[k] for k in ("chat_template", "bos_token", "price_per_hour",
+                                                 "max_cost_per_1k_tokens") if plan.get(k) is not None}}}
 
 
 def release_verdict(canary: dict[str, Any] | None, shadow: dict[str, Any] | None) -> dict[str, Any]:
@@ -979,6 +1008,15 @@ def release_alert(plan: dict[str, Any], verdict: dict[str, Any], title: str) -> 
             "thread": release_thread(plan["task"], version)}
 
 
+def _window_figures(plan: dict[str, Any], verdict: dict[str, Any], slot: str) -> dict[str, Any]:
+    """What the audit trail keeps of a window's verdict (and of a person's answer)."""
+    answer = verdict.get("approval") or {}
+    return {"slot": slot, "canary": bool(verdict.get("canary")), "requests": verdict.get("requests"),
+            "error_rate": verdict.get("error_rate"), "p95_ms": verdict.get("p95_ms"),
+            "previous": f"v{plan['previous_version']}" if plan.get("previous_version") else None,
+            **({"approved_by": answer.get("by")} if answer.get("asked") else {})}
+
+
 def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, gateway: Any, triton: Any) -> dict[str, Any]:
     """Promote (switch + @champion) or roll back (live untouched), and say so on Slack.
 
@@ -993,6 +1031,8 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
         registry.set_version_tags(version, {"promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                             "colour": plan["colour"]}, name)
         publish_card(plan["task"], version)
+        decided("switch", plan["task"], "; ".join(verdict.get("reasons") or ["promoted"]), version=version,
+                figures=_window_figures(plan, verdict, slot))
         notify(f"{plan['task']} v{version} is live on {plan['colour']} ({'canary' if verdict.get('canary') else 'shadow'}: "
                f"{verdict['requests']} requests, "
                f"error rate {verdict['error_rate']:.3f}, p95 {verdict['p95_ms'] or 0:.0f} ms; "
@@ -1018,11 +1058,15 @@ def finish_release(plan: dict[str, Any], slot: str, verdict: dict[str, Any], *, 
                f"v{plan.get('previous_version')}. To ship it anyway, release v{version} by hand (llm_release, "
                "`version` Param).", level="warning", version=version, task=plan["task"], verdict=verdict,
                **release_alert(plan, verdict, f"held for a person after {window}"))
+        decided("release_held", plan["task"], f"after {window}: {why}", version=version,
+                figures=_window_figures(plan, verdict, slot))
         raise Refusal(f"release of v{version} held for a person: {why}")
     notify(f"{plan['task']} v{version} rolled back after {window} ({after}): {why}. Live traffic stays "
            f"on {plan.get('previous_colour') or 'nothing'} v{plan.get('previous_version')}.",
            level="error", version=version, task=plan["task"], verdict=verdict,
            **release_alert(plan, verdict, f"rolled back after {window}"))
+    decided("rollback", plan["task"], f"after {window}: {why}", version=version,
+            figures=_window_figures(plan, verdict, slot))
     raise Refusal(f"release of v{version} rolled back: {why}")
 
 
@@ -1218,6 +1262,9 @@ def guard_release(plan: dict[str, Any], verdict: dict[str, Any], *, retention_mi
            f"@champion: {'v' + champ.version if champ else 'none'}.",
            level="error", version=version, task=plan["task"], verdict=verdict,
            **release_alert(plan, verdict, "post-switch guard breached"))
+    decided("rollback", plan["task"], f"post-switch guard breached: {why}; {action}", version=version,
+            figures={"requests": verdict.get("requests"), "error_rate": verdict.get("error_rate"),
+                     "p95_ms": verdict.get("p95_ms"), "champion": champ.version if champ else None})
     raise Refusal(f"post-switch guard: v{version} breached ({why}); {action}")
 
 
@@ -1247,7 +1294,26 @@ def retire_previous(plan: dict[str, Any], *, gateway: Any, triton: Any) -> dict[
     if unloaded:
         triton.unload(old_model)
     publish_card(plan["task"], old_version, tags={"retired_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    decided("retire", plan["task"], f"{old_model} unloaded after v{plan['version']}'s retention window",
+            version=old_version, figures={"cleared_previous": cleared, "unloaded": unloaded})
     return {"retired": old_model, "version": str(old_version), "cleared_previous": cleared, "unloaded": unloaded}
+
+
+def decided(action: str, task: str, reason: str, *, version: str | int | None = None,
+            figures: dict[str, Any] | None = None, actor: str | None = None, once_per: Any = None) -> None:
+    """One decision into the audit trail (`tuneship.audit`), once per task instance and
+    `once_per` (an Airflow retry of the same decision writes nothing new). A trail that cannot be written
+    does not undo the decision: the stage's outcome stands, and Slack says the record is
+    missing so a person can look (`tuneship audit verify`)."""
+    from tuneship import audit
+    from tuneship.shadow import finite
+
+    try:
+        audit.record(action, task=task, reason=reason or action, version=version, actor=actor,
+                     figures=finite(figures or {}), key=audit.run_key(action, task, version, once_per))
+    except Exception as exc:  # noqa: BLE001 - disk, lock or a damaged trail
+        notify(f"The audit trail could not record {action} for {task} v{version}: {type(exc).__name__}: {exc}. "
+               "Run `tuneship audit verify`.", level="error", title=f"{task}: audit record missing", task=task)
 
 
 def publish_card(task: Task | str, version: str | int, tags: dict[str, str] | None = None) -> str | None:

@@ -176,7 +176,7 @@ class CanaryOperator(BaseOperator):
 
     def step_done(self, context: Any, event: dict[str, Any] | None = None, *, step: int, started: float,
                   history: list[dict[str, Any]]) -> dict[str, Any] | None:
-        from tuneship.stages import canary_step
+        from tuneship.stages import canary_step, decided
         from tuneship_airflow.hooks import GatewayHook
 
         if not event or event.get("status") not in {"breach", "step_done"} or not isinstance(event.get("verdict"), dict):
@@ -184,6 +184,12 @@ class CanaryOperator(BaseOperator):
             raise RuntimeError(f"canary step ended without a usable event (traffic sent back to live): {event!r}")
         task, release, plan = self._plan()
         out = canary_step(GatewayHook(served_model=task.served_model), plan, step, event, history)
+        report, weight = event["verdict"], plan["steps"][step]
+        decided("canary_step", task.name, f"step {step + 1} of {len(plan['steps'])} ({weight} % of traffic): "
+                + ("breached; traffic back to live" if event["status"] == "breach" else "passed"),
+                version=self.candidate_version, once_per=f"step{step + 1}",
+                figures={"step": step + 1, "weight": weight, "requests": report.get("requests"),
+                         "errors": report.get("errors"), "p95_ms": report.get("p95_ms"), "status": event["status"]})
         if "next" in out:
             self._defer_step(task, release, plan, out["next"], started, out["history"])
             return None
@@ -393,6 +399,7 @@ class ReleaseApprovalOperator(HITLOperator):
         self.validate_defaults()
         ti.xcom_push(key="request", value={"subject": self.subject, "body": self.body, "reasons": why,
                                            "timeout_hours": spec.timeout_hours if self.defaults else None})
+        approval.asked(task, plan, why, self.generate_link_to_ui_from_context(context=context))
         return super().execute(context)  # waits in awaiting_input; resumes in execute_complete
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
@@ -401,9 +408,14 @@ class ReleaseApprovalOperator(HITLOperator):
         request = ti.xcom_pull(task_ids=ti.task_id, key="request") or {}
         user = payload["responded_by_user"] or None
         at = payload["responded_at"]
-        return {"asked": True, "reasons": request.get("reasons") or [],
-                "approved": payload["chosen_options"] == ["Approve"],
-                "by": (user.get("name") or user.get("id")) if isinstance(user, dict) else user,
-                "comment": (payload["params_input"] or {}).get("comment") or None,
-                "at": at.isoformat() if hasattr(at, "isoformat") else str(at),
-                "timed_out": user is None, "timeout_hours": request.get("timeout_hours")}
+        answer = {"asked": True, "reasons": request.get("reasons") or [],
+                  "approved": payload["chosen_options"] == ["Approve"],
+                  "by": (user.get("name") or user.get("id")) if isinstance(user, dict) else user,
+                  "comment": (payload["params_input"] or {}).get("comment") or None,
+                  "at": at.isoformat() if hasattr(at, "isoformat") else str(at),
+                  "timed_out": user is None, "timeout_hours": request.get("timeout_hours")}
+        from tuneship import approval
+        from tuneship.tasks import load_task
+
+        approval.answered(load_task(self.task_name), self.candidate_version, answer)
+        return answer

@@ -62,6 +62,12 @@ def test_a_changed_candidate_waits_for_a_person_who_decides(airflow: tuple[Any, 
     answered = api.xcom(DAG, run_id, "approval")
     assert (answered["asked"], answered["approved"], answered["by"], answered["timed_out"]) == \
         (True, answer == "Approve", "admin", False)
+    # the request and the answer are in the audit trail (the person as actor) and on Slack
+    from approval_stack import trail
+    records = trail(home, "gated", v)
+    assert [r["action"] for r in records] == ["approval_requested", "approved" if answer == "Approve" else "refused"]
+    assert records[0]["actor"] == "airflow:approval_release/approval" and "hyperparameters" in records[0]["reason"]
+    assert records[1]["actor"] == "admin" and records[1]["reason"] == (comment or "no comment")
     # answered once: a second answer is refused by Airflow
     with pytest.raises(Exception, match="409"):
         api.request("PATCH", hitl(api, run_id), json={"chosen_options": ["Approve"]})
@@ -76,6 +82,9 @@ def test_no_answer_within_the_timeout_rolls_back(airflow: tuple[Any, Path]):
     assert decided["reasons"] == ["no answer within the approval timeout (0.003 h)"]
     answered = api.xcom(DAG, run_id, "approval")
     assert answered["asked"] and answered["timed_out"] and answered["by"] is None and not answered["approved"]
+    from approval_stack import trail
+    assert [(r["action"], r["actor"]) for r in trail(home, "gated_quick", v)] == \
+        [("approval_requested", "airflow:approval_release/approval"), ("refused", "airflow:timeout")]
 
 
 def test_a_candidate_with_the_champions_lineage_is_not_held(airflow: tuple[Any, Path]):

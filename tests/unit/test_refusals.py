@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
+from tuneship import audit
 from tuneship.notify import read_sink
 from tuneship.stages import Refusal, StageFailed, finish_release, smoke_candidate
 from tuneship.tasks import load_task
@@ -108,6 +109,12 @@ def test_a_shadow_rollback_is_a_refusal_with_one_alert():
     assert gateway.state["live"] == live and gateway.state["shadow"] is None
     (msg,) = read_sink()
     assert msg["level"] == "error" and "rolled back after the shadow window" in msg["text"]
+    # the decision is in the audit trail, chained, with why and the window's figures
+    (rec,) = audit.read(task="llm")
+    assert (rec["action"], rec["version"]) == ("rollback", "5")
+    assert rec["reason"] == "after the shadow window: p95 40 ms > 0.001 ms"
+    assert rec["figures"]["requests"] == 30 and rec["figures"]["previous"] == "v4"
+    assert audit.verify().ok
 
 
 def test_smoke_the_gateway_cannot_answer_is_a_fault_not_a_refusal():
