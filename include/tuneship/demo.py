@@ -545,6 +545,14 @@ def _print_summary(summary: dict[str, Any], report: Path, failed: bool) -> None:
                   f"p95 {fmt(verdict.get('p95_ms'), 'ms')}, slot {verdict.get('slot')})")
     for name, t in (summary.get("traffic") or {}).items():
         print(f"traffic ({name}): {fmt(t.get('sent'))} sent, {fmt(t.get('ok'))} ok, {fmt(t.get('failed'))} failed")
+    from tuneship import audit
+
+    trail = audit.verify()
+    print(f"audit trail: {trail.records} decisions, {'chain intact' if trail.ok else f'BROKEN: {trail.first}'} "
+          "(`tuneship audit show`)")
+    cards = sorted((config.home() / "reports").glob("model-card-*.html"))
+    print(f"model cards: {', '.join(c.name for c in cards) or 'none'} (Airflow UI: Browse > Tuneship reports; "
+          "each task's state: Browse > Tuneship deployments)")
     if summary.get("error"):
         print(f"error: {summary['error']}")
     print(f"report: {report}")

@@ -165,6 +165,27 @@ def test_inference_log_and_slack_sink(demo):
     assert any("Drift on triage champion" in m["text"] for m in sink)
 
 
+def test_every_version_has_a_model_card_and_every_decision_is_in_the_trail(demo):
+    """Each registered triage version got a card from its lineage; the audit trail's chain
+    holds and records the loop's decisions, each with its actor."""
+    home, env = demo["home"], demo["env"]
+    code = ("from tuneship import registry; print(registry.latest_version('tuneship-triage'))")
+    latest = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO)
+    versions = range(1, int(latest.stdout.strip()) + 1)
+    for v in versions:
+        card = (home / "reports" / f"model-card-triage-v{v}.html").read_text()
+        assert "Intended use" in card and "Gates (95% intervals): passed against" in card, v
+    verify = subprocess.run([sys.executable, "-m", "tuneship.audit", "verify"], env=env, capture_output=True,
+                            text=True, cwd=REPO)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    records = [json.loads(line) for line in (home / "audit" / "audit.jsonl").read_text().splitlines()]
+    actions = {(r["task"], r["action"]) for r in records}
+    for action in ("dataset_accepted", "version_registered", "gates_passed", "switch"):
+        assert ("triage", action) in actions, (action, sorted(actions))
+    switches = [r for r in records if r["action"] == "switch"]
+    assert all(r["actor"] == "airflow:llm_release/decide" for r in switches)
+
+
 def test_post_switch_guard_held_and_previous_colour_retired(demo):
     """Both releases passed the post-switch guard (no automatic rollback), and after cycle 2's
     retention window the colour it replaced was unloaded and cleared from the routes."""
