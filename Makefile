@@ -66,8 +66,16 @@ $(AIPERF_VENV)/.installed: bench/requirements-aiperf.txt | $(VENV)/.installed
 	$(UV) pip install --quiet --python $(AIPERF_VENV)/bin/python -r bench/requirements-aiperf.txt
 	@touch $@
 
+# Evidently (bench/drift.py's baseline) in its own locked environment: pandas, scikit-learn,
+# nltk... stay out of the main one. Lock: bench/requirements-evidently.in.
+EVIDENTLY_VENV := .venv-evidently
+$(EVIDENTLY_VENV)/.installed: bench/requirements-evidently.txt | $(VENV)/.installed
+	@test -x $(EVIDENTLY_VENV)/bin/python || $(PYTHON) -m venv $(EVIDENTLY_VENV)
+	$(UV) pip install --quiet --python $(EVIDENTLY_VENV)/bin/python -r bench/requirements-evidently.txt
+	@touch $@
+
 # Benchmarks against baselines measured in the same run (not part of `make test`).
-bench: install $(AIPERF_VENV)/.installed
+bench: install $(AIPERF_VENV)/.installed $(EVIDENTLY_VENV)/.installed
 	$(PY) -m bench
 
 up: install
@@ -84,6 +92,7 @@ lock:
 	$(UV) pip compile --quiet --python-version 3.11 $(FIND_LINKS) requirements.in -o requirements.txt
 	$(UV) pip compile --quiet --python-version 3.11 --no-header serving/triton/requirements.in -o serving/triton/requirements.txt
 	$(UV) pip compile --quiet --python-version 3.11 --no-header bench/requirements-aiperf.in -o bench/requirements-aiperf.txt
+	$(UV) pip compile --quiet --python-version 3.11 --no-header bench/requirements-evidently.in -o bench/requirements-evidently.txt
 
 lint: install
 	$(VENV)/bin/ruff check dags plugins include serving tests

@@ -11,7 +11,8 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "trainer", "gateway", "compile", "quantize", "eval", "gates", "serving", "served", "retrain", "shadow")
+BENCHES = ("validation", "trainer", "gateway", "compile", "quantize", "eval", "gates", "serving", "served", "retrain", "shadow",
+           "drift")
 
 
 def main(argv: list[str]) -> int:

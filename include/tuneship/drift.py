@@ -31,6 +31,8 @@ transformers load when an `Embedder` is built.
 from __future__ import annotations
 
 import functools
+import hashlib
+import heapq
 import json
 import math
 import time
@@ -54,15 +56,57 @@ EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # ---------------------------------------------------------------- samples
 
 
-def sample(items: Sequence[Any], n: int, seed: int = 0) -> list[Any]:
+class Reservoir:
+    """A seeded uniform sample of at most `n` items from a stream of any length, holding `n`
+    items whatever the stream's length (bottom-k sampling: each item's key is a BLAKE2b hash
+    of its identity keyed by the seed, and the `n` smallest keys are kept).
+
+    Uniform without replacement, and independent of the order items arrive in: the same
+    identities and seed give the same sample however the inference log's hour and replica
+    files interleave, and a request that two overlapping windows both hold is in both
+    samples or in neither. `items()` returns them sorted by the `order` each was offered
+    with (the request's time; the position in a list), ties by key."""
+
+    def __init__(self, n: int, seed: int = 0):
+        if n <= 0:
+            raise ValueError(f"sample size must be positive, got {n}")
+        self.n = n
+        self.seed = seed
+        self.seen = 0
+        self._hasher = hashlib.blake2b(digest_size=8, key=str(seed).encode())  # copied: keying costs a block
+        self._heap: list[tuple[int, int, Any, Any]] = []  # (-key, arrival, order, item): a max-heap on key
+
+    def key(self, ident: str) -> int:
+        """The item's 64-bit sampling key under this seed."""
+        h = self._hasher.copy()
+        h.update(ident.encode("utf-8", "surrogatepass"))
+        return int.from_bytes(h.digest(), "big")
+
+    def offer(self, ident: str, item: Any, order: Any = None, *, key: int | None = None) -> None:
+        """Consider one item; `ident` names it (a request id), `order` sorts the sample. `key`:
+        `self.key(ident)` when already computed (two reservoirs of one seed share it)."""
+        self.seen += 1
+        neg = -(self.key(ident) if key is None else key)
+        heap = self._heap
+        if len(heap) < self.n:
+            heapq.heappush(heap, (neg, self.seen, self.seen if order is None else order, item))
+        elif neg > heap[0][0]:  # a smaller key than the largest kept
+            heapq.heapreplace(heap, (neg, self.seen, self.seen if order is None else order, item))
+
+    def items(self) -> list[Any]:
+        return [e[3] for e in sorted(self._heap, key=lambda e: (e[2], -e[0]))]
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+def sample(items: Iterable[Any], n: int, seed: int = 0) -> list[Any]:
     """At most `n` items drawn without replacement, in their original order; the same
-    `seed` and items always give the same sample."""
-    if n <= 0:
-        raise ValueError(f"sample size must be positive, got {n}")
-    if len(items) <= n:
-        return list(items)
-    idx = np.sort(np.random.default_rng(seed).choice(len(items), size=n, replace=False))
-    return [items[i] for i in idx]
+    `seed` and items always give the same sample (a `Reservoir` keyed by position)."""
+    res = Reservoir(n, seed)
+    for i, item in enumerate(items):
+        res.offer(str(i), item, i)
+    return res.items()
 
 
 # ---------------------------------------------------------------- embeddings

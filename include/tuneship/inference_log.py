@@ -39,6 +39,8 @@ replica stopped before the shadow answered.
 `read_inference_log` returns one merged dict per request in the contract's shape
 (the shadow line's object replaces the request's "pending" placeholder; a request with
 feedback from its own client key gains `feedback`, see `read_inference_log`).
+`iter_requests` streams the request lines alone, unjoined, for scans over windows too
+large to hold (the drift monitor).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 _PART = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 _HOUR = re.compile(r"^hour=(\d{2})$")
@@ -143,6 +147,58 @@ def iter_lines(root: Path | str, since: datetime | None = None, until: datetime 
                     continue
                 if isinstance(obj, dict) and "request_id" in obj:
                     yield obj
+
+
+class LiveAnswer(msgspec.Struct):
+    """What a scan of request lines reads of the live answer (the rest of it is skipped)."""
+
+    status: Any = None
+    version: Any = None
+    completion: Any = None
+
+
+class RequestLine(msgspec.Struct):
+    """What a scan of request lines reads of each line; other fields are skipped unparsed."""
+
+    request_id: Any
+    kind: Any = "request"
+    ts: Any = None
+    prompt: Any = None
+    live: LiveAnswer | None = None
+
+
+_REQUEST_LINE = msgspec.json.Decoder(RequestLine)
+
+
+def iter_requests(root: Path | str, since: datetime | str | float | None = None,
+                  until: datetime | str | float | None = None,
+                  model: str | None = None) -> Iterator[tuple[datetime, RequestLine]]:
+    """Request lines one at a time as `(ts, line)`, ts in [since, until), in file order: a
+    streaming scan whose memory does not grow with the log (the drift monitor's reader).
+
+    Unlike `read_inference_log` it joins nothing: shadow and feedback lines are skipped,
+    and a request_id written twice is read twice (the gateway writes each request line
+    once). Torn, corrupt or non-UTF-8 lines, and lines without a request_id or a readable
+    ts, are skipped as `read_inference_log` skips them."""
+    lo = parse_ts(since) if since is not None else None
+    hi = parse_ts(until) if until is not None else None
+    decode = _REQUEST_LINE.decode
+    for path in _files(Path(root), lo, hi, model):
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    line = decode(raw)
+                except msgspec.DecodeError:  # also a ValidationError: a line of another shape
+                    continue
+                if line.kind != "request":
+                    continue
+                try:
+                    ts = parse_ts(line.ts)
+                except (ValueError, TypeError, AttributeError):
+                    continue
+                if (lo is not None and ts < lo) or (hi is not None and ts >= hi):
+                    continue
+                yield ts, line
 
 
 def read_inference_log(

@@ -3,7 +3,9 @@ detection. (The shadow window and the post-switch guard are `tuneship.shadow`.)
 
 Drift: the recent prompts' text profile against the reference profile stored in the
 training dataset's manifest (`tuneship.profile`), plus a retrain governor (cooldown and
-debounce) so a noisy hour does not launch a GPU job.
+debounce) so a noisy hour does not launch a GPU job. A window is read in one streaming pass
+(`scan_window`: the profile fed as it goes, seeded samples for the two-sample tests), so a
+check's memory does not grow with the requests it reads.
 """
 
 from __future__ import annotations
@@ -89,16 +91,72 @@ def _feedback_figures(n_success: int, successes: int, n_rating: int, ratings: in
 # ---------------------------------------------------------------- drift
 
 
-def drift_report(reference: dict, prompts: list[str], *, threshold: float, min_requests: int = 30) -> dict[str, Any]:
-    from tuneship.profile import compare_profiles, text_profile
+@dataclass
+class WindowScan:
+    """One window of a served model's inference log as the drift check reads it, gathered in
+    one streaming pass (`scan_window`): its size does not depend on the number of requests."""
 
-    if len(prompts) < min_requests:
-        return {"status": "insufficient", "requests": len(prompts), "score": None, "drifted": False,
+    requests: int  # requests the live colour answered (status 200): the prompts profiled
+    profile: dict[str, Any] | None  # `tuneship.profile.text_profile` of their prompts
+    prompts: list[str]  # a seeded sample of those prompts (`tuneship.drift.Reservoir`)
+    answers: list[str]  # a seeded sample of `version`'s answers among them
+    answers_seen: int  # how many answers `version` gave in the window
+
+
+SAMPLE_SEED = 1  # the recent window's samples (the reference's, from the training data, uses 0)
+
+
+def scan_window(served_model: str, *, since: float | None, until: float | None = None, sample_size: int,
+                version: str | None = None, with_prompts: bool = True, root: Path | None = None,
+                batch: int = 10_000) -> WindowScan:
+    """One pass over a served model's request lines in [since, until) (epoch seconds): the
+    live-answered prompts' text profile (fed `batch` prompts at a time), a seeded sample of
+    `sample_size` of them, and a seeded sample of `sample_size` of `version`'s answers
+    (`None`: no answers). `with_prompts=False` skips the profile and the prompt sample (a
+    window read for its answers only). Samples are keyed by request id, sorted by time."""
+    from tuneship.drift import Reservoir
+    from tuneship.inference_log import iter_requests
+    from tuneship.profile import TextProfiler
+
+    profiler = TextProfiler() if with_prompts else None
+    prompts, answers = Reservoir(sample_size, SAMPLE_SEED), Reservoir(sample_size, SAMPLE_SEED)
+    pending: list[str] = []
+    requests = 0
+    want = None if version is None else str(version)
+    for ts, line in iter_requests(root or log_root(), since, until, served_model):
+        live = line.live
+        if live is None or live.status != 200:
+            continue
+        requests += 1
+        rid = str(line.request_id)
+        order, key = ts.timestamp(), prompts.key(rid)  # one key: both samples use the same seed
+        if profiler is not None:
+            prompt = line.prompt if isinstance(line.prompt, str) else ""
+            pending.append(prompt)
+            prompts.offer(rid, prompt, order, key=key)
+            if len(pending) >= batch:
+                profiler.add_texts(pending)
+                pending = []
+        if want is not None and str(live.version) == want:
+            answers.offer(rid, live.completion or "", order, key=key)
+    if profiler is not None:
+        profiler.add_texts(pending)
+    return WindowScan(requests=requests, profile=profiler.result() if profiler is not None else None,
+                      prompts=prompts.items(), answers=answers.items(), answers_seen=answers.seen)
+
+
+def drift_report(reference: dict, current: dict, *, threshold: float, min_requests: int = 30) -> dict[str, Any]:
+    """The recent prompts' profile (`current`, e.g. `WindowScan.profile`) scored against the
+    training reference; `insufficient` below `min_requests` prompts."""
+    from tuneship.profile import compare_profiles
+
+    n = int(current["row_count"])
+    if n < min_requests:
+        return {"status": "insufficient", "requests": n, "score": None, "drifted": False,
                 "threshold": threshold}
-    current = text_profile(prompts)
     cmp = compare_profiles(reference, current)
     score = float(cmp["score"])
-    return {"status": "ok", "requests": len(prompts), "score": score, "drifted": score >= threshold,
+    return {"status": "ok", "requests": n, "score": score, "drifted": score >= threshold,
             "threshold": threshold, "details": cmp, "current": current}
 
 

@@ -97,8 +97,9 @@ class TextProfiler:
     """Incremental `text_profile`: feed texts one at a time or pre-split in bulk (streaming).
 
     Each batch is reduced to `fold_counts` (Arrow, C++), and batches are summed by
-    group-bys (every `_COMPACT_EVERY` batches, then once at the end). Memory grows with the
-    number of distinct tokens, not with the number of texts. `vocabulary` restricts the stored counts to given tokens
+    group-bys (every `_COMPACT_EVERY` batches, the sums again every `_COMPACT_EVERY` sums, then
+    once at the end). Memory grows with the number of distinct tokens, not with the number of
+    texts. `vocabulary` restricts the stored counts to given tokens
     (exact counts for a reference's vocabulary when profiling the current side); every
     token still counts in the total.
     """
@@ -139,6 +140,8 @@ class TextProfiler:
         if len(self._parts) >= self._COMPACT_EVERY:
             self._summed_parts.append(_sum_counts(self._parts))
             self._parts = []
+            if len(self._summed_parts) >= self._COMPACT_EVERY:  # each is at most the vocabulary: summing
+                self._summed_parts = [_sum_counts(self._summed_parts)]  # them keeps a long stream's state flat
 
     def result(self) -> dict[str, Any]:
         import pyarrow as pa

@@ -1358,13 +1358,15 @@ def check_drift(task: Task, *, window_hours: float, threshold: float, min_reques
         return {**base, "status": "no_champion", "fire": False, "reason": "no model in production yet"}
     manifest = json.loads(Path(champion.tags["dataset_manifest"]).read_text())
     since = time.time() - window_hours * 3600
-    records = monitor.task_records(task.served_model, since=since)
-    prompts = [r["prompt"] for r in records if monitor.is_ok(r.get("live") or {})]
-    report = monitor.drift_report(manifest["reference"], prompts, threshold=threshold, min_requests=min_requests)
+    # one streaming pass over the window: profile, seeded samples; memory flat in the requests
+    window = monitor.scan_window(task.served_model, since=since, sample_size=task.drift.tests.sample_size,
+                                 version=champion.version)
+    report = monitor.drift_report(manifest["reference"], window.profile, threshold=threshold,
+                                  min_requests=min_requests)
     tests = None
     if report["status"] == "ok" and (task.drift.tests.embedding or task.drift.tests.outputs):
         tests = drift_tests(task, champion, Path(champion.tags["dataset_manifest"]).parent / "train.jsonl",
-                            prompts, records, window_hours=window_hours, run_id=run_id)
+                            window, window_hours=window_hours, run_id=run_id)
         if tests["drifted"] and not report["drifted"]:
             report = {**report, "drifted": True}
     wall_s = registry.run_metric(champion.run_id, "final_wall_s")
@@ -1411,33 +1413,28 @@ def drift_reasons(report: dict[str, Any], threshold: float, tests: dict[str, Any
     return why
 
 
-def drift_tests(task: Task, champion: Any, train_path: Path, prompts: list[str], records: list[dict], *,
-                window_hours: float, run_id: str) -> dict[str, Any]:
+def drift_tests(task: Task, champion: Any, train_path: Path, window: Any, *, window_hours: float,
+                run_id: str) -> dict[str, Any]:
     """The task's two-sample drift tests (`tuneship.drift.drift_check`, one family): embeddings
-    of a sample of recent prompts against the champion's training prompts, and the champion's
-    recent answers against its own answers in its first window after promotion."""
+    of a seeded sample of recent prompts against the champion's training prompts, and a seeded
+    sample of the champion's recent answers against one of its own answers in its first window
+    after promotion. `window`: the recent window's `monitor.WindowScan`."""
     from tuneship import drift, monitor
 
     spec = task.drift.tests
     kwargs: dict[str, Any] = {}
     if spec.embedding:
         kwargs["reference_embeddings"] = drift.reference_embeddings(train_path, n=spec.sample_size)
-        kwargs["current_embeddings"] = drift.embedding_sample(prompts, n=spec.sample_size, seed=1)["embeddings"]
+        kwargs["current_embeddings"] = drift.embedder().embed(window.prompts)
     promoted = champion.tags.get("promoted_at")
     if spec.outputs and promoted:
         import calendar
 
-        from tuneship.inference_log import read_inference_log
-
         start = calendar.timegm(time.strptime(promoted, "%Y-%m-%dT%H:%M:%SZ"))
-        first = read_inference_log(monitor.log_root(), since=start, until=start + window_hours * 3600,
-                                   model=task.served_model)  # its first window only, however old
-
-        def answers(recs: list[dict]) -> list[str]:
-            return [r["live"].get("completion") or "" for r in recs
-                    if monitor.is_ok(r.get("live") or {}) and str(r["live"].get("version")) == str(champion.version)]
-
-        ref, cur = answers(first), answers(records)
+        first = monitor.scan_window(task.served_model, since=start, until=start + window_hours * 3600,
+                                    sample_size=spec.sample_size, version=champion.version,
+                                    with_prompts=False)  # its first window only, however old
+        ref, cur = first.answers, window.answers
         if len(ref) >= 20 and len(cur) >= 20:
             from tuneship.drift import refusal_detector
 
