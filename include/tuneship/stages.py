@@ -1395,9 +1395,20 @@ def check_drift(task: Task, *, window_hours: float, threshold: float, min_reques
         path = config.home() / "monitor" / task.name / f"drift-{slug(run_id)}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2, default=str))
+    drift_figures = {"score": out["score"], "threshold": threshold, "requests": out["requests"],
+                     "retrain_gpu_hours": cost, "why": out["why"][:20]}
     if fire:
         notify(f"Drift on {task.name} champion v{champion.version}: {'; '.join(out['why'])}; retrain requested",
-               level="warning", **{k: out[k] for k in ("task", "score", "requests")})
+               level="warning", title=f"{task.name}: drift on champion v{champion.version}, retrain requested",
+               figures={"Task": task.name, "Champion": f"v{champion.version}", "Drift score": out["score"],
+                        "Threshold": threshold, "Requests": out["requests"], "Window": f"{window_hours:g} h"},
+               links=release_links(task.registered_model, champion.version),
+               **{k: out[k] for k in ("task", "score", "requests")})
+        decided("retrain_requested", task.name, reason, version=champion.version, figures=drift_figures,
+                actor="governor")
+    elif report["drifted"]:  # drift seen, and the governor said not now: why is on record
+        decided("retrain_refused", task.name, reason, version=champion.version, figures=drift_figures,
+                actor="governor")
     return out
 
 

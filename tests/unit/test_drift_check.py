@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneship import monitor, registry
+from tuneship import audit, monitor, registry
 from tuneship.inference_log import format_ts, parse_ts, partition_file
 from tuneship.profile import text_profile
 from tuneship.stages import check_drift
@@ -77,3 +77,8 @@ def test_drift_tests_fire_on_drifted_traffic_only_and_the_governor_records_why(h
     log = monitor.read_decisions(task.name)
     assert [d["fire"] for d in log] == [True, False] and log[1]["reason"] == second["reason"]
     assert log[0]["why"] == first["why"] and log[0]["state"]["open_retrain"]["latest_version"] == int(version)
+    # and in the audit trail, the governor as the actor: requested, then refused with its reason
+    trail = audit.read(task="triage")
+    assert [(r["action"], r["actor"]) for r in trail] == [("retrain_requested", "governor"),
+                                                          ("retrain_refused", "governor")]
+    assert trail[1]["reason"] == second["reason"] and trail[0]["figures"]["requests"] == first["requests"]
