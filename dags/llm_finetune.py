@@ -6,16 +6,14 @@ LoRA fine-tune → MLflow registration (`@challenger`) → evaluation gates → 
 Fine-tunes one task (`task` Param, else the task named by the triggering event; the task
 file `include/tasks/<task>.yaml` gives the base model, recipe, suites and registered model).
 Runs when `validated_dataset` (new accepted data) or `retrain_request` (the drift monitor)
-is updated, or from the UI form. No trigger is lost: events queued together collapse into one
-run, so this run trains one task (the newest event's) and `fan_out` starts one `llm_finetune` run per OTHER task with an event in it (conf: that
+is updated, or from the UI form. No trigger is lost: events that arrive close together
+collapse into one run (one run at a time), so this run trains one task (the newest event's)
+and `fan_out` starts one `llm_finetune` run per OTHER task with an event in it (conf: that
 task, its trigger and the event's `dataset_version`; run id `fan_out__<task>__<this run id>`,
 so a retry never starts a second one). An event that Airflow 3.3 consumed in no run
 (apache/airflow#56050) is taken by the run whose creation left it behind (`which_task` reads
 the assets' recent events); each event is claimed by one run, and a run whose events were all
-handled already skips. Runs overlap (up to 4), but their trainings on the worker's own
-cores or one Docker host take turns (`max_active_tis_per_dag=1` on `train_local` and
-`train_docker`), so one task's gates and compile run while the next task trains; pods on a
-cluster are scheduled by the cluster. `dataset_version` (Param) trains on that accepted
+handled already skips. `dataset_version` (Param) trains on that accepted
 version; empty: the event's, else the newest. A drift-triggered retrain first validates and
 versions any labelled data that landed since the last accepted version, then trains on the
 newest. The trainer is one entrypoint (`python -m tuneship.train`)
@@ -49,7 +47,7 @@ COMMAND = "{{ ti.xcom_pull(task_ids='plan')['command'] }}"
     schedule=(validated_dataset | retrain_request),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=4,  # one task's gates and compile overlap the next task's training (which takes turns)
+    max_active_runs=1,
     render_template_as_native_obj=True,
     doc_md=__doc__,
     tags=["tuneship", "training"],
@@ -126,11 +124,10 @@ def llm_finetune():
         arguments=COMMAND,
         output_dir="{{ ti.xcom_pull(task_ids='plan')['output_dir'] }}",
         execution_timeout=timedelta(hours=2),
-        max_active_tis_per_dag=1,  # one fine-tune at a time on the worker's cores
     )
 
     train_docker = DockerTrainerOperator(task_id="train_docker", arguments=COMMAND, image="{{ params.trainer_image }}",
-                                         execution_timeout=timedelta(hours=12), max_active_tis_per_dag=1)
+                                         execution_timeout=timedelta(hours=12))
     train_kubernetes = KubernetesTrainerOperator(task_id="train_kubernetes", arguments=COMMAND,
                                                  image="{{ params.trainer_image }}",
                                                  execution_timeout=timedelta(hours=12))

@@ -176,7 +176,7 @@ def finetune_trigger(task_param: str | None, triggering_asset_events: Any, *, ru
                      recent_events: Any = None) -> dict[str, Any]:
     """Which task this fine-tune run trains, on what, and which other runs it must start.
 
-    Asset events queued together collapse into one run, and
+    Asset events that arrive close together collapse into one run (`max_active_runs=1`), and
     no task's event may be lost: this run trains one task (the `task` Param, else the newest
     triggering event's task, else the default task) and every OTHER task with an event in the run gets
     its own `llm_finetune` run (`fan_out`: conf `task`, `trigger` and, for a

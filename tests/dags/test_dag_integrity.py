@@ -142,11 +142,7 @@ def test_finetune_fans_out_the_other_tasks_events(dagbag):
     """which_task -> fan_out (one llm_finetune run per other task, mapped) beside plan, so a
     plan that fails for this run's task never stops the other tasks' runs."""
     dag = dagbag.dags["llm_finetune"]
-    # runs overlap, trainings on the worker's cores or one Docker host take turns
-    assert dag.max_active_runs > 1
-    assert dag.get_task("train_local").max_active_tis_per_dag == 1
-    assert dag.get_task("train_docker").max_active_tis_per_dag == 1
-    assert dag.get_task("train_kubernetes").max_active_tis_per_dag is None
+    assert dag.max_active_runs == 1
     fan_out = dag.get_task("fan_out")
     assert type(fan_out).__name__ == "MappedOperator" and fan_out.operator_name == "TriggerDagRunOperator"
     assert fan_out.partial_kwargs["trigger_dag_id"] == "llm_finetune"

@@ -88,7 +88,7 @@ def test_collapsed_events_of_two_tasks_get_one_fine_tune_run_each(airflow):
 
     api = airflow
     # Stopped scheduler: both events wait in the queue and the next scheduler loop makes ONE
-    # run of them, as it does for events queued in the same scheduler loop.
+    # run of them, as it does for events that arrive while a fine-tune runs (max_active_runs=1).
     # Two assets here; two events of the SAME asset: the next test.
     post_queued(api, [("retrain_request", {"task": "faq"}),
                       ("validated_dataset", {"task": "triage", "version_id": "tri-missing-1"})])
@@ -109,7 +109,7 @@ def test_collapsed_events_of_two_tasks_get_one_fine_tune_run_each(airflow):
     log = api.task_log("llm_finetune", parent_id, "plan")
     assert "task triage has no accepted dataset version 'tri-missing-1'" in log, log[-2000:]
 
-    # faq's own run (started by the first's fan_out) retrains faq.
+    # faq's own run (queued behind the first: one fine-tune at a time) retrains faq.
     child = wait(lambda: next((r for r in api.runs("llm_finetune") if r["dag_run_id"] == child_id), None),
                  "faq's fanned-out run", 60)
     assert child["conf"] == {"task": "faq", "trigger": "retrain_request"}
@@ -132,7 +132,7 @@ def post_events(api: Any, events: list[tuple[str, dict]]) -> None:
 
 def post_queued(api: Any, events: list[tuple[str, dict]]) -> None:
     """Post `events` while the scheduler is stopped, so they wait in the queue together (as
-    events do that arrive in one scheduler loop), then start it again."""
+    events do that arrive while a run holds `max_active_runs`), then start it again."""
     from tuneship import services
 
     services.stop([SCHEDULER])
@@ -150,7 +150,7 @@ def new_asset_run(api: Any, dag_id: str, before: set[str]) -> tuple[str, list[st
 
 def test_an_event_the_scheduler_leaves_to_no_run_is_still_trained_once(airflow):
     """apache/airflow#56050 on the real 3.3 scheduler: two `validated_dataset` events queued
-    together (as when they land in one scheduler loop) give a run that consumes only the
+    together (as when they land while a fine-tune runs) give a run that consumes only the
     first, and the second's queue entry is deleted with the first's, so no run would come for
     it. The run's `which_task` takes it as a stray and fans its task out; the next run, which
     the scheduler hands that event after all, leaves it alone."""
