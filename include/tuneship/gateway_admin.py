@@ -78,7 +78,12 @@ class GatewayAdmin:
         import httpx  # here, not at module level: the gateway imports this module for its token only
 
         self._httpx = httpx
+        from tuneship.audit import default_actor
+
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # who is acting (an Airflow task, or the person running the CLI): the gateway records a
+        # switch or rollback a person makes in the audit trail under this name
+        headers["X-Tuneship-Actor"] = default_actor()
         self.base_url = base_url.rstrip("/")
         self.served_model = served_model
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)

@@ -536,6 +536,7 @@ def _install_routes(app: FastAPI) -> None:
         expected = _expected_generation(if_match, None)
         new = await _update(gw, name, routing.switch, snap.generation if expected is None else expected)
         _count_events(gw, name, ["switch"])
+        await _audit_by_hand(request, "switch", name, new)
         log.info("%s switched (generation %s): live %s -> %s", name, new.generation, _label(new.previous),
                  _label(new.live))
         return new.model_dump(mode="json")
@@ -557,6 +558,7 @@ def _install_routes(app: FastAPI) -> None:
         expected = _expected_generation(if_match, None)
         new = await _update(gw, name, routing.rollback, snap.generation if expected is None else expected)
         _count_events(gw, name, ["rollback"])
+        await _audit_by_hand(request, "rollback", name, new)
         log.warning("%s rolled back (generation %s): live %s -> %s", name, new.generation, _label(new.previous),
                     _label(new.live))
         return new.model_dump(mode="json")
@@ -638,6 +640,27 @@ def _label(route: routing.Route | None) -> str | None:
 def _served_names(gw: Gateway) -> list[str]:
     """The served models a client can call (a live colour set): what /v1/models lists."""
     return [name for name, st in gw.routes.states().items() if st.live is not None]
+
+
+async def _audit_by_hand(request: Request, action: str, served_model: str, new: RoutingState) -> None:
+    """A switch or rollback made through the admin API by anyone but a release stage (which
+    records its own decisions): the audit trail gets it with the caller's `X-Tuneship-Actor`
+    (the CLI and `GatewayAdmin` send the login name), never blocking the answer for long."""
+    actor = request.headers.get("x-tuneship-actor") or "admin-api (no X-Tuneship-Actor)"
+    if actor.startswith("airflow:"):
+        return
+    from tuneship import audit
+
+    live = new.live
+    task = ((live.metadata or {}).get("task") if live else None) or served_model
+    why = f"by hand through the gateway's admin API: {served_model} live is now {_label(new.live)}, " \
+          f"previous {_label(new.previous)}"
+    try:
+        await asyncio.to_thread(audit.record, action, task=task, reason=why, actor=actor,
+                                version=live.version if live else None,
+                                figures={"served_model": served_model, "generation": new.generation})
+    except Exception:  # noqa: BLE001 - the switch is done; the missing record is in the log
+        log.exception("audit trail: could not record the %s of %s by %s", action, served_model, actor)
 
 
 def _admin_model(gw: Gateway, model: str | None, existing: bool = False) -> str:

@@ -71,7 +71,7 @@ def test_status_and_rollback(gateway, gw_env):
     assert r.returncode == 2 and "--yes" in r.stderr
     assert httpx.get(f"{gateway.url}/version").json()["colour"] == "green"
 
-    r = cli("rollback", "--yes", "--json", env=gw_env)
+    r = cli("rollback", "--yes", "--json", env={**gw_env, "TUNESHIP_ACTOR": "ops-ana"})
     assert r.returncode == 0, r.stderr
     new = json.loads(r.stdout)
     assert new["live"]["colour"] == "blue" and new["previous"]["colour"] == "green"
@@ -79,6 +79,13 @@ def test_status_and_rollback(gateway, gw_env):
     # Traffic follows.
     answer = httpx.post(f"{gateway.url}/v1/completions", json={"model": "tuneship", "prompt": PROMPT}, timeout=30)
     assert "[llm_blue]" in answer.json()["choices"][0]["text"]
+    # A person's rollback is in the gateway's audit trail, under their name (the CLI says who)
+    from tuneship import audit
+
+    trail = gateway.home / "audit" / "audit.jsonl"
+    (rec,) = audit.read(path=trail)
+    assert (rec["action"], rec["actor"], rec["version"]) == ("rollback", "ops-ana", "1"), rec
+    assert "by hand" in rec["reason"] and audit.verify(trail).ok
 
 
 def test_wrong_admin_token_is_a_service_refusal(gateway, gw_env):
