@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 from envs import override_env
 from ports import free_port
+from waiting import wait
 
 from tuneship import config
 
@@ -24,15 +24,6 @@ AIRFLOW = ["airflow-api-server", "airflow-scheduler", "airflow-dag-processor"]
 DAG = "approval_release"
 PROMOTE = {"verdict": "promote", "requests": 412, "error_rate": 0.0, "p95_ms": 480.0, "agreement_with_live": 0.91,
            "reasons": ["every bound on the good side"]}
-
-
-def wait(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def _task_file(tasks: Path, name: str, approval: dict) -> None:

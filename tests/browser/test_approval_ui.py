@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from approval_stack import DAG, approval_airflow, finished, release, state, version, wait
+from approval_stack import DAG, approval_airflow, finished, release, state, version
+from waiting import wait
 
 from tuneship import services
 

@@ -15,14 +15,14 @@ instance states, start/end times, XComs and logs, all through the REST API.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pytest
 from envs import override_env
 from ports import free_port
+from waiting import wait
 
 pytestmark = pytest.mark.integration
 
@@ -58,16 +58,6 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             yield api
         finally:
             services.stop([SCHEDULER, *AIRFLOW])
-
-
-def wait(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    """Poll `check` until it returns something truthy (a deadline, not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(1.0)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def tis(api: Any, dag_id: str, run_id: str) -> dict[str, dict]:
