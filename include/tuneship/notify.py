@@ -8,7 +8,7 @@ short title), the verdict (the message text), the key figures as fields, a conte
 version. What would not fit is trimmed on purpose, never sent to be refused.
 
 One thread per release: the first message with a thread key (`release_thread`, e.g.
-`triage-v7`) is the parent, later stages of the same release reply to it (`thread_ts`);
+`<task>-v7`) is the parent, later stages of the same release reply to it (`thread_ts`);
 an alert a person must act on (level `error`) is also broadcast to the channel.
 
 The sink (`TUNESHIP_HOME/notifications.jsonl`) carries exactly what would have been posted
