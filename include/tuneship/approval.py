@@ -149,7 +149,8 @@ def links(task: Any, version: str, dag_run: Any = None) -> dict[str, str]:
 def asked(task: Any, plan: dict[str, Any], why: list[str], request_url: str | None) -> None:
     """Say that a release waits for a person: Slack, in the release's thread, with a button
     to the request; and the audit trail."""
-    from tuneship import audit, notify
+    from tuneship import notify
+    from tuneship.stages import decided
 
     version = str(plan["version"])
     hours = task.approval.timeout_hours if task.approval.on_timeout == "rollback" else None
@@ -160,16 +161,14 @@ def asked(task: Any, plan: dict[str, Any], why: list[str], request_url: str | No
                   figures={"Task": task.name, "Version": version, "Why": "; ".join(why)},
                   links={"Approve or reject": request_url, **notify.release_links(task.registered_model, version)},
                   thread=notify.release_thread(task.name, version))
-    audit.record("approval_requested", task=task.name, version=version, reason="; ".join(why),
-                 figures={"timeout_hours": hours}, key=audit.run_key("approval_requested", version))
+    decided("approval_requested", task.name, "; ".join(why), version=version, figures={"timeout_hours": hours})
 
 
 def answered(task: Any, version: str, answer: dict[str, Any]) -> None:
     """Record a person's answer (or the timeout's) in the audit trail, with who and why."""
-    from tuneship import audit
+    from tuneship.stages import decided
 
     by = answer.get("by") or "airflow:timeout"
     said = answer.get("comment") or ("no answer within the approval timeout" if answer.get("timed_out") else "")
-    audit.record("approved" if answer.get("approved") else "refused", task=task.name, version=str(version),
-                 actor=by, reason=said or "no comment", figures={"timed_out": bool(answer.get("timed_out"))},
-                 key=audit.run_key("approval_answer", version))
+    decided("approved" if answer.get("approved") else "refused", task.name, said or "no comment",
+            version=str(version), actor=by, figures={"timed_out": bool(answer.get("timed_out"))})

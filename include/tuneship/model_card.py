@@ -251,16 +251,16 @@ def publish(task: Any, version: str | int) -> dict[str, Any]:
     from tuneship import atomic, registry
 
     card = build(task, version)
-    md = markdown(card)
+    md, page = markdown(card), to_html(card)
     c = registry.client()
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in (("card.json", json.dumps(card, indent=2, default=str)), ("card.md", md),
-                           ("card.html", to_html(card))):
+                           ("card.html", page)):
             (Path(tmp) / name).write_text(text)
             c.log_artifact(card["run_id"], str(Path(tmp) / name), artifact_path="model_card")
     path = report_path(task.name, version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(path, to_html(card))
+    atomic.write_text(path, page)
     run = c.get_run(card["run_id"])
     link = f"{run.info.artifact_uri}/model_card/card.md"
     summary = (f"Model card (generated from lineage): {link}. UI: /tuneship/reports/{path.name}. "

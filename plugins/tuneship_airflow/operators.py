@@ -364,11 +364,13 @@ class ReleaseApprovalOperator(HITLOperator):
                  **kwargs: Any) -> None:
         from airflow.sdk import Param
 
+        from tuneship.approval import OPTIONS  # light: no heavy imports at DAG parse
+
         # the form's one field; the DAG's own Params arrive in kwargs too (HITL keeps task-level ones)
         params = dict(kwargs.pop("params", None) or {})
         params["comment"] = Param(None, type=["null", "string"], title="Comment",
                                   description="Why (optional; kept with the release's record)")
-        super().__init__(subject="Release approval", options=["Approve", "Reject"], params=params, **kwargs)
+        super().__init__(subject="Release approval", options=list(OPTIONS), params=params, **kwargs)
         self.task_name = task_name
         self.candidate_version = candidate_version
         self.verdict_task_ids = tuple(verdict_task_ids)
@@ -393,7 +395,7 @@ class ReleaseApprovalOperator(HITLOperator):
         spec = task.approval
         if spec.on_timeout == "rollback" and spec.timeout_hours:
             self.response_timeout = timedelta(hours=spec.timeout_hours)
-            self.defaults = ["Reject"]
+            self.defaults = [approval.REJECT]
         else:
             self.response_timeout, self.defaults = None, None
         self.validate_defaults()
@@ -403,13 +405,15 @@ class ReleaseApprovalOperator(HITLOperator):
         return super().execute(context)  # waits in awaiting_input; resumes in execute_complete
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        from tuneship.approval import APPROVE
+
         payload = super().execute_complete(context, event)
         ti = context["ti"]
         request = ti.xcom_pull(task_ids=ti.task_id, key="request") or {}
         user = payload["responded_by_user"] or None
         at = payload["responded_at"]
         answer = {"asked": True, "reasons": request.get("reasons") or [],
-                  "approved": payload["chosen_options"] == ["Approve"],
+                  "approved": payload["chosen_options"] == [APPROVE],
                   "by": (user.get("name") or user.get("id")) if isinstance(user, dict) else user,
                   "comment": (payload["params_input"] or {}).get("comment") or None,
                   "at": at.isoformat() if hasattr(at, "isoformat") else str(at),
