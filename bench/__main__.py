@@ -11,8 +11,8 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "trainer", "gateway", "compile", "quantize", "eval", "gates", "serving", "served", "retrain", "shadow",
-           "drift")
+BENCHES = ("validation", "trainer", "contention", "gateway", "compile", "quantize", "eval", "gates", "serving",
+           "served", "retrain", "shadow", "drift")
 
 
 def main(argv: list[str]) -> int:
