@@ -446,6 +446,37 @@ def counts_test(feature: str, reference: Iterable[Any], current: Iterable[Any], 
                        "total variation", n, m, *shares)
 
 
+def calibration_test(reference: Sequence[tuple[float, bool]], current: Sequence[tuple[float, bool]], *,
+                     min_pairs: int = 20) -> FeatureTest:
+    """Calibration drift: the model's confidence against users' task success. Each answer
+    with feedback gives confidence - success (a calibrated model's mean is 0; over-confident
+    above). Welch's t-test of that gap, current against reference (the champion's first
+    window); effect = the current gap - the reference's (> 0: more over-confident now). Not
+    tested with fewer than `min_pairs` a side (the note says how many there are)."""
+    from scipy.stats import ttest_ind
+
+    n, m = len(reference), len(current)
+    name = "Welch t (confidence - success)"
+    if n < min_pairs or m < min_pairs:
+        return FeatureTest("calibration_gap", name, None, None, "gap change", n, m,
+                           note=f"needs {min_pairs} answers with a confidence and users' task-success feedback a "
+                                f"side (reference {n}, current {m})")
+    ref = np.array([c - float(s) for c, s in reference])
+    cur = np.array([c - float(s) for c, s in current])
+    effect = float(cur.mean() - ref.mean())
+    if np.ptp(ref) < 1e-12 and np.ptp(cur) < 1e-12:  # no spread on either side: equal gaps or not
+        p = 1.0 if abs(effect) < 1e-12 else 0.0
+    else:
+        p = float(ttest_ind(cur, ref, equal_var=False).pvalue)
+
+    def side(pairs: Sequence[tuple[float, bool]], gaps: np.ndarray) -> dict[str, float]:
+        return {"gap": float(gaps.mean()), "mean_confidence": float(np.mean([c for c, _ in pairs])),
+                "task_success": float(np.mean([float(s) for _, s in pairs]))}
+
+    return FeatureTest("calibration_gap", name, p, effect, "gap change", n, m,
+                       reference_value=side(reference, ref), current_value=side(current, cur))
+
+
 def refusal_detector(task: Any) -> Callable[[str], bool] | None:
     """The task's declared refusal detector: the `decline` of its eval suites (any one
     firing), the same `Decline.declined` the gates count with. None if no suite declares one."""
@@ -551,10 +582,13 @@ def drift_check(*, reference_embeddings: np.ndarray | None = None, current_embed
                 reference_answers: Sequence[str] | None = None, current_answers: Sequence[str] | None = None,
                 conforms: Callable[[str], Any] | None = None, parse: Callable[[str], Mapping[str, Any]] | None = None,
                 fields: Sequence[str] = (), declined: Callable[[str], bool] | None = None,
+                reference_calibration: Sequence[tuple[float, bool]] | None = None,
+                current_calibration: Sequence[tuple[float, bool]] | None = None, min_calibration_pairs: int = 20,
                 permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0,
                 method: Literal["holm", "bh"] = DEFAULT_METHOD, alpha: float = DEFAULT_ALPHA,
                 min_effect: Mapping[str, float] | None = None) -> tuple[dict[str, Any], MMDResult | None]:
-    """Every feature that has data on both sides, one family, one verdict. Returns the
+    """Every feature that has data on both sides, one family, one verdict (calibration joins
+    it where both sides have enough feedback; else it is reported untested). Returns the
     verdict (JSON-ready) and the MMD result (its null distribution feeds `drift_tests_chart`)."""
     tests: list[FeatureTest] = []
     mmd = None
@@ -566,6 +600,8 @@ def drift_check(*, reference_embeddings: np.ndarray | None = None, current_embed
             raise ValueError("answer drift needs the task's `conforms` and `parse`")
         tests += output_tests(reference_answers, current_answers, conforms=conforms, parse=parse, fields=fields,
                               declined=declined, seed=seed)
+    if reference_calibration is not None and current_calibration is not None:
+        tests.append(calibration_test(reference_calibration, current_calibration, min_pairs=min_calibration_pairs))
     family = sum(t.p_value is not None for t in tests)
     if mmd is not None and family / (permutations + 1) > alpha:  # Bonferroni's first Holm step
         raise ValueError(f"{permutations} permutations cannot show drift among {family} features at alpha "

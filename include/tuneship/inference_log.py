@@ -155,16 +155,20 @@ class LiveAnswer(msgspec.Struct):
     status: Any = None
     version: Any = None
     completion: Any = None
+    confidence: Any = None
 
 
 class RequestLine(msgspec.Struct):
-    """What a scan of request lines reads of each line; other fields are skipped unparsed."""
+    """What a scan reads of each request line, or of a feedback line (`kinds`); other fields
+    are skipped unparsed."""
 
     request_id: Any
     kind: Any = "request"
     ts: Any = None
     prompt: Any = None
     live: LiveAnswer | None = None
+    key_id: Any = None
+    task_success: Any = None  # a feedback line's
 
 
 _REQUEST_LINE = msgspec.json.Decoder(RequestLine)
@@ -172,25 +176,32 @@ _REQUEST_LINE = msgspec.json.Decoder(RequestLine)
 
 def iter_requests(root: Path | str, since: datetime | str | float | None = None,
                   until: datetime | str | float | None = None,
-                  model: str | None = None) -> Iterator[tuple[datetime, RequestLine]]:
+                  model: str | None = None,
+                  kinds: tuple[str, ...] = ("request",),
+                  containing: bytes | None = None) -> Iterator[tuple[datetime, RequestLine]]:
     """Request lines one at a time as `(ts, line)`, ts in [since, until), in file order: a
     streaming scan whose memory does not grow with the log (the drift monitor's reader).
+    `kinds=("request", "feedback")` also yields feedback lines (their own ts). `containing`:
+    only lines holding these bytes are decoded (a cheap prefilter, e.g. b"feedback" for a
+    pass over the feedback lines alone; the kind is still checked).
 
-    Unlike `read_inference_log` it joins nothing: shadow and feedback lines are skipped,
-    and a request_id written twice is read twice (the gateway writes each request line
-    once). Torn, corrupt or non-UTF-8 lines, and lines without a request_id or a readable
-    ts, are skipped as `read_inference_log` skips them."""
+    Unlike `read_inference_log` it joins nothing: shadow lines (and feedback lines unless
+    asked for) are skipped, and a request_id written twice is read twice (the gateway writes
+    each request line once). Torn, corrupt or non-UTF-8 lines, and lines without a
+    request_id or a readable ts, are skipped as `read_inference_log` skips them."""
     lo = parse_ts(since) if since is not None else None
     hi = parse_ts(until) if until is not None else None
     decode = _REQUEST_LINE.decode
     for path in _files(Path(root), lo, hi, model):
         with open(path, "rb") as f:
             for raw in f:
+                if containing is not None and containing not in raw:
+                    continue
                 try:
                     line = decode(raw)
                 except msgspec.DecodeError:  # also a ValidationError: a line of another shape
                     continue
-                if line.kind != "request":
+                if line.kind not in kinds:
                     continue
                 try:
                     ts = parse_ts(line.ts)

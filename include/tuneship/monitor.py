@@ -51,6 +51,12 @@ def candidate_responses(records: list[dict], version: str) -> list[dict]:
 
 # ---------------------------------------------------------------- feedback (reported only)
 
+# Users' feedback on an answer counts where a decision reads it (a canary's task success, the
+# drift monitor's calibration test) when it comes within this long of the answer, from the key
+# that made the request, first verdict only: the readers' state stays bounded however long
+# they run.
+FEEDBACK_TTL_S = 3600.0
+
 
 def feedback_summary(records: list[dict], version: str) -> dict[str, Any]:
     """Task success and user rating over the feedback joined to requests that `version`
@@ -101,19 +107,80 @@ class WindowScan:
     prompts: list[str]  # a seeded sample of those prompts (`tuneship.drift.Reservoir`)
     answers: list[str]  # a seeded sample of `version`'s answers among them
     answers_seen: int  # how many answers `version` gave in the window
+    # (confidence, task success) of `version`'s answers that carry the model's confidence and
+    # got their requester's feedback (`Calibration`): a seeded sample of `sample_size` of them,
+    # and how many joined
+    calibration: list[tuple[float, bool]] = field(default_factory=list)
+    calibration_seen: int = 0
+
+
+class Calibration:
+    """Users' task-success verdicts joined to the answers they judge, for the drift monitor's
+    calibration test, under a canary's feedback rules: from the key that made the request,
+    its first verdict, within `FEEDBACK_TTL_S` of the answer.
+
+    Two passes over the window, so memory follows the feedback, not the traffic: `verdict`
+    indexes the feedback lines (the first pass), `answer` joins each answer that carries a
+    confidence (the second). At most `16 * sample_size` requests' verdicts are held: past
+    that the request ids kept are thinned by their sampling key (threshold halved, those
+    above it dropped, later ones above it never kept), so the joined pairs stay a uniform
+    sample. (A window that ends before the log does also indexes the verdicts of the hour
+    after it, some of them on later requests: they share the cap.) The pairs returned are a
+    seeded sample of `sample_size` (`tuneship.drift.Reservoir`)."""
+
+    def __init__(self, sample_size: int, seed: int) -> None:
+        from tuneship.drift import Reservoir
+
+        self.pairs = Reservoir(sample_size, seed)
+        self.cap = 16 * sample_size
+        self.threshold = 1 << 64  # request ids whose key is at or above it are not kept
+        self.verdicts: dict[str, list[tuple[float, Any, bool]]] = {}  # rid -> (ts, key_id, success), read order
+        self.joined = 0
+
+    def verdict(self, rid: str, ts: float, key_id: Any, success: Any) -> None:
+        if not isinstance(success, bool):
+            return
+        got = self.verdicts.get(rid)
+        if got is not None:
+            if len(got) < 4:  # the first verdicts of a few keys; the requester's first is what counts
+                got.append((ts, key_id, success))
+            return
+        if self.pairs.key(rid) >= self.threshold:
+            return
+        self.verdicts[rid] = [(ts, key_id, success)]
+        while len(self.verdicts) > self.cap:
+            self.threshold >>= 1
+            for r in [r for r in self.verdicts if self.pairs.key(r) >= self.threshold]:
+                del self.verdicts[r]
+
+    def answer(self, rid: str, ts: float, key_id: Any, confidence: Any, key: int) -> None:
+        got = self.verdicts.get(rid)
+        if got is None or isinstance(confidence, bool) or not isinstance(confidence, (int, float)) \
+                or not 0 <= confidence <= 1:
+            return
+        mine = [v for v in got if v[1] == key_id and 0 <= v[0] - ts <= FEEDBACK_TTL_S]
+        if mine:
+            self.joined += 1
+            self.pairs.offer(rid, (float(confidence), min(mine, key=lambda v: v[0])[2]), ts, key=key)
+
+    def result(self) -> list[tuple[float, bool]]:
+        """(confidence, task success) of the sampled pairs, by the answers' time."""
+        return self.pairs.items()
 
 
 SAMPLE_SEED = 1  # the recent window's samples (the reference's, from the training data, uses 0)
 
 
 def scan_window(served_model: str, *, since: float | None, until: float | None = None, sample_size: int,
-                version: str | None = None, with_prompts: bool = True, root: Path | None = None,
-                batch: int = 10_000) -> WindowScan:
+                version: str | None = None, with_prompts: bool = True, with_calibration: bool = True,
+                root: Path | None = None, batch: int = 10_000) -> WindowScan:
     """One pass over a served model's request lines in [since, until) (epoch seconds): the
     live-answered prompts' text profile (fed `batch` prompts at a time), a seeded sample of
-    `sample_size` of them, and a seeded sample of `sample_size` of `version`'s answers
-    (`None`: no answers). `with_prompts=False` skips the profile and the prompt sample (a
-    window read for its answers only). Samples are keyed by request id, sorted by time."""
+    `sample_size` of them, a seeded sample of `sample_size` of `version`'s answers (`None`:
+    no answers) and of their (confidence, task success) pairs where users' feedback joins
+    (`Calibration`: a first pass over the feedback lines; `with_calibration=False` skips
+    it). `with_prompts=False` skips the profile and the prompt sample (a window read for its
+    answers only). Samples are keyed by request id, sorted by time."""
     from tuneship.drift import Reservoir
     from tuneship.inference_log import iter_requests
     from tuneship.profile import TextProfiler
@@ -123,6 +190,12 @@ def scan_window(served_model: str, *, since: float | None, until: float | None =
     pending: list[str] = []
     requests = 0
     want = None if version is None else str(version)
+    calibration = Calibration(sample_size, SAMPLE_SEED) if want is not None and with_calibration else None
+    if calibration is not None:  # the first pass: the window's feedback (and an hour after it)
+        late = None if until is None else until + FEEDBACK_TTL_S
+        for ts, line in iter_requests(root or log_root(), since, late, served_model, kinds=("feedback",),
+                                      containing=b"feedback"):
+            calibration.verdict(str(line.request_id), ts.timestamp(), line.key_id, line.task_success)
     for ts, line in iter_requests(root or log_root(), since, until, served_model):
         live = line.live
         if live is None or live.status != 200:
@@ -139,10 +212,14 @@ def scan_window(served_model: str, *, since: float | None, until: float | None =
                 pending = []
         if want is not None and str(live.version) == want:
             answers.offer(rid, live.completion or "", order, key=key)
+            if calibration is not None and live.confidence is not None:
+                calibration.answer(rid, order, line.key_id, live.confidence, key)
     if profiler is not None:
         profiler.add_texts(pending)
     return WindowScan(requests=requests, profile=profiler.result() if profiler is not None else None,
-                      prompts=prompts.items(), answers=answers.items(), answers_seen=answers.seen)
+                      prompts=prompts.items(), answers=answers.items(), answers_seen=answers.seen,
+                      calibration=calibration.result() if calibration else [],
+                      calibration_seen=calibration.joined if calibration else 0)
 
 
 def drift_report(reference: dict, current: dict, *, threshold: float, min_requests: int = 30) -> dict[str, Any]:

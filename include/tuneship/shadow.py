@@ -40,15 +40,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tuneship.monitor import is_ok
+from tuneship.monitor import FEEDBACK_TTL_S, is_ok
 from tuneship.sequential import Policy, Rule, SequentialRelease
 
 # A request whose shadow answer has not arrived after this long is given up on (the replica
 # stopped before the mirror answered); a shadow line whose request line never came likewise.
 PENDING_TTL_S = 900.0
-# Users' feedback on a canary answer counts when it comes within this long of the answer
-# (the watch's state stays bounded however long the canary runs).
-FEEDBACK_TTL_S = 3600.0
 
 
 # ------------------------------------------------------------------ reading only what is new

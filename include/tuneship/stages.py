@@ -1360,7 +1360,7 @@ def check_drift(task: Task, *, window_hours: float, threshold: float, min_reques
     since = time.time() - window_hours * 3600
     # one streaming pass over the window: profile, seeded samples; memory flat in the requests
     window = monitor.scan_window(task.served_model, since=since, sample_size=task.drift.tests.sample_size,
-                                 version=champion.version)
+                                 version=champion.version, with_calibration=task.drift.tests.calibration)
     report = monitor.drift_report(manifest["reference"], window.profile, threshold=threshold,
                                   min_requests=min_requests)
     tests = None
@@ -1429,7 +1429,8 @@ def drift_tests(task: Task, champion: Any, train_path: Path, window: Any, *, win
     """The task's two-sample drift tests (`tuneship.drift.drift_check`, one family): embeddings
     of a seeded sample of recent prompts against the champion's training prompts, and a seeded
     sample of the champion's recent answers against one of its own answers in its first window
-    after promotion. `window`: the recent window's `monitor.WindowScan`."""
+    after promotion, and the champion's calibration against users' feedback in the same two
+    windows. `window`: the recent window's `monitor.WindowScan`."""
     from tuneship import drift, monitor
 
     spec = task.drift.tests
@@ -1438,19 +1439,22 @@ def drift_tests(task: Task, champion: Any, train_path: Path, window: Any, *, win
         kwargs["reference_embeddings"] = drift.reference_embeddings(train_path, n=spec.sample_size)
         kwargs["current_embeddings"] = drift.embedder().embed(window.prompts)
     promoted = champion.tags.get("promoted_at")
-    if spec.outputs and promoted:
+    if (spec.outputs or spec.calibration) and promoted:
         import calendar
 
         start = calendar.timegm(time.strptime(promoted, "%Y-%m-%dT%H:%M:%SZ"))
         first = monitor.scan_window(task.served_model, since=start, until=start + window_hours * 3600,
-                                    sample_size=spec.sample_size, version=champion.version,
-                                    with_prompts=False)  # its first window only, however old
+                                    sample_size=spec.sample_size, version=champion.version, with_prompts=False,
+                                    with_calibration=spec.calibration)  # its first window only, however old
         ref, cur = first.answers, window.answers
-        if len(ref) >= 20 and len(cur) >= 20:
+        if spec.outputs and len(ref) >= 20 and len(cur) >= 20:
             from tuneship.drift import refusal_detector
 
             kwargs.update(reference_answers=ref, current_answers=cur, conforms=task.conforms, parse=task.parser,
                           fields=task.answers.fields, declined=refusal_detector(task))
+        if spec.calibration:  # untested (and said so) until both windows hold enough feedback
+            kwargs.update(reference_calibration=first.calibration, current_calibration=window.calibration,
+                          min_calibration_pairs=spec.min_calibration_pairs)
     if not kwargs:
         return {"drifted": False, "features": [], "note": "nothing to test"}
     verdict, mmd = drift.drift_check(permutations=spec.permutations, method=spec.method, alpha=spec.alpha,

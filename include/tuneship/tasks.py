@@ -220,6 +220,11 @@ class DriftTestsSpec(_Strict):
                             "sample of recent prompts against a sample of the champion's training prompts")
     outputs: bool = Field(default=True, description="the champion's recent answers against its own answers in its "
                           "first window after promotion: length, format failures, refusals, parsed labels")
+    calibration: bool = Field(default=True, description="the champion's confidence against users' task-success "
+                              "feedback, recent window vs its first window after promotion (Welch t on "
+                              "confidence - success); tested where each side has min_calibration_pairs")
+    min_calibration_pairs: int = Field(default=20, ge=5, description="answers with a confidence and feedback a "
+                                       "side before calibration is tested")
     sample_size: int = Field(default=256, ge=20, le=4096, description="prompts embedded a side")
     permutations: int = Field(default=500, ge=99, le=10000)
     alpha: float = Field(default=0.05, gt=0, lt=0.5)

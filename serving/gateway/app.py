@@ -1090,7 +1090,7 @@ async def _stream_answer(gw: Gateway, call: _Call, is_chat: bool, include_usage:
                 for word in chat.word_chunks(strip.feed(piece.text) if strip else piece.text):
                     yield chunk(word, None)
             ans.completion = Completion("".join(texts), last.prompt_tokens if last else 0,
-                                        last.completion_tokens if last else 0)
+                                        last.completion_tokens if last else 0, last.confidence if last else None)
             outcome = (200, None)
         except UpstreamError as exc:
             outcome = (exc.status, exc.code)
@@ -1171,6 +1171,8 @@ def _log_request(
     }
     if error:
         live_entry["error"] = error
+    if c is not None and c.confidence is not None:
+        live_entry["confidence"] = c.confidence  # the model's own, for the drift monitor's calibration test
     gw.writer.submit(ts, {
         "kind": "request",
         "ts": format_ts(ts),

@@ -110,6 +110,8 @@ class Mirror:
                                             adapter=route.adapter)
             result.update(completion=c.text, status=200, prompt_tokens=c.prompt_tokens,
                           completion_tokens=c.completion_tokens)
+            if c.confidence is not None:
+                result["confidence"] = c.confidence
             if job.live_completion is not None:
                 m.child(m.shadow_compared, job.served_model, job.live_version or "", route.colour, route.model,
                         route.version or "", agreement(job.live_completion, c.text)).inc()

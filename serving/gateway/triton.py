@@ -2,7 +2,7 @@
 
 One `aiohttp.ClientSession` per gateway process (keep-alive pool to Triton). Inputs follow
 the LLM contract in docs/CONTRACTS.md: PROMPT (BYTES [1]), MAX_TOKENS (INT32 [1], optional)
--> COMPLETION, PROMPT_TOKENS, COMPLETION_TOKENS; ADAPTER (BYTES [1], optional: the LoRA adapter
+-> COMPLETION, PROMPT_TOKENS, COMPLETION_TOKENS[, CONFIDENCE]; ADAPTER (BYTES [1], optional: the LoRA adapter
 of a shared-base model, a route's `adapter`) is sent only when the route names one. If a model
 was configured with max_batch_size > 0, a leading batch dimension is added (learnt once per
 model from /v2/models/{name}/config).
@@ -92,6 +92,8 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    # the model's CONFIDENCE output (the compiled LLM's; None where a model has none)
+    confidence: float | None = None
 
 
 class TritonClient:
@@ -268,6 +270,7 @@ class _Generated(msgspec.Struct):
     COMPLETION: str | None = None
     PROMPT_TOKENS: int = 0
     COMPLETION_TOKENS: int = 0
+    CONFIDENCE: float | None = None
     error: str | None = None
 
 
@@ -275,7 +278,8 @@ def _decode_generated(body: bytes) -> dict[str, list[Any]]:
     g = msgspec.json.decode(body, type=_Generated)
     if g.error is not None:
         raise UpstreamError(502, "upstream_error", f"Triton returned an error: {g.error[:300]}")
-    return {"COMPLETION": [g.COMPLETION], "PROMPT_TOKENS": [g.PROMPT_TOKENS], "COMPLETION_TOKENS": [g.COMPLETION_TOKENS]}
+    return {"COMPLETION": [g.COMPLETION], "PROMPT_TOKENS": [g.PROMPT_TOKENS], "COMPLETION_TOKENS": [g.COMPLETION_TOKENS],
+            "CONFIDENCE": [g.CONFIDENCE]}
 
 
 def _decode_infer_outputs(body: bytes) -> dict[str, list[Any]]:
@@ -292,9 +296,19 @@ def _completion(body: bytes, decode: Any) -> Completion:
             text=text if isinstance(text, str) else str(text),
             prompt_tokens=int(outputs.get("PROMPT_TOKENS", [0])[0]),
             completion_tokens=int(outputs.get("COMPLETION_TOKENS", [0])[0]),
+            confidence=_confidence(outputs.get("CONFIDENCE", [None])[0]),
         )
     except (msgspec.MsgspecError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise UpstreamError(502, "upstream_error", f"unexpected Triton response ({type(exc).__name__})") from exc
+
+
+def _confidence(value: Any) -> float | None:
+    """A CONFIDENCE output as logged: a probability rounded to 6 places, else None."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return round(v, 6) if 0.0 <= v <= 1.0 else None
 
 
 def _error_text(body: bytes) -> str:

@@ -200,3 +200,6 @@ def test_gateway_routes_served_models_to_adapters_of_one_triton_model(served, tm
     half = {p.decode(): _ask(served, MERGED["half"], p)[0][0] for p in prompts}
     for r in shadowed:
         assert r["shadow"]["completion"].strip() == half[r["prompt"]].strip(), r
+    # each answer is logged with the model's confidence in it (the drift monitor's calibration)
+    answered = [a for r in records for a in (r["live"], r["shadow"]) if a and a.get("status") == 200]
+    assert answered and all(0 < a["confidence"] <= 1 for a in answered), answered[:2]

@@ -59,6 +59,41 @@ def test_load_ready_and_exact_answers_whole_and_streamed(served, tmp_path_factor
     assert out.startswith(" category=")
 
 
+def test_each_answer_carries_the_models_confidence_to_the_gateway(served, tmp_path_factory):
+    """The gateway's Triton client (aiohttp to the generate endpoints, as the gateway calls
+    them) reads CONFIDENCE: the figure the model class computes for the same answer, whole or
+    streamed (the last piece carries it); what the inference log records for calibration."""
+    import asyncio
+
+    import tritonclient.http as httpclient
+
+    from serving.gateway.triton import TritonClient
+    from tuneship.compile import load_triton_model_module
+
+    http = httpclient.InferenceServerClient(served.url)
+    if not http.is_model_ready("llm_blue"):
+        http.load_model("llm_blue")
+    local = load_triton_model_module().GenaiGreedyGenerator(str(served.repository / "llm_blue" / "1"))
+    prompts = [row["prompt"] for row in read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")[:4]]
+
+    async def ask() -> list[tuple]:
+        client = TritonClient(served.url)
+        try:
+            out = []
+            for prompt in prompts:
+                whole = await client.complete("llm_blue", prompt, 12)
+                pieces = [c async for c in await client.stream("llm_blue", prompt, 12)]
+                out.append((whole, pieces))
+            return out
+        finally:
+            await client.aclose()
+
+    for prompt, (whole, pieces) in zip(prompts, asyncio.run(ask()), strict=True):
+        text, _, _, confidence = local.answer(prompt, 12)
+        assert whole.text == text and whole.confidence == pytest.approx(confidence, rel=1e-5), prompt
+        assert "".join(p.text for p in pieces) == text and pieces[-1].confidence == whole.confidence
+
+
 def test_bad_requests_are_errors_and_the_model_stays_up(served):
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException

@@ -51,7 +51,7 @@ def test_model_directory_layout(compiled):
     assert 'backend: "python"' in cfg and "versions: [ 3 ]" in cfg and "$" not in cfg
     assert "count: 2" in cfg  # a second request decodes while the first is still generating
     for name, typ in (("PROMPT", "TYPE_STRING"), ("MAX_TOKENS", "TYPE_INT32"), ("COMPLETION", "TYPE_STRING"),
-                      ("PROMPT_TOKENS", "TYPE_INT32"), ("COMPLETION_TOKENS", "TYPE_INT32")):
+                      ("PROMPT_TOKENS", "TYPE_INT32"), ("COMPLETION_TOKENS", "TYPE_INT32"), ("CONFIDENCE", "TYPE_FP32")):
         assert f'name: "{name}"\n    data_type: {typ}' in cfg, name
 
 
@@ -122,6 +122,33 @@ def test_triton_generator_matches_eager_generate(compiled, tmp_path_factory):
         gen.generate("hi", 0)
 
 
+def test_served_confidence_is_the_eval_suites_mean_token_rule(compiled, tmp_path_factory):
+    """The CONFIDENCE Triton returns with each answer (what the drift monitor holds against
+    users' feedback) is the eval suites' `mean_token` confidence of the same answer: the
+    geometric mean of the probabilities eager PyTorch gives the answer's tokens, eos included.
+    A streamed answer's last piece carries the same figure."""
+    import math
+
+    from tuneship.compile import merged_model
+    from tuneship.evaluate import token_confidence
+    from tuneship.generate import generate_and_score
+
+    _, repo = compiled
+    gen = load_triton_model_module().GenaiGreedyGenerator(str(repo / "llm_blue" / "3"))
+    model, tok = merged_model(str(base_model(tmp_path_factory)), finetuned(tmp_path_factory) / "adapter")
+    prompts = [row["prompt"] for row in read_jsonl(dataset(tmp_path_factory) / "eval.jsonl")[:8]]
+    eager = generate_and_score(model, tok, prompts, 16, [])
+    seen = set()
+    for prompt, answer, logprobs in zip(prompts, eager.answers, eager.answer_logprobs, strict=True):
+        text, _, _, confidence = gen.answer(prompt, 16)
+        assert text == answer, prompt
+        assert 0 < confidence <= 1
+        assert math.isclose(confidence, token_confidence("mean_token", logprobs), rel_tol=2e-3), prompt
+        assert list(gen.stream_scored(prompt, 16))[-1][3] == confidence
+        seen.add(round(confidence, 3))
+    assert len(seen) > 1, "one confidence for every answer is no confidence"
+
+
 def _unfaithful_copy(compiled, dest, change):
     """The compiled version directory with one weight of the built model changed in place,
     in model.onnx.data where the graph's external-data reference points."""
@@ -165,9 +192,11 @@ def test_stream_holds_back_an_incomplete_utf8_character():
     cls = load_triton_model_module().GenaiGreedyGenerator
     gen = cls.__new__(cls)  # the decoding loop replaced by a scripted one
     gen._steps = lambda prompt, max_tokens, adapter=None: iter(
-        [("", 3, 0), (" ca", 3, 1), (" caf\ufffd", 3, 2), (" café", 3, 3), (" café!", 3, 4)])
+        [("", 3, 0, None), (" ca", 3, 1, 0.9), (" caf\ufffd", 3, 2, 0.8), (" café", 3, 3, 0.85), (" café!", 3, 4, 0.7)])
     assert list(gen.stream("x")) == [(" ca", 3, 1), ("fé", 3, 3), ("!", 3, 4), ("", 3, 4)]
-    gen._steps = lambda prompt, max_tokens, adapter=None: iter([("", 5, 0)])  # eos first: one empty final piece
+    # the scored pieces carry the confidence so far; the last one the answer's
+    assert [p[3] for p in gen.stream_scored("x")] == [0.9, 0.85, 0.7, 0.7]
+    gen._steps = lambda prompt, max_tokens, adapter=None: iter([("", 5, 0, None)])  # nothing decoded
     assert list(gen.stream("x")) == [("", 5, 0)]
 
 

@@ -307,3 +307,46 @@ def test_one_check_with_embeddings_and_answers_gives_a_json_verdict_and_a_chart(
     out = drift.drift_tests_chart(v, tmp_path / "drift-tests.png", "triage: drift tests", mmd)
     img = matplotlib.image.imread(out)
     assert img.shape[0] > 300 and img.shape[1] > 1000  # two panels
+
+
+def _pairs(rng: random.Random, n: int, confidence: float, success: float) -> list[tuple[float, bool]]:
+    """n answers at about `confidence`, right with probability `success`."""
+    return [(min(1.0, max(0.0, rng.gauss(confidence, 0.05))), rng.random() < success) for _ in range(n)]
+
+
+def test_calibration_drift_is_an_over_confident_model_not_a_harder_mix():
+    """The gap (confidence - success) is what is compared: the same confidence with success
+    falling from 0.85 to 0.55 is drift (effect about +0.3); success falling with the confidence
+    following it is not; and the same mix, under repeated draws, fires at about its level."""
+    rng = random.Random(7)
+    reference = _pairs(rng, 120, 0.85, 0.85)
+    over = drift.calibration_test(reference, _pairs(rng, 120, 0.85, 0.55))
+    assert over.p_value < 1e-4 and over.effect == pytest.approx(0.30, abs=0.1)
+    assert over.reference_value["task_success"] > over.current_value["task_success"]
+    assert over.current_value["mean_confidence"] == pytest.approx(0.85, abs=0.02)
+    followed = drift.calibration_test(reference, _pairs(rng, 120, 0.55, 0.55))
+    assert followed.p_value > 0.01 and abs(followed.effect) < 0.1
+    fired = sum(drift.calibration_test(_pairs(rng, 60, 0.8, 0.8), _pairs(rng, 60, 0.8, 0.8)).p_value <= 0.05
+                for _ in range(400))
+    assert fired / 400 <= 0.08, fired  # Welch's t at its 5% level (binomial sd 1.1%)
+
+
+def test_calibration_says_what_it_needs_before_it_tests():
+    few = drift.calibration_test([(0.9, True)] * 30, [(0.9, True)] * 7, min_pairs=20)
+    assert few.p_value is None and "reference 30, current 7" in few.note
+    # no spread on either side: equal gaps are not drift, different ones are
+    assert drift.calibration_test([(0.9, True)] * 25, [(0.9, True)] * 25).p_value == 1.0
+    assert drift.calibration_test([(0.9, True)] * 25, [(0.9, False)] * 25).p_value == 0.0
+
+
+def test_calibration_joins_the_family_only_with_enough_feedback():
+    rng = random.Random(3)
+    answers = _triage_answers(40, 1)
+    t = triage()
+    kw = {"reference_answers": answers, "current_answers": answers, "conforms": t.answer_conforms,
+          "parse": t.parse_answer, "fields": ["category"]}
+    verdict, _ = drift.drift_check(reference_calibration=_pairs(rng, 80, 0.9, 0.9),
+                                   current_calibration=_pairs(rng, 80, 0.9, 0.4), **kw)
+    assert verdict["drifted_features"] == ["calibration_gap"] and verdict["family_size"] == 4
+    verdict, _ = drift.drift_check(reference_calibration=[], current_calibration=_pairs(rng, 80, 0.9, 0.4), **kw)
+    assert not verdict["drifted"] and verdict["untested"] == ["calibration_gap"] and verdict["family_size"] == 3

@@ -28,9 +28,10 @@ T0 = parse_ts("2026-11-30T10:00:00+00:00").timestamp()
 
 def write_log(root: Path, prompts: list[str], *, start: float, step: float, version: str = "3", model: str = MODEL,
               replica: str = "gw0", answer=lambda i: f" category=billing priority={'high' if i % 3 else 'low'}",
-              extra=None, shadow: bool = True) -> None:
+              extra=None, shadow: bool = True, confidence=None) -> None:
     """Request lines as the gateway writes them (one file per hour), with their shadow lines;
-    `extra(i, ts, request_id)` may return more lines to write after request i."""
+    `extra(i, ts, request_id)` may return more lines to write after request i; `confidence(i)`
+    the model's confidence the live answer carries (None: none)."""
     files: dict[Path, object] = {}
     try:
         for i, prompt in enumerate(prompts):
@@ -43,6 +44,8 @@ def write_log(root: Path, prompts: list[str], *, start: float, step: float, vers
             rid = f"{replica}-{start}-{i}"
             live = {"colour": "blue", "version": version, "model": f"{model}_blue", "completion": answer(i),
                     "latency_ms": 310.5, "status": 200}
+            if confidence is not None and (c := confidence(i)) is not None:
+                live["confidence"] = c
             f.write(json.dumps({"kind": "request", "ts": format_ts(ts), "request_id": rid, "replica": replica,
                                 "endpoint": "/v1/completions", "served_model": model, "model": model,
                                 "role": "live", "key_id": "k1", "prompt": prompt, "max_tokens": 32, "live": live,
@@ -175,13 +178,21 @@ def _peak_scan(root: Path, until: float) -> tuple[int, monitor.WindowScan]:
 def test_the_scan_holds_the_same_memory_for_10k_and_200k_requests(tmp_path: Path):
     pool = load_task("triage").resolve(load_task("triage").demo.traffic)(2000, seed=3, drift=0.3)
     n = 200_000
-    write_log(tmp_path, [pool[i % len(pool)] for i in range(n)], start=T0, step=0.015, shadow=False)  # 50 min
+    # every answer carries a confidence, every other one gets its user's verdict: more than the
+    # calibration join holds (16 x 256), in both windows, so it thins them to stay flat
+    write_log(tmp_path, [pool[i % len(pool)] for i in range(n)], start=T0, step=0.015, shadow=False,  # 50 min
+              confidence=lambda i: 0.5 + (i % 100) / 250,
+              extra=lambda i, ts, rid: [feedback_line(rid, ts, "k1", i % 4 == 0)] if i % 2 == 0 else [])
     _peak_scan(tmp_path, T0 + 1_000 * 0.015)  # first use imports and caches: not the scan's state
     small, scan_small = _peak_scan(tmp_path, T0 + 10_000 * 0.015)
     large, scan_large = _peak_scan(tmp_path, T0 + n * 0.015)
     assert scan_small.requests == 10_000 and scan_large.requests == n
     assert len(scan_large.prompts) == len(scan_large.answers) == 256
     assert scan_large.profile["row_count"] == n and sum(scan_large.profile["length"]["counts"]) == n
+    # the small window's first pass also holds the verdicts of the hour after it (requests it does
+    # not hold), so fewer of its own are left after thinning
+    assert len(scan_large.calibration) == 256 and 100 < len(scan_small.calibration) <= 256
+    assert 256 < scan_large.calibration_seen <= 16 * 256
     # twenty times the requests, the same peak (reading the joined records holds every one of them)
     assert large < 1.25 * small, (small, large)
 
@@ -193,3 +204,66 @@ def test_the_profiler_keeps_a_flat_number_of_parts():
         assert len(profiler._parts) + len(profiler._summed_parts) < 2 * TextProfiler._COMPACT_EVERY
     assert profiler.result() == text_profile([f"ticket {i % 50} about billing"
                                               for i in range(TextProfiler._COMPACT_EVERY ** 2 * 3)])
+
+
+def feedback_line(rid: str, ts, key_id: str | None, success: bool | None, *, after_s: float = 5.0,
+                  rating: int | None = None) -> str:
+    """A feedback line as the gateway writes it, `after_s` after its answer."""
+    return json.dumps({"kind": "feedback", "ts": format_ts(parse_ts(ts.timestamp() + after_s)),
+                       "feedback_id": f"fb-{rid}-{after_s}", "request_id": rid, "replica": "gw0",
+                       "served_model": MODEL, "key_id": key_id, "rating": rating, "task_success": success,
+                       "comment": None})
+
+
+def test_calibration_pairs_follow_the_feedback_rules(tmp_path: Path):
+    """An answer's confidence is joined to its task-success feedback as a canary counts it:
+    the key that made the request, its first verdict, within an hour; a verdict read before
+    its request (another replica's file) still joins; another key's, a late one, a rating
+    alone and an answer without a confidence do not."""
+    n = 200
+
+    def extra(i, ts, rid):
+        kind = i % 10
+        return {0: [feedback_line(rid, ts, "k1", True)],
+                1: [feedback_line(rid, ts, "k2", True)],  # another client's key
+                2: [feedback_line(rid, ts, "k1", False), feedback_line(rid, ts, "k1", True, after_s=9)],
+                3: [feedback_line(rid, ts, "k1", True, after_s=4000)],  # over an hour late
+                4: [feedback_line(rid, ts, "k1", None, rating=5)],  # a rating alone
+                6: [feedback_line(rid, ts, "k1", True)]}.get(kind, [])  # its answer has no confidence
+
+    prompts = [f"ticket {i} about a refund" for i in range(n)]
+    confidence = lambda i: None if i % 10 == 6 else round(0.5 + i / 1000, 3)  # noqa: E731 - the row's identity
+    write_log(tmp_path, prompts, start=T0, step=2.0, replica="gw1", shadow=False, extra=extra, confidence=confidence)
+    # verdicts for rows 5, 15, ... in replica gw0's file of the same hour: read before gw1's requests
+    early = partition_file(tmp_path, parse_ts(T0), "gw0", MODEL)
+    with open(early, "a", encoding="utf-8") as f:
+        for i in range(5, n, 10):
+            f.write(feedback_line(f"gw1-{T0}-{i}", parse_ts(T0 + i * 2.0), "k1", i % 20 == 5) + "\n")
+    assert sorted(p.name for p in early.parent.iterdir()) == ["gw0.jsonl", "gw1.jsonl"]
+    scan = monitor.scan_window(MODEL, since=T0, until=T0 + 10_000, sample_size=256, version="3", root=tmp_path)
+    want = sorted([(confidence(i), True) for i in range(0, n, 10)] + [(confidence(i), False) for i in range(2, n, 10)]
+                  + [(confidence(i), i % 20 == 5) for i in range(5, n, 10)])
+    assert sorted(scan.calibration) == want and scan.calibration_seen == len(want) == 60
+    # another version's answers give none
+    assert monitor.scan_window(MODEL, since=T0, until=T0 + 10_000, sample_size=256, version="4",
+                               root=tmp_path).calibration == []
+
+
+def test_calibration_thins_the_verdicts_it_holds_and_the_sample_stays_the_same(tmp_path: Path):
+    """More verdicts than the join may hold (16 x the sample size): the request ids kept are
+    thinned by their sampling key, never more than the cap at once, and the sample is still
+    the smallest-keyed of all the joinable answers: what it would be with no cap."""
+    n, size = 3000, 10
+    write_log(tmp_path, [f"ticket {i}" for i in range(n)], start=T0, step=1.0, shadow=False,
+              confidence=lambda i: round(i / n, 6),
+              extra=lambda i, ts, rid: [feedback_line(rid, ts, "k1", i % 3 == 0)])
+    cal = monitor.Calibration(size, monitor.SAMPLE_SEED)
+    for i in range(n):
+        cal.verdict(f"gw0-{T0}-{i}", T0 + i + 5, "k1", i % 3 == 0)
+        assert len(cal.verdicts) <= cal.cap == 160
+    assert cal.threshold < 1 << 64
+    scan = monitor.scan_window(MODEL, since=T0, until=T0 + n, sample_size=size, version="3", root=tmp_path)
+    keys = {i: cal.pairs.key(f"gw0-{T0}-{i}") for i in range(n)}
+    smallest = sorted(sorted(keys, key=keys.get)[:size])
+    assert scan.calibration == [(round(i / n, 6), i % 3 == 0) for i in smallest]
+    assert size < scan.calibration_seen <= 160

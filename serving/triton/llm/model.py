@@ -26,6 +26,7 @@ merged model directory has no adapters/, so nothing of this runs for it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -132,9 +133,16 @@ class GenaiGreedyGenerator:
         return text, False
 
     def _steps(self, prompt: str, max_tokens: int | None,
-               adapter: str | None = None) -> Iterator[tuple[str, int, int]]:
-        """The decoding loop: (completion text so far, prompt_tokens, completion_tokens),
-        first before any token, then after each generated token until a stop."""
+               adapter: str | None = None) -> Iterator[tuple[str, int, int, float | None]]:
+        """The decoding loop: (completion text so far, prompt_tokens, completion_tokens,
+        confidence), first before any token, then after each generated token until a stop.
+
+        The confidence is the geometric mean of the probabilities the model gave the tokens it
+        chose (the eos that ended the answer included), None before the first: the eval
+        suites' `mean_token` rule (`tuneship.evaluate.token_confidence`), which the drift
+        monitor holds against users' feedback. Greedy decoding picks the argmax of the logits
+        `generate_next_token` computed, which stay readable until the next call; their
+        log-softmax at the chosen token is the token's log-probability."""
         adapter = self._adapter(adapter)
         if not isinstance(prompt, str) or not prompt:
             raise ValueError("PROMPT must be a non-empty UTF-8 string")
@@ -149,21 +157,30 @@ class GenaiGreedyGenerator:
             )
         generator = self._generator(prompt_ids, max_tokens, adapter)
         out: list[int] = []
-        yield "", len(prompt_ids), 0
+        logprob, chosen = 0.0, 0
+        yield "", len(prompt_ids), 0, None
         for _ in range(max_tokens):
             generator.generate_next_token()  # greedy: argmax of the last position's logits
             nxt = int(generator.get_next_tokens()[0])
-            if nxt == self.eos_id:
+            logprob += _token_logprob(generator.get_output("logits"), nxt)
+            chosen += 1
+            if nxt == self.eos_id:  # the answer's last token: its text is out, its probability counts
+                yield self._decode(out)[0], len(prompt_ids), len(out), math.exp(logprob / chosen)
                 break
             out.append(nxt)
             text, hit_newline = self._decode(out)
-            yield text, len(prompt_ids), len(out)
+            yield text, len(prompt_ids), len(out), math.exp(logprob / chosen)
             if hit_newline:
                 break
 
     def generate(self, prompt: str, max_tokens: int | None = None,
                  adapter: str | None = None) -> tuple[str, int, int]:
         """(completion text, prompt_tokens, completion_tokens) for one prompt."""
+        return self.answer(prompt, max_tokens, adapter)[:3]
+
+    def answer(self, prompt: str, max_tokens: int | None = None,
+               adapter: str | None = None) -> tuple[str, int, int, float | None]:
+        """`generate` and the answer's confidence (`_steps`); None when no token was decoded."""
         *_, last = self._steps(prompt, max_tokens, adapter)  # the state after the last token
         return last
 
@@ -176,13 +193,26 @@ class GenaiGreedyGenerator:
         ending in U+FFFD (an incomplete UTF-8 sequence of a byte-level token) is held back until
         the next token completes it. The pieces concatenate to `generate`'s text.
         """
+        for piece in self.stream_scored(prompt, max_tokens, adapter):
+            yield piece[:3]
+
+    def stream_scored(self, prompt: str, max_tokens: int | None = None,
+                      adapter: str | None = None) -> Iterator[tuple[str, int, int, float | None]]:
+        """`stream`'s pieces with the confidence so far; the last piece carries the answer's."""
         sent = ""
-        text, n_prompt, n_out = "", 0, 0
-        for text, n_prompt, n_out in self._steps(prompt, max_tokens, adapter):
+        text, n_prompt, n_out, conf = "", 0, 0, None
+        for text, n_prompt, n_out, conf in self._steps(prompt, max_tokens, adapter):
             if len(text) > len(sent) and text.startswith(sent) and not text.endswith("\ufffd"):
-                yield text[len(sent):], n_prompt, n_out
+                yield text[len(sent):], n_prompt, n_out, conf
                 sent = text
-        yield (text[len(sent):] if text.startswith(sent) else ""), n_prompt, n_out
+        yield (text[len(sent):] if text.startswith(sent) else ""), n_prompt, n_out, conf
+
+
+def _token_logprob(logits: Any, token: int) -> float:
+    """log softmax(logits)[token] of the last position's logits (any leading dims)."""
+    row = np.asarray(logits, dtype=np.float64).reshape(-1, np.shape(logits)[-1])[-1]
+    top = row.max()
+    return float(row[token] - top - np.log(np.exp(row - top).sum()))
 
 
 def _scalar(tensor: Any) -> Any:
@@ -192,12 +222,18 @@ def _scalar(tensor: Any) -> Any:
     return value[0]
 
 
-def _response(pb_utils: Any, text: str, n_prompt: int, n_completion: int) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[
+def _response(pb_utils: Any, text: str, n_prompt: int, n_completion: int, confidence: float | None = None,
+              with_confidence: bool = False) -> Any:
+    """One response; CONFIDENCE (FP32 [1]) only where the model's config declares it (a
+    package built before it existed does not) and a token was chosen (JSON has no NaN)."""
+    tensors = [
         pb_utils.Tensor("COMPLETION", np.array([text.encode("utf-8")], dtype=np.object_)),
         pb_utils.Tensor("PROMPT_TOKENS", np.array([n_prompt], dtype=np.int32)),
         pb_utils.Tensor("COMPLETION_TOKENS", np.array([n_completion], dtype=np.int32)),
-    ])
+    ]
+    if with_confidence and confidence is not None:
+        tensors.append(pb_utils.Tensor("CONFIDENCE", np.array([confidence], dtype=np.float32)))
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def _error(pb_utils: Any, e: Exception) -> Any:
@@ -224,7 +260,9 @@ class TritonPythonModel:
         self.generator = GenaiGreedyGenerator(model_dir, threads=threads)
         with open(os.path.join(model_dir, "deployment.json"), encoding="utf-8") as f:
             self.deployment = json.load(f)
-        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
+        config = json.loads(args["model_config"])
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        self.confidence = any(o.get("name") == "CONFIDENCE" for o in config.get("output", []))
 
     @staticmethod
     def _inputs(request: Any, pb_utils: Any) -> tuple[str, int | None, bool, str | None]:
@@ -249,7 +287,8 @@ class TritonPythonModel:
         for request in requests:
             try:
                 prompt, max_tokens, _, adapter = self._inputs(request, pb_utils)
-                responses.append(_response(pb_utils, *self.generator.generate(prompt, max_tokens, adapter)))
+                responses.append(_response(pb_utils, *self.generator.answer(prompt, max_tokens, adapter),
+                                           with_confidence=self.confidence))
             except Exception as e:  # noqa: BLE001 - one bad request must not take the model down
                 responses.append(_error(pb_utils, e))
         return responses
@@ -259,15 +298,17 @@ class TritonPythonModel:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             prompt, max_tokens, stream, adapter = self._inputs(request, pb_utils)
+            scored = self.confidence
             if not stream:
-                sender.send(_response(pb_utils, *self.generator.generate(prompt, max_tokens, adapter)), flags=final)
+                sender.send(_response(pb_utils, *self.generator.answer(prompt, max_tokens, adapter),
+                                      with_confidence=scored), flags=final)
                 return
-            pieces = self.generator.stream(prompt, max_tokens, adapter)
+            pieces = self.generator.stream_scored(prompt, max_tokens, adapter)
             held = next(pieces)  # one piece held back, so the last one sent carries the final flag
             for piece in pieces:
-                sender.send(_response(pb_utils, *held))
+                sender.send(_response(pb_utils, *held, with_confidence=scored))
                 held = piece
-            sender.send(_response(pb_utils, *held), flags=final)
+            sender.send(_response(pb_utils, *held, with_confidence=scored), flags=final)
         except Exception as e:  # noqa: BLE001 - one bad request must not take the model down
             sender.send(_error(pb_utils, e), flags=final)
 
