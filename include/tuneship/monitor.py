@@ -134,7 +134,8 @@ class Calibration:
         self.pairs = Reservoir(sample_size, seed)
         self.cap = 16 * sample_size
         self.threshold = 1 << 64  # request ids whose key is at or above it are not kept
-        self.verdicts: dict[str, list[tuple[float, Any, bool]]] = {}  # rid -> (ts, key_id, success), read order
+        # rid -> (its sampling key, its verdicts in read order: (ts, key_id, success))
+        self.verdicts: dict[str, tuple[int, list[tuple[float, Any, bool]]]] = {}
         self.joined = 0
 
     def verdict(self, rid: str, ts: float, key_id: Any, success: Any) -> None:
@@ -142,26 +143,26 @@ class Calibration:
             return
         got = self.verdicts.get(rid)
         if got is not None:
-            if len(got) < 4:  # the first verdicts of a few keys; the requester's first is what counts
-                got.append((ts, key_id, success))
+            if len(got[1]) < 4:  # the first verdicts of a few keys; the requester's first is what counts
+                got[1].append((ts, key_id, success))
             return
-        if self.pairs.key(rid) >= self.threshold:
+        key = self.pairs.key(rid)
+        if key >= self.threshold:
             return
-        self.verdicts[rid] = [(ts, key_id, success)]
+        self.verdicts[rid] = (key, [(ts, key_id, success)])
         while len(self.verdicts) > self.cap:
             self.threshold >>= 1
-            for r in [r for r in self.verdicts if self.pairs.key(r) >= self.threshold]:
-                del self.verdicts[r]
+            self.verdicts = {r: v for r, v in self.verdicts.items() if v[0] < self.threshold}
 
-    def answer(self, rid: str, ts: float, key_id: Any, confidence: Any, key: int) -> None:
+    def answer(self, rid: str, ts: float, key_id: Any, confidence: Any) -> None:
         got = self.verdicts.get(rid)
         if got is None or isinstance(confidence, bool) or not isinstance(confidence, (int, float)) \
                 or not 0 <= confidence <= 1:
             return
-        mine = [v for v in got if v[1] == key_id and 0 <= v[0] - ts <= FEEDBACK_TTL_S]
+        mine = [v for v in got[1] if v[1] == key_id and 0 <= v[0] - ts <= FEEDBACK_TTL_S]
         if mine:
             self.joined += 1
-            self.pairs.offer(rid, (float(confidence), min(mine, key=lambda v: v[0])[2]), ts, key=key)
+            self.pairs.offer(rid, (float(confidence), min(mine, key=lambda v: v[0])[2]), ts, key=got[0])
 
     def result(self) -> list[tuple[float, bool]]:
         """(confidence, task success) of the sampled pairs, by the answers' time."""
@@ -213,7 +214,7 @@ def scan_window(served_model: str, *, since: float | None, until: float | None =
         if want is not None and str(live.version) == want:
             answers.offer(rid, live.completion or "", order, key=key)
             if calibration is not None and live.confidence is not None:
-                calibration.answer(rid, order, line.key_id, live.confidence, key)
+                calibration.answer(rid, order, line.key_id, live.confidence)
     if profiler is not None:
         profiler.add_texts(pending)
     return WindowScan(requests=requests, profile=profiler.result() if profiler is not None else None,

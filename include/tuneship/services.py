@@ -98,9 +98,9 @@ def airflow_env(extra: dict[str, str] | None = None) -> dict[str, str]:
             "NO_PROXY": "*",
             # The tasks' PyTorch (the local trainer, evaluate, compile) shares this machine with
             # the services and Triton. GNU OpenMP's threads spin at each barrier by default, so a
-            # thread that another process preempts stalls its partner: a 2-thread fine-tune step
-            # beside one busy process ran 2.7x slower than alone (52 tokens/s against 139), and
-            # 1.6x faster with passive waits (84), which cost nothing measurable alone (134).
+            # thread that another process preempts stalls its partner: beside one busy process a
+            # 2-thread fine-tune ran 50 tokens/s by default and 85 with passive waits, which cost
+            # up to 15 % alone (`python -m bench.contention`; README, Fine-tuning).
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         }
     )

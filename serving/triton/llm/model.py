@@ -210,7 +210,8 @@ class GenaiGreedyGenerator:
 
 def _token_logprob(logits: Any, token: int) -> float:
     """log softmax(logits)[token] of the last position's logits (any leading dims)."""
-    row = np.asarray(logits, dtype=np.float64).reshape(-1, np.shape(logits)[-1])[-1]
+    arr = np.asarray(logits)
+    row = arr.reshape(-1, arr.shape[-1])[-1].astype(np.float64)  # the prompt pass returns every position
     top = row.max()
     return float(row[token] - top - np.log(np.exp(row - top).sum()))
 
