@@ -11,7 +11,7 @@ import sys
 
 from tuneship import config
 
-BENCHES = ("validation", "trainer", "contention", "gateway", "compile", "quantize", "eval", "gates", "serving",
+BENCHES = ("validation", "trainer", "train_precision", "contention", "gateway", "compile", "quantize", "eval", "gates", "serving",
            "served", "retrain", "shadow", "drift")
 
 

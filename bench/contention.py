@@ -49,12 +49,20 @@ def _busy() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def _train(data: Path, out: Path, steps: int, env: dict[str, str]) -> dict[str, Any]:
+_DONE = re.compile(r"eval loss (\S+),")
+
+
+def _train(data: Path, out: Path, steps: int, env: dict[str, str], sets: tuple[str, ...] = (),
+           recipe: str = "smollm2-lora") -> dict[str, Any]:
+    """`python -m tuneship.train` with a shipped recipe (`sets`: more `--set key=value`) on the
+    packaged SmolLM2, in its own process: its last tokens/s figure, steps, eval loss, wall."""
     from tuneship.train.recipe import default_recipe_path
 
-    cmd = [sys.executable, "-m", "tuneship.train", "--recipe", str(default_recipe_path("smollm2-lora")),
+    cmd = [sys.executable, "-m", "tuneship.train", "--recipe", str(default_recipe_path(recipe)),
            "--data", str(data), "--base", "smollm2-135m-instruct", "--output", str(out),
            "--set", f"max_steps={steps}", "--set", "checkpoint_every=0"]
+    for s in sets:
+        cmd += ["--set", s]
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "TUNESHIP_TORCH_THREADS")}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True)
@@ -62,7 +70,9 @@ def _train(data: Path, out: Path, steps: int, env: dict[str, str]) -> dict[str, 
     if proc.returncode != 0:
         raise RuntimeError(f"trainer exited {proc.returncode}: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     steps_seen = _STEP.findall(proc.stdout + proc.stderr)
-    return {"tokens_per_s": int(steps_seen[-1][2]), "steps": int(steps_seen[-1][0]), "wall_s": round(wall, 1)}
+    done = _DONE.findall(proc.stdout + proc.stderr)
+    return {"tokens_per_s": int(steps_seen[-1][2]), "steps": int(steps_seen[-1][0]), "wall_s": round(wall, 1),
+            "eval_loss": float(done[-1]) if done and done[-1] != "None" else None}
 
 
 def main(argv: list[str] | None = None) -> int:

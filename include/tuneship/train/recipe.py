@@ -52,7 +52,9 @@ class Recipe(BaseModel):
     grad_accum: int = Field(default=1, gt=0)
     max_seq_len: int = Field(default=256, ge=8)
     packing: bool = False
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="auto: bf16 where the device computes it natively, else fp32 "
+        "(tuneship.train.trainer.compute_precision)")
     seed: int = 0
     eval_file: str | None = "eval.jsonl"
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)

@@ -374,13 +374,39 @@ def _half_dtype(precision: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
-def _load_for_training(recipe: Recipe, cuda: bool) -> tuple[Any, Any]:
-    """The frozen base model in the precision the recipe trains in.
+def compute_precision(precision: str, cuda: bool) -> str:
+    """What a recipe's `precision` computes in on this machine. `auto` is bf16 where the
+    device computes bf16 natively (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX
+    tiles, where oneDNN's bf16 matmul measured 4.2x fp32's, `bench.train_precision`), else fp32
+    (a CPU without them emulates bf16, slower than fp32). The others are what they say."""
+    if precision != "auto":
+        return precision
+    import torch
 
-    fp32 recipes load fp32 weights. On a GPU, bf16/fp16 recipes load the frozen base weights
-    in that half type (half the memory and no per-step weight casts under autocast); the
-    LoRA weights peft adds stay fp32, so the optimizer updates full-precision values. On the
-    CPU, bf16 keeps fp32 weights and autocasts the matmuls. QLoRA loads the base weights as
+    if cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without these probes: assume nothing
+        native = False
+    return "bf16" if native else "fp32"
+
+
+# On the CPU, the eager attention (plain matmuls) beats SDPA's flash kernel for short rows,
+# in bf16 by far (its backward is slow there): SmolLM2, batch 8, one LoRA step at 60 tokens
+# 1.39 s against 1.75 s, at 128 tokens 2.51 against 2.96, at 256 even (4.97 against 4.84).
+CPU_EAGER_ATTENTION_MAX_LEN = 256
+
+
+def _load_for_training(recipe: Recipe, cuda: bool, precision: str) -> tuple[Any, Any]:
+    """The frozen base model in the precision the recipe trains in (`precision`: the
+    recipe's, resolved by `compute_precision`).
+
+    fp32 loads fp32 weights. bf16/fp16 load the frozen base weights in that half type (half
+    the memory and no per-step weight casts under autocast: on the CPU, casting fp32 weights
+    at every step ate most of bf16's gain); the LoRA weights peft adds stay fp32, so the
+    optimizer updates full-precision values. On the CPU, rows up to
+    CPU_EAGER_ATTENTION_MAX_LEN tokens use the eager attention. QLoRA loads the base weights as
     4-bit NF4 with double quantization (bitsandbytes), computes in bf16 (fp16 if the recipe
     says fp16), and lets peft prepare the quantized model for training (norms in fp32,
     input gradients on, no gradient checkpointing).
@@ -389,9 +415,10 @@ def _load_for_training(recipe: Recipe, cuda: bool) -> tuple[Any, Any]:
 
     from tuneship.basemodel import load_base
 
-    half = _half_dtype(recipe.precision)
+    half = _half_dtype(precision)
     if not recipe.qlora:
-        return load_base(recipe.base_model, dtype=half if cuda and half else None)
+        attention = {} if cuda or recipe.max_seq_len > CPU_EAGER_ATTENTION_MAX_LEN else {"attn_implementation": "eager"}
+        return load_base(recipe.base_model, dtype=half, **attention)
     from peft import prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig
 
@@ -547,7 +574,8 @@ def train(
     # resumed GPU run matches an uninterrupted one to bf16 tolerance rather than bit for bit.
     torch.use_deterministic_algorithms(not cuda, warn_only=True)
 
-    model, tokenizer = _load_for_training(recipe, cuda)
+    precision = compute_precision(recipe.precision, cuda)
+    model, tokenizer = _load_for_training(recipe, cuda, precision)
     _set_threads(model)
     pad_id = tokenizer.pad_token_id
     train_ex, trunc = encode_rows(train_rows, tokenizer, recipe.max_seq_len, str(train_path))
@@ -592,10 +620,10 @@ def train(
         opt, lr_lambda(recipe.lr_schedule, recipe.warmup_steps, total)
     )
     autocast: Callable[[], Any] = contextlib.nullcontext
-    if (half := _half_dtype(recipe.precision)) is not None:
+    if (half := _half_dtype(precision)) is not None:
         autocast = lambda: torch.autocast("cuda" if cuda else "cpu", dtype=half)  # noqa: E731
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none
-    scaler = torch.amp.GradScaler("cuda", enabled=recipe.precision == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     # --- resume
     step, history, tokens_seen, train_seconds = 0, [], 0, 0.0
@@ -721,6 +749,7 @@ def train(
         "tokens_per_s": round(tokens_seen / max(train_seconds, 1e-9), 1),
         "wall_s": round(time.perf_counter() - t_start, 2),
         "train_s": round(train_seconds, 2),
+        "precision": precision,  # what `precision: auto` (or the recipe's) computed in here
         "history": history,
         "system": system,  # CPU/memory/GPU samples by step, see tuneship.train.sysmetrics
     }
