@@ -27,10 +27,11 @@ from airflow.sdk import Param, dag, task
 
 from tuneship.tasks import task_names
 from tuneship_airflow.refusals import fail_on_refusal
+from tuneship_airflow.schedules import clock
 
 
 @dag(
-    schedule="0 2 * * *",
+    schedule=clock("0 2 * * *"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -18,17 +18,16 @@ unpaused, beside any manual run): each compares with, and moves, the last accept
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
+from airflow.sdk import Param, dag, task
 
 from tuneship.tasks import task_names
 from tuneship_airflow.assets import incoming_training_data, validated_dataset
 from tuneship_airflow.refusals import fail_on_refusal
+from tuneship_airflow.schedules import assets_or_clock
 
 
 @dag(
-    schedule=AssetOrTimeSchedule(
-        timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=incoming_training_data
-    ),
+    schedule=assets_or_clock("0 2 * * *", incoming_training_data),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,  # one validation at a time: each compares with, and moves, the last accepted version

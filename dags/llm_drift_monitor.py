@@ -27,10 +27,11 @@ from airflow.sdk import Param, dag, task
 
 from tuneship.tasks import task_names
 from tuneship_airflow.assets import retrain_request
+from tuneship_airflow.schedules import clock
 
 
 @dag(
-    schedule="@hourly",
+    schedule=clock("@hourly"),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -87,3 +87,20 @@ def triton_url() -> str:
 
 def triton_repository() -> Path:
     return Path(os.environ.get("TUNESHIP_TRITON_REPOSITORY", home() / "triton" / "models"))
+
+
+CLOCK_SCHEDULES = "TUNESHIP_CLOCK_SCHEDULES"
+
+
+def clock_schedules() -> bool:
+    """Whether the DAGs' clock schedules create runs (the nightly validation and batch
+    inference, the hourly drift check): TUNESHIP_CLOCK_SCHEDULES=on (the default) or off.
+    `make demo` turns them off in the stack it starts, since it triggers every run itself: an
+    hour boundary crossed mid-demo would otherwise add a drift check of every task beside its
+    critical path, and unpausing would start the latest nightly and hourly intervals at once.
+    Asset triggers (landed data, validated datasets, retrain requests, candidates) are
+    unaffected. Read where the DAG files are parsed."""
+    value = os.environ.get(CLOCK_SCHEDULES, "on").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"{CLOCK_SCHEDULES} must be 'on' or 'off', got {value!r}")
+    return value == "on"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -296,6 +297,11 @@ def run_demo(shadow_hours: float, timeout: float, keep: bool, retention_minutes:
     failed = False
     try:
         reset_state()
+        # The demo triggers every run itself: the clock schedules stay off in the stack it starts
+        # (config.clock_schedules), so the time of day changes nothing. `make up` has them on.
+        os.environ[config.CLOCK_SCHEDULES] = "off"
+        say("clock schedules (nightly validation and batch inference, hourly drift check) are off in this stack: "
+            "the demo triggers each run; `make up` starts the stack with them on")
         batches = _prepare_while_services_start(tasks)
         key = ensure_client_key()
         api = api_client()

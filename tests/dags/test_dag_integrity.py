@@ -296,3 +296,28 @@ def test_deciding_tasks_fail_on_refusal_and_others_keep_their_retries(dagbag):
         for t in dagbag.dags[dag_id].tasks:
             wrapped = getattr(getattr(t, "python_callable", None), "fails_on_refusal", False)
             assert wrapped == ((dag_id, t.task_id) in DECIDING_TASKS), (dag_id, t.task_id)
+
+
+def test_clock_schedules_off_leaves_only_the_asset_triggers(dagbag, monkeypatch):
+    """`make demo`'s stack (TUNESHIP_CLOCK_SCHEDULES=off): no cron creates a run, every asset
+    trigger stays; the default stack keeps its clocks; a value that is neither on nor off
+    fails the parse naming the variable."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.definitions.timetables.assets import AssetTriggeredTimetable
+    from airflow.sdk.definitions.timetables.simple import NullTimetable
+
+    assert dagbag.dags["llm_drift_monitor"].timetable.expression == "0 * * * *"
+    assert dagbag.dags["llm_batch_inference"].timetable.expression == "0 2 * * *"
+    monkeypatch.setenv("TUNESHIP_CLOCK_SCHEDULES", "off")
+    off = DagBag(dag_folder=str(REPO / "dags"))
+    assert off.import_errors == {}
+    for dag_id in ("llm_drift_monitor", "llm_batch_inference"):
+        assert isinstance(off.dags[dag_id].timetable, NullTimetable), dag_id
+    validation = off.dags["llm_data_validation"].timetable
+    assert type(validation) is AssetTriggeredTimetable  # not its AssetOrTimeSchedule subclass
+    assert validation.asset_condition.name == "incoming_training_data"
+    for dag_id in ("llm_finetune", "llm_release"):  # asset-triggered either way
+        assert off.dags[dag_id].timetable.asset_condition == dagbag.dags[dag_id].timetable.asset_condition
+    monkeypatch.setenv("TUNESHIP_CLOCK_SCHEDULES", "sometimes")
+    bad = DagBag(dag_folder=str(REPO / "dags"))
+    assert bad.import_errors and all("TUNESHIP_CLOCK_SCHEDULES" in e for e in bad.import_errors.values())
