@@ -75,20 +75,35 @@ def _train(data: Path, out: Path, steps: int, env: dict[str, str], sets: tuple[s
             "eval_loss": float(done[-1]) if done and done[-1] != "None" else None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args(argv)
+def triage_data(tmp: Path) -> Path:
+    """The packaged SmolLM2 ready and the triage generator's 600/40 rows under `tmp`: what the
+    trainer benchmarks train on (make demo's first batch)."""
     from tuneship.basemodel import ensure_packaged
     from tuneship.tasks import load_task
 
     ensure_packaged("smollm2-135m-instruct")
     task = load_task("triage")
+    data = tmp / "data"
+    task.resolve(task.demo.generator)(data, 600, 40, 0)
+    return data
+
+
+def save(results: dict[str, Any], out: Path | None, name: str) -> Path:
+    """Write a benchmark's results (default: TUNESHIP_HOME/bench/<name>.json)."""
+    out = out or config.home() / "bench" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
     results: dict[str, Any] = {"steps": args.steps, "cpus": os.cpu_count(), "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench-contention-") as tmp:
-        data = Path(tmp) / "data"
-        task.resolve(task.demo.generator)(data, 600, 40, 0)
+        data = triage_data(Path(tmp))
         for name, busy, env in RUNS:
             hog = _busy() if busy else None
             try:
@@ -110,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for k, v in results["ratios"].items():
         print(f"[contention] {k}: {v}x", flush=True)
-    out = args.out or config.home() / "bench" / "contention.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    save(results, args.out, "contention")
     return 0
 
 

@@ -23,14 +23,12 @@ before that choice was made. The resolved precision is printed: on a CPU without
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.contention import _train
-from tuneship import config
+from bench.contention import _train, save, triage_data
 
 RUNS = (
     ("fp32_dropout", ("precision=fp32", "lora.dropout=0.05")),
@@ -47,19 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from tuneship.basemodel import ensure_packaged
-    from tuneship.tasks import load_task
     from tuneship.train.trainer import compute_precision
 
-    ensure_packaged("smollm2-135m-instruct")
-    task = load_task("triage")
     auto = compute_precision("auto", torch.cuda.is_available())
     results: dict[str, Any] = {"steps": args.steps, "cpus": os.cpu_count(), "auto_is": auto, "runs": {}}
     print(f"[train_precision] precision: auto computes in {auto} here", flush=True)
     env = {"OMP_WAIT_POLICY": "PASSIVE"}  # as the embedded default runs the trainer
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
-        data = Path(tmp) / "data"
-        task.resolve(task.demo.generator)(data, 600, 40, 0)
+        data = triage_data(Path(tmp))
         for name, sets in RUNS:
             r = _train(data, Path(tmp) / name, args.steps, env, sets)
             results["runs"][name] = {**r, "set": list(sets)}
@@ -70,9 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ratios"] = {name: round(r["tokens_per_s"] / base, 3) for name, r in runs.items()}
     for k, v in results["ratios"].items():
         print(f"[train_precision] {k} vs fp32_dropout: {v}x", flush=True)
-    out = args.out or config.home() / "bench" / "train_precision.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    save(results, args.out, "train_precision")
     return 0
 
 
