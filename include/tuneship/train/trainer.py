@@ -477,7 +477,7 @@ def evaluate_loss(model: Any, examples: list[Example], pad_id: int, batch_size: 
     model.eval()
     total, count = 0.0, 0
     # No activations are kept for a backward pass here, so batches 4x the training micro-batch
-    # fit where it did; rows sorted by length pad least. On the CPU: the faq task's 80 eval
+    # fit where it did; rows sorted by length pad least. On the CPU: a chat demo task's 80 eval
     # rows 7.1 s at 8 a batch, 4.8 sorted at 16, 4.1 at 80 (SmolLM2, bf16).
     ordered = sorted(examples, key=lambda e: len(e.input_ids))
     batch_size *= 4
