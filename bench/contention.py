@@ -52,7 +52,7 @@ def _busy() -> subprocess.Popen:
 _DONE = re.compile(r"eval loss (\S+),")
 
 
-def _train(data: Path, out: Path, steps: int, env: dict[str, str], sets: tuple[str, ...] = (),
+def run_trainer(data: Path, out: Path, steps: int, env: dict[str, str], sets: tuple[str, ...] = (),
            recipe: str = "smollm2-lora") -> dict[str, Any]:
     """`python -m tuneship.train` with a shipped recipe (`sets`: more `--set key=value`) on the
     packaged SmolLM2, in its own process: its last tokens/s figure, steps, eval loss, wall."""
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, busy, env in RUNS:
             hog = _busy() if busy else None
             try:
-                r = _train(data, Path(tmp) / name, args.steps, env)
+                r = run_trainer(data, Path(tmp) / name, args.steps, env)
             finally:
                 if hog is not None:
                     hog.kill()

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.contention import _train, save, triage_data
+from bench.contention import run_trainer, save, triage_data
 
 RUNS = (
     ("fp32_dropout", ("precision=fp32", "lora.dropout=0.05")),
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as tmp:
         data = triage_data(Path(tmp))
         for name, sets in RUNS:
-            r = _train(data, Path(tmp) / name, args.steps, env, sets)
+            r = run_trainer(data, Path(tmp) / name, args.steps, env, sets)
             results["runs"][name] = {**r, "set": list(sets)}
             print(f"[train_precision] {name:16s} {r['tokens_per_s']:5d} tokens/s  eval loss {r['eval_loss']}  "
                   f"({r['wall_s']} s wall)", flush=True)
